@@ -1,0 +1,450 @@
+"""VE configuration files in OpenVZ's ``KEY="value"`` format.
+
+A config is kept as the list of its lines so that comments, blank lines, unknown keys and the order of
+everything survive a rewrite byte for byte: only lines whose value was changed through :meth:`VEConfig.set`
+are re-rendered. Known keys are validated; unknown keys are carried along untouched (other tools and
+future versions may own them).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vzpkg.errors import ConfigError
+
+SAMPLES_DIR = Path(__file__).with_name("samples")
+
+UNLIMITED = "unlimited"
+_SUFFIXES = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+_SIZE_RE = re.compile(r"^(\d+)([KMGT]?)B?$", re.IGNORECASE)
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ASSIGN_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+DEFAULT_CPUUNITS = 1000
+CPUUNITS_MIN, CPUUNITS_MAX = 8, 500000
+# RAM below this cannot even start a shell; refusing it early beats an OOM loop at start.
+RAM_MIN = 16 << 20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sizes and counts
+
+
+def parse_size(text: str) -> int | None:
+    """'512M' -> 536870912 (binary suffixes K/M/G/T, optional B; plain numbers are bytes); 'unlimited' -> None."""
+    value = text.strip()
+    if value.lower() == UNLIMITED:
+        return None
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ConfigError(f'size "{text}": must be a number with an optional K/M/G/T suffix, or "unlimited"')
+    return int(m.group(1)) << _SUFFIXES[m.group(2).upper()]
+
+
+def format_size(n: int | None) -> str:
+    """Inverse of parse_size: the largest suffix that represents n exactly (536870912 -> '512M')."""
+    if n is None:
+        return UNLIMITED
+    if n < 0:
+        raise ConfigError(f"size {n}: must not be negative")
+    for suffix in ("T", "G", "M", "K"):
+        shift = _SUFFIXES[suffix]
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{suffix}"
+    return str(n)
+
+
+def _parse_count(text: str) -> int | None:
+    value = text.strip()
+    if value.lower() == UNLIMITED:
+        return None
+    if not value.isdigit():
+        raise ValueError(value)
+    return int(value)
+
+
+def parse_barrier_limit(text: str, parse: Callable[[str], int | None]) -> tuple[int | None, int | None]:
+    """OpenVZ 'barrier:limit'; one value means barrier == limit. None stands for unlimited."""
+    parts = text.split(":")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ValueError(text)
+    barrier, limit = parse(parts[0]), parse(parts[1])
+    if barrier is not None and limit is not None and barrier > limit:
+        raise ValueError(text)
+    if barrier is None and limit is not None:
+        raise ValueError(text)
+    return barrier, limit
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validators: each returns None when the value is fine and raises ValueError/ConfigError otherwise
+
+
+def _int_range(lo: int, hi: int | None) -> Callable[[str], None]:
+    def check(v: str) -> None:
+        if not re.fullmatch(r"\d+", v):
+            raise ValueError(v)
+        n = int(v)
+        if n < lo or (hi is not None and n > hi):
+            raise ValueError(v)
+
+    return check
+
+
+def _choice(*options: str) -> Callable[[str], None]:
+    def check(v: str) -> None:
+        if v not in options:
+            raise ValueError(v)
+
+    return check
+
+
+def _hostname(v: str) -> None:
+    labels = v.rstrip(".").split(".")
+    if len(v) > 253 or not all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", x) for x in labels):
+        raise ValueError(v)
+
+
+def _hostnames(v: str) -> None:
+    for name in v.split():
+        _hostname(name)
+
+
+def _ip_list(v: str) -> None:
+    for item in v.split():
+        ipaddress.ip_interface(item)
+
+
+def _ns_list(v: str) -> None:
+    for item in v.split():
+        ipaddress.ip_address(item)
+
+
+def _ram(v: str) -> None:
+    n = parse_size(v)
+    if n is not None and n < RAM_MIN:
+        raise ValueError(v)
+
+
+def _size(v: str) -> None:
+    parse_size(v)
+
+
+def _numproc(v: str) -> None:
+    # OpenVZ configs carry NUMPROC as barrier:limit; the pids controller has just one limit (the second).
+    _, limit = parse_barrier_limit(v, _parse_count)
+    if limit == 0:
+        raise ValueError(v)
+
+
+def _path(v: str) -> None:
+    # $VEID is expanded by the runtime (as OpenVZ's global config did), so it is allowed here.
+    if not v.startswith("/") or "\n" in v:
+        raise ValueError(v)
+
+
+def _ostemplate(v: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", v):
+        raise ValueError(v)
+
+
+def _name(v: str) -> None:
+    # A name must not look like a numeric VE id, or `vzctl start 101` would be ambiguous.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v) or v.isdigit():
+        raise ValueError(v)
+
+
+def _sha256(v: str) -> None:
+    if not re.fullmatch(r"[0-9a-f]{64}", v):
+        raise ValueError(v)
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    check: Callable[[str], None]
+    accepted: str  # shown to the user after "must be"
+
+
+KNOWN_KEYS: dict[str, KeySpec] = {
+    "OSTEMPLATE": KeySpec(_ostemplate, "a template name like debian-12-x86_64"),
+    "HOSTNAME": KeySpec(_hostname, "a host name (letters, digits, '-', dot-separated labels)"),
+    "IP_ADDRESS": KeySpec(_ip_list, "a space-separated list of IPv4/IPv6 addresses, each optionally /prefix"),
+    "NAMESERVER": KeySpec(_ns_list, "a space-separated list of IPv4/IPv6 addresses"),
+    "SEARCHDOMAIN": KeySpec(_hostnames, "a space-separated list of domain names"),
+    "CPUUNITS": KeySpec(_int_range(CPUUNITS_MIN, CPUUNITS_MAX), f"an integer {CPUUNITS_MIN}..{CPUUNITS_MAX}"),
+    "CPULIMIT": KeySpec(_int_range(0, None), "an integer percent of one CPU (100 per core, 0 = unlimited)"),
+    "CPUS": KeySpec(_int_range(0, None), "an integer number of CPUs (0 = unlimited)"),
+    "RAM": KeySpec(_ram, f'a size >= {RAM_MIN >> 20}M with an optional K/M/G/T suffix, or "unlimited"'),
+    "SWAP": KeySpec(_size, 'a size with an optional K/M/G/T suffix (0 = no swap), or "unlimited"'),
+    "NUMPROC": KeySpec(_numproc, 'an integer >= 1, "unlimited", or barrier:limit'),
+    "DISKSPACE": KeySpec(
+        lambda v: parse_barrier_limit(v, parse_size),
+        'a size (K/M/G/T) or barrier:limit with barrier <= limit, or "unlimited"',
+    ),
+    "DISKINODES": KeySpec(
+        lambda v: parse_barrier_limit(v, _parse_count),
+        'an integer or barrier:limit with barrier <= limit, or "unlimited"',
+    ),
+    "VE_ROOT": KeySpec(_path, "an absolute path ($VEID allowed)"),
+    "VE_PRIVATE": KeySpec(_path, "an absolute path ($VEID allowed)"),
+    "ONBOOT": KeySpec(_choice("yes", "no"), "yes or no"),
+    "INIT": KeySpec(_choice("minimal", "distro"), "minimal or distro"),
+    "PRIVILEGED": KeySpec(_choice("yes", "no"), "yes or no"),
+    "LAYOUT": KeySpec(_choice("overlay", "copy"), "overlay or copy"),
+    "ID_SHIFT": KeySpec(_int_range(0, 2**32 - 65536), "an integer 0..4294901760 (host uid of the VE's root)"),
+    "TEMPLATE_SHA256": KeySpec(_sha256, "64 lowercase hex digits"),
+    "NAME": KeySpec(_name, "letters, digits, '.', '_', '-' (at most 64, not all digits)"),
+}
+
+
+def validate_value(key: str, value: str) -> None:
+    """Raise ConfigError naming key, value and what is accepted. Empty values mean 'not set' and pass."""
+    if not _KEY_RE.match(key):
+        raise ConfigError(f'key "{key}": must be letters, digits and "_", not starting with a digit')
+    if "\n" in value or "\0" in value:
+        raise ConfigError(f"{key}: value must be a single line")
+    spec = KNOWN_KEYS.get(key)
+    if spec is None or value == "":
+        return
+    try:
+        spec.check(value)
+    except (ValueError, ConfigError):
+        raise ConfigError(f'{key}="{value}": must be {spec.accepted}') from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# line-level parsing and rendering
+
+
+def _quote(value: str) -> str:
+    # Configs are also sourced by shell scripts (OpenVZ's action scripts), so quote as a shell would.
+    return '"' + re.sub(r'(["\\$`])', r"\\\1", value) + '"'
+
+
+def _unquote(raw: str, where: str) -> tuple[str, str]:
+    """Split the text after '=' into (value, trailing text such as a comment)."""
+    if raw[:1] in ('"', "'"):
+        quote, out, i = raw[0], [], 1
+        while i < len(raw):
+            c = raw[i]
+            if c == "\\" and quote == '"' and i + 1 < len(raw):
+                out.append(raw[i + 1])
+                i += 2
+                continue
+            if c == quote:
+                rest = raw[i + 1 :]
+                if rest.strip() and not rest.lstrip().startswith("#"):
+                    raise ConfigError(f"{where}: unexpected text after the closing quote: {rest.strip()!r}")
+                return "".join(out), rest
+            out.append(c)
+            i += 1
+        raise ConfigError(f"{where}: missing closing {quote}")
+    m = re.match(r"^([^\s#]*)(.*)$", raw)
+    assert m  # the pattern matches any string
+    value, rest = m.group(1), m.group(2)
+    if rest.strip() and not rest.lstrip().startswith("#"):
+        raise ConfigError(f'{where}: a value with spaces must be quoted: {raw.strip()!r}')
+    return value, rest
+
+
+@dataclass
+class _Line:
+    text: str  # verbatim, without the newline
+    key: str | None = None
+    value: str | None = None
+    trailer: str = ""  # what followed the value (a comment); kept on re-render
+    lineno: int = 0
+
+
+class VEConfig:
+    """One VE config file: ordered lines, with the values of KEY="value" lines accessible by key."""
+
+    def __init__(self, lines: list[_Line] | None = None, source: str = "<config>") -> None:
+        self._lines: list[_Line] = lines or []
+        self.source = source
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<config>", *, strict: bool = True) -> VEConfig:
+        """Parse text; with strict (the default) known keys are validated too."""
+        lines = []
+        for n, raw in enumerate(text.splitlines(), 1):
+            lines.append(cls._parse_line(raw, f"{source}:{n}", n))
+        cfg = cls(lines, source)
+        if strict:
+            cfg.validate()
+        return cfg
+
+    @staticmethod
+    def _parse_line(raw: str, where: str, n: int) -> _Line:
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            return _Line(raw, lineno=n)
+        m = _ASSIGN_RE.match(raw)
+        if not m:
+            raise ConfigError(f'{where}: expected KEY="value", a comment or a blank line, got {stripped!r}')
+        value, trailer = _unquote(m.group(2), where)
+        return _Line(raw, m.group(1), value, trailer, n)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, strict: bool = True) -> VEConfig:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read config: {e}") from None
+        return cls.parse(text, str(p), strict=strict)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        # Last assignment wins, as when the file is sourced by a shell.
+        for line in reversed(self._lines):
+            if line.key == key:
+                return line.value
+        return default
+
+    def __contains__(self, key: str) -> bool:
+        return any(line.key == key for line in self._lines)
+
+    def keys(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for line in self._lines:
+            if line.key is not None:
+                seen[line.key] = None
+        return list(seen)
+
+    def to_dict(self) -> dict[str, str]:
+        """Effective values of all keys, known and unknown, in first-appearance order."""
+        return {k: v for k in self.keys() if (v := self.get(k)) is not None}
+
+    def validate(self) -> None:
+        for line in self._lines:
+            if line.key is None or line.value is None:
+                continue
+            try:
+                validate_value(line.key, line.value)
+            except ConfigError as e:
+                raise ConfigError(f"{self.source}:{line.lineno}: {e.message}") from None
+
+    # -- writing ------------------------------------------------------------------------------------------
+
+    def set(self, key: str, value: str) -> None:
+        """Validate and set; every existing line of the key is updated in place, else a line is appended."""
+        validate_value(key, value)
+        found = False
+        for line in self._lines:
+            if line.key == key:
+                if line.value != value:
+                    line.value = value
+                    line.text = f"{key}={_quote(value)}{line.trailer}"
+                found = True
+        if not found:
+            self._lines.append(_Line(f"{key}={_quote(value)}", key, value))
+
+    def unset(self, key: str) -> None:
+        self._lines = [line for line in self._lines if line.key != key]
+
+    def render(self) -> str:
+        return "".join(line.text + "\n" for line in self._lines)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Atomically replace path: a crash leaves either the old or the new file, never a torn one."""
+        p = Path(path)
+        mode = p.stat().st_mode & 0o7777 if p.exists() else 0o644
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.render())
+                f.flush()
+                os.fchmod(f.fileno(), mode)
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        # The rename is durable only once the directory entry is on disk.
+        dfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    # -- typed accessors ----------------------------------------------------------------------------------
+
+    def _typed(self, key: str, conv: Callable[[str], object]) -> object:
+        value = self.get(key)
+        if not value:
+            return None
+        try:
+            validate_value(key, value)
+            return conv(value)
+        except ConfigError as e:
+            raise ConfigError(f"{self.source}: {e.message}") from None
+
+    @property
+    def ram_bytes(self) -> int | None:
+        """None when unset or unlimited."""
+        return self._typed("RAM", parse_size)  # type: ignore[return-value]
+
+    @property
+    def swap_bytes(self) -> int | None:
+        """None when unset or unlimited; 0 means no swap."""
+        return self._typed("SWAP", parse_size)  # type: ignore[return-value]
+
+    @property
+    def cpuunits(self) -> int:
+        v = self._typed("CPUUNITS", int)
+        return DEFAULT_CPUUNITS if v is None else v  # type: ignore[return-value]
+
+    @property
+    def cpulimit(self) -> int:
+        """Percent of one CPU; 0 = unlimited."""
+        return self._typed("CPULIMIT", int) or 0  # type: ignore[return-value]
+
+    @property
+    def cpus(self) -> int:
+        """Number of CPUs; 0 = all."""
+        return self._typed("CPUS", int) or 0  # type: ignore[return-value]
+
+    @property
+    def numproc(self) -> int | None:
+        """The process limit (the limit half of barrier:limit); None = unlimited."""
+        v = self._typed("NUMPROC", lambda s: parse_barrier_limit(s, _parse_count)[1])
+        return v  # type: ignore[return-value]
+
+    @property
+    def diskspace(self) -> tuple[int | None, int | None]:
+        """(barrier, limit) in bytes; None = unlimited."""
+        v = self._typed("DISKSPACE", lambda s: parse_barrier_limit(s, parse_size))
+        return v or (None, None)  # type: ignore[return-value]
+
+    @property
+    def diskinodes(self) -> tuple[int | None, int | None]:
+        """(barrier, limit) in inodes; None = unlimited."""
+        v = self._typed("DISKINODES", lambda s: parse_barrier_limit(s, _parse_count))
+        return v or (None, None)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sample configs (vzctl create --config NAME)
+
+
+def list_samples() -> list[str]:
+    return sorted(p.stem for p in SAMPLES_DIR.glob("*.conf"))
+
+
+def sample_path(name: str) -> Path:
+    p = SAMPLES_DIR / f"{name}.conf"
+    if "/" in name or not p.is_file():
+        raise ConfigError(f'sample config "{name}" not found; available: {", ".join(list_samples()) or "none"}')
+    return p
