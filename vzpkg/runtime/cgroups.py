@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -222,7 +223,7 @@ def _wait_for(cond: Callable[[], bool], timeout: float) -> bool:
 
 def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as octal.
-    return field.encode().decode("unicode_escape")
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def parse_mountinfo(text: str) -> tuple[dict[str, Path], Path | None]:
@@ -436,7 +437,7 @@ class V1Driver(CgroupDriver):
             # A new v1 cpuset starts with no CPUs and no memory nodes, and attaching a task to it fails
             # with ENOSPC until both are filled in: copy them from the parent.
             for name in ("cpuset.mems", "cpuset.cpus"):
-                if not _read(cg / name):
+                if not _read_opt(cg / name):
                     _write(cg / name, _read(cg.parent / name))
         if "memory" in ctrls and cg.parent == mnt and _read_opt(cg / "memory.use_hierarchy") == "0":
             # Without hierarchy a VE's usage is not charged to the vzpkg parent; recent kernels force it on.
