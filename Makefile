@@ -1,0 +1,45 @@
+# Set-up and entry points. `make demo` and `make test` each do all set-up on a fresh Debian 12/13 machine.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := $(CURDIR)/.venv
+VPY := $(VENV)/bin/python
+export VZPKG_CACHE_DIR ?= $(CURDIR)/cache
+DEMO_TEMPLATE ?= debian-12-x86_64
+
+APT_PACKAGES := debootstrap mmdebstrap zstd tar gnupg gpgv debian-archive-keyring arch-test \
+	uidmap iproute2 apt-utils python3-venv util-linux procps psmisc
+
+.PHONY: setup system-packages venv demo test lint unit integration bench clean
+
+setup: system-packages venv
+
+system-packages:
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 && echo "system packages: present" || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); }
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/vzpkg create-cache $(DEMO_TEMPLATE) --force
+	$(VENV)/bin/vzpkg info $(DEMO_TEMPLATE)
+
+lint: venv
+	$(VENV)/bin/ruff check vzpkg tests bench
+
+test: setup lint
+	$(VENV)/bin/pytest -ra tests
+
+unit: venv
+	$(VENV)/bin/pytest -ra tests/unit
+
+bench: setup
+	$(VPY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

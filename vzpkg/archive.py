@@ -1,0 +1,225 @@
+"""Cache archives: reproducible tar + zstandard packing, and a safe unpack.
+
+Packing streams GNU tar (fast, and it records xattrs, hard links and sparse files) into a multithreaded
+zstandard compressor. Unpacking is done in Python so every member can be checked before it touches the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .errors import BuildError, MissingToolError, UnsafeArchiveError
+
+DEFAULT_LEVEL = 9
+_CHUNK = 1 << 20
+# Long-distance matching over a 128 MiB window finds the many near-duplicate files of a root filesystem;
+# decompressors must be told to accept such a window (see open_decompressed).
+_WINDOW_LOG = 27
+MAX_WINDOW_SIZE = 1 << _WINDOW_LOG
+
+
+@dataclass
+class PackResult:
+    packed_size: int
+    unpacked_size: int
+    sha256: str
+
+
+def _tar_command(root: Path, source_date_epoch: int | None) -> list[str]:
+    if shutil.which("tar") is None:
+        raise MissingToolError("GNU tar is not installed: apt-get install tar")
+    cmd = [
+        "tar", "--create", "--file=-", f"--directory={root}",
+        "--sort=name", "--numeric-owner", "--format=posix", "--xattrs", "--xattrs-include=*",
+        "--one-file-system",
+        # Reproducibility: no atime/ctime, and extended-header names that do not contain the pid.
+        "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
+    ]
+    if source_date_epoch is not None:
+        cmd += [f"--mtime=@{source_date_epoch}", "--clamp-mtime"]
+    cmd.append(".")
+    return cmd
+
+
+def pack(
+    root: Path,
+    dest: Path,
+    *,
+    source_date_epoch: int | None = None,
+    level: int = DEFAULT_LEVEL,
+    progress: Callable[[int], None] | None = None,
+) -> PackResult:
+    """Pack ROOT into DEST (.tar.zst), fsync it, and return sizes and the sha256 of DEST.
+
+    `progress` is called with the number of uncompressed bytes read so far.
+    """
+    import zstandard
+
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, threads=-1, enable_ldm=True, window_log=_WINDOW_LOG
+    )
+    compressor = zstandard.ZstdCompressor(compression_params=params)
+    digest = hashlib.sha256()
+    unpacked = 0
+    packed = 0
+    proc = subprocess.Popen(
+        _tar_command(root, source_date_epoch), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        with dest.open("wb") as out:
+            chunker = compressor.chunker(chunk_size=_CHUNK)
+            while True:
+                data = proc.stdout.read(_CHUNK)
+                if not data:
+                    break
+                unpacked += len(data)
+                for chunk in chunker.compress(data):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    packed += len(chunk)
+                if progress is not None:
+                    progress(unpacked)
+            for chunk in chunker.finish():
+                out.write(chunk)
+                digest.update(chunk)
+                packed += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        err = proc.stderr.read().decode(errors="replace")
+        if proc.wait() != 0:
+            raise BuildError(f"packing {root} failed: tar: {err.strip().splitlines()[-1] if err.strip() else 'error'}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return PackResult(packed_size=packed, unpacked_size=unpacked, sha256=digest.hexdigest())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def open_decompressed(path: Path) -> IO[bytes]:
+    """A readable stream of the tar inside a .tar.zst."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
+    return dctx.stream_reader(path.open("rb"), read_size=_CHUNK, closefd=True)
+
+
+def iter_members(path: Path):
+    """Yield the TarInfo of every member (streaming; nothing is extracted)."""
+    with open_decompressed(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+        yield from tf
+
+
+# ---- safe unpack --------------------------------------------------------------------------------
+
+
+class _MemberChecker:
+    """Decides, member by member, whether extraction is safe; shifts ownership when asked."""
+
+    def __init__(self, id_shift: int) -> None:
+        self.id_shift = id_shift
+        self.symlinks: set[str] = set()
+        self.seen: set[str] = set()
+
+    def check(self, member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        raw = member.name
+        if raw.startswith("/"):
+            raise UnsafeArchiveError(f"unsafe archive member {raw!r}: absolute path")
+        if ".." in raw.split("/"):
+            raise UnsafeArchiveError(f"unsafe archive member {raw!r}: '..' component")
+        name = posixpath.normpath(raw)
+        if name == ".":
+            return None  # the root directory itself: the target already exists
+        # A member below a symlink the archive created would be written wherever that link points.
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in self.symlinks:
+                raise UnsafeArchiveError(f"unsafe archive member {raw!r}: its parent is a symlink")
+        if member.issym():
+            target = member.linkname
+            # Absolute targets are resolved inside the root when the root is in use (as in every OS tree);
+            # a relative target must not climb out of the root.
+            if not target.startswith("/"):
+                resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
+                if resolved == ".." or resolved.startswith("../"):
+                    raise UnsafeArchiveError(f"unsafe archive member {raw!r}: symlink to {target!r} escapes the root")
+            self.symlinks.add(name)
+        elif member.islnk():
+            target = member.linkname
+            if target.startswith("/") or ".." in target.split("/"):
+                raise UnsafeArchiveError(f"unsafe archive member {raw!r}: hard link to {target!r} escapes the root")
+            tnorm = posixpath.normpath(target)
+            if tnorm not in self.seen:
+                raise UnsafeArchiveError(f"unsafe archive member {raw!r}: hard link to {target!r}, not in the archive")
+            tparts = tnorm.split("/")
+            for i in range(1, len(tparts) + 1):
+                if "/".join(tparts[:i]) in self.symlinks:
+                    raise UnsafeArchiveError(f"unsafe archive member {raw!r}: hard link through a symlink")
+        elif member.ischr() or member.isblk():
+            if not name.startswith("dev/"):
+                raise UnsafeArchiveError(f"unsafe archive member {raw!r}: device node outside /dev")
+        elif not (member.isfile() or member.isdir() or member.isfifo()):
+            raise UnsafeArchiveError(f"unsafe archive member {raw!r}: unsupported type")
+        self.seen.add(name)
+        if self.id_shift:
+            if member.uid > 65535 or member.gid > 65535:
+                raise UnsafeArchiveError(f"archive member {raw!r}: owner {member.uid}:{member.gid} outside 0..65535")
+            member = member.replace(uid=member.uid + self.id_shift, gid=member.gid + self.id_shift, deep=False)
+        return member
+
+
+def _apply_xattrs(dest: Path, member: tarfile.TarInfo) -> None:
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            attr = key[len("SCHILY.xattr."):]
+            try:
+                os.setxattr(dest / member.name, attr, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
+            except OSError:
+                pass  # e.g. a filesystem without security.* support: the tree is still usable
+
+
+def safe_unpack(archive: Path, target: Path, *, id_shift: int = 0) -> int:
+    """Unpack a .tar.zst into TARGET (which must exist and be empty), refusing hostile members.
+
+    Refused: absolute paths, '..' components, members below a symlink, symlinks whose relative target climbs
+    out of the root, hard links outside the archive, device nodes outside /dev. With `id_shift`, every owner
+    is moved up by that much (for user-namespaced VEs). Returns the number of members.
+    """
+    if any(target.iterdir()):
+        raise UnsafeArchiveError(f"unpack target {target} is not empty")
+    checker = _MemberChecker(id_shift)
+    count = 0
+    directories: list[tarfile.TarInfo] = []
+    with open_decompressed(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+        for member in tf:
+            checked = checker.check(member)
+            if checked is None:
+                continue
+            tf.extract(checked, target, numeric_owner=True, filter="fully_trusted")
+            if checked.pax_headers:
+                _apply_xattrs(target, checked)
+            if checked.isdir():
+                directories.append(checked)
+            count += 1
+    # Extracting children bumps their directory's mtime: put the recorded times back last.
+    for member in reversed(directories):
+        os.utime(target / member.name, (member.mtime, member.mtime), follow_symlinks=False)
+    return count

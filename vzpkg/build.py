@@ -1,0 +1,268 @@
+"""The create-cache pipeline: lock → bootstrap → install → files → scripts → clean → manifest → pack → publish.
+
+Every build works in a temporary directory beside the cache and publishes with a rename, so an interrupted or
+failed build never replaces a good cache, and leaves neither mounts nor temporary files behind (what a SIGKILL
+leaves is removed by the next run, under the same lock).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .archive import pack
+from .cache import CacheStore
+from .chroot import build_mounts, host_resolver, no_daemons, run_script, unmount_below
+from .config import Settings
+from .distro import get_distribution
+from .errors import BuildError, CacheExistsError
+from .lock import locked
+from .pkgmgr import BuildContext, get_backend
+from .template import Template, TemplateRepository
+
+DEFAULT_LOCK_TIMEOUT = 600.0
+
+
+class Reporter:
+    """Progress sink; the CLI supplies one that prints. The default is silent."""
+
+    def step(self, name: str, seconds: float, detail: str = "") -> None: ...
+    def note(self, message: str) -> None: ...
+    def verbose(self, message: str) -> None: ...
+    def progress(self, done: int, total: int) -> None: ...
+    def progress_end(self) -> None: ...
+
+
+@dataclass
+class BuildOptions:
+    force: bool = False
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    verbose: bool = False
+
+
+@dataclass
+class _Timer:
+    reporter: Reporter
+    durations: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str, detail: Callable[[], str] | None = None) -> Iterator[None]:
+        start = time.monotonic()
+        yield
+        seconds = time.monotonic() - start
+        self.durations[name] = round(seconds, 3)
+        self.reporter.step(name, seconds, detail() if detail else "")
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so the clean-up in `finally` blocks runs."""
+
+    def _raise(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _source_date_epoch() -> int | None:
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    return int(value) if value and value.isdigit() else None
+
+
+def _dir_size(root: Path) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + dirnames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def render_files(template: Template, root: Path, context: dict[str, Any]) -> int:
+    """Copy each `files/` tree of the template chain into ROOT; `*.j2` files are rendered with jinja2."""
+    from .template import render_string
+
+    count = 0
+    for tree in template.file_trees():
+        for src in sorted(tree.rglob("*")):
+            rel = src.relative_to(tree)
+            if src.is_dir():
+                (root / rel).mkdir(parents=True, exist_ok=True)
+                continue
+            dest = root / rel
+            if src.suffix == ".j2":
+                dest = dest.with_suffix("")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if dest.is_symlink():
+                    dest.unlink()
+                dest.write_text(render_string(src.read_text(), context, where=str(src)) + "\n")
+                shutil.copymode(src, dest)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if dest.is_symlink():
+                    dest.unlink()
+                shutil.copy2(src, dest)
+            count += 1
+    return count
+
+
+def clean_root(root: Path) -> None:
+    """What no cache should carry: identity, logs, temporary files. Package-manager caches are the backend's."""
+    machine_id = root / "etc/machine-id"
+    if machine_id.exists():
+        machine_id.write_text("")  # empty: a fresh id is made when the VE first boots
+    (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    for pattern in ("etc/ssh/ssh_host_*", "tmp/*", "tmp/.*", "var/tmp/*", "root/.bash_history",
+                    "var/log/*.log", "var/log/apt/*", "var/log/journal/*", "etc/resolv.conf.vzpkg-*"):
+        for path in root.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    for log in ("var/log/lastlog", "var/log/wtmp", "var/log/btmp", "var/log/faillog"):
+        p = root / log
+        if p.exists():
+            p.write_bytes(b"")
+
+
+def prepare_context(template: Template, settings: Settings, work_dir: Path, verbose: bool,
+                    reporter: Reporter) -> BuildContext:
+    distro = get_distribution(template["distribution"])
+    mirrors = distro.mirrors(settings)
+    native_arch = distro.native_arch(template["architecture"])
+    context = template.render_context(mirrors, native_arch)
+    keyring = template.get("keyring") or distro.default_keyring()
+    return BuildContext(
+        template=template, settings=settings, root=work_dir / "root", work_dir=work_dir, mirrors=mirrors,
+        native_arch=native_arch, repositories=template.render_repositories(context),
+        keyring=Path(keyring) if keyring else None, package_cache=settings.package_cache_dir,
+        log=work_dir / "build.log", verbose=verbose, note=reporter.verbose,
+    )
+
+
+def create_cache(name: str, settings: Settings, options: BuildOptions, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Build the cache of template NAME and publish it; return its manifest."""
+    reporter = reporter or Reporter()
+    template = TemplateRepository(settings.template_dirs).load(name)
+    store = CacheStore(settings.cache_dir)
+    if store.exists(name) and not options.force:
+        raise CacheExistsError(f"cache {store.archive_path(name)} exists: use --force to rebuild it, "
+                               f"or 'vzpkg update-cache {name}' to bring it up to date")
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    timer = _Timer(reporter)
+    started = time.monotonic()
+    with _signals_raise(), locked(settings.lock_dir / f"{name}.lock", timeout=options.lock_timeout,
+                                  what=f"template {name}", on_wait=reporter.note):
+        # Re-check under the lock: a concurrent run may have just built it.
+        if store.exists(name) and not options.force:
+            raise CacheExistsError(f"cache {store.archive_path(name)} was just built by another run")
+        for leftover in store.clean_leftovers(name):
+            reporter.note(f"removed leftover of an interrupted run: {leftover}")
+        work_dir = store.temp_path(name, "build")
+        archive_tmp = store.temp_path(name, "archive")
+        work_dir.mkdir()
+        try:
+            manifest = _build(template, settings, options, reporter, timer, store, work_dir, archive_tmp)
+            manifest["durations"]["total"] = round(time.monotonic() - started, 3)
+            with timer.step("publish"):
+                store.publish(name, archive_tmp, manifest)
+            return manifest
+        finally:
+            unmount_below(work_dir)
+            shutil.rmtree(work_dir, ignore_errors=True)
+            archive_tmp.unlink(missing_ok=True)
+
+
+def _build(template: Template, settings: Settings, options: BuildOptions, reporter: Reporter, timer: _Timer,
+           store: CacheStore, work_dir: Path, archive_tmp: Path) -> dict[str, Any]:
+    ctx = prepare_context(template, settings, work_dir, options.verbose, reporter)
+    backend = get_backend(template["package_manager"])
+    backend.check_host(ctx)
+    with timer.step("check-repositories", lambda: f"{len(repo_state)} repositories verified"):
+        repo_state = backend.check_repositories(ctx)
+
+    packages_done = False
+    with timer.step("bootstrap"):
+        packages_done = backend.bootstrap(ctx)
+    with timer.step("install", lambda: f"{len(template.packages)} packages" + (" (with bootstrap)" if packages_done else "")):
+        if not packages_done:
+            backend.install(ctx, template.packages)
+        backend.remove(ctx, template.get("remove_packages", [])) if template.get("remove_packages") else None
+
+    render_ctx = template.render_context(ctx.mirrors, ctx.native_arch)
+    env = ctx.env()
+    with timer.step("files", lambda: f"{nfiles} files"):
+        nfiles = render_files(template, ctx.root, render_ctx)
+    with timer.step("scripts", lambda: f"{nscripts} scripts"):
+        nscripts = 0
+        for script in template.scripts("pre-cache"):
+            run_script(script, root=ctx.root, inside=False, env=env, quiet=ctx.quiet, log=ctx.log)
+            nscripts += 1
+        post_install = template.scripts("post-install")
+        if post_install:
+            with build_mounts(ctx.root), host_resolver(ctx.root), no_daemons(ctx.root):
+                for script in post_install:
+                    run_script(script, root=ctx.root, inside=True, env=env, quiet=ctx.quiet, log=ctx.log)
+                    nscripts += 1
+    with timer.step("clean"):
+        backend.clean(ctx)
+        clean_root(ctx.root)
+        for script in template.scripts("post-cache"):
+            run_script(script, root=ctx.root, inside=False, env=env, quiet=ctx.quiet, log=ctx.log)
+    with timer.step("manifest", lambda: f"{len(packages)} packages"):
+        packages = backend.installed_packages(ctx.root)
+    if (leftover := [m for m in _mounts(ctx.root)]):
+        raise BuildError(f"mounts left inside the root before packing: {', '.join(leftover)}")
+
+    total = _dir_size(ctx.root)
+    with timer.step("pack", lambda: f"{result.packed_size / 1e6:.1f} MB"):
+        result = pack(ctx.root, archive_tmp, source_date_epoch=_source_date_epoch(),
+                      progress=lambda done: reporter.progress(done, total))
+        reporter.progress_end()
+
+    return {
+        "name": template.name,
+        "template_digest": template.digest(),
+        "distribution": template["distribution"],
+        "release": template["release"],
+        "suite": template.get("suite"),
+        "architecture": template["architecture"],
+        "package_manager": template["package_manager"],
+        "bootstrapper": ctx.facts.get("bootstrapper") or getattr(backend, "_bootstrapper", lambda c: backend.name)(ctx),
+        "mirror": ctx.mirrors.get("mirror"),
+        "mirrors": ctx.mirrors,
+        "repositories": repo_state,
+        "packages": packages,
+        "package_count": len(packages),
+        "vzpkg_version": __version__,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "source_date_epoch": _source_date_epoch(),
+        "durations": timer.durations,
+        "unpacked_size": result.unpacked_size,
+        "packed_size": result.packed_size,
+        "sha256": result.sha256,
+        "archive": store.archive_path(template.name).name,
+        **{k: v for k, v in ctx.facts.items() if k != "bootstrapper"},
+    }
+
+
+def _mounts(root: Path) -> list[str]:
+    from .chroot import mounts_below
+
+    return mounts_below(root)

@@ -1,0 +1,151 @@
+"""Run commands inside a root being built, with mounts that are always undone."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import BuildError, ScriptError
+
+_MNT_DETACH = 2
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+POLICY_RC_D = "#!/bin/sh\n# installed by vzpkg while building: no daemon starts in a cache being built\nexit 101\n"
+
+
+def die_with_parent() -> None:
+    """preexec_fn: children get SIGTERM when vzpkg dies, so a killed build leaves no bootstrapper running."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def mounts_below(path: Path) -> list[str]:
+    """Mount points at or below PATH, deepest first."""
+    real = os.path.realpath(path)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mount_point = line.split()[4].replace("\\040", " ")
+            if mount_point == real or mount_point.startswith(real.rstrip("/") + "/"):
+                found.append(mount_point)
+    return sorted(found, key=lambda p: p.count("/"), reverse=True)
+
+
+def unmount_below(path: Path) -> None:
+    for mount_point in mounts_below(path):
+        if _libc.umount2(mount_point.encode(), _MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            if err not in (22, 2):  # EINVAL: no longer a mount point; ENOENT: gone
+                raise BuildError(f"cannot unmount {mount_point}: {os.strerror(err)}")
+
+
+def _mount(source: str, target: Path, fstype: str | None, options: Sequence[str] = (), bind: bool = False) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    cmd = ["mount"]
+    if bind:
+        cmd += ["--rbind"]
+    if fstype:
+        cmd += ["-t", fstype]
+    if options:
+        cmd += ["-o", ",".join(options)]
+    cmd += [source, str(target)]
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@contextmanager
+def build_mounts(root: Path) -> Iterator[None]:
+    """/proc, /sys, /dev and /dev/pts inside ROOT for package scripts; undone on every exit path."""
+    try:
+        _mount("proc", root / "proc", "proc", ["nosuid", "nodev", "noexec"])
+        _mount("sysfs", root / "sys", "sysfs", ["ro", "nosuid", "nodev", "noexec"])
+        _mount("/dev", root / "dev", None, bind=True)
+        subprocess.run(["mount", "--make-rslave", str(root / "dev")], check=True, capture_output=True)
+        yield
+    finally:
+        unmount_below(root / "proc")
+        unmount_below(root / "sys")
+        unmount_below(root / "dev")
+
+
+@contextmanager
+def no_daemons(root: Path) -> Iterator[None]:
+    """policy-rc.d that refuses every service start, removed afterwards."""
+    policy = root / "usr/sbin/policy-rc.d"
+    existed = policy.exists()
+    if not existed:
+        policy.parent.mkdir(parents=True, exist_ok=True)
+        policy.write_text(POLICY_RC_D)
+        policy.chmod(0o755)
+    try:
+        yield
+    finally:
+        if not existed:
+            policy.unlink(missing_ok=True)
+
+
+@contextmanager
+def host_resolver(root: Path) -> Iterator[None]:
+    """The host's resolv.conf inside the root while packages are fetched; the root's own is put back."""
+    target = root / "etc/resolv.conf"
+    saved = None
+    if target.exists() or target.is_symlink():
+        saved = target.with_name(".resolv.conf.vzpkg-saved")
+        os.rename(target, saved)
+    try:
+        if Path("/etc/resolv.conf").exists():
+            shutil.copy2("/etc/resolv.conf", target)
+        yield
+    finally:
+        target.unlink(missing_ok=True)
+        if saved is not None:
+            os.rename(saved, target)
+
+
+def run_in_root(root: Path, argv: Sequence[str], *, env: dict[str, str], what: str, quiet: bool = True,
+                log: Path | None = None) -> None:
+    """Run ARGV chrooted in ROOT; raise BuildError (naming WHAT) when it fails."""
+    cmd = ["chroot", str(root), *argv]
+    _run(cmd, env=env, what=what, quiet=quiet, log=log)
+
+
+def run_script(script: Path, *, root: Path, inside: bool, env: dict[str, str], quiet: bool = True,
+               log: Path | None = None) -> None:
+    """Run a template script: inside the root (copied in, chrooted) or on the host with the root's path."""
+    label = f"script {script.parent.parent.name}/scripts/{script.name}"
+    if inside:
+        staged = root / "tmp" / f".vzpkg-{script.name}"
+        shutil.copy2(script, staged)
+        staged.chmod(0o755)
+        try:
+            _run(["chroot", str(root), f"/tmp/{staged.name}"], env=env, what=label, quiet=quiet, log=log,
+                 error=ScriptError)
+        finally:
+            staged.unlink(missing_ok=True)
+    else:
+        _run([str(script), str(root)], env=env, what=label, quiet=quiet, log=log, error=ScriptError)
+
+
+def _run(cmd: Sequence[str], *, env: dict[str, str], what: str, quiet: bool, log: Path | None,
+         error: type[BuildError] = BuildError) -> None:
+    out = None
+    if quiet:
+        out = log.open("ab") if log else subprocess.DEVNULL
+    try:
+        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if quiet else None,
+                              stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    except FileNotFoundError as e:
+        raise error(f"{what}: cannot run {cmd[0]}: {e.strerror}") from e
+    finally:
+        if quiet and log:
+            out.close()  # type: ignore[union-attr]
+    if proc.returncode != 0:
+        status = f"exit status {proc.returncode}" if proc.returncode > 0 else f"killed by signal {-proc.returncode}"
+        hint = f"; see {log}" if log else ""
+        raise error(f"{what} failed ({status}){hint}")

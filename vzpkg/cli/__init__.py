@@ -1,0 +1,1 @@
+"""Command-line front ends (click): parse, call the library, print. No logic here."""

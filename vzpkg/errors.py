@@ -1,0 +1,119 @@
+"""Exceptions with an exit code each and a message a user can act on.
+
+Every error the CLI can print is one of these; the table in docs/exit-codes.md lists them.
+"""
+
+from __future__ import annotations
+
+
+class VzError(Exception):
+    """Base class: a one-line message and a distinct process exit code."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(VzError):
+    exit_code = 2
+
+
+class TemplateError(VzError):
+    """A template is missing, malformed or invalid (names the file and the key)."""
+
+    exit_code = 3
+
+
+class CacheExistsError(VzError):
+    """create-cache found a cache and --force was not given."""
+
+    exit_code = 4
+
+
+class CacheNotFoundError(VzError):
+    exit_code = 5
+
+
+class LockTimeoutError(VzError):
+    """Another vzpkg run holds the template's lock for longer than --timeout."""
+
+    exit_code = 6
+
+
+class MirrorError(VzError):
+    """The mirror or repository could not be reached or returned an error."""
+
+    exit_code = 7
+
+
+class SignatureError(VzError):
+    """Repository metadata or a package failed signature verification."""
+
+    exit_code = 8
+
+
+class BuildError(VzError):
+    """A build step failed (package installation, bootstrap, ...)."""
+
+    exit_code = 9
+
+
+class ScriptError(BuildError):
+    """A template script exited non-zero."""
+
+    exit_code = 10
+
+
+class VerifyError(VzError):
+    """A cache does not match its manifest."""
+
+    exit_code = 11
+
+
+class UnsafeArchiveError(VzError):
+    """An archive member would escape the target or create a forbidden node."""
+
+    exit_code = 12
+
+
+class ConfigError(VzError):
+    """A configuration file or value is invalid."""
+
+    exit_code = 13
+
+
+class MissingToolError(VzError):
+    """A required host program is not installed."""
+
+    exit_code = 14
+
+
+class UpdatesAvailable(VzError):
+    """Not a failure: `vzpkg status` found newer packages (scripts rely on the code)."""
+
+    exit_code = 20
+
+
+class VEError(VzError):
+    """Runtime: a VE operation failed."""
+
+    exit_code = 30
+
+
+class VENotFoundError(VEError):
+    exit_code = 31
+
+
+class VEStateError(VEError):
+    """The VE is in the wrong state for the operation (running, stopped, ...)."""
+
+    exit_code = 32
+
+
+class InterruptedError_(VzError):
+    exit_code = 130

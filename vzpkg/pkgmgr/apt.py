@@ -1,0 +1,195 @@
+"""apt: bootstrap with mmdebstrap (or debootstrap), then apt-get inside the root."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ..chroot import build_mounts, die_with_parent, host_resolver, no_daemons, run_in_root
+from ..errors import BuildError, MirrorError, MissingToolError, SignatureError
+from .base import BuildContext, PackageManager
+
+MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
+# Fail fast on an unreachable mirror instead of apt's default minutes of retrying.
+APT_OPTIONS = ['Acquire::Retries "1"', 'Acquire::http::Timeout "15"', 'Acquire::https::Timeout "15"']
+
+
+class AptBackend(PackageManager):
+    name = "apt"
+
+    # ---- host checks and repository metadata --------------------------------------------------
+
+    def _bootstrapper(self, ctx: BuildContext) -> str:
+        choice = ctx.settings.bootstrapper
+        if choice == "auto":
+            return "mmdebstrap" if shutil.which("mmdebstrap") else "debootstrap"
+        return choice
+
+    def check_host(self, ctx: BuildContext) -> None:
+        tool = self._bootstrapper(ctx)
+        if shutil.which(tool) is None:
+            raise MissingToolError(f"{tool} is not installed: apt-get install {tool}")
+        if ctx.keyring is not None and not ctx.keyring.is_file():
+            raise MissingToolError(f"keyring {ctx.keyring} is missing: apt-get install debian-archive-keyring")
+
+    def _repositories(self, ctx: BuildContext):
+        from ..repo.apt import AptRepository
+
+        return [AptRepository.parse(line) for line in ctx.repositories]
+
+    def check_repositories(self, ctx: BuildContext) -> list[dict[str, Any]]:
+        from ..repo.apt import fetch_release
+
+        if ctx.keyring is None:
+            raise SignatureError(f"template {ctx.template.name} names no keyring: repositories cannot be verified")
+        state = []
+        for repo in self._repositories(ctx):
+            info = fetch_release(repo, ctx.keyring)
+            state.append({"uri": repo.uri, "suite": repo.suite, "components": list(repo.components),
+                          "date": info.date, "inrelease_sha256": info.sha256})
+        return state
+
+    # ---- bootstrap ------------------------------------------------------------------------------
+
+    def _deb_cache(self, ctx: BuildContext) -> Path:
+        t = ctx.template
+        path = ctx.package_cache / f"{t['distribution']}-{t['suite']}-{ctx.native_arch}"
+        (path / "lists").mkdir(parents=True, exist_ok=True)
+        return path
+
+    def bootstrap(self, ctx: BuildContext) -> bool:
+        if self._bootstrapper(ctx) == "mmdebstrap":
+            self._mmdebstrap(ctx)
+            return True
+        self._debootstrap(ctx)
+        return False
+
+    def _mmdebstrap(self, ctx: BuildContext) -> None:
+        t = ctx.template
+        cache = self._deb_cache(ctx)
+        q = shlex.quote
+        archives = '"$1/var/cache/apt/archives"'
+        lists = '"$1/var/lib/apt/lists"'
+        # Package files and index files are hard-linked in and out (same filesystem as the work dir), so a warm
+        # build neither downloads packages nor index files that did not change (apt revalidates them).
+        sync_in = (
+            f"mkdir -p {archives}/partial {lists}/partial && "
+            f"find {q(str(cache))} -maxdepth 1 -name '*.deb' -exec ln -f -t {archives} {{}} + && "
+            f"find {q(str(cache / 'lists'))} -maxdepth 1 -type f -exec ln -f -t {lists} {{}} +"
+        )
+        sync_out = (
+            f"find {archives} -maxdepth 1 -name '*.deb' -exec ln -f -t {q(str(cache))} {{}} + && "
+            f"rm -rf {q(str(cache / 'lists'))} && mkdir -p {q(str(cache / 'lists'))} && "
+            f"find {lists} -maxdepth 1 -type f ! -name lock -exec ln -f -t {q(str(cache / 'lists'))} {{}} +"
+        )
+        policy = (
+            "printf '#!/bin/sh\\nexit 101\\n' > \"$1/usr/sbin/policy-rc.d\" && chmod 755 \"$1/usr/sbin/policy-rc.d\""
+        )
+        cmd = [
+            "mmdebstrap", "--mode=root", "--format=directory",
+            f"--variant={t.get('variant', 'minbase')}",
+            f"--architectures={ctx.native_arch}",
+            f"--keyring={ctx.keyring}",
+            "--dpkgopt=force-unsafe-io",
+            "--skip=essential/unlink",  # keep the essential packages for the package cache
+            f"--setup-hook={sync_in}",
+            f"--essential-hook={policy}",
+            f"--customize-hook={sync_out}",
+            "--customize-hook=rm -f \"$1/usr/sbin/policy-rc.d\"",
+        ]
+        for opt in APT_OPTIONS:
+            cmd.append(f"--aptopt={opt}")
+        if t.get("merged_usr", True) and MERGED_USR_HOOKS.is_dir():
+            cmd.append(f"--hook-dir={MERGED_USR_HOOKS}")
+        if t.packages:
+            cmd.append(f"--include={','.join(t.packages)}")
+        cmd += [t["suite"], str(ctx.root)]
+        cmd += list(ctx.repositories)
+        self._run_bootstrapper(ctx, cmd, "mmdebstrap")
+
+    def _debootstrap(self, ctx: BuildContext) -> None:
+        t = ctx.template
+        cache = self._deb_cache(ctx)
+        cmd = [
+            "debootstrap", f"--variant={t.get('variant', 'minbase')}", f"--arch={ctx.native_arch}",
+            f"--keyring={ctx.keyring}", f"--cache-dir={cache}",
+            "--merged-usr" if t.get("merged_usr", True) else "--no-merged-usr",
+            t["suite"], str(ctx.root), ctx.mirrors["mirror"],
+        ]
+        self._run_bootstrapper(ctx, cmd, "debootstrap")
+        (ctx.root / "etc/apt/sources.list").write_text("\n".join(ctx.repositories) + "\n")
+        self._apt(ctx, ["update"], "apt-get update")
+
+    def _run_bootstrapper(self, ctx: BuildContext, cmd: list[str], tool: str) -> None:
+        ctx.note(f"running: {shlex.join(cmd)}")
+        env = ctx.env()
+        with ctx.log.open("ab") as log:
+            proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                                  stdout=None if ctx.verbose else log, stderr=None if ctx.verbose else subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = _log_tail(ctx.log)
+            if any(s in tail for s in ("NO_PUBKEY", "not signed", "BADSIG", "is not signed", "signatures were invalid")):
+                raise SignatureError(f"{tool}: repository signature check failed: {tail}")
+            if any(s in tail for s in ("Failed to fetch", "Could not resolve", "Connection refused", "404", "Unable to connect")):
+                raise MirrorError(f"{tool}: cannot download from the mirror: {tail}")
+            raise BuildError(f"{tool} failed (exit status {proc.returncode}): {tail} (full log: {ctx.log})")
+
+    # ---- apt inside the root ----------------------------------------------------------------------
+
+    def _apt(self, ctx: BuildContext, args: list[str], what: str) -> None:
+        argv = ["apt-get", "-y", "-q", "-o", "Dpkg::Options::=--force-confold", "-o", "Dpkg::Options::=--force-unsafe-io"]
+        for opt in APT_OPTIONS:
+            name, value = opt.split(" ", 1)
+            argv += ["-o", f"{name}={value.strip(chr(34))}"]
+        with build_mounts(ctx.root), host_resolver(ctx.root), no_daemons(ctx.root):
+            run_in_root(ctx.root, argv + args, env=ctx.env(), what=what, quiet=ctx.quiet, log=ctx.log)
+
+    def install(self, ctx: BuildContext, packages: list[str]) -> None:
+        if packages:
+            self._apt(ctx, ["install", "--no-install-recommends", *packages], f"apt-get install {' '.join(packages)}")
+
+    def remove(self, ctx: BuildContext, packages: list[str]) -> None:
+        if packages:
+            self._apt(ctx, ["purge", "--auto-remove", *packages], f"apt-get purge {' '.join(packages)}")
+
+    def upgrade(self, ctx: BuildContext) -> None:
+        self._apt(ctx, ["update"], "apt-get update")
+        self._apt(ctx, ["dist-upgrade", "--no-install-recommends"], "apt-get dist-upgrade")
+
+    def clean(self, ctx: BuildContext) -> None:
+        root = ctx.root
+        for pattern in ("var/lib/apt/lists/*", "var/cache/apt/archives/*.deb", "var/cache/apt/archives/partial/*",
+                        "var/cache/apt/*.bin", "var/lib/dpkg/*-old", "var/cache/debconf/*-old",
+                        "var/cache/ldconfig/aux-cache", "var/lib/apt/lists/partial/*"):
+            for path in root.glob(pattern):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.name != "lock":
+                    path.unlink(missing_ok=True)
+        (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+
+    def installed_packages(self, root: Path) -> list[dict[str, str]]:
+        from debian.deb822 import Packages
+
+        status = root / "var/lib/dpkg/status"
+        packages = []
+        with status.open(encoding="utf-8", errors="replace") as f:
+            for para in Packages.iter_paragraphs(f, use_apt_pkg=False):
+                if para.get("Status", "").split()[-1:] != ["installed"]:
+                    continue
+                packages.append({"name": para["Package"], "version": para["Version"],
+                                 "architecture": para.get("Architecture", "")})
+        return sorted(packages, key=lambda p: (p["name"], p["architecture"]))
+
+
+def _log_tail(log: Path, lines: int = 3) -> str:
+    try:
+        text = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    interesting = [ln for ln in text if ln.startswith(("E:", "W:", "Err:")) or "error" in ln.lower()]
+    picked = (interesting or text)[-lines:]
+    return " | ".join(s.strip() for s in picked)

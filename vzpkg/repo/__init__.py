@@ -1,0 +1,1 @@
+"""Remote repository metadata, read without unpacking a cache."""
