@@ -333,8 +333,9 @@ def test_v1_memsw_is_ram_plus_swap(v1: V1Driver) -> None:
     assert read(d / "memory.memsw.limit_in_bytes") == str(96 << 20)
     v1.set_limits("101", ram=128 << 20)  # the swap allowance stays 32M
     assert read(d / "memory.memsw.limit_in_bytes") == str(160 << 20)
-    v1.set_limits("101", swap=0)
-    assert read(d / "memory.memsw.limit_in_bytes") == str(128 << 20)
+    v1.set_limits("101", swap=0)  # no swap: memsw = RAM plus one page, so the memory counter binds first
+    assert read(d / "memory.memsw.limit_in_bytes") == str((128 << 20) + os.sysconf("SC_PAGE_SIZE"))
+    assert v1.limits("101")["swap"] == 0
     v1.set_limits("101", swap="unlimited")
     assert read(d / "memory.memsw.limit_in_bytes") == "-1"
     v1.set_limits("101", ram="unlimited", swap=0)

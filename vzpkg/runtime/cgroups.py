@@ -35,6 +35,7 @@ WEIGHT_MIN, WEIGHT_MAX = 1, 10_000
 # large is unlimited for our purposes.
 _V1_UNLIMITED_FLOOR = 1 << 62
 _UNLIMITED = "unlimited"
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 Limit = int | str | None
 Counters = dict[str, dict[str, int | None]]
@@ -495,6 +496,10 @@ class V1Driver(CgroupDriver):
         else:
             new_swap = _limit(swap, "SWAP", zero_is_unlimited=False)
         new_memsw = None if new_ram is None or new_swap is None else new_ram + new_swap
+        if new_memsw is not None and new_swap == 0:
+            # With memsw == memory the memsw counter (charged first) is the one that refuses, and since
+            # Linux 6.13 only the memory counter keeps a failcnt: one page of slack keeps failcnt meaningful.
+            new_memsw += _PAGE
         # memsw must never be below the memory limit: lift it first, then set both in a valid order.
         _write(memsw, -1)
         _write(d / "memory.limit_in_bytes", -1 if new_ram is None else new_ram)
@@ -507,19 +512,22 @@ class V1Driver(CgroupDriver):
             ram = _int_or_none(_read(d / "memory.limit_in_bytes"))
             memsw = _int_or_none(_read_opt(d / "memory.memsw.limit_in_bytes"))
             out["ram"] = ram
-            out["swap"] = None if ram is None or memsw is None else memsw - ram
+            swap = None if ram is None or memsw is None else memsw - ram
+            out["swap"] = 0 if swap == _PAGE else swap  # the slack page of _set_memory
         if self._has("cpu"):
             d = self._dir("cpu", ve_id)
-            out["cpuunits"] = shares_to_cpuunits(int(_read(d / "cpu.shares")))
-            quota = int(_read(d / "cpu.cfs_quota_us"))
-            out["cpulimit"] = quota_to_cpulimit(None if quota < 0 else quota, int(_read(d / "cpu.cfs_period_us")))
+            shares = _read_opt(d / "cpu.shares")
+            out["cpuunits"] = shares_to_cpuunits(int(shares)) if shares else None
+            quota = int(_read_opt(d / "cpu.cfs_quota_us") or -1)
+            period = int(_read_opt(d / "cpu.cfs_period_us") or CFS_PERIOD_US)
+            out["cpulimit"] = quota_to_cpulimit(None if quota < 0 else quota, period)
         if self._has("cpuset"):
             d = self._dir("cpuset", ve_id)
-            mine, parent = _read(d / "cpuset.cpus"), _read(d.parent / "cpuset.cpus")
+            mine, parent = _read_opt(d / "cpuset.cpus") or "", _read_opt(d.parent / "cpuset.cpus") or ""
             out["cpus"] = 0 if mine == parent else len(parse_cpulist(mine))
             out["cpuset"] = mine
         if self._has("pids"):
-            out["numproc"] = _int_or_none(_read(self._dir("pids", ve_id) / "pids.max"))
+            out["numproc"] = _int_or_none(_read_opt(self._dir("pids", ve_id) / "pids.max"))
         return out
 
     def setup_devices(self, ve_id: str, allowed: list[tuple[str, int, int, str]]) -> None:
@@ -536,11 +544,14 @@ class V1Driver(CgroupDriver):
         out: Counters = {}
         if self._has("memory"):
             d = self._dir("memory", ve_id)
+            # A charge is tried against memsw first, then memory, and the first counter to refuse counts the
+            # failure; so the two failcnts count disjoint events and together are OpenVZ's failcnt.
+            failcnt = [_int_or_none(_read_opt(d / f)) for f in ("memory.failcnt", "memory.memsw.failcnt")]
             out["memory"] = {
                 "held": _int_or_none(_read_opt(d / "memory.usage_in_bytes")),
                 "maxheld": _int_or_none(_read_opt(d / "memory.max_usage_in_bytes")),
                 "limit": _int_or_none(_read_opt(d / "memory.limit_in_bytes")),
-                "failcnt": _int_or_none(_read_opt(d / "memory.failcnt")),
+                "failcnt": None if failcnt[0] is None else failcnt[0] + (failcnt[1] or 0),
                 "oom_kills": _keyed(_read_opt(d / "memory.oom_control")).get("oom_kill"),
             }
         if self._has("pids"):
