@@ -1,0 +1,186 @@
+"""vzctl: manage VEs (OpenVZ's command set). Parsing and printing only; the work is in vzpkg.runtime.ve.
+
+argparse rather than click: `vzctl start` and `vzctl exec` are on the start-to-first-exec path, where
+click's ~15 ms of imports would be a sixth of the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+SET_OPTIONS = {
+    "ram": "RAM", "swap": "SWAP", "cpuunits": "CPUUNITS", "cpulimit": "CPULIMIT", "cpus": "CPUS",
+    "numproc": "NUMPROC", "diskspace": "DISKSPACE", "diskinodes": "DISKINODES", "hostname": "HOSTNAME",
+    "ipadd": "IP_ADDRESS", "nameserver": "NAMESERVER", "onboot": "ONBOOT", "init": "INIT",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", default=argparse.SUPPRESS, help="VZ root (default $VZ_ROOT or /var/lib/vz)")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog="vzctl", parents=[common], description="Manage VEs (virtual environments).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    c = sub.add_parser("create", parents=[common], help="create a VE from a template cache")
+    c.add_argument("veid")
+    c.add_argument("--ostemplate", required=True, help="cache name, e.g. debian-12-x86_64")
+    c.add_argument("--hostname")
+    c.add_argument("--config", help="sample config (basic, light, unlimited)")
+    c.add_argument("--layout", choices=("overlay", "copy"))
+    c.add_argument("--privileged", action="store_true", help="no user namespace: UNSAFE, host root in the VE")
+    c.add_argument("--cache-dir", help="where the caches are (default $VZPKG_CACHE_DIR or the config)")
+
+    for name, helptext in (("start", "start a VE"), ("mount", "mount a VE's root"), ("umount", "unmount it"),
+                           ("enter", "interactive shell in a running VE")):
+        s = sub.add_parser(name, parents=[common], help=helptext)
+        s.add_argument("veid")
+
+    s = sub.add_parser("stop", parents=[common], help="stop a VE")
+    s.add_argument("veid")
+    s.add_argument("--fast", action="store_true", help="SIGKILL at once")
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds to wait after SIGTERM (default 10)")
+
+    s = sub.add_parser("restart", parents=[common], help="stop and start a VE")
+    s.add_argument("veid")
+    s.add_argument("--fast", action="store_true")
+    s.add_argument("--timeout", type=float, default=10.0)
+
+    s = sub.add_parser("status", parents=[common], help="exist/deleted mounted/unmounted running/down")
+    s.add_argument("veid")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--beancounters", action="store_true", help="resource counters (held, maxheld, limit, failcnt)")
+
+    s = sub.add_parser("exec", parents=[common], help="run a command in a running VE")
+    s.add_argument("veid")
+    s.add_argument("cmd", nargs=argparse.REMAINDER)
+
+    s = sub.add_parser("set", parents=[common], help="change a VE's parameters (running VEs at once)")
+    s.add_argument("veid")
+    for opt in SET_OPTIONS:
+        s.add_argument(f"--{opt}")
+    s.add_argument("--save", action="store_true", help="also write them to the VE's config")
+
+    s = sub.add_parser("destroy", parents=[common], help="remove a VE and its private area")
+    s.add_argument("veid")
+    s.add_argument("--force", action="store_true", help="stop it first if running")
+    return p
+
+
+def _say(args, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, flush=True)
+
+
+def _format_beancounters(bc: dict) -> str:
+    lines = [f"{'resource':<12} {'held':>14} {'maxheld':>14} {'limit':>20} {'failcnt':>8}"]
+    for res, vals in bc.items():
+        if not isinstance(vals, dict) or "held" not in vals:
+            continue
+
+        def fmt(v):
+            return "unlimited" if v is None else str(v)
+
+        lines.append(f"{res:<12} {fmt(vals.get('held')):>14} {fmt(vals.get('maxheld')):>14} "
+                     f"{fmt(vals.get('limit')):>20} {fmt(vals.get('failcnt')):>8}")
+    cpu = bc.get("cpu") or {}
+    if cpu:
+        lines.append(f"cpu usage_ns={cpu.get('usage_ns')} nr_throttled={cpu.get('nr_throttled')}")
+    return "\n".join(lines)
+
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from vzpkg.runtime import ve
+    from vzpkg.runtime.layout import Layout
+
+    layout = Layout.at(getattr(args, "root", None))
+    cmd = args.command
+    if cmd == "create":
+        cache_dir = args.cache_dir or os.environ.get("VZPKG_CACHE_DIR")
+        if not cache_dir:
+            from vzpkg.config import load_settings
+
+            cache_dir = load_settings().cache_dir
+        if args.privileged:
+            print("vzctl: WARNING: a --privileged VE runs as host root without a user namespace; on a stock "
+                  "kernel its root can take the host over. Use it only for trusted workloads.", file=sys.stderr)
+        ve.create(layout, args.veid, args.ostemplate, cache_dir=cache_dir, hostname=args.hostname,
+                  sample=args.config, layout_kind=args.layout, privileged=args.privileged)
+        _say(args, f"VE {args.veid} created from {args.ostemplate}")
+    elif cmd == "start":
+        pid = ve.start(layout, args.veid)
+        _say(args, f"VE {args.veid} started (init pid {pid})")
+    elif cmd == "stop":
+        was = ve.stop(layout, args.veid, fast=args.fast, timeout=args.timeout)
+        _say(args, f"VE {args.veid} stopped" if was else f"VE {args.veid} was not running (cleaned up)")
+    elif cmd == "restart":
+        ve.stop(layout, args.veid, fast=args.fast, timeout=args.timeout)
+        pid = ve.start(layout, args.veid)
+        _say(args, f"VE {args.veid} restarted (init pid {pid})")
+    elif cmd == "status":
+        st = ve.status(layout, args.veid, beancounters=args.beancounters)
+        if args.json:
+            import json
+
+            print(json.dumps(st, indent=2, sort_keys=True))
+        else:
+            print(ve.status_line(st))
+            if args.beancounters:
+                print(_format_beancounters(st.get("beancounters") or {}))
+    elif cmd == "exec":
+        cmd_argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd_argv:
+            from vzpkg.errors import UsageError
+
+            raise UsageError("vzctl exec VEID COMMAND [ARG...]: no command given")
+        if len(cmd_argv) == 1 and " " in cmd_argv[0]:
+            cmd_argv = ["/bin/sh", "-c", cmd_argv[0]]  # OpenVZ: a single string is a shell command line
+        return ve.exec_in(layout, args.veid, cmd_argv)
+    elif cmd == "enter":
+        return ve.enter(layout, args.veid)
+    elif cmd == "set":
+        changes = {key: getattr(args, opt) for opt, key in SET_OPTIONS.items() if getattr(args, opt) is not None}
+        if not changes:
+            from vzpkg.errors import UsageError
+
+            raise UsageError("vzctl set: nothing to set (see vzctl set --help)")
+        applied, saved = ve.set_params(layout, args.veid, changes, save=args.save)
+        if not applied and not saved:
+            print(f"vzctl: VE {args.veid} is not running and --save was not given: nothing changed",
+                  file=sys.stderr)
+        else:
+            _say(args, f"VE {args.veid}: {'applied' if applied else ''}{' and ' if applied and saved else ''}"
+                       f"{'saved' if saved else ''}")
+    elif cmd == "destroy":
+        ve.destroy(layout, args.veid, force=args.force)
+        _say(args, f"VE {args.veid} destroyed")
+    elif cmd == "mount":
+        ve.mount(layout, args.veid)
+        _say(args, f"VE {args.veid} mounted")
+    elif cmd == "umount":
+        ve.umount(layout, args.veid)
+        _say(args, f"VE {args.veid} unmounted")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    from vzpkg.errors import VzError
+
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+    except VzError as e:
+        print(f"vzctl: {e.message}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    except OSError as e:
+        print(f"vzctl: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        code = 30
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

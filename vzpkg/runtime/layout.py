@@ -1,0 +1,142 @@
+"""Where things live under a VZ root (default /var/lib/vz; --root or $VZ_ROOT).
+
+    template/<sha256>/        a cache unpacked once, ownership shifted for user-namespaced VEs (read-only)
+    template/<sha256>-<shift> the same for another id shift (0 for --privileged VEs)
+    template/.tmp-*           unpacks in progress; template/.<key>.lock their locks
+    private/<id>/             a VE's own data: upper/ + work/ (overlay layout) or root/ (copy layout)
+    private/.tmp-<id>-*       creates in progress
+    root/<id>/                the VE's root mount point
+    conf/<id>.conf            its config (OpenVZ KEY="value")
+    dump/<id>/                checkpoint images
+    lock/<id>.lock            one vzctl at a time per VE
+    run/<id>.state            the running VE's init (pid, start time), written by start
+    lib/                      the compiled minimal init
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from vzpkg.errors import UsageError
+
+DEFAULT_ID_SHIFT = 100000
+ID_RANGE = 65536
+_VEID_RE = re.compile(r"^(?:[0-9]{1,10}|[A-Za-z][A-Za-z0-9._-]{0,63})$")
+
+
+def check_veid(veid: str) -> str:
+    veid = str(veid)
+    if not _VEID_RE.match(veid) or veid in (".", ".."):
+        raise UsageError(f"invalid VEID {veid!r}: use a number (101) or a name of letters, digits, '.', '_', '-'"
+                         " starting with a letter")
+    return veid
+
+
+def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """--root, else $VZ_ROOT, else the settings (config file) default."""
+    if root is not None:
+        return Path(root).absolute()
+    env = os.environ.get("VZ_ROOT")
+    if env:
+        return Path(env).absolute()
+    from vzpkg.config import load_settings
+
+    return load_settings().vz_root
+
+
+class Layout:
+    __slots__ = ("root",)
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Layout({str(self.root)!r})"
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str] | None = None) -> Layout:
+        return cls(resolve_root(root))
+
+    # directories
+    @property
+    def template_dir(self) -> Path:
+        return self.root / "template"
+
+    @property
+    def private_dir(self) -> Path:
+        return self.root / "private"
+
+    @property
+    def mount_dir(self) -> Path:
+        return self.root / "root"
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.root / "conf"
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def lib_dir(self) -> Path:
+        return self.root / "lib"
+
+    # per VE
+    def private(self, veid: str) -> Path:
+        return self.private_dir / veid
+
+    def ve_root(self, veid: str) -> Path:
+        return self.mount_dir / veid
+
+    def conf(self, veid: str) -> Path:
+        return self.conf_dir / f"{veid}.conf"
+
+    def dump(self, veid: str) -> Path:
+        return self.root / "dump" / veid
+
+    def lock(self, veid: str) -> Path:
+        return self.lock_dir / f"{veid}.lock"
+
+    def state(self, veid: str) -> Path:
+        return self.run_dir / f"{veid}.state"
+
+    # templates
+    def template(self, sha256: str, id_shift: int = DEFAULT_ID_SHIFT) -> Path:
+        name = sha256 if id_shift == DEFAULT_ID_SHIFT else f"{sha256}-{id_shift}"
+        return self.template_dir / name
+
+    def veids(self) -> list[str]:
+        """Every VE with a config, numbers first in numeric order, then names."""
+        try:
+            names = [n[:-5] for n in os.listdir(self.conf_dir) if n.endswith(".conf") and not n.startswith(".")]
+        except FileNotFoundError:
+            return []
+        return sorted(names, key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
+
+
+def templates_in_use(layout: Layout) -> set[str]:
+    """Names of template/<...> directories some VE still uses (for `vzpkg clean`)."""
+    used = set()
+    for veid in layout.veids():
+        try:
+            text = layout.conf(veid).read_text()
+        except OSError:
+            continue
+        sha = shift = None
+        for line in text.splitlines():
+            m = re.match(r'^\s*(TEMPLATE_SHA256|ID_SHIFT)="?([0-9a-f]+)"?', line)
+            if m:
+                if m.group(1) == "TEMPLATE_SHA256":
+                    sha = m.group(2)
+                else:
+                    shift = int(m.group(2))
+        if sha:
+            used.add(layout.template(sha, DEFAULT_ID_SHIFT if shift is None else shift).name)
+    return used

@@ -1,0 +1,227 @@
+"""Thin ctypes wrappers around the Linux system calls a VE runtime needs.
+
+Python 3.11 has no os.unshare / os.setns, and spawning util-linux tools costs milliseconds per call, so the
+hot paths (start, exec, stop) talk to the kernel directly through libc. Everything here raises OSError with
+the errno and the operation, like the os module does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+
+MNT_DETACH = 2
+
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
+# namespace file name (in /proc/PID/ns) -> clone flag, in the order `exec` enters them (user first, so the
+# others are entered with the capabilities the VE's user namespace grants; mnt last, since it moves / and cwd).
+NS_ORDER = (
+    ("user", CLONE_NEWUSER),
+    ("uts", CLONE_NEWUTS),
+    ("ipc", CLONE_NEWIPC),
+    ("net", CLONE_NEWNET),
+    ("cgroup", CLONE_NEWCGROUP),
+    ("pid", CLONE_NEWPID),
+    ("mnt", CLONE_NEWNS),
+)
+
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}
+
+_libc = None
+
+
+def libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def _b(s: str | bytes | os.PathLike | None) -> bytes | None:
+    if s is None:
+        return None
+    return os.fsencode(s)
+
+
+def unshare(flags: int) -> None:
+    _check(libc().unshare(ctypes.c_int(flags)), f"unshare(0x{flags:x})")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(libc().setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({nstype:#x})")
+
+
+def mount(source, target, fstype=None, flags: int = 0, data: str | None = None) -> None:
+    ret = libc().mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data))
+    _check(ret, f"mount {source} on {target} ({fstype or 'bind' if flags & MS_BIND else fstype})")
+
+
+def umount(target, flags: int = 0) -> None:
+    _check(libc().umount2(_b(target), ctypes.c_int(flags)), f"umount {target}")
+
+
+def pivot_root(new_root, put_old) -> None:
+    nr = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if nr is None:
+        raise OSError(38, f"pivot_root: unsupported architecture {os.uname().machine}")
+    _check(libc().syscall(ctypes.c_long(nr), _b(new_root), _b(put_old)), f"pivot_root({new_root})")
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    _check(libc().sethostname(raw, ctypes.c_size_t(len(raw))), f"sethostname({name})")
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    return _check(
+        libc().prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4),
+                     ctypes.c_ulong(arg5)),
+        f"prctl({option})",
+    )
+
+
+def set_pdeathsig(sig: int) -> None:
+    prctl(PR_SET_PDEATHSIG, sig)
+
+
+def drop_bounding_caps(keep: set[int]) -> None:
+    """Remove every capability not in KEEP from the bounding set (inherited by everything exec'd later)."""
+    last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    for cap in range(last + 1):
+        if cap not in keep:
+            prctl(PR_CAPBSET_DROP, cap)
+
+
+# ---- seccomp: a small deny-list, defence in depth behind the user namespace ------------------------------
+
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+# syscall numbers per architecture of calls a VE never needs: kernel modules, kexec, the kernel log,
+# open_by_handle_at (the "shocker" escape), keyrings of the host, swap, accounting, reboot of the host
+_DENY = {
+    "x86_64": {
+        "syslog": 103, "init_module": 175, "delete_module": 176, "finit_module": 313, "kexec_load": 246,
+        "kexec_file_load": 320, "open_by_handle_at": 304, "swapon": 167, "swapoff": 168, "acct": 163,
+        "iopl": 172, "ioperm": 173, "add_key": 248, "request_key": 249, "keyctl": 250, "bpf": 321,
+        "perf_event_open": 298, "userfaultfd": 323, "settimeofday": 164, "clock_settime": 227,
+        "clock_adjtime": 305, "adjtimex": 159, "lookup_dcookie": 212, "quotactl": 179,
+    },
+    "aarch64": {
+        "syslog": 116, "init_module": 105, "delete_module": 106, "finit_module": 273, "kexec_load": 104,
+        "kexec_file_load": 294, "open_by_handle_at": 265, "swapon": 224, "swapoff": 225, "acct": 89,
+        "add_key": 217, "request_key": 218, "keyctl": 219, "bpf": 280, "perf_event_open": 241,
+        "userfaultfd": 282, "settimeofday": 170, "clock_settime": 112, "clock_adjtime": 266, "adjtimex": 171,
+        "quotactl": 60,
+    },
+}
+# userfaultfd and keyctl are used by CRIU and some programs; keep them allowed unless asked otherwise.
+_DENY_DEFAULT_SKIP = {"userfaultfd", "keyctl", "add_key", "request_key"}
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def install_seccomp_denylist() -> bool:
+    """Make the denied syscalls fail with EPERM for this process and everything it runs.
+
+    Returns False (and does nothing) on an architecture without a table. Needs CAP_SYS_ADMIN in the current
+    user namespace, or no_new_privs.
+    """
+    machine = os.uname().machine
+    arch = _AUDIT_ARCH.get(machine)
+    table = _DENY.get(machine)
+    if arch is None or table is None:
+        return False
+    nrs = sorted(nr for name, nr in table.items() if name not in _DENY_DEFAULT_SKIP)
+    ld_w_abs, jeq_k, ret_k = 0x20, 0x15, 0x06
+    ret_errno_eperm = 0x00050000 | 1
+    ret_allow = 0x7FFF0000
+    ret_kill = 0x80000000  # SECCOMP_RET_KILL_PROCESS: a foreign architecture is not expected
+    prog = [(ld_w_abs, 0, 0, 4), (jeq_k, 1, 0, arch), (ret_k, 0, 0, ret_kill), (ld_w_abs, 0, 0, 0)]
+    # x86_64: refuse the x32 ABI (nr | 0x40000000) so the table cannot be sidestepped
+    if machine == "x86_64":
+        prog.append((0x35, 0, 1, 0x40000000))  # jge k
+        prog.append((ret_k, 0, 0, ret_errno_eperm))
+    n = len(nrs)
+    for i, nr in enumerate(nrs):
+        # on match jump to the EPERM return placed after the remaining comparisons and the allow return
+        prog.append((jeq_k, n - i, 0, nr))
+    prog.append((ret_k, 0, 0, ret_allow))
+    prog.append((ret_k, 0, 0, ret_errno_eperm))
+    arr = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
+    fprog = _SockFprog(len(prog), arr)
+    _check(
+        libc().prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
+                     ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)),
+        "prctl(PR_SET_SECCOMP)",
+    )
+    return True
+
+
+def setresid(uid: int, gid: int) -> None:
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def write_id_maps(pid: int, host_base: int, count: int = 65536) -> None:
+    """Map uids and gids 0..count-1 of PID's user namespace to host_base.. (we are root, so no setgroups dance)."""
+    line = f"0 {host_base} {count}\n"
+    for name in ("uid_map", "gid_map"):
+        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+def bring_up_loopback() -> None:
+    """ifconfig lo up, by ioctl, in the current network namespace (ctypes only: this runs after pivot_root,
+    where the host's Python modules are out of reach)."""
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    lc = libc()
+    fd = _check(lc.socket(2, 2 | 0o2000000, 0), "socket(AF_INET, SOCK_DGRAM)")  # SOCK_CLOEXEC
+    try:
+        ifreq = ctypes.create_string_buffer(40)
+        ifreq[0:2] = b"lo"
+        _check(lc.ioctl(fd, ctypes.c_ulong(siocgifflags), ifreq), "ioctl(SIOCGIFFLAGS)")
+        flags = int.from_bytes(ifreq[16:18], "little") | iff_up
+        ifreq[16:18] = flags.to_bytes(2, "little")
+        _check(lc.ioctl(fd, ctypes.c_ulong(siocsifflags), ifreq), "ioctl(SIOCSIFFLAGS)")
+    finally:
+        os.close(fd)

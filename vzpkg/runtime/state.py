@@ -1,0 +1,101 @@
+"""What state a VE is in, read from the kernel.
+
+start records the VE init's host pid and its start time (field 22 of /proc/PID/stat, in clock ticks since
+boot) in run/<id>.state. A VE is *running* only if that pid is alive (not a zombie), has that start time
+(so a recycled pid is never mistaken for the VE) and still has a user namespace other than ours (or, for a
+privileged VE, is in the VE's cgroup). The file alone proves nothing: after vzctl, the VE or the host
+crashed, the kernel's answer wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .layout import Layout
+
+
+class InitRecord:
+    __slots__ = ("pid", "starttime", "privileged")
+
+    def __init__(self, pid: int, starttime: int, privileged: bool) -> None:
+        self.pid = pid
+        self.starttime = starttime
+        self.privileged = privileged
+
+    def render(self) -> str:
+        return f"pid={self.pid}\nstarttime={self.starttime}\nprivileged={'yes' if self.privileged else 'no'}\n"
+
+    @classmethod
+    def parse(cls, text: str) -> InitRecord | None:
+        kv = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        try:
+            return cls(int(kv["pid"]), int(kv["starttime"]), kv.get("privileged") == "yes")
+        except (KeyError, ValueError):
+            return None
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, starttime) of PID, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    rest = data[data.rindex(b")") + 2:].split()
+    # rest[0] is field 3 (state); field 22 (starttime) is rest[19]
+    return rest[0].decode(), int(rest[19])
+
+
+def write_record(layout: Layout, veid: str, rec: InitRecord) -> None:
+    path = layout.state(veid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(rec.render())
+    os.rename(tmp, path)
+
+
+def read_record(layout: Layout, veid: str) -> InitRecord | None:
+    try:
+        return InitRecord.parse(layout.state(veid).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def clear_record(layout: Layout, veid: str) -> None:
+    try:
+        layout.state(veid).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def record_alive(rec: InitRecord | None) -> bool:
+    if rec is None:
+        return False
+    st = proc_stat(rec.pid)
+    if st is None or st[0] in ("Z", "X") or st[1] != rec.starttime:
+        return False
+    if not rec.privileged:
+        # a VE init lives in a user namespace of its own
+        try:
+            return os.readlink(f"/proc/{rec.pid}/ns/user") != os.readlink("/proc/self/ns/user")
+        except OSError:
+            return False
+    return True
+
+
+def running_init(layout: Layout, veid: str) -> InitRecord | None:
+    """The VE's init if the VE is running, else None."""
+    rec = read_record(layout, veid)
+    return rec if record_alive(rec) else None
+
+
+def in_cgroup(pid: int, ve_id: str) -> bool:
+    """Is PID in a cgroup named vzpkg/<ve_id> (any hierarchy)?"""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
+    suffix = f"/vzpkg/{ve_id}"
+    return any(line.rstrip().endswith(suffix) for line in text.splitlines())

@@ -1,0 +1,208 @@
+"""A VE's file system: the shared template area, the private area, and the root mount.
+
+Template area: a cache is unpacked once per (sha256, id shift) with the safe unpack, under a temporary name
+that is renamed into place, with a lock so concurrent creates unpack it once. It is never written to again:
+VEs made from it keep it, even after the cache is rebuilt (a new sha256 gets a new directory).
+
+Private area, per layout:
+  overlay   private/<id>/upper + private/<id>/work; root/<id> is an overlay whose lower layer is the template
+  copy      private/<id>/root, an independent copy (cp -a --reflink=auto); root/<id> is a bind mount of it
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from vzpkg.errors import CacheNotFoundError, VEError
+
+from . import ns
+from .layout import Layout
+
+TMP_PREFIX = ".tmp-"
+
+
+def _flock(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def cache_sha256(cache_dir: Path, name: str) -> str:
+    """The sha256 of the current cache NAME, from its manifest (<cache_dir>/<name>.json, see cache.CacheStore).
+
+    Read directly (not through CacheStore) to keep `vzctl create` free of the archive module's imports.
+    """
+    manifest = cache_dir / f"{name}.json"
+    try:
+        data = json.loads(manifest.read_text())
+    except FileNotFoundError:
+        raise CacheNotFoundError(
+            f"no cache for template {name!r} in {cache_dir}: run 'vzpkg create-cache {name}' "
+            "(or point --cache-dir / $VZPKG_CACHE_DIR at the right directory)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise CacheNotFoundError(f"cannot read cache manifest {manifest}: {e}") from None
+    sha = data.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise CacheNotFoundError(f"cache manifest {manifest} has no valid sha256: rebuild the cache")
+    return sha
+
+
+def ensure_template(layout: Layout, cache_dir: Path, name: str, id_shift: int) -> tuple[str, Path]:
+    """Return (sha256, directory) of the unpacked current cache NAME, unpacking it if needed."""
+    sha = cache_sha256(cache_dir, name)
+    target = layout.template(sha, id_shift)
+    if target.is_dir():
+        return sha, target
+    lock_fd = _flock(layout.template_dir / f".{target.name}.lock")
+    try:
+        if target.is_dir():
+            return sha, target
+        from vzpkg.archive import safe_unpack, sha256_file
+
+        archive = cache_dir / f"{name}.tar.zst"
+        if not archive.is_file():
+            raise CacheNotFoundError(f"cache archive {archive} is missing: run 'vzpkg create-cache {name}'")
+        if sha256_file(archive) != sha:
+            raise VEError(f"cache {archive} does not match its manifest's sha256: run 'vzpkg verify-cache {name}'")
+        # leftovers of an interrupted unpack of this generation
+        for p in layout.template_dir.glob(f"{TMP_PREFIX}{target.name}-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        tmp = layout.template_dir / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
+        tmp.mkdir(mode=0o755)
+        try:
+            safe_unpack(archive, tmp, id_shift=id_shift)
+            os.chown(tmp, id_shift, id_shift)
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return sha, target
+    finally:
+        os.close(lock_fd)
+
+
+def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, id_shift: int) -> Path:
+    """Build private/<id> under a temporary name and rename it into place. Returns the private dir."""
+    final = layout.private(veid)
+    if final.exists():
+        raise VEError(f"private area {final} already exists: destroy VE {veid} first or remove it by hand")
+    layout.private_dir.mkdir(parents=True, exist_ok=True)
+    tmp = layout.private_dir / f"{TMP_PREFIX}{veid}-{os.getpid()}"
+    try:
+        tmp.mkdir(mode=0o700)
+        if layout_kind == "overlay":
+            upper = tmp / "upper"
+            upper.mkdir(mode=0o755)
+            os.chown(upper, id_shift, id_shift)
+            (tmp / "work").mkdir(mode=0o700)
+        elif layout_kind == "copy":
+            proc = subprocess.run(["cp", "-a", "--reflink=auto", str(template), str(tmp / "root")],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise VEError(f"copying {template} for VE {veid} failed: {proc.stderr.strip()}")
+        else:
+            raise VEError(f"unknown layout {layout_kind!r}: use overlay or copy")
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def is_mounted(path: Path) -> bool:
+    """Is PATH a mount point in our mount namespace? (reads /proc/self/mountinfo, no stat of the path)"""
+    target = os.fsencode(path)
+    escaped = target.replace(b"\\", b"\\134").replace(b" ", b"\\040").replace(b"\t", b"\\011").replace(b"\n", b"\\012")
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ", 5)
+            if len(fields) > 4 and fields[4] == escaped:
+                return True
+    return False
+
+
+def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str) -> Path:
+    target = layout.ve_root(veid)
+    target.mkdir(parents=True, exist_ok=True)
+    if is_mounted(target):
+        return target
+    private = layout.private(veid)
+    if not private.is_dir():
+        raise VEError(f"VE {veid} has no private area {private}: it was not created or is damaged")
+    if layout_kind == "copy":
+        ns.mount(private / "root", target, None, ns.MS_BIND)
+    else:
+        if not template.is_dir():
+            raise VEError(f"VE {veid}: its template generation {template} is gone (removed by 'vzpkg clean'?)")
+        opts = f"lowerdir={template},upperdir={private / 'upper'},workdir={private / 'work'},xino=off"
+        ns.mount("overlay", target, "overlay", 0, opts)
+    # the VE root must never propagate mounts made inside it back to the host, nor receive the host's
+    try:
+        ns.mount(None, target, None, ns.MS_PRIVATE)
+    except OSError:
+        pass
+    return target
+
+
+def umount_root(layout: Layout, veid: str) -> None:
+    target = layout.ve_root(veid)
+    while is_mounted(target):
+        try:
+            ns.umount(target)
+        except OSError:
+            ns.umount(target, ns.MNT_DETACH)
+
+
+def remove_private(layout: Layout, veid: str) -> None:
+    private = layout.private(veid)
+    if not private.exists():
+        return
+    # rename first so a crash half-way leaves a .tmp- leftover, never a half-deleted VE that looks intact
+    doomed = layout.private_dir / f"{TMP_PREFIX}{veid}-destroy-{os.getpid()}"
+    os.rename(private, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+    if doomed.exists():
+        # overlay work dirs can hold a d--------- 'work' dir: make everything writable and retry
+        subprocess.run(["rm", "-rf", "--one-file-system", str(doomed)], capture_output=True)
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated below PATH (st_blocks), without following mounts or symlinks."""
+    total = 0
+    try:
+        dev = os.lstat(path).st_dev
+    except FileNotFoundError:
+        return 0
+    stack = [os.fsencode(path)]
+    seen: set[tuple[int, int]] = set()
+    while stack:
+        d = stack.pop()
+        try:
+            it = os.scandir(d)
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_dev != dev:
+                    continue
+                if st.st_nlink > 1:
+                    key = (st.st_dev, st.st_ino)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                total += st.st_blocks * 512
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+    return total

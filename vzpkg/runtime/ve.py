@@ -1,0 +1,762 @@
+"""VE lifecycle: create, mount, start, exec, enter, set, stop, umount, destroy, status.
+
+Start, in one picture (no subprocess, only fork and system calls through ctypes):
+
+    vzctl (host root)                 child                              grandchild = VE pid 1
+    ─────────────────                 ─────                              ─────────────────────
+    cgroups: create, limits, devices
+    mount root/<id> (overlay/bind)
+    fork ───────────────────────────► unshare(USER)  ── "U" ──►
+    write uid_map/gid_map
+    attach child to the VE cgroups ── "G" ──►
+                                      setresuid(0) (= host 100000)
+                                      unshare(MNT UTS IPC NET CGROUP PID)
+                                      fork ─────────────────────────────► setsid; rprivate; bind root/<id>
+                                      ◄── "P<host pid>" ── exit           proc, ro sys, tmpfs dev (+ devpts,
+    record pid + start time                                               shm), run, masks; pivot_root;
+    read until EOF (or "E<error>")                                        hostname; lo up; close fds;
+                                                                          seccomp; exec init (pipe closes)
+
+A VE is running iff its recorded init is alive with the recorded start time (see state.py); so `status`,
+`stop` and `destroy` work after any crash, and stop undoes everything it finds (processes in the VE's
+cgroups, the root mount, the cgroups) whether or not the VE is running.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+from pathlib import Path
+
+from vzpkg.errors import VEError, VENotFoundError, VEStateError
+
+from . import ns, state, storage
+from .layout import DEFAULT_ID_SHIFT, ID_RANGE, Layout, check_veid
+
+DEFAULT_STOP_TIMEOUT = 10.0
+# (name in /dev, type, major, minor): what a VE's /dev holds; the device cgroup allows just these and ptys
+DEVICES = (
+    ("null", "c", 1, 3), ("zero", "c", 1, 5), ("full", "c", 1, 7), ("random", "c", 1, 8),
+    ("urandom", "c", 1, 9), ("tty", "c", 5, 0),
+)
+DEVICE_RULES = [(t, ma, mi, "rwm") for _, t, ma, mi in DEVICES] + [
+    ("c", 5, 1, "rwm"),  # /dev/console
+    ("c", 5, 2, "rwm"),  # /dev/ptmx
+    ("c", 136, -1, "rwm"),  # /dev/pts/*
+]
+# /proc entries that show or change host-wide state: files hidden behind /dev/null, directories behind an
+# empty read-only tmpfs, and what stays visible but read-only (the user namespace already makes the kernel
+# refuse writes to host-owned sysctls: this is defence in depth)
+MASKED_FILES = ("proc/kcore", "proc/keys", "proc/timer_list", "proc/sched_debug", "proc/latency_stats",
+                "proc/kallsyms", "proc/kmsg")
+MASKED_DIRS = ("proc/acpi", "proc/scsi", "proc/driver", "sys/firmware", "sys/kernel/debug", "sys/kernel/security")
+READONLY = ("proc/sys", "proc/sysrq-trigger", "proc/irq", "proc/bus", "proc/fs")
+WRITABLE_AGAIN = ("proc/sys/net",)  # owned by the VE's network namespace
+# the capabilities a --privileged VE keeps (Docker's default set): no SYS_ADMIN, SYS_MODULE, SYS_RAWIO, ...
+PRIVILEGED_CAPS = {0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31}
+VE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "TERM": "linux",
+    "container": "vzpkg",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+
+class _Lock:
+    """flock on lock/<id>.lock: one vzctl operation per VE at a time."""
+
+    def __init__(self, layout: Layout, veid: str) -> None:
+        self.path = layout.lock(veid)
+        self.fd = -1
+
+    def __enter__(self) -> _Lock:
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+def _cgroups():
+    from . import cgroups
+
+    return cgroups.detect()
+
+
+def load_conf(layout: Layout, veid: str):
+    from .conf import VEConfig
+
+    path = layout.conf(veid)
+    if not path.exists():
+        raise VENotFoundError(f"VE {veid} does not exist (no {path}): create it with 'vzctl create {veid} --ostemplate NAME'")
+    return VEConfig.load(path, strict=False)
+
+
+def _conf_params(conf) -> tuple[bool, int, str, str]:
+    privileged = conf.get("PRIVILEGED") == "yes"
+    shift_text = conf.get("ID_SHIFT")
+    id_shift = 0 if privileged else int(shift_text) if shift_text else DEFAULT_ID_SHIFT
+    return privileged, id_shift, conf.get("LAYOUT") or "overlay", conf.get("TEMPLATE_SHA256") or ""
+
+
+def _template_of(layout: Layout, conf) -> Path:
+    _, id_shift, _, sha = _conf_params(conf)
+    return layout.template(sha, id_shift)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# create / destroy / mount
+
+
+def create(
+    layout: Layout,
+    veid: str,
+    ostemplate: str,
+    *,
+    cache_dir: Path,
+    hostname: str | None = None,
+    sample: str | None = None,
+    layout_kind: str | None = None,
+    privileged: bool = False,
+    id_shift: int = DEFAULT_ID_SHIFT,
+) -> None:
+    from .conf import VEConfig, sample_path, validate_value
+
+    veid = check_veid(veid)
+    validate_value("OSTEMPLATE", ostemplate)
+    if hostname:
+        validate_value("HOSTNAME", hostname)
+    for d in (layout.conf_dir, layout.lock_dir, layout.template_dir, layout.private_dir, layout.mount_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    with _Lock(layout, veid):
+        if layout.conf(veid).exists():
+            raise VEStateError(f"VE {veid} already exists ({layout.conf(veid)}): pick another VEID or destroy it")
+        conf = VEConfig.load(sample_path(sample or "basic"))
+        kind = layout_kind or conf.get("LAYOUT") or "overlay"
+        if kind not in ("overlay", "copy"):
+            raise VEError(f"unknown layout {kind!r}: use overlay or copy")
+        privileged = privileged or conf.get("PRIVILEGED") == "yes"
+        shift = 0 if privileged else id_shift
+        sha, template = storage.ensure_template(layout, Path(cache_dir), ostemplate, shift)
+        storage.create_private(layout, veid, template, kind, shift)
+        try:
+            conf.set("OSTEMPLATE", ostemplate)
+            conf.set("TEMPLATE_SHA256", sha)
+            conf.set("LAYOUT", kind)
+            conf.set("PRIVILEGED", "yes" if privileged else "no")
+            conf.set("ID_SHIFT", str(shift))
+            conf.set("VE_ROOT", str(layout.ve_root(veid)))
+            conf.set("VE_PRIVATE", str(layout.private(veid)))
+            if hostname:
+                conf.set("HOSTNAME", hostname)
+            layout.ve_root(veid).mkdir(exist_ok=True)
+            conf.save(layout.conf(veid))
+        except BaseException:
+            storage.remove_private(layout, veid)
+            raise
+
+
+def mount(layout: Layout, veid: str) -> None:
+    veid = check_veid(veid)
+    with _Lock(layout, veid):
+        conf = load_conf(layout, veid)
+        storage.mount_root(layout, veid, _template_of(layout, conf), _conf_params(conf)[2])
+
+
+def umount(layout: Layout, veid: str) -> None:
+    veid = check_veid(veid)
+    with _Lock(layout, veid):
+        load_conf(layout, veid)
+        if state.running_init(layout, veid):
+            raise VEStateError(f"VE {veid} is running: stop it first ('vzctl stop {veid}')")
+        storage.umount_root(layout, veid)
+
+
+def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
+    veid = check_veid(veid)
+    with _Lock(layout, veid):
+        exists = layout.conf(veid).exists() or layout.private(veid).exists()
+        if not exists:
+            raise VENotFoundError(f"VE {veid} does not exist")
+        if state.running_init(layout, veid):
+            if not force:
+                raise VEStateError(f"VE {veid} is running: stop it first, or use 'vzctl destroy {veid} --force'")
+        _stop_locked(layout, veid, fast=True, timeout=DEFAULT_STOP_TIMEOUT)
+        storage.remove_private(layout, veid)
+        for p in (layout.ve_root(veid), layout.dump(veid)):
+            if p.is_dir():
+                import shutil
+
+                shutil.rmtree(p, ignore_errors=True)
+        layout.conf(veid).unlink(missing_ok=True)
+        layout.lock(veid).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# start
+
+
+def _limits_from_conf(conf) -> dict:
+    limits: dict = {"cpuunits": conf.cpuunits, "cpulimit": conf.cpulimit, "cpus": conf.cpus}
+    ram, swap, numproc = conf.ram_bytes, conf.swap_bytes, conf.numproc
+    limits["ram"] = "unlimited" if ram is None else ram
+    if conf.get("SWAP"):
+        limits["swap"] = "unlimited" if swap is None else swap
+    limits["numproc"] = "unlimited" if numproc is None else numproc
+    return limits
+
+
+def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
+    """Start the VE; returns the host pid of its init."""
+    veid = check_veid(veid)
+    with _Lock(layout, veid):
+        conf = load_conf(layout, veid)
+        if state.running_init(layout, veid):
+            raise VEStateError(f"VE {veid} is already running")
+        # whatever a crashed start or a dead VE left behind
+        _cleanup(layout, veid, keep_mount=True)
+        privileged, id_shift, kind, _ = _conf_params(conf)
+        init_kind = conf.get("INIT") or "minimal"
+        vzinit = None
+        if init_kind != "distro":
+            from . import init as init_mod
+
+            path = init_mod.build(layout.lib_dir)
+            vzinit = path.read_bytes() if path else None
+        cg = _cgroups()
+        cg.create(veid)
+        try:
+            cg.set_limits(veid, **_limits_from_conf(conf))
+            cg.setup_devices(veid, DEVICE_RULES)
+            root = storage.mount_root(layout, veid, _template_of(layout, conf), kind)
+            return _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit)
+        except BaseException:
+            _cleanup(layout, veid)
+            raise
+
+
+def _read_msgs(fd: int):
+    """Yield the lines the children write to the status pipe, until every writer has gone."""
+    buf = b""
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            if buf:
+                yield buf.decode(errors="replace")
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line.decode(errors="replace")
+
+
+def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit) -> int:
+    from . import init as init_mod
+
+    hostname = conf.get("HOSTNAME") or veid
+    init_path, init_argv = init_mod.argv_for(init_kind, vzinit)
+    up_r, up_w = os.pipe2(os.O_CLOEXEC)
+    down_r, down_w = os.pipe2(os.O_CLOEXEC)
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(up_r)
+        os.close(down_w)
+        _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_argv, vzinit)
+    os.close(up_w)
+    os.close(down_r)
+    init_pid = 0
+    error = None
+    try:
+        msgs = _read_msgs(up_r)
+        first = next(msgs, None)
+        if first != "U":
+            error = first[1:] if first and first.startswith("E") else "the VE's first process died"
+        else:
+            if not privileged:
+                ns.write_id_maps(pid, id_shift, ID_RANGE)
+            cg.attach(veid, pid)
+            os.write(down_w, b"G")
+            for msg in msgs:
+                if msg.startswith("P"):
+                    init_pid = int(msg[1:])
+                    st = state.proc_stat(init_pid)
+                    if st is not None:
+                        state.write_record(layout, veid, state.InitRecord(init_pid, st[1], privileged))
+                elif msg.startswith("E") and error is None:
+                    error = msg[1:]
+    finally:
+        os.close(up_r)
+        os.close(down_w)
+        os.waitpid(pid, 0)
+    if error is None and init_pid == 0:
+        error = "the VE's init was not started"
+    if error is None and not state.running_init(layout, veid):
+        error = "the VE's init exited at once"
+    if error is not None:
+        raise VEError(f"VE {veid}: start failed: {error}")
+    return init_pid
+
+
+def _report(fd: int, exc: BaseException) -> None:
+    msg = f"{exc}".replace("\n", " ") or type(exc).__name__
+    try:
+        os.write(fd, f"E{msg}\n".encode())
+    except OSError:
+        pass
+
+
+def _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_argv, vzinit) -> None:
+    """The middle process: makes the user namespace, then the others, then forks the VE's pid 1."""
+    try:
+        ns.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+        if not privileged:
+            ns.unshare(ns.CLONE_NEWUSER)
+        os.write(up_w, b"U\n")
+        if os.read(down_r, 1) != b"G":
+            os._exit(1)
+        os.close(down_r)
+        if not privileged:
+            ns.setresid(0, 0)
+        ns.unshare(ns.CLONE_NEWNS | ns.CLONE_NEWUTS | ns.CLONE_NEWIPC | ns.CLONE_NEWNET | ns.CLONE_NEWCGROUP
+                   | ns.CLONE_NEWPID)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit)
+            except BaseException as e:
+                _report(up_w, e)
+            os._exit(1)
+        os.write(up_w, f"P{pid}\n".encode())
+        os._exit(0)
+    except BaseException as e:
+        _report(up_w, e)
+        os._exit(1)
+
+
+def _touch(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+
+
+def _mkdirs(path: str, mode: int = 0o755) -> None:
+    try:
+        os.makedirs(path, mode)
+    except FileExistsError:
+        pass
+
+
+def _bind_ro(path: str) -> None:
+    ns.mount(path, path, None, ns.MS_BIND | ns.MS_REC)
+    ns.mount(None, path, None, ns.MS_BIND | ns.MS_REMOUNT | ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)
+
+
+def _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit) -> None:
+    """VE pid 1 before exec: build the VE's world, pivot into it, exec the init."""
+    os.setsid()
+    ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE)
+    r = str(root)
+    ns.mount(r, r, None, ns.MS_BIND | ns.MS_REC)
+    nosuid_nodev_noexec = ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC
+    for d in ("proc", "sys", "dev", "run"):
+        _mkdirs(f"{r}/{d}")
+    ns.mount("proc", f"{r}/proc", "proc", nosuid_nodev_noexec)
+    try:
+        ns.mount("sysfs", f"{r}/sys", "sysfs", nosuid_nodev_noexec | ns.MS_RDONLY)
+    except OSError:
+        # the kernel refuses a new sysfs when the host's is partly covered: show the host's, read-only
+        ns.mount("/sys", f"{r}/sys", None, ns.MS_BIND | ns.MS_REC)
+        ns.mount(None, f"{r}/sys", None, ns.MS_BIND | ns.MS_REMOUNT | ns.MS_RDONLY | nosuid_nodev_noexec)
+    dev = f"{r}/dev"
+    ns.mount("tmpfs", dev, "tmpfs", ns.MS_NOSUID | ns.MS_NOEXEC, "mode=755,size=64k,nr_inodes=256")
+    for name, _, _, _ in DEVICES:
+        _touch(f"{dev}/{name}")
+        ns.mount(f"/dev/{name}", f"{dev}/{name}", None, ns.MS_BIND)
+    # console output is discarded: /dev/console is the VE's null device
+    _touch(f"{dev}/console")
+    ns.mount(f"{dev}/null", f"{dev}/console", None, ns.MS_BIND)
+    os.mkdir(f"{dev}/pts", 0o755)
+    ns.mount("devpts", f"{dev}/pts", "devpts", ns.MS_NOSUID | ns.MS_NOEXEC,
+             "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    os.symlink("pts/ptmx", f"{dev}/ptmx")
+    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{link}")
+    os.mkdir(f"{dev}/shm")
+    ns.mount("tmpfs", f"{dev}/shm", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=1777")
+    os.mkdir(f"{dev}/mqueue")
+    try:
+        ns.mount("mqueue", f"{dev}/mqueue", "mqueue", nosuid_nodev_noexec)
+    except OSError:
+        pass
+    ns.mount("tmpfs", f"{r}/run", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=755,size=65536k")
+    os.mkdir(f"{r}/run/lock", 0o1777)
+    os.chmod(f"{r}/run/lock", 0o1777)
+    # masks
+    for p in MASKED_FILES:
+        if os.path.exists(f"{r}/{p}"):
+            ns.mount(f"{dev}/null", f"{r}/{p}", None, ns.MS_BIND)
+    for p in MASKED_DIRS:
+        if os.path.isdir(f"{r}/{p}"):
+            try:
+                ns.mount("tmpfs", f"{r}/{p}", "tmpfs", ns.MS_RDONLY | nosuid_nodev_noexec, "size=0,mode=555")
+            except OSError:
+                pass
+    for p in READONLY:
+        if os.path.exists(f"{r}/{p}"):
+            _bind_ro(f"{r}/{p}")
+    for p in WRITABLE_AGAIN:
+        if os.path.isdir(f"{r}/{p}"):
+            ns.mount(f"{r}/{p}", f"{r}/{p}", None, ns.MS_BIND)
+            ns.mount(None, f"{r}/{p}", None, ns.MS_BIND | ns.MS_REMOUNT | nosuid_nodev_noexec)
+    # into the VE
+    os.chdir(r)
+    ns.pivot_root(".", ".")
+    ns.umount(".", ns.MNT_DETACH)
+    os.chdir("/")
+    ns.sethostname(hostname)
+    try:
+        ns.bring_up_loopback()
+    except OSError:
+        pass
+    if vzinit is not None and init_path == "/run/vzinit":
+        fd = os.open(init_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o755)
+        os.write(fd, vzinit)
+        os.close(fd)
+    null = os.open("/dev/null", os.O_RDWR)
+    for i in (0, 1, 2):
+        os.dup2(null, i)
+    if null > 2:
+        os.close(null)
+    # no host file descriptor survives into the VE (the status pipe is close-on-exec)
+    os.closerange(3, up_w)
+    os.closerange(up_w + 1, 1 << 20)
+    _harden(privileged)
+    os.execve(init_path, init_argv, VE_ENV)
+
+
+def _harden(privileged: bool) -> None:
+    if privileged:
+        ns.drop_bounding_caps(PRIVILEGED_CAPS)
+    ns.install_seccomp_denylist()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stop and cleanup
+
+
+def _cleanup(layout: Layout, veid: str, *, keep_mount: bool = False) -> None:
+    """Undo everything a VE may hold on the host: processes in its cgroups, cgroups, root mount, record."""
+    from . import cgroups as cgmod
+
+    try:
+        cg = cgmod.detect()
+    except VEError:
+        cg = None
+    if cg is not None and cg.exists(veid):
+        cg.kill_all(veid)
+        cg.remove(veid)
+    if not keep_mount:
+        storage.umount_root(layout, veid)
+    state.clear_record(layout, veid)
+
+
+def _wait_exit(pidfd: int, timeout: float) -> bool:
+    import select
+
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(max(0, int(timeout * 1000))))
+
+
+def _stop_locked(layout: Layout, veid: str, *, fast: bool, timeout: float) -> bool:
+    """Stop (if running) and clean up. Returns whether the VE was running."""
+    rec = state.running_init(layout, veid)
+    was_running = rec is not None
+    if rec is not None:
+        try:
+            pidfd = os.pidfd_open(rec.pid)
+        except ProcessLookupError:
+            pidfd = -1
+        if pidfd >= 0:
+            try:
+                # the pid may have been recycled between the check and pidfd_open: check again
+                if state.record_alive(rec):
+                    sig = signal.SIGKILL if fast else signal.SIGTERM
+                    signal.pidfd_send_signal(pidfd, sig)
+                    if not _wait_exit(pidfd, timeout) and not fast:
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                        _wait_exit(pidfd, 5.0)
+            finally:
+                os.close(pidfd)
+    _cleanup(layout, veid)
+    return was_running
+
+
+def stop(layout: Layout, veid: str, *, fast: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT) -> bool:
+    """Stop the VE and undo its mounts and cgroups. Returns False if it was not running (cleanup still done)."""
+    veid = check_veid(veid)
+    with _Lock(layout, veid):
+        if not layout.conf(veid).exists():
+            raise VENotFoundError(f"VE {veid} does not exist")
+        return _stop_locked(layout, veid, fast=fast, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exec / enter
+
+
+def _enter_namespaces(layout: Layout, veid: str):
+    """Join the running VE's cgroups and namespaces (all but pid take effect at once; pid for children)."""
+    rec = state.running_init(layout, veid)
+    if rec is None:
+        if not layout.conf(veid).exists():
+            raise VENotFoundError(f"VE {veid} does not exist")
+        raise VEStateError(f"VE {veid} is not running: start it with 'vzctl start {veid}'")
+    fds = []
+    try:
+        for name, flag in ns.NS_ORDER:
+            if name == "user" and rec.privileged:
+                continue
+            fds.append((os.open(f"/proc/{rec.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag))
+        if not state.record_alive(rec):
+            raise VEStateError(f"VE {veid} stopped while entering it")
+        from . import cgroups as cgmod
+
+        cgmod.detect().attach(veid, os.getpid())
+        for fd, flag in fds:
+            ns.setns(fd, flag)
+            if flag == ns.CLONE_NEWUSER:
+                ns.setresid(0, 0)
+    finally:
+        for fd, _ in fds:
+            os.close(fd)
+    return rec
+
+
+def _forward_signals(pid: int) -> None:
+    def fwd(sig, _frame):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(s, fwd)
+
+
+def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] | None = None) -> int:
+    """Run ARGV inside the VE with our stdin/stdout/stderr; returns its exit status (128+N if killed by N)."""
+    veid = check_veid(veid)
+    if not argv:
+        raise VEError("vzctl exec: no command given")
+    rec = _enter_namespaces(layout, veid)
+    environ = dict(VE_ENV)
+    if os.environ.get("TERM"):
+        environ["TERM"] = os.environ["TERM"]
+    if env:
+        environ.update(env)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.closerange(3, 1 << 20)
+            _harden(rec.privileged)
+            os.execvpe(argv[0], argv, environ)
+        except FileNotFoundError:
+            os.write(2, f"vzctl exec: {argv[0]}: command not found\n".encode())
+            os._exit(127)
+        except BaseException as e:
+            os.write(2, f"vzctl exec: {argv[0]}: {e}\n".encode())
+            os._exit(126)
+    _forward_signals(pid)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def enter(layout: Layout, veid: str, shell: list[str] | None = None) -> int:
+    """An interactive shell in the VE on a pty of the VE's own devpts."""
+    import pty
+    import select
+    import termios
+    import tty
+
+    veid = check_veid(veid)
+    rec = _enter_namespaces(layout, veid)
+    # we are now in the VE's mount namespace: /dev/ptmx is its devpts
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    import ctypes
+
+    libc = ns.libc()
+    if libc.grantpt(master) != 0 or libc.unlockpt(master) != 0:
+        raise VEError("cannot set up a pty in the VE")
+    libc.ptsname.restype = ctypes.c_char_p
+    slave_name = libc.ptsname(master).decode()
+    shell = shell or ["/bin/bash", "-l"] if os.path.exists("/bin/bash") else ["/bin/sh", "-l"]
+    stdin_tty = os.isatty(0)
+    if stdin_tty:
+        try:
+            import struct
+
+            size = fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8)
+            fcntl.ioctl(master, termios.TIOCSWINSZ, size)
+            del struct
+        except OSError:
+            pass
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            slave = os.open(slave_name, os.O_RDWR)
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+            for i in (0, 1, 2):
+                os.dup2(slave, i)
+            os.closerange(3, 1 << 20)
+            _harden(rec.privileged)
+            env = dict(VE_ENV)
+            env["TERM"] = os.environ.get("TERM", "linux")
+            os.execve(shell[0], shell, env)
+        except BaseException as e:
+            os.write(2, f"vzctl enter: {e}\n".encode())
+            os._exit(126)
+    old = termios.tcgetattr(0) if stdin_tty else None
+    if stdin_tty:
+        tty.setraw(0)
+
+    def winch(_s, _f):
+        try:
+            fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
+        except OSError:
+            pass
+
+    signal.signal(signal.SIGWINCH, winch)
+    try:
+        fds = [master, 0]
+        while True:
+            try:
+                ready, _, _ = select.select(fds, [], [])
+            except InterruptedError:
+                continue
+            if master in ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                os.write(1, data)
+            if 0 in ready:
+                data = os.read(0, 65536)
+                if not data:
+                    fds.remove(0)
+                    os.write(master, b"\x04")
+                else:
+                    os.write(master, data)
+    finally:
+        if old is not None:
+            termios.tcsetattr(0, termios.TCSAFLUSH, old)
+        os.close(master)
+    _, status = os.waitpid(pid, 0)
+    del pty
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+# ---------------------------------------------------------------------------------------------------------
+# set / status
+
+
+SETTABLE = ("RAM", "SWAP", "CPUUNITS", "CPULIMIT", "CPUS", "NUMPROC", "DISKSPACE", "DISKINODES", "HOSTNAME",
+            "IP_ADDRESS", "NAMESERVER", "ONBOOT", "INIT")
+
+
+def set_params(layout: Layout, veid: str, changes: dict[str, str], *, save: bool) -> tuple[bool, bool]:
+    """Validate and apply CHANGES (config keys -> values). Returns (applied to a running VE, saved)."""
+    veid = check_veid(veid)
+    with _Lock(layout, veid):
+        conf = load_conf(layout, veid)
+        for key, value in changes.items():
+            conf.set(key, value)
+        rec = state.running_init(layout, veid)
+        if rec is not None:
+            limit_keys = {"RAM", "SWAP", "CPUUNITS", "CPULIMIT", "CPUS", "NUMPROC"}
+            if limit_keys & set(changes):
+                limits = _limits_from_conf(conf)
+                wanted = {
+                    "ram": "RAM", "swap": "SWAP", "cpuunits": "CPUUNITS", "cpulimit": "CPULIMIT", "cpus": "CPUS",
+                    "numproc": "NUMPROC",
+                }
+                _cgroups().set_limits(veid, **{k: limits[k] for k, key in wanted.items() if key in changes
+                                               and k in limits})
+            if "HOSTNAME" in changes:
+                _set_hostname(rec, changes["HOSTNAME"])
+        if save:
+            conf.save(layout.conf(veid))
+        return rec is not None, save
+
+
+def _set_hostname(rec: state.InitRecord, hostname: str) -> None:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if not rec.privileged:
+                ns.setns(os.open(f"/proc/{rec.pid}/ns/user", os.O_RDONLY), ns.CLONE_NEWUSER)
+            ns.setns(os.open(f"/proc/{rec.pid}/ns/uts", os.O_RDONLY), ns.CLONE_NEWUTS)
+            ns.sethostname(hostname)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise VEError(f"could not set the hostname {hostname!r} in the running VE")
+
+
+def status(layout: Layout, veid: str, *, beancounters: bool = False) -> dict:
+    veid = check_veid(veid)
+    exists = layout.conf(veid).exists()
+    mounted = storage.is_mounted(layout.ve_root(veid))
+    rec = state.running_init(layout, veid)
+    out: dict = {
+        "veid": veid,
+        "exist": exists,
+        "mounted": mounted,
+        "running": rec is not None,
+        "init_pid": rec.pid if rec else None,
+    }
+    if beancounters:
+        try:
+            cg = _cgroups()
+            out["beancounters"] = cg.counters(veid) if cg.exists(veid) else {}
+        except VEError:
+            out["beancounters"] = {}
+    return out
+
+
+def status_line(st: dict) -> str:
+    words = ["exist" if st["exist"] else "deleted", "mounted" if st["mounted"] else "unmounted",
+             "running" if st["running"] else "down"]
+    return f"VEID {st['veid']} {' '.join(words)}"
