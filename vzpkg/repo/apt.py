@@ -79,3 +79,104 @@ def fetch_release(repo: AptRepository, keyring: Path) -> ReleaseInfo:
             date = line.split(":", 1)[1].strip()
             break
     return ReleaseInfo(repo.uri, repo.suite, date, hashlib.sha256(data).hexdigest(), text)
+
+
+# ---- Packages indices (added for `vzpkg status` / `update-cache`) --------------------------------
+
+_COMPRESSIONS = (".xz", ".gz", "")
+
+
+@dataclass
+class IndexFile:
+    """One Packages file listed in a verified Release: its path below dists/SUITE/, sha256 and size."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+def release_sha256_entries(release_text: str) -> dict[str, IndexFile]:
+    """The SHA256 section of a (verified) Release text, by path."""
+    from debian.deb822 import Release
+
+    release = Release(release_text)
+    entries = {}
+    for item in release.get("SHA256", []):
+        entries[item["name"]] = IndexFile(item["name"], item["sha256"].lower(), int(item["size"]))
+    return entries
+
+
+def packages_indices(release_text: str, components: tuple[str, ...] | list[str], arch: str) -> list[IndexFile]:
+    """For each component, the best-compressed Packages file the Release lists for ARCH (and binary-all when
+    the repository keeps architecture-independent packages apart)."""
+    from debian.deb822 import Release
+
+    entries = release_sha256_entries(release_text)
+    release = Release(release_text)
+    archs = [arch]
+    if "all" in release.get("Architectures", "").split() and release.get("No-Support-for-Architecture-all") != "Packages":
+        archs.append("all")
+    picked = []
+    for component in components or ("main",):
+        for a in archs:
+            for compression in _COMPRESSIONS:
+                entry = entries.get(f"{component}/binary-{a}/Packages{compression}")
+                if entry is not None:
+                    picked.append(entry)
+                    break
+    return picked
+
+
+def decompress_index(path: str, data: bytes) -> bytes:
+    if path.endswith(".xz"):
+        import lzma
+
+        return lzma.decompress(data)
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.decompress(data)
+    return data
+
+
+def fetch_index(repo: AptRepository, entry: IndexFile) -> bytes:
+    """Download one index file listed in the verified Release and check its sha256; return it as downloaded."""
+    url = f"{repo.uri}/dists/{repo.suite}/{entry.path}"
+    data = fetch(url).content
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.sha256:
+        raise SignatureError(f"{url}: sha256 {digest[:16]}... does not match the signed Release ({entry.sha256[:16]}...)")
+    return data
+
+
+def parse_packages(data: bytes) -> dict[str, list[tuple[str, str]]]:
+    """Packages text → {name: [(version, architecture), ...]} (python-debian's deb822 parser, no apt_pkg)."""
+    import io
+
+    from debian.deb822 import Packages
+
+    index: dict[str, list[tuple[str, str]]] = {}
+    stream = io.StringIO(data.decode("utf-8", errors="replace"))
+    for para in Packages.iter_paragraphs(stream, use_apt_pkg=False, fields=["Package", "Version", "Architecture"]):
+        name = para.get("Package")
+        version = para.get("Version")
+        if name and version:
+            index.setdefault(name, []).append((version, para.get("Architecture", "")))
+    return index
+
+
+def fetch_packages(repo: AptRepository, arch: str, release_text: str) -> dict[str, list[tuple[str, str]]]:
+    """Every package the repository offers for ARCH, from its Packages files (checked against the Release)."""
+    merged: dict[str, list[tuple[str, str]]] = {}
+    for entry in packages_indices(release_text, repo.components, arch):
+        for name, versions in parse_packages(decompress_index(entry.path, fetch_index(repo, entry))).items():
+            merged.setdefault(name, []).extend(versions)
+    return merged
+
+
+def compare_versions(a: str, b: str) -> int:
+    """dpkg's version order: negative, zero or positive like cmp (pure python, no apt_pkg)."""
+    from debian.debian_support import Version
+
+    va, vb = Version(a), Version(b)
+    return (va > vb) - (va < vb)
