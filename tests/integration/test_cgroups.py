@@ -236,7 +236,9 @@ def test_cpuunits_fairness_1_to_3(h: Harness) -> None:
     used_a, used_b = cpu_seconds(h.driver, [a, b], 4.0)
     ratio = used_b / used_a
     print(f"cpuunits 1000 vs 3000 on one CPU: {used_a:.2f}s vs {used_b:.2f}s, ratio {ratio:.2f}")
-    assert used_a + used_b > 2.0, "the pinned CPU was mostly busy with something else"
+    # Other load on the host competes with the vzpkg parent as a whole, so it shrinks both shares but not
+    # their ratio; only demand enough CPU time for the ratio to be meaningful.
+    assert used_a + used_b > 0.5, "the pinned CPU was almost entirely busy with something else"
     assert 3 * 0.85 <= ratio <= 3 * 1.15
 
 
