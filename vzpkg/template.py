@@ -55,6 +55,10 @@ SCHEMA: dict[str, Key] = {
     "init": Key((str,), doc="default init for VEs: minimal or distro"),
 }
 PACKAGE_MANAGERS = ("apt", "dnf", "yum")
+#: keys of a dnf/yum repository table (`id` names the section; the others are dnf's repository options)
+DNF_REPOSITORY_KEYS = ("id", "name", "baseurl", "mirrorlist", "metalink", "gpgcheck", "repo_gpgcheck", "gpgkey",
+                       "enabled", "priority", "cost", "exclude", "includepkgs", "module_hotfixes", "sslverify",
+                       "skip_if_unavailable", "metadata_expire", "countme")
 INITS = ("minimal", "distro")
 
 
@@ -238,6 +242,15 @@ def validate(template: Template) -> None:
         raise TemplateError(f"{file}: package_manager: {distro} is not built with {pm!r}")
     if pm == "apt" and "suite" not in template.data:
         raise TemplateError(f"{file}: suite: missing required key for apt templates (the codename, e.g. bookworm)")
+    if pm in ("dnf", "yum"):
+        for i, repo in enumerate(template.data.get("repositories", [])):
+            if isinstance(repo, dict):
+                for key in repo:
+                    if key not in DNF_REPOSITORY_KEYS:
+                        raise TemplateError(f"{file}: repositories[{i}].{key}: unknown dnf repository key "
+                                            f"(known: {', '.join(sorted(DNF_REPOSITORY_KEYS))})")
+                if not any(repo.get(k) for k in ("baseurl", "mirrorlist", "metalink")):
+                    raise TemplateError(f"{file}: repositories[{i}]: needs one of baseurl, mirrorlist or metalink")
     init = template.data.get("init", "minimal")
     if init not in INITS:
         raise TemplateError(f"{file}: init: {init!r} is not one of {', '.join(INITS)}")

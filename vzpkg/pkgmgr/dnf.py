@@ -383,7 +383,7 @@ class DnfBackend(PackageManager):
             or any(p in ln for p in SIGNATURE_PATTERNS + CORRUPT_PATTERNS + MIRROR_PATTERNS + RESOLVE_PATTERNS))]
         tail = " | ".join((important or [ln.strip() for ln in output if ln.strip()])[-6:])
         text = "\n".join(output)
-        full = f" (full log: {ctx.log})"
+        full = "" if ctx.verbose else " (run with --verbose to see dnf's output)"
         if any(p in text for p in ("is not signed", "GPG check FAILED", "Public key for", "NOKEY", "BAD signature",
                                    "signature", "digest", "Digest", "not trusted")):
             return SignatureError(f"{what}: package signature or digest check failed: {tail}{full}")
