@@ -11,11 +11,7 @@ Private area, per layout:
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 from vzpkg.errors import CacheNotFoundError, VEError
@@ -27,6 +23,8 @@ TMP_PREFIX = ".tmp-"
 
 
 def _flock(path: Path) -> int:
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -38,6 +36,8 @@ def cache_sha256(cache_dir: Path, name: str) -> str:
 
     Read directly (not through CacheStore) to keep `vzctl create` free of the archive module's imports.
     """
+    import json
+
     manifest = cache_dir / f"{name}.json"
     try:
         data = json.loads(manifest.read_text())
@@ -64,6 +64,8 @@ def ensure_template(layout: Layout, cache_dir: Path, name: str, id_shift: int) -
     try:
         if target.is_dir():
             return sha, target
+        import shutil
+
         from vzpkg.archive import safe_unpack, sha256_file
 
         archive = cache_dir / f"{name}.tar.zst"
@@ -91,6 +93,9 @@ def ensure_template(layout: Layout, cache_dir: Path, name: str, id_shift: int) -
 
 def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, id_shift: int) -> Path:
     """Build private/<id> under a temporary name and rename it into place. Returns the private dir."""
+    import shutil
+    import subprocess
+
     final = layout.private(veid)
     if final.exists():
         raise VEError(f"private area {final} already exists: destroy VE {veid} first or remove it by hand")
@@ -162,6 +167,9 @@ def umount_root(layout: Layout, veid: str) -> None:
 
 
 def remove_private(layout: Layout, veid: str) -> None:
+    import shutil
+    import subprocess
+
     private = layout.private(veid)
     if not private.exists():
         return

@@ -334,10 +334,16 @@ def _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_arg
         if os.read(down_r, 1) != b"G":
             os._exit(1)
         os.close(down_r)
-        if not privileged:
-            ns.setresid(0, 0)
         ns.unshare(ns.CLONE_NEWNS | ns.CLONE_NEWUTS | ns.CLONE_NEWIPC | ns.CLONE_NEWNET | ns.CLONE_NEWCGROUP
                    | ns.CLONE_NEWPID)
+        # Still with the host's uid 0 (unmapped in the new user namespace, but the owner of the VZ root's
+        # directories, which may be 0700): take hold of the VE root now. The bind makes it a mount of this
+        # namespace (copied mounts are locked and pivot_root refuses them); the VE's pid 1 inherits the cwd.
+        ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE)
+        ns.mount(root, root, None, ns.MS_BIND | ns.MS_REC)
+        os.chdir(root)
+        if not privileged:
+            ns.setresid(0, 0)
         pid = os.fork()
         if pid == 0:
             try:
@@ -371,9 +377,7 @@ def _bind_ro(path: str) -> None:
 def _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit) -> None:
     """VE pid 1 before exec: build the VE's world, pivot into it, exec the init."""
     os.setsid()
-    ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE)
-    r = str(root)
-    ns.mount(r, r, None, ns.MS_BIND | ns.MS_REC)
+    r = "."  # the cwd is the VE root (see _child): every path below is relative to it
     nosuid_nodev_noexec = ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC
     for d in ("proc", "sys", "dev", "run"):
         _mkdirs(f"{r}/{d}")
@@ -427,7 +431,6 @@ def _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit) -> 
             ns.mount(f"{r}/{p}", f"{r}/{p}", None, ns.MS_BIND)
             ns.mount(None, f"{r}/{p}", None, ns.MS_BIND | ns.MS_REMOUNT | nosuid_nodev_noexec)
     # into the VE
-    os.chdir(r)
     ns.pivot_root(".", ".")
     ns.umount(".", ns.MNT_DETACH)
     os.chdir("/")
@@ -523,6 +526,50 @@ def stop(layout: Layout, veid: str, *, fast: bool = False, timeout: float = DEFA
 # exec / enter
 
 
+def _cgroup_mounts() -> list[tuple[set[str], str]]:
+    """[(super options, mount point)] of every cgroup mount (v2 gets an empty set)."""
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            tail = post.split()
+            if len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
+                continue
+            opts = set(tail[2].split(",")) if tail[0] == "cgroup" else set()
+            mounts.append((opts, pre.split()[4]))
+    return mounts
+
+
+def join_cgroups_of(pid: int) -> None:
+    """Move ourselves into every cgroup PID is in (all hierarchies), so the VE's limits apply to us.
+
+    Done from /proc/PID/cgroup and mountinfo directly: no import of the cgroups module on the exec path.
+    """
+    mounts = None
+    me = str(os.getpid()).encode()
+    with open(f"/proc/{pid}/cgroup") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        _, ctrls, path = line.split(":", 2)
+        if path == "/":
+            continue
+        if mounts is None:
+            mounts = _cgroup_mounts()
+        want = set(ctrls.split(",")) if ctrls else set()
+        point = next((p for opts, p in mounts if (want <= opts if want else not opts)), None)
+        if point is None:
+            continue
+        try:
+            fd = os.open(f"{point}{path}/cgroup.procs", os.O_WRONLY)
+            try:
+                os.write(fd, me)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if "/vzpkg/" in path:
+                raise VEError(f"cannot join the VE's cgroup {point}{path}: {e.strerror}") from None
+
+
 def _enter_namespaces(layout: Layout, veid: str):
     """Join the running VE's cgroups and namespaces (all but pid take effect at once; pid for children)."""
     rec = state.running_init(layout, veid)
@@ -538,9 +585,7 @@ def _enter_namespaces(layout: Layout, veid: str):
             fds.append((os.open(f"/proc/{rec.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag))
         if not state.record_alive(rec):
             raise VEStateError(f"VE {veid} stopped while entering it")
-        from . import cgroups as cgmod
-
-        cgmod.detect().attach(veid, os.getpid())
+        join_cgroups_of(rec.pid)
         for fd, flag in fds:
             ns.setns(fd, flag)
             if flag == ns.CLONE_NEWUSER:
