@@ -286,9 +286,7 @@ def _own_label_compare(a: EVR, b: EVR) -> int:
     rc = rpmvercmp(a[1], b[1])
     if rc:
         return rc
-    if a[2] is None or b[2] is None:  # rpm: a missing release matches any
-        return 0
-    return rpmvercmp(a[2], b[2])
+    return rpmvercmp(a[2] or "", b[2] or "")  # as rpm.labelCompare: a missing release sorts first
 
 
 _COMPARE_IMPL: str | None = None
