@@ -21,7 +21,7 @@ from typing import Any
 from . import __version__
 from .archive import pack
 from .cache import CacheStore
-from .chroot import build_mounts, host_resolver, no_daemons, run_script, unmount_below
+from .chroot import build_mounts, host_resolver, no_daemons, remove_work_dir, run_script
 from .config import Settings
 from .distro import get_distribution
 from .errors import BuildError, CacheExistsError
@@ -184,8 +184,7 @@ def create_cache(name: str, settings: Settings, options: BuildOptions, reporter:
                 store.publish(name, archive_tmp, manifest)
             return manifest
         finally:
-            unmount_below(work_dir)
-            shutil.rmtree(work_dir, ignore_errors=True)
+            remove_work_dir(work_dir)
             archive_tmp.unlink(missing_ok=True)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,13 +134,12 @@ class CacheStore:
 
     def clean_leftovers(self, name: str) -> list[Path]:
         """Remove work in progress of an earlier, interrupted run (call with the template's lock held)."""
-        from .chroot import unmount_below
+        from .chroot import remove_work_dir
 
         removed = []
         for path in self.leftovers(name):
             if path.is_dir() and not path.is_symlink():
-                unmount_below(path)
-                shutil.rmtree(path, ignore_errors=True)
+                remove_work_dir(path)
             else:
                 path.unlink(missing_ok=True)
             removed.append(path)

@@ -132,20 +132,85 @@ def run_script(script: Path, *, root: Path, inside: bool, env: dict[str, str], q
         _run([str(script), str(root)], env=env, what=label, quiet=quiet, log=log, error=ScriptError)
 
 
+def run_tool(cmd: Sequence[str], *, env: dict[str, str], stdout=None, stderr=None) -> int:
+    """Run a tool in a process group of its own; if vzpkg is interrupted, the whole group is stopped first.
+
+    Stopping the group (not just the direct child) matters: a bootstrapper killed alone leaves dpkg writing
+    into the root while we remove it.
+    """
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            start_new_session=True, preexec_fn=die_with_parent)
+    try:
+        return proc.wait()
+    except BaseException:
+        _stop_group(proc)
+        raise
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            # The leader may be gone while members of its group still run.
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def kill_processes_in(path: Path) -> int:
+    """SIGKILL every process whose root or working directory is at or below PATH (left by a killed build)."""
+    real = os.path.realpath(path).rstrip("/") + "/"
+    killed = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        for link in ("root", "cwd"):
+            try:
+                target = os.readlink(f"/proc/{entry}/{link}").rstrip("/") + "/"
+            except OSError:
+                continue
+            if target.startswith(real):
+                try:
+                    os.kill(int(entry), signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+                break
+    return killed
+
+
+def remove_work_dir(path: Path) -> None:
+    """Undo everything below a work directory: processes, mounts, files."""
+    if not path.exists():
+        return
+    kill_processes_in(path)
+    unmount_below(path)
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():  # a process still writing may have recreated entries
+        kill_processes_in(path)
+        unmount_below(path)
+        shutil.rmtree(path)
+
+
 def _run(cmd: Sequence[str], *, env: dict[str, str], what: str, quiet: bool, log: Path | None,
          error: type[BuildError] = BuildError) -> None:
     out = None
     if quiet:
         out = log.open("ab") if log else subprocess.DEVNULL
     try:
-        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if quiet else None,
-                              stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        returncode = run_tool(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if quiet else None)
     except FileNotFoundError as e:
         raise error(f"{what}: cannot run {cmd[0]}: {e.strerror}") from e
     finally:
         if quiet and log:
             out.close()  # type: ignore[union-attr]
-    if proc.returncode != 0:
-        status = f"exit status {proc.returncode}" if proc.returncode > 0 else f"killed by signal {-proc.returncode}"
+    if returncode != 0:
+        status = f"exit status {returncode}" if returncode > 0 else f"killed by signal {-returncode}"
         hint = f"; see {log}" if log else ""
         raise error(f"{what} failed ({status}){hint}")

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..chroot import build_mounts, die_with_parent, host_resolver, no_daemons, run_in_root
+from ..chroot import build_mounts, host_resolver, no_daemons, run_in_root, run_tool
 from ..errors import BuildError, MirrorError, MissingToolError, SignatureError
 from .base import BuildContext, PackageManager
 
@@ -127,15 +127,15 @@ class AptBackend(PackageManager):
         ctx.note(f"running: {shlex.join(cmd)}")
         env = ctx.env()
         with ctx.log.open("ab") as log:
-            proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
-                                  stdout=None if ctx.verbose else log, stderr=None if ctx.verbose else subprocess.STDOUT)
-        if proc.returncode != 0:
+            returncode = run_tool(cmd, env=env, stdout=None if ctx.verbose else log,
+                                  stderr=None if ctx.verbose else subprocess.STDOUT)
+        if returncode != 0:
             tail = _log_tail(ctx.log)
             if any(s in tail for s in ("NO_PUBKEY", "not signed", "BADSIG", "is not signed", "signatures were invalid")):
                 raise SignatureError(f"{tool}: repository signature check failed: {tail}")
             if any(s in tail for s in ("Failed to fetch", "Could not resolve", "Connection refused", "404", "Unable to connect")):
                 raise MirrorError(f"{tool}: cannot download from the mirror: {tail}")
-            raise BuildError(f"{tool} failed (exit status {proc.returncode}): {tail} (full log: {ctx.log})")
+            raise BuildError(f"{tool} failed (exit status {returncode}): {tail} (full log: {ctx.log})")
 
     # ---- apt inside the root ----------------------------------------------------------------------
 

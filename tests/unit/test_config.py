@@ -1,0 +1,97 @@
+"""Settings precedence and mirrors from the host's apt sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vzpkg.config import load_settings
+from vzpkg.distro.debian import Debian
+from vzpkg.distro.hostapt import _parse_deb822, _parse_one_line
+from vzpkg.errors import ConfigError
+
+
+def test_precedence_file_env_flag(tmp_path: Path) -> None:
+    conf = tmp_path / "vzpkg.conf"
+    conf.write_text('cache_dir = "/from/file"\n[mirrors]\ndebian = "http://file.invalid/debian"\n')
+    env = {"VZPKG_CONFIG": str(conf)}
+    s = load_settings(environ=env)
+    assert s.cache_dir == Path("/from/file")
+    assert s.mirrors["debian"] == "http://file.invalid/debian"
+    s = load_settings(environ={**env, "VZPKG_CACHE_DIR": "/from/env", "VZPKG_MIRROR": "http://env.invalid/d"})
+    assert s.cache_dir == Path("/from/env")
+    assert Debian().mirrors(s)["mirror"] == "http://env.invalid/d"
+    s = load_settings(cache_dir="/from/flag", mirror="http://flag.invalid/d",
+                      environ={**env, "VZPKG_CACHE_DIR": "/from/env", "VZPKG_MIRROR": "http://env.invalid/d"})
+    assert s.cache_dir == Path("/from/flag")
+    assert Debian().mirrors(s)["mirror"] == "http://flag.invalid/d"
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    conf = tmp_path / "vzpkg.conf"
+    conf.write_text('cache_dirr = "/x"\n')
+    with pytest.raises(ConfigError, match="unknown key 'cache_dirr'"):
+        load_settings(environ={"VZPKG_CONFIG": str(conf)})
+    conf.write_text('bootstrapper = "cdebootstrap"\n')
+    with pytest.raises(ConfigError, match="bootstrapper"):
+        load_settings(environ={"VZPKG_CONFIG": str(conf)})
+
+
+def test_default_cache_dir() -> None:
+    s = load_settings(environ={"VZPKG_CONFIG": "/nonexistent"})
+    assert s.cache_dir == Path("/var/lib/vz/template/cache")
+
+
+def test_parse_one_line_sources() -> None:
+    text = """
+# comment
+deb http://a.invalid/debian bookworm main contrib
+deb [arch=amd64 signed-by=/k.gpg] http://b.invalid/debian-security bookworm-security main
+deb-src http://a.invalid/debian bookworm main
+"""
+    got = _parse_one_line(text)
+    assert [(s.uri, s.suites) for s in got] == [
+        ("http://a.invalid/debian", ("bookworm",)),
+        ("http://b.invalid/debian-security", ("bookworm-security",)),
+    ]
+
+
+def test_parse_deb822_sources() -> None:
+    text = """Types: deb
+# a comment
+URIs: http://a.invalid/debian
+Suites: bookworm bookworm-updates
+Components: main
+
+Types: deb deb-src
+URIs: http://b.invalid/debian-security
+Suites: bookworm-security
+Components: main
+
+Types: deb
+Enabled: no
+URIs: http://c.invalid/x
+Suites: x
+Components: main
+"""
+    got = _parse_deb822(text)
+    assert [(s.uri, s.suites) for s in got] == [
+        ("http://a.invalid/debian", ("bookworm", "bookworm-updates")),
+        ("http://b.invalid/debian-security", ("bookworm-security",)),
+    ]
+
+
+def test_debian_mirrors_from_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vzpkg.distro import debian as debian_mod
+    from vzpkg.distro.hostapt import AptSource
+
+    monkeypatch.setattr(debian_mod, "host_sources", lambda: [
+        AptSource("http://a.invalid/debian", ("bookworm",), ("main",)),
+        AptSource("http://a.invalid/debian-security", ("bookworm-security",), ("main",)),
+    ])
+    m = Debian().mirrors(load_settings(environ={"VZPKG_CONFIG": "/nonexistent"}))
+    assert m == {"mirror": "http://a.invalid/debian", "security_mirror": "http://a.invalid/debian-security"}
+    monkeypatch.setattr(debian_mod, "host_sources", lambda: [])
+    with pytest.raises(ConfigError, match="no debian mirror configured"):
+        Debian().mirrors(load_settings(environ={"VZPKG_CONFIG": "/nonexistent"}))
