@@ -1,0 +1,196 @@
+"""status.compare against a fake metadata cache; generations, rollback and clean on a fake cache store."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from vzpkg import status as status_mod
+from vzpkg import update
+from vzpkg.cache import CacheStore
+from vzpkg.config import load_settings
+from vzpkg.errors import CacheNotFoundError, VerifyError
+from vzpkg.lock import locked
+from vzpkg.repo.apt import ReleaseInfo
+from vzpkg.template import TemplateRepository
+
+PROJECT = Path(__file__).resolve().parents[2]
+NAME = "debian-12-x86_64"
+
+
+@pytest.fixture
+def settings(tmp_path: Path):
+    s = load_settings(cache_dir=tmp_path / "cache", mirror="http://mirror.invalid/debian", environ={})
+    s.mirrors["debian-security"] = "http://mirror.invalid/debian-security"
+    s.template_dirs = [PROJECT / "templates"]
+    return s
+
+
+class FakeMetadata:
+    """Stands in for MetadataCache: InRelease sha256 and packages per suite; records what was read."""
+
+    releases: dict[str, str] = {}
+    offered: dict[str, dict[str, list[tuple[str, str]]]] = {}
+    read: list[str] = []
+
+    def __init__(self, *_args, **_kw) -> None:
+        pass
+
+    def release(self, repo, keyring):
+        return ReleaseInfo(repo.uri, repo.suite, "today", self.releases[repo.suite], "")
+
+    def packages(self, repo, arch, text):
+        FakeMetadata.read.append(repo.suite)
+        return self.offered.get(repo.suite, {})
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch):
+    FakeMetadata.releases = {"bookworm": "a", "bookworm-updates": "b", "bookworm-security": "c"}
+    FakeMetadata.offered = {}
+    FakeMetadata.read = []
+    monkeypatch.setattr(status_mod, "MetadataCache", FakeMetadata)
+    return FakeMetadata
+
+
+def _manifest(template, **over) -> dict:
+    repos = [{"uri": "http://mirror.invalid/debian", "suite": "bookworm", "inrelease_sha256": "a"},
+             {"uri": "http://mirror.invalid/debian", "suite": "bookworm-updates", "inrelease_sha256": "b"},
+             {"uri": "http://mirror.invalid/debian-security", "suite": "bookworm-security", "inrelease_sha256": "c"}]
+    packages = [{"name": "openssl", "version": "3.0.11-1~deb12u2", "architecture": "amd64"},
+                {"name": "tzdata", "version": "2024a-0+deb12u1", "architecture": "all"},
+                {"name": "less", "version": "590-2.1~deb12u2", "architecture": "amd64"}]
+    return {"template_digest": template.digest(), "repositories": repos, "packages": packages,
+            "created": "then", "sha256": "0" * 64, **over}
+
+
+def test_unchanged_repositories_are_not_read_and_cache_is_current(settings, fake) -> None:
+    template = TemplateRepository(settings.template_dirs).load(NAME)
+    report = status_mod.compare(template, _manifest(template), settings)
+    assert report["current"] is True and report["updates"] == [] and fake.read == []
+    assert [r["changed"] for r in report["repositories"]] == [False, False, False]
+
+
+def test_newer_versions_in_changed_repositories_are_listed(settings, fake) -> None:
+    template = TemplateRepository(settings.template_dirs).load(NAME)
+    fake.releases["bookworm-security"] = "c2"
+    fake.offered["bookworm-security"] = {
+        "openssl": [("3.0.11-1~deb12u1", "amd64"), ("3.0.15-1~deb12u1", "amd64"), ("9.9", "arm64")],
+        "tzdata": [("2024a-0+deb12u1", "all")],
+    }
+    report = status_mod.compare(template, _manifest(template), settings)
+    assert fake.read == ["bookworm-security"]
+    assert report["current"] is False
+    assert report["updates"] == [{"name": "openssl", "architecture": "amd64", "cached": "3.0.11-1~deb12u2",
+                                  "available": "3.0.15-1~deb12u1",
+                                  "repository": "http://mirror.invalid/debian-security bookworm-security"}]
+
+
+def test_changed_repository_without_newer_versions_is_current(settings, fake) -> None:
+    template = TemplateRepository(settings.template_dirs).load(NAME)
+    fake.releases["bookworm-updates"] = "b2"
+    fake.offered["bookworm-updates"] = {"tzdata": [("2023c-5", "all")]}
+    report = status_mod.compare(template, _manifest(template), settings)
+    assert report["current"] is True and report["repositories"][1]["changed"] is True
+
+
+def test_definition_change_and_package_plan(settings, fake) -> None:
+    template = TemplateRepository(settings.template_dirs).load(NAME)
+    manifest = _manifest(template, template_digest="old", template_packages=["less", "openssl", "gone"])
+    manifest["packages"].append({"name": "gone", "version": "1", "architecture": "amd64"})
+    report = status_mod.compare(template, manifest, settings)
+    assert report["template_changed"] is True and report["current"] is False
+    assert set(report["install"]) == {"procps", "iproute2", "ca-certificates", "netbase"}
+    assert report["remove"] == ["openssl", "gone"]
+
+
+# ---- generations, rollback, clean ------------------------------------------------------------------
+
+
+def _publish(store: CacheStore, name: str, content: bytes, created: str) -> dict:
+    import hashlib
+
+    tmp = store.temp_path(name, "archive")
+    tmp.write_bytes(content)
+    manifest = {"name": name, "created": created, "sha256": hashlib.sha256(content).hexdigest(),
+                "package_count": 1, "archive": store.archive_path(name).name}
+    store.publish(name, tmp, manifest)
+    return manifest
+
+
+def test_generations_are_numbered_pruned_and_rolled_back(settings) -> None:
+    store = CacheStore(settings.cache_dir)
+    _publish(store, NAME, b"one", "t1")
+    assert update.save_generation(store, NAME) == 1
+    _publish(store, NAME, b"two", "t2")
+    assert update.save_generation(store, NAME) == 2
+    _publish(store, NAME, b"three", "t3")
+    gens = update.list_generations(store, NAME)
+    assert [(g["generation"], g["created"]) for g in gens] == [(2, "t2"), (1, "t1")]
+    assert update.prune_generations(store, NAME, keep=1) == [1]
+    restored = update.rollback_cache(NAME, settings)
+    assert restored["restored_generation"] == 2
+    assert store.archive_path(NAME).read_bytes() == b"two" and store.read_manifest(NAME)["created"] == "t2"
+    assert update.list_generations(store, NAME) == []
+    assert not update.generations_dir(store, NAME).exists()
+    with pytest.raises(CacheNotFoundError, match="no earlier generation"):
+        update.rollback_cache(NAME, settings)
+    assert not list(store.root.glob(".tmp-*"))
+
+
+def test_rollback_refuses_a_damaged_generation(settings) -> None:
+    store = CacheStore(settings.cache_dir)
+    _publish(store, NAME, b"one", "t1")
+    update.save_generation(store, NAME)
+    _publish(store, NAME, b"two", "t2")
+    archive = Path(update.list_generations(store, NAME)[0]["archive"])
+    archive.unlink()
+    archive.write_bytes(b"corrupted")
+    with pytest.raises(VerifyError, match="does not match"):
+        update.rollback_cache(NAME, settings)
+    assert store.archive_path(NAME).read_bytes() == b"two"
+
+
+def test_package_changes_record_from_and_to() -> None:
+    old = [{"name": "a", "version": "1", "architecture": "all"}, {"name": "b", "version": "1", "architecture": "all"}]
+    new = [{"name": "a", "version": "2", "architecture": "all"}, {"name": "c", "version": "1", "architecture": "all"}]
+    assert update._package_changes(old, new) == [
+        {"name": "a", "architecture": "all", "from": "1", "to": "2"},
+        {"name": "b", "architecture": "all", "from": "1", "to": None},
+        {"name": "c", "architecture": "all", "from": None, "to": "1"},
+    ]
+
+
+@pytest.mark.parametrize("entry,name", [
+    (".tmp-debian-12-x86_64-build-123", "debian-12-x86_64"),
+    (".tmp-debian-12-x86_64-devel-update-9", "debian-12-x86_64-devel"),
+    (".tmp-debian-12-x86_64.json.77", "debian-12-x86_64"),
+])
+def test_leftover_names(entry: str, name: str) -> None:
+    m = update._LEFTOVER_RE.match(entry)
+    assert m and m.group("name") == name
+
+
+def test_clean_removes_dead_leftovers_keeps_live_ones(settings) -> None:
+    store = CacheStore(settings.cache_dir)
+    _publish(store, NAME, b"one", "t1")
+    update.save_generation(store, NAME)
+    dead = store.root / f".tmp-{NAME}-build-99999"
+    (dead / "root").mkdir(parents=True)
+    live = store.root / ".tmp-other-1-x86_64-update-99998"
+    live.mkdir()
+    (settings.package_cache_dir / "x").mkdir(parents=True)
+    (settings.package_cache_dir / "x" / "a.deb").write_bytes(b"0" * 1000)
+    with locked(settings.lock_dir / "other-1-x86_64.lock", timeout=1, what="other"):
+        report = update.clean(settings, packages=True, metadata=True, generations=False)
+    assert not dead.exists() and live.exists() and report["skipped"] == ["other-1-x86_64"]
+    assert not settings.package_cache_dir.exists() and report["freed"] >= 1000
+    assert update.list_generations(store, NAME), "generations are kept unless asked"
+    report = update.clean(settings, packages=False, metadata=False, generations=True)
+    assert update.list_generations(store, NAME) == [] and not (store.root / ".generations").exists()
+    assert store.archive_path(NAME).read_bytes() == b"one" and not live.exists()
+    assert json.loads(store.manifest_path(NAME).read_text())["created"] == "t1"
+    assert os.listdir(store.root / ".locks")
