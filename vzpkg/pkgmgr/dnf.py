@@ -165,8 +165,10 @@ class DnfBackend(PackageManager):
                 return candidate
         return None
 
-    def _bootstrapper(self, ctx: BuildContext) -> str:
+    def bootstrapper_name(self, ctx: BuildContext) -> str:
         return self.tool() or self.name
+
+    _bootstrapper = bootstrapper_name
 
     def check_host(self, ctx: BuildContext) -> None:
         self._ctx = ctx
@@ -274,6 +276,8 @@ class DnfBackend(PackageManager):
         from ..repo.rpm import fetch_repomd, resolve_baseurl
 
         self._ctx = ctx
+        ctx.facts["rpmdb_path"] = self.dbpath(ctx)
+        ctx.facts["releasever"] = self.releasever(ctx)
         repos = self.repositories(ctx)
         self._fetch_keys(ctx)
         variables = self.variables(ctx)
@@ -401,8 +405,6 @@ class DnfBackend(PackageManager):
     def bootstrap(self, ctx: BuildContext) -> bool:
         self._ctx = ctx
         ctx.root.mkdir(parents=True, exist_ok=True)
-        ctx.facts["rpmdb_path"] = self.dbpath(ctx)
-        ctx.facts["releasever"] = self.releasever(ctx)
         packages = ctx.template.packages
         if not packages:
             raise TemplateError(f"{ctx.template.path / DEFINITION_FILE}: packages: a dnf template lists the "
