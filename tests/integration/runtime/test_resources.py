@@ -1,0 +1,169 @@
+"""Resource limits from the VE config, enforced by cgroups, changed at run time with `vzctl set`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from .conftest import PROJECT, VZCTL, cgroup_dirs
+
+pytestmark = pytest.mark.root
+
+# a process that grows until it holds N MiB: tail keeps a line without newline in memory
+GROW = "head -c {mb}M /dev/zero | tail -n1 > /dev/null"
+
+
+def beancounters(rt, veid):
+    return json.loads(rt.vzctl("status", veid, "--json", "--beancounters").stdout)["beancounters"]
+
+
+def test_memory_limit_kills_inside_only(rt):
+    a = rt.create(start=False)
+    rt.vzctl("set", a, "--ram", "64M", "--swap", "0", "--save")
+    rt.vzctl("start", a)
+    b = rt.create()
+    before = beancounters(rt, a)["memory"]
+    p = rt.sh(a, GROW.format(mb=300))
+    assert p.returncode == 137, f"the allocation was not killed: {p.returncode} {p.stderr}"
+    after = beancounters(rt, a)["memory"]
+    assert after["failcnt"] > before["failcnt"]
+    assert after["limit"] == 64 << 20
+    assert after["maxheld"] <= 64 << 20
+    # the VE, another VE and the host run on
+    assert rt.vzctl("exec", a, "true").returncode == 0
+    assert rt.vzctl("exec", b, "true").returncode == 0
+    assert rt.sh(b, GROW.format(mb=100)).returncode == 0
+    assert subprocess.run(["true"]).returncode == 0
+
+
+def test_set_on_running_ve_takes_effect(rt):
+    veid = rt.create()  # basic sample: RAM 512M
+    assert rt.sh(veid, GROW.format(mb=120)).returncode == 0
+    p = rt.vzctl("set", veid, "--ram", "48M", "--swap", "0")
+    assert "applied" in p.stdout
+    assert rt.sh(veid, GROW.format(mb=120)).returncode == 137
+    assert beancounters(rt, veid)["memory"]["limit"] == 48 << 20
+    # not saved: the config still says 512M, and a restart brings it back
+    assert 'RAM="512M"' in (rt.root / "conf" / f"{veid}.conf").read_text()
+    rt.vzctl("restart", veid)
+    assert rt.sh(veid, GROW.format(mb=120)).returncode == 0
+    # --save on a running VE: both
+    rt.vzctl("set", veid, "--numproc", "100", "--hostname", "renamed", "--save")
+    assert beancounters(rt, veid)["numproc"]["limit"] == 100
+    assert rt.vzctl("exec", veid, "hostname").stdout.strip() == "renamed"
+    assert 'NUMPROC="100"' in (rt.root / "conf" / f"{veid}.conf").read_text()
+    # an invalid value is refused, naming the key
+    p = rt.vzctl("set", veid, "--cpuunits", "7", check=False)
+    assert p.returncode == 13 and "CPUUNITS" in p.stderr
+
+
+def _freeze_and_kill_all_but_init(veid: str, init_pid: int) -> None:
+    freezer = [d for d in cgroup_dirs(veid) if (d / "freezer.state").exists()]
+    if not freezer:
+        pytest.skip("needs the v1 freezer to clean up after the fork bomb")
+    state = freezer[0] / "freezer.state"
+    state.write_text("FROZEN")
+    deadline = time.monotonic() + 10
+    while state.read_text().strip() != "FROZEN" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for pid in (freezer[0] / "cgroup.procs").read_text().split():
+        if int(pid) != init_pid:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    state.write_text("THAWED")
+
+
+def test_numproc_contains_fork_bomb(rt):
+    veid = rt.create(start=False)
+    rt.vzctl("set", veid, "--numproc", "64", "--save")
+    rt.vzctl("start", veid)
+    bomb = subprocess.Popen([*VZCTL, "exec", veid, "bash", "-c", "b() { b | b & }; b"], env=rt.env, cwd=PROJECT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(3)
+        nc = beancounters(rt, veid)["numproc"]
+        assert nc["limit"] == 64
+        assert nc["held"] <= 64 and nc["failcnt"] > 0, nc
+        # the host is unaffected
+        assert subprocess.run(["sh", "-c", "for i in 1 2 3 4 5; do true & done; wait"], timeout=10).returncode == 0
+    finally:
+        _freeze_and_kill_all_but_init(veid, rt.init_pid(veid))
+        bomb.kill()
+        bomb.wait()
+    # afterwards the VE still answers
+    deadline = time.monotonic() + 10
+    while rt.vzctl("exec", veid, "true", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the VE does not answer exec after the fork bomb"
+        time.sleep(0.2)
+
+
+def _usage_ns(veid: str) -> int:
+    acct = [d for d in cgroup_dirs(veid) if (d / "cpuacct.usage").exists()]
+    if acct:
+        return int((acct[0] / "cpuacct.usage").read_text())
+    for d in cgroup_dirs(veid):
+        if (d / "cpu.stat").exists():
+            stat = dict(line.split() for line in (d / "cpu.stat").read_text().splitlines())
+            return int(stat["usage_usec"]) * 1000
+    raise AssertionError("no cpu accounting")
+
+
+def _burn(rt, veid):
+    return subprocess.Popen([*VZCTL, "exec", veid, "/bin/sh", "-c", "while :; do :; done"], env=rt.env,
+                            cwd=PROJECT)
+
+
+def _measure(veids, seconds):
+    start = [_usage_ns(v) for v in veids]
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - t0
+    return [(_usage_ns(v) - s) / 1e9 for v, s in zip(veids, start, strict=True)], wall
+
+
+def test_cpuunits_share_one_core_1_to_3(rt):
+    a = rt.create(start=False)
+    b = rt.create(start=False)
+    rt.vzctl("set", a, "--cpuunits", "1000", "--cpus", "1", "--save")
+    rt.vzctl("set", b, "--cpuunits", "3000", "--cpus", "1", "--save")
+    rt.vzctl("start", a)
+    rt.vzctl("start", b)
+    burners = [_burn(rt, a), _burn(rt, b)]
+    try:
+        time.sleep(0.5)
+        (ua, ub), _ = _measure([a, b], 4.0)
+    finally:
+        for p in burners:
+            p.terminate()
+            p.wait()
+    ratio = ub / ua
+    assert 3 * 0.85 <= ratio <= 3 * 1.15, f"CPU time {ua:.2f}s : {ub:.2f}s = 1 : {ratio:.2f}"
+
+
+def test_cpulimit_25_percent(rt):
+    veid = rt.create(start=False)
+    rt.vzctl("set", veid, "--cpulimit", "25", "--save")
+    rt.vzctl("start", veid)
+    burner = _burn(rt, veid)
+    try:
+        time.sleep(0.5)
+        (used,), wall = _measure([veid], 4.0)
+    finally:
+        burner.terminate()
+        burner.wait()
+    share = 100 * used / wall
+    assert 20 <= share <= 30, f"{share:.1f}% of a core"
+
+
+def test_beancounters_text(rt):
+    veid = rt.create()
+    out = rt.vzctl("status", veid, "--beancounters").stdout
+    assert out.splitlines()[0] == f"VEID {veid} exist mounted running"
+    assert "memory" in out and "numproc" in out and "failcnt" in out
