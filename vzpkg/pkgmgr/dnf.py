@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..chroot import build_mounts, die_with_parent, unmount_below
+from ..chroot import _stop_group, build_mounts, die_with_parent, unmount_below
 from ..errors import BuildError, MirrorError, MissingToolError, SignatureError, TemplateError
 from ..template import DEFINITION_FILE, render_string
 from .base import BuildContext, PackageManager
@@ -368,16 +368,22 @@ class DnfBackend(PackageManager):
     def _run(self, ctx: BuildContext, cmd: list[str]) -> tuple[int, list[str]]:
         output: list[str] = []
         with ctx.log.open("ab") as log:
+            # A process group of its own: on Ctrl-C or SIGTERM, dnf and the scriptlets it runs are stopped
+            # before the root is removed.
             proc = subprocess.Popen(cmd, env=self._env(ctx), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
             assert proc.stdout is not None
-            for raw in proc.stdout:
-                log.write(raw)
-                line = raw.decode(errors="replace").rstrip()
-                output.append(line)
-                if ctx.verbose:
-                    sys.stderr.write(line + "\n")
-            rc = proc.wait()
+            try:
+                for raw in proc.stdout:
+                    log.write(raw)
+                    line = raw.decode(errors="replace").rstrip()
+                    output.append(line)
+                    if ctx.verbose:
+                        sys.stderr.write(line + "\n")
+                rc = proc.wait()
+            except BaseException:
+                _stop_group(proc)
+                raise
         return rc, output
 
     def _error(self, ctx: BuildContext, what: str, rc: int, output: list[str]) -> Exception:
@@ -499,7 +505,7 @@ def read_rpmdb(root: Path, dbpath: str, force_command: bool = False) -> tuple[li
     if not force_command and os.environ.get("VZPKG_RPMDB_READER") != "rpm-command":
         try:
             import rpm
-        except ImportError:
+        except Exception:  # the PyPI shim raises ImportError (or worse) when python3-rpm is not installed
             rpm = None
         if rpm is not None:
             rpm.addMacro("_dbpath", dbpath)

@@ -300,7 +300,7 @@ def compare_impl() -> str:
             import rpm  # noqa: F401
 
             _COMPARE_IMPL = "python-rpm"
-        except ImportError:
+        except Exception:  # the PyPI shim fails in its own ways when python3-rpm is missing
             _COMPARE_IMPL = "builtin"
     return _COMPARE_IMPL
 
