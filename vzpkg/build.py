@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, stage
 from .archive import pack
 from .cache import CacheStore
 from .chroot import build_mounts, host_resolver, no_daemons, remove_work_dir, run_script
@@ -27,6 +27,7 @@ from .distro import get_distribution
 from .errors import BuildError, CacheExistsError
 from .lock import locked
 from .pkgmgr import BuildContext, get_backend
+from .stage import StageStore
 from .template import Template, TemplateRepository
 
 DEFAULT_LOCK_TIMEOUT = 600.0
@@ -47,6 +48,7 @@ class BuildOptions:
     force: bool = False
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     verbose: bool = False
+    stage_cache: bool = True
 
 
 @dataclass
@@ -196,13 +198,27 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
     with timer.step("check-repositories", lambda: f"{len(repo_state)} repositories verified"):
         repo_state = backend.check_repositories(ctx)
 
-    packages_done = False
-    with timer.step("bootstrap"):
-        packages_done = backend.bootstrap(ctx)
-    with timer.step("install", lambda: f"{len(template.packages)} packages" + (" (with bootstrap)" if packages_done else "")):
-        if not packages_done:
-            backend.install(ctx, template.packages)
-        backend.remove(ctx, template.get("remove_packages", [])) if template.get("remove_packages") else None
+    stages = StageStore(settings.cache_dir)
+    use_stage = options.stage_cache and stage.enabled()
+    key = stage.stage_key(template.data, ctx.repositories, repo_state, backend.bootstrapper_name(ctx))
+    if use_stage and stages.matches(template.name, key):
+        with timer.step("restore-stage", lambda: "repositories and packages unchanged: installed root reused"):
+            stages.restore(template.name, ctx.root)
+        ctx.facts["stage"] = "reused"
+    else:
+        packages_done = False
+        with timer.step("bootstrap"):
+            packages_done = backend.bootstrap(ctx)
+        with timer.step("install",
+                        lambda: f"{len(template.packages)} packages" + (" (with bootstrap)" if packages_done else "")):
+            if not packages_done:
+                backend.install(ctx, template.packages)
+            if template.get("remove_packages"):
+                backend.remove(ctx, template["remove_packages"])
+        if use_stage:
+            with timer.step("save-stage", lambda: f"{stage_size / 1e6:.1f} MB"):
+                stage_size = stages.save(template.name, ctx.root, key)
+        ctx.facts["stage"] = "saved" if use_stage else "disabled"
 
     render_ctx = template.render_context(ctx.mirrors, ctx.native_arch)
     env = ctx.env()
@@ -243,7 +259,7 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
         "suite": template.get("suite"),
         "architecture": template["architecture"],
         "package_manager": template["package_manager"],
-        "bootstrapper": ctx.facts.get("bootstrapper") or getattr(backend, "_bootstrapper", lambda c: backend.name)(ctx),
+        "bootstrapper": backend.bootstrapper_name(ctx),
         "mirror": ctx.mirrors.get("mirror"),
         "mirrors": ctx.mirrors,
         "repositories": repo_state,
@@ -257,7 +273,7 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
         "packed_size": result.packed_size,
         "sha256": result.sha256,
         "archive": store.archive_path(template.name).name,
-        **{k: v for k, v in ctx.facts.items() if k != "bootstrapper"},
+        **ctx.facts,
     }
 
 

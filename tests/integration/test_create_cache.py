@@ -145,15 +145,18 @@ def test_remove_cache(debian12_cache: tuple[Path, str], tmp_path: Path) -> None:
 
 
 def test_reproducible_builds(seeded_cache_dir: Path) -> None:
-    """Two builds with one SOURCE_DATE_EPOCH and the same package versions are byte-identical."""
+    """Two full builds with one SOURCE_DATE_EPOCH and the same package versions are byte-identical, and so is
+    a build that reuses the installed root from the build-stage cache."""
     env = {"SOURCE_DATE_EPOCH": "1700000000"}
-    first = run_vzpkg("create-cache", NAME, "--cache-dir", str(seeded_cache_dir), "--json", "-q", env=env, check=True)
-    m1 = json.loads(first.stdout)
-    second = run_vzpkg("create-cache", NAME, "--force", "--cache-dir", str(seeded_cache_dir), "--json", "-q", env=env,
-                       check=True)
-    m2 = json.loads(second.stdout)
+    args = ("create-cache", NAME, "--force", "--cache-dir", str(seeded_cache_dir), "--json", "-q")
+    m1 = json.loads(run_vzpkg(*args, "--no-stage-cache", env=env, check=True).stdout)
+    m2 = json.loads(run_vzpkg(*args, env=env, check=True).stdout)
+    m3 = json.loads(run_vzpkg(*args, env=env, check=True).stdout)
+    assert (m1["stage"], m2["stage"], m3["stage"]) == ("disabled", "saved", "reused")
+    assert "bootstrap" not in m3["durations"] and "restore-stage" in m3["durations"]
     assert [p["version"] for p in m1["packages"]] == [p["version"] for p in m2["packages"]]
-    assert m1["sha256"] == m2["sha256"], "two builds with one SOURCE_DATE_EPOCH differ"
+    assert m1["sha256"] == m2["sha256"], "two full builds with one SOURCE_DATE_EPOCH differ"
+    assert m3["sha256"] == m1["sha256"], "a build from the stage cache differs from a full build"
     assert_no_leftovers(seeded_cache_dir)
 
 

@@ -38,13 +38,15 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if a cache exists.")
 @click.option("--mirror", help="Main mirror URL (default: $VZPKG_MIRROR, config file, the host's apt sources).")
 @click.option("--timeout", type=float, default=600, show_default=True, help="Seconds to wait for the template's lock.")
+@click.option("--no-stage-cache", is_flag=True,
+              help="Always bootstrap: do not reuse the installed root of an earlier build with unchanged inputs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the output of the tools that run.")
 @cache_dir_option
 @json_option
 @handle_errors("vzpkg")
-def create_cache(names: tuple[str, ...], force: bool, mirror: str | None, timeout: float, quiet: bool,
-                 verbose: bool, cache_dir: str | None, as_json: bool) -> None:
+def create_cache(names: tuple[str, ...], force: bool, mirror: str | None, timeout: float, no_stage_cache: bool,
+                 quiet: bool, verbose: bool, cache_dir: str | None, as_json: bool) -> None:
     """Bootstrap, install, pack and publish the cache of each template NAME."""
     from ..build import BuildOptions
     from ..build import create_cache as build
@@ -54,7 +56,7 @@ def create_cache(names: tuple[str, ...], force: bool, mirror: str | None, timeou
     for name in names:
         reporter = PrintingReporter(quiet=quiet, verbose=verbose, prefix=f"{name}: " if len(names) > 1 else "")
         reporter.note(f"creating cache {name} in {settings.cache_dir}")
-        manifest = build(name, settings, BuildOptions(force=force, lock_timeout=timeout, verbose=verbose), reporter)
+        manifest = build(name, settings, BuildOptions(force=force, lock_timeout=timeout, verbose=verbose, stage_cache=not no_stage_cache), reporter)
         reporter.note(f"published {settings.cache_dir / manifest['archive']} "
                       f"({human_size(manifest['packed_size'])}, {manifest['package_count']} packages, "
                       f"{manifest['durations']['total']:.1f} s)")

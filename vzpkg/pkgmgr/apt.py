@@ -22,6 +22,9 @@ class AptBackend(PackageManager):
 
     # ---- host checks and repository metadata --------------------------------------------------
 
+    def bootstrapper_name(self, ctx: BuildContext) -> str:
+        return self._bootstrapper(ctx)
+
     def _bootstrapper(self, ctx: BuildContext) -> str:
         choice = ctx.settings.bootstrapper
         if choice == "auto":

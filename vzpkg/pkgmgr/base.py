@@ -55,6 +55,10 @@ class PackageManager:
 
     name = ""
 
+    def bootstrapper_name(self, ctx: BuildContext) -> str:
+        """The program that creates the root (recorded in the manifest; part of the build-stage key)."""
+        return self.name
+
     def check_host(self, ctx: BuildContext) -> None:
         """Raise MissingToolError when a host program the backend needs is absent."""
 
