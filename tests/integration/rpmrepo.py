@@ -6,6 +6,7 @@ Packages (all tiny; the only real binary is Debian's static busybox):
     vzt-post         a %post scriptlet that writes /var/lib/vzt-post.marker
     vzt-a → vzt-b → vzt-c   a dependency chain
     vzt-epoch        2.0-1, and 1:1.5-1 (a lower version whose Epoch bump makes it newer)
+    vzt-slow         a %post scriptlet that sleeps for two minutes (for interruption tests)
     vzt-unsigned     not signed
     vzt-tampered     signed, then a byte of its header changed
 The repository directory also holds RPM-GPG-KEY-vzt (the signing key) and, beside it, `broken/` whose
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
-APPLETS = ("sh", "ash", "echo", "cat", "ls", "mkdir", "rm", "touch", "true", "false", "test", "id", "env", "uname")
+APPLETS = ("sh", "ash", "echo", "cat", "ls", "mkdir", "rm", "touch", "true", "false", "test", "id", "env", "uname",
+           "sleep")
 KEY_NAME = "vzpkg test signing key"
 TOOLS = ("rpmbuild", "rpmsign", "createrepo_c", "gpg", "dnf", "rpm")
 
@@ -96,6 +98,9 @@ def packages() -> list[Package]:
     for version, epoch in (("2.0", None), ("1.5", 1)):
         ins, fil = share("epoch")
         out.append(Package("vzt-epoch", version=version, epoch=epoch, install=ins, files=fil))
+    ins, fil = share("slow")
+    out.append(Package("vzt-slow", requires=("vzt-busybox", "Requires(post): /bin/sh"), install=ins, files=fil,
+                       post="touch /var/lib/vzt-slow.started; sleep 120"))
     ins, fil = share("unsigned")
     out.append(Package("vzt-unsigned", install=ins, files=fil, sign=False))
     ins, fil = share("tampered")

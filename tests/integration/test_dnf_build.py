@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,7 @@ def rpmenv(tmp_path_factory) -> Iterator[Env]:
         "vztest-1-x86_64-missing": _template(BASE_PACKAGES + ["vzt-no-such-package"], key),
         "vztest-1-x86_64-brokenmd": _template(BASE_PACKAGES, key, baseurl="{{ mirror }}/broken"),
         "vztest-1-x86_64-unreachable": _template(BASE_PACKAGES, key, baseurl=f"http://127.0.0.1:{port}/repo"),
+        "vztest-1-x86_64-slow": _template(BASE_PACKAGES + ["vzt-slow"], key),
         "vztest-1-x86_64-nogpg": _template(BASE_PACKAGES + ["vzt-unsigned"], key, gpgcheck=False),
     }
     for name, text in cases.items():
@@ -236,3 +239,52 @@ def test_missing_key_file(rpmenv, tmp_path):
     assert proc.returncode == EXIT["signature"], proc.stderr
     assert "no-such-key" in proc.stderr
     _nothing_published(cache, "vztest-1-x86_64-nokey")
+
+
+def test_stage_restore_keeps_the_manifest(rpmenv, built):
+    proc = rpmenv.run("create-cache", "--force", "vztest-1-x86_64", cache=built["cache"], mirror=rpmenv.server.url)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((built["cache"] / "vztest-1-x86_64.json").read_text())
+    assert m["packages"] == built["manifest"]["packages"]
+    assert m["rpmdb_path"] == "/var/lib/rpm" and m["rpmdb_reader"] == "python-rpm"
+
+
+def _processes_below(path: Path) -> list[int]:
+    real = os.path.realpath(path) + "/"
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if (os.readlink(f"/proc/{pid}/root") + "/").startswith(real):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_interrupted_during_a_scriptlet(rpmenv, tmp_path):
+    """SIGTERM while a %post runs: dnf and the scriptlet are stopped, mounts undone, nothing published."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "VZPKG_TEMPLATE_DIR": str(rpmenv.templates), "VZPKG_CACHE_DIR": str(cache),
+           "VZPKG_CONFIG": str(rpmenv.tmp / "no-config.toml")}
+    proc = subprocess.Popen([sys.executable, "-m", "vzpkg.cli.vzpkg", "create-cache", "vztest-1-x86_64-slow",
+                             "--mirror", rpmenv.server.url], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(cache.glob(".tmp-*/root/var/lib/vzt-slow.started")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the slow scriptlet never started"
+            time.sleep(0.1)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert time.monotonic() - start < 15
+    assert _processes_below(cache) == []
+    with open("/proc/self/mountinfo") as f:
+        assert str(cache) not in f.read()
+    _nothing_published(cache, "vztest-1-x86_64-slow")
