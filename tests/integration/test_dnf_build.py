@@ -167,6 +167,13 @@ def test_rpm_command_reader_agrees(built):
     assert by_bindings == by_command == built["manifest"]["packages"]
 
 
+def test_rpm_command_used_when_bindings_cannot_load(built, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rpm", None)  # `import rpm` now raises ImportError
+    packages, reader = read_rpmdb(built["root"], "/var/lib/rpm")
+    assert reader == "rpm-command"
+    assert packages == built["manifest"]["packages"]
+
+
 def test_rebuild_uses_the_package_cache_and_the_rpm_command_fallback(rpmenv, built):
     proc = rpmenv.run("create-cache", "--force", "--verbose", "vztest-1-x86_64", cache=built["cache"],
                       mirror=rpmenv.server.url, extra_env={"VZPKG_RPMDB_READER": "rpm-command", "VZPKG_STAGE_CACHE": "0"})

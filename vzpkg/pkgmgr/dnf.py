@@ -508,16 +508,20 @@ def read_rpmdb(root: Path, dbpath: str, force_command: bool = False) -> tuple[li
         except Exception:  # the PyPI shim raises ImportError (or worse) when python3-rpm is not installed
             rpm = None
         if rpm is not None:
-            rpm.addMacro("_dbpath", dbpath)
             try:
-                ts = rpm.TransactionSet(str(root))
-                ts.setVSFlags(-1)
-                found = [_entry(_s(h["name"]), h["epoch"], _s(h["version"]), _s(h["release"]), _s(h["arch"] or ""))
-                         for h in ts.dbMatch() if _s(h["name"]) != "gpg-pubkey"]
-                ts.closeDB()
-            finally:
-                rpm.delMacro("_dbpath")
-            return sorted(found, key=lambda p: (p["name"], p["arch"])), "python-rpm"
+                rpm.addMacro("_dbpath", dbpath)
+                try:
+                    ts = rpm.TransactionSet(str(root))
+                    ts.setVSFlags(-1)
+                    found = [_entry(_s(h["name"]), h["epoch"], _s(h["version"]), _s(h["release"]),
+                                    _s(h["arch"] or "")) for h in ts.dbMatch() if _s(h["name"]) != "gpg-pubkey"]
+                    ts.closeDB()
+                finally:
+                    rpm.delMacro("_dbpath")
+            except rpm.error:
+                pass  # an rpmdb these bindings cannot open: the rpm command says why, below
+            else:
+                return sorted(found, key=lambda p: (p["name"], p["arch"])), "python-rpm"
     if shutil.which("rpm") is None:
         raise MissingToolError("cannot read the rpmdb: neither the rpm Python bindings nor the rpm command is "
                                "available: apt-get install rpm python3-rpm")
