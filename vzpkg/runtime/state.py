@@ -99,3 +99,39 @@ def in_cgroup(pid: int, ve_id: str) -> bool:
         return False
     suffix = f"/vzpkg/{ve_id}"
     return any(line.rstrip().endswith(suffix) for line in text.splitlines())
+
+
+def ns_pid_chain(pid: int) -> list[int]:
+    """NSpid of PID: its pid in each pid namespace from the host's down to its own."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(x) for x in line.split()[1:]]
+    except OSError:
+        pass
+    return []
+
+
+def adopt_init(layout: Layout, veid: str, pids: list[int]) -> InitRecord | None:
+    """Find the VE's init among PIDS (the processes of its cgroups) when no valid record exists.
+
+    Used after vzctl was killed between forking the init and recording it: the init is the process that is
+    pid 1 of its own pid namespace, one level below ours. The record is written again, so later commands
+    are fast.
+    """
+    depth = len(ns_pid_chain(os.getpid()))
+    for pid in pids:
+        chain = ns_pid_chain(pid)
+        if len(chain) == depth + 1 and chain[-1] == 1:
+            st = proc_stat(pid)
+            if st is None or st[0] in ("Z", "X"):
+                continue
+            try:
+                privileged = os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user")
+            except OSError:
+                continue
+            rec = InitRecord(pid, st[1], privileged)
+            write_record(layout, veid, rec)
+            return rec
+    return None

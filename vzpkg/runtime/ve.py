@@ -97,6 +97,20 @@ def _cgroups():
     return cgroups.detect()
 
 
+def running_init(layout: Layout, veid: str) -> state.InitRecord | None:
+    """The VE's init if it runs: from the record, or else found in the VE's cgroups (crash recovery)."""
+    rec = state.running_init(layout, veid)
+    if rec is not None:
+        return rec
+    try:
+        cg = _cgroups()
+        if not cg.exists(veid):
+            return None
+        return state.adopt_init(layout, veid, cg.pids(veid))
+    except VEError:
+        return None
+
+
 def load_conf(layout: Layout, veid: str):
     from .conf import VEConfig
 
@@ -181,7 +195,7 @@ def umount(layout: Layout, veid: str) -> None:
     veid = check_veid(veid)
     with _Lock(layout, veid):
         load_conf(layout, veid)
-        if state.running_init(layout, veid):
+        if running_init(layout, veid):
             raise VEStateError(f"VE {veid} is running: stop it first ('vzctl stop {veid}')")
         storage.umount_root(layout, veid)
 
@@ -192,7 +206,7 @@ def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
         exists = layout.conf(veid).exists() or layout.private(veid).exists()
         if not exists:
             raise VENotFoundError(f"VE {veid} does not exist")
-        if state.running_init(layout, veid):
+        if running_init(layout, veid):
             if not force:
                 raise VEStateError(f"VE {veid} is running: stop it first, or use 'vzctl destroy {veid} --force'")
         _stop_locked(layout, veid, fast=True, timeout=DEFAULT_STOP_TIMEOUT)
@@ -225,7 +239,7 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
     veid = check_veid(veid)
     with _Lock(layout, veid):
         conf = load_conf(layout, veid)
-        if state.running_init(layout, veid):
+        if running_init(layout, veid):
             raise VEStateError(f"VE {veid} is already running")
         # whatever a crashed start or a dead VE left behind
         _cleanup(layout, veid, keep_mount=True)
@@ -307,7 +321,7 @@ def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit
         os.waitpid(pid, 0)
     if error is None and init_pid == 0:
         error = "the VE's init was not started"
-    if error is None and not state.running_init(layout, veid):
+    if error is None and not running_init(layout, veid):
         error = "the VE's init exited at once"
     if error is not None:
         raise VEError(f"VE {veid}: start failed: {error}")
@@ -491,7 +505,7 @@ def _wait_exit(pidfd: int, timeout: float) -> bool:
 
 def _stop_locked(layout: Layout, veid: str, *, fast: bool, timeout: float) -> bool:
     """Stop (if running) and clean up. Returns whether the VE was running."""
-    rec = state.running_init(layout, veid)
+    rec = running_init(layout, veid)
     was_running = rec is not None
     if rec is not None:
         try:
@@ -572,7 +586,7 @@ def join_cgroups_of(pid: int) -> None:
 
 def _enter_namespaces(layout: Layout, veid: str):
     """Join the running VE's cgroups and namespaces (all but pid take effect at once; pid for children)."""
-    rec = state.running_init(layout, veid)
+    rec = running_init(layout, veid)
     if rec is None:
         if not layout.conf(veid).exists():
             raise VENotFoundError(f"VE {veid} does not exist")
@@ -746,7 +760,7 @@ def set_params(layout: Layout, veid: str, changes: dict[str, str], *, save: bool
         conf = load_conf(layout, veid)
         for key, value in changes.items():
             conf.set(key, value)
-        rec = state.running_init(layout, veid)
+        rec = running_init(layout, veid)
         if rec is not None:
             limit_keys = {"RAM", "SWAP", "CPUUNITS", "CPULIMIT", "CPUS", "NUMPROC"}
             if limit_keys & set(changes):
@@ -784,7 +798,7 @@ def status(layout: Layout, veid: str, *, beancounters: bool = False) -> dict:
     veid = check_veid(veid)
     exists = layout.conf(veid).exists()
     mounted = storage.is_mounted(layout.ve_root(veid))
-    rec = state.running_init(layout, veid)
+    rec = running_init(layout, veid)
     out: dict = {
         "veid": veid,
         "exist": exists,
