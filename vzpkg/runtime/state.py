@@ -120,6 +120,12 @@ def adopt_init(layout: Layout, veid: str, pids: list[int]) -> InitRecord | None:
     pid 1 of its own pid namespace, one level below ours. The record is written again, so later commands
     are fast.
     """
+    if not layout.conf(veid).exists():
+        return None  # cgroup names are host-wide: this may be a VE of another VZ root
+    try:
+        root = os.stat(layout.ve_root(veid))
+    except OSError:
+        return None
     depth = len(ns_pid_chain(os.getpid()))
     for pid in pids:
         chain = ns_pid_chain(pid)
@@ -129,7 +135,10 @@ def adopt_init(layout: Layout, veid: str, pids: list[int]) -> InitRecord | None:
                 continue
             try:
                 privileged = os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user")
+                its_root = os.stat(f"/proc/{pid}/root")
             except OSError:
+                continue
+            if (its_root.st_dev, its_root.st_ino) != (root.st_dev, root.st_ino):
                 continue
             rec = InitRecord(pid, st[1], privileged)
             write_record(layout, veid, rec)

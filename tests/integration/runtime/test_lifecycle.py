@@ -164,3 +164,30 @@ def test_privileged_ve(rt):
     assert not caps & (1 << 21), "CAP_SYS_ADMIN is dropped"
     assert not caps & (1 << 16), "CAP_SYS_MODULE is dropped"
     assert rt.sh(veid, "mount -t tmpfs none /mnt").returncode != 0
+
+
+def _vzlist(rt, *args):
+    import subprocess
+    import sys
+
+    from .conftest import PROJECT
+
+    p = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzlist", *args], env=rt.env, capture_output=True,
+                       text=True, cwd=PROJECT)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_vzlist(rt):
+    running = rt.create("--hostname", "listed")
+    stopped = rt.create(start=False)
+    rows = {r["veid"]: r for r in json.loads(_vzlist(rt, "-a", "--json"))}
+    assert rows[running]["status"] == "running" and rows[stopped]["status"] == "stopped"
+    assert rows[running]["hostname"] == "listed"
+    assert rows[running]["numproc"] >= 1 and rows[running]["memory"] > 0
+    assert rows[running]["ostemplate"] == rt.template and rows[running]["disk"] >= 0
+    plain = _vzlist(rt, "-H", "-o", "veid,status")
+    assert running in plain and stopped not in plain  # without -a only running VEs
+    assert _vzlist(rt, "-a", "-H", "-o", "veid", stopped).split() == [stopped]
+    header = _vzlist(rt, "-a", "-o", "veid,hostname,ip,numproc,memory,disk,ostemplate").splitlines()[0].split()
+    assert header == ["VEID", "HOSTNAME", "IP_ADDR", "NPROC", "MEMORY", "DISK", "OSTEMPLATE"]

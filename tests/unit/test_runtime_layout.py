@@ -1,0 +1,131 @@
+"""Unit tests of the runtime's pure parts: VEIDs, paths, state records, init source, CLI parsing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vzpkg.errors import UsageError
+from vzpkg.runtime import layout as L
+from vzpkg.runtime import state
+
+
+@pytest.mark.parametrize("veid", ["101", "0", "web", "web-1.example", "a_b", "A" * 64])
+def test_valid_veids(veid):
+    assert L.check_veid(veid) == veid
+
+
+@pytest.mark.parametrize("veid", ["", "../x", "a/b", ".", "..", "-x", "1a", "x" * 65, "a b", "é"])
+def test_invalid_veids(veid):
+    with pytest.raises(UsageError):
+        L.check_veid(veid)
+
+
+def test_layout_paths(tmp_path):
+    lay = L.Layout(tmp_path)
+    assert lay.private("101") == tmp_path / "private/101"
+    assert lay.ve_root("101") == tmp_path / "root/101"
+    assert lay.conf("101") == tmp_path / "conf/101.conf"
+    assert lay.lock("101") == tmp_path / "lock/101.lock"
+    assert lay.dump("101") == tmp_path / "dump/101"
+    assert lay.template("ab" * 32) == tmp_path / "template" / ("ab" * 32)
+    assert lay.template("ab" * 32, 0) == tmp_path / "template" / (("ab" * 32) + "-0")
+
+
+def test_veids_sorted_numbers_first(tmp_path):
+    lay = L.Layout(tmp_path)
+    lay.conf_dir.mkdir()
+    for v in ("200", "web", "101", "alpha", "1000"):
+        (lay.conf_dir / f"{v}.conf").write_text("")
+    (lay.conf_dir / ".101.conf.tmp").write_text("")
+    assert lay.veids() == ["101", "200", "1000", "alpha", "web"]
+
+
+def test_templates_in_use(tmp_path):
+    lay = L.Layout(tmp_path)
+    lay.conf_dir.mkdir()
+    sha1, sha2 = "a" * 64, "b" * 64
+    (lay.conf_dir / "1.conf").write_text(f'TEMPLATE_SHA256="{sha1}"\nID_SHIFT="100000"\n')
+    (lay.conf_dir / "2.conf").write_text(f'TEMPLATE_SHA256="{sha2}"\nID_SHIFT="0"\n')
+    (lay.conf_dir / "3.conf").write_text('OSTEMPLATE="x"\n')
+    assert L.templates_in_use(lay) == {sha1, f"{sha2}-0"}
+
+
+def test_resolve_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("VZ_ROOT", str(tmp_path / "env"))
+    assert L.resolve_root() == tmp_path / "env"
+    assert L.resolve_root(tmp_path / "flag") == tmp_path / "flag"
+
+
+def test_state_record_roundtrip(tmp_path):
+    lay = L.Layout(tmp_path)
+    rec = state.InitRecord(1234, 99, False)
+    state.write_record(lay, "101", rec)
+    back = state.read_record(lay, "101")
+    assert (back.pid, back.starttime, back.privileged) == (1234, 99, False)
+    assert state.InitRecord.parse("garbage") is None
+    state.clear_record(lay, "101")
+    assert state.read_record(lay, "101") is None
+
+
+def test_record_alive_checks_starttime():
+    me = os.getpid()
+    st = state.proc_stat(me)
+    assert st is not None and st[0] in "RS"
+    # our own process is "alive" as a privileged record with the right start time...
+    assert state.record_alive(state.InitRecord(me, st[1], True))
+    # ...but not with another start time (a recycled pid), nor as a user-namespaced VE init
+    assert not state.record_alive(state.InitRecord(me, st[1] + 1, True))
+    assert not state.record_alive(state.InitRecord(me, st[1], False))
+    assert state.proc_stat(2**22 + 7) is None
+
+
+def test_zombie_is_not_alive():
+    p = subprocess.Popen(["true"])
+    for _ in range(100):
+        st = state.proc_stat(p.pid)
+        if st and st[0] == "Z":
+            break
+        import time
+
+        time.sleep(0.01)
+    assert not state.record_alive(state.InitRecord(p.pid, st[1], True))
+    p.wait()
+
+
+def test_vzinit_compiles(tmp_path):
+    from vzpkg.runtime import init
+
+    if not any(os.access(os.path.join(d, "gcc"), os.X_OK) for d in os.environ.get("PATH", "").split(":")):
+        pytest.skip("no gcc")
+    path = init.build(tmp_path)
+    assert path is not None and path.stat().st_size < 64 * 1024
+    assert init.build(tmp_path) == path  # cached
+    assert init.argv_for("minimal", b"x") == ("/run/vzinit", ["vzinit"])
+    assert init.argv_for("distro", b"x")[0] == "/sbin/init"
+    assert init.argv_for("minimal", None)[0] == "/bin/sh"
+
+
+def test_vzctl_cli_usage_errors():
+    env = {**os.environ, "VZ_ROOT": "/nonexistent-vz-root"}
+    run = [sys.executable, "-m", "vzpkg.cli.vzctl"]
+    p = subprocess.run([*run, "frobnicate"], capture_output=True, text=True, env=env)
+    assert p.returncode == 2
+    p = subprocess.run([*run, "status", "101"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and p.stdout.strip() == "VEID 101 deleted unmounted down"
+    p = subprocess.run([*run, "start", "../etc"], capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and "invalid VEID" in p.stderr
+    p = subprocess.run([*run, "set", "101"], capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and "nothing to set" in p.stderr
+
+
+def test_vzlist_unknown_field():
+    env = {**os.environ, "VZ_ROOT": "/nonexistent-vz-root"}
+    p = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzlist", "-o", "veid,bogus"], capture_output=True,
+                       text=True, env=env)
+    assert p.returncode == 2 and "bogus" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzlist", "-a"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and p.stdout.split() == ["VEID", "NPROC", "STATUS", "IP_ADDR", "HOSTNAME"]
