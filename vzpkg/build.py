@@ -154,8 +154,16 @@ def prepare_context(template: Template, settings: Settings, work_dir: Path, verb
         template=template, settings=settings, root=work_dir / "root", work_dir=work_dir, mirrors=mirrors,
         native_arch=native_arch, repositories=template.render_repositories(context),
         keyring=Path(keyring) if keyring else None, package_cache=settings.package_cache_dir,
-        log=work_dir / "build.log", verbose=verbose, note=reporter.verbose,
+        log=_fresh_log(settings, template.name), verbose=verbose, note=reporter.verbose,
     )
+
+
+def _fresh_log(settings: Settings, name: str) -> Path:
+    """The build log lives outside the work dir, so it outlives a failed build for the user to read."""
+    log = settings.cache_dir / ".logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_bytes(b"")
+    return log
 
 
 def create_cache(name: str, settings: Settings, options: BuildOptions, reporter: Reporter | None = None) -> dict[str, Any]:

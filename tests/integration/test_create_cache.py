@@ -336,3 +336,16 @@ def test_concurrent_builds_are_serialized(seeded_cache_dir: Path) -> None:
     assert "waiting for template" in e2
     assert run_vzpkg("verify-cache", NAME, "--cache-dir", str(seeded_cache_dir)).returncode == 0
     assert_no_leftovers(seeded_cache_dir)
+
+
+def test_debootstrap_fallback_builds_the_same_package_set(seeded_cache_dir: Path,
+                                                          debian12_cache: tuple[Path, str]) -> None:
+    proc = run_vzpkg("create-cache", NAME, "--cache-dir", str(seeded_cache_dir), "--json", "-q", "--no-stage-cache",
+                     env={"VZPKG_BOOTSTRAPPER": "debootstrap"})
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(proc.stdout)
+    assert manifest["bootstrapper"] == "debootstrap"
+    reference = json.loads((debian12_cache[0] / f"{NAME}.json").read_text())
+    assert {(p["name"], p["version"]) for p in manifest["packages"]} == \
+        {(p["name"], p["version"]) for p in reference["packages"]}
+    assert_no_leftovers(seeded_cache_dir)

@@ -124,7 +124,8 @@ class AptBackend(PackageManager):
         ]
         self._run_bootstrapper(ctx, cmd, "debootstrap")
         (ctx.root / "etc/apt/sources.list").write_text("\n".join(ctx.repositories) + "\n")
-        self._apt(ctx, ["update"], "apt-get update")
+        # debootstrap reads only the main suite: bring in -updates and -security like mmdebstrap does.
+        self.upgrade(ctx)
 
     def _run_bootstrapper(self, ctx: BuildContext, cmd: list[str], tool: str) -> None:
         ctx.note(f"running: {shlex.join(cmd)}")
