@@ -52,7 +52,7 @@ class BuildOptions:
 
 
 @dataclass
-class _Timer:
+class StepTimer:
     reporter: Reporter
     durations: dict[str, float] = field(default_factory=dict)
 
@@ -66,7 +66,7 @@ class _Timer:
 
 
 @contextmanager
-def _signals_raise() -> Iterator[None]:
+def signals_raise() -> Iterator[None]:
     """SIGTERM and SIGHUP unwind like Ctrl-C, so the clean-up in `finally` blocks runs."""
 
     def _raise(signum: int, _frame: Any) -> None:
@@ -80,7 +80,7 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def _source_date_epoch() -> int | None:
+def source_date_epoch() -> int | None:
     value = os.environ.get("SOURCE_DATE_EPOCH")
     return int(value) if value and value.isdigit() else None
 
@@ -175,9 +175,9 @@ def create_cache(name: str, settings: Settings, options: BuildOptions, reporter:
         raise CacheExistsError(f"cache {store.archive_path(name)} exists: use --force to rebuild it, "
                                f"or 'vzpkg update-cache {name}' to bring it up to date")
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    timer = _Timer(reporter)
+    timer = StepTimer(reporter)
     started = time.monotonic()
-    with _signals_raise(), locked(settings.lock_dir / f"{name}.lock", timeout=options.lock_timeout,
+    with signals_raise(), locked(settings.lock_dir / f"{name}.lock", timeout=options.lock_timeout,
                                   what=f"template {name}", on_wait=reporter.note):
         # Re-check under the lock: a concurrent run may have just built it.
         if store.exists(name) and not options.force:
@@ -198,7 +198,7 @@ def create_cache(name: str, settings: Settings, options: BuildOptions, reporter:
             archive_tmp.unlink(missing_ok=True)
 
 
-def _build(template: Template, settings: Settings, options: BuildOptions, reporter: Reporter, timer: _Timer,
+def _build(template: Template, settings: Settings, options: BuildOptions, reporter: Reporter, timer: StepTimer,
            store: CacheStore, work_dir: Path, archive_tmp: Path) -> dict[str, Any]:
     ctx = prepare_context(template, settings, work_dir, options.verbose, reporter)
     backend = get_backend(template["package_manager"])
@@ -255,7 +255,7 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
 
     total = _dir_size(ctx.root)
     with timer.step("pack", lambda: f"{result.packed_size / 1e6:.1f} MB"):
-        result = pack(ctx.root, archive_tmp, source_date_epoch=_source_date_epoch(),
+        result = pack(ctx.root, archive_tmp, source_date_epoch=source_date_epoch(),
                       progress=lambda done: reporter.progress(done, total))
         reporter.progress_end()
 
@@ -272,10 +272,11 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
         "mirrors": ctx.mirrors,
         "repositories": repo_state,
         "packages": packages,
+        "template_packages": template.packages,
         "package_count": len(packages),
         "vzpkg_version": __version__,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "source_date_epoch": _source_date_epoch(),
+        "source_date_epoch": source_date_epoch(),
         "durations": timer.durations,
         "unpacked_size": result.unpacked_size,
         "packed_size": result.packed_size,

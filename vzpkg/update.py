@@ -29,12 +29,12 @@ from .archive import pack, safe_unpack, sha256_file
 from .build import (
     DEFAULT_LOCK_TIMEOUT,
     Reporter,
-    _signals_raise,
-    _source_date_epoch,
-    _Timer,
+    StepTimer,
     clean_root,
     prepare_context,
     render_files,
+    signals_raise,
+    source_date_epoch,
 )
 from .cache import TMP_PREFIX, CacheStore, fsync_dir, write_json_atomic
 from .chroot import build_mounts, host_resolver, no_daemons, run_script, unmount_below
@@ -138,7 +138,7 @@ def rollback_cache(name: str, settings: Settings, *, generation: int | None = No
     The generation's archive is checked against its manifest's sha256 before it is published."""
     reporter = reporter or Reporter()
     store = CacheStore(settings.cache_dir)
-    with _signals_raise(), locked(settings.lock_dir / f"{name}.lock", timeout=lock_timeout,
+    with signals_raise(), locked(settings.lock_dir / f"{name}.lock", timeout=lock_timeout,
                                   what=f"template {name}", on_wait=reporter.note):
         _clean_generation_leftovers(store, name)
         gens = list_generations(store, name)
@@ -246,8 +246,8 @@ def update_cache(name: str, settings: Settings, options: UpdateOptions | None = 
         return {"name": name, "updated": False, "reason": _current_reason(status), "status": status,
                 "durations": {"total": round(time.monotonic() - started, 3)}}
 
-    timer = _Timer(reporter)
-    with _signals_raise(), locked(settings.lock_dir / f"{name}.lock", timeout=options.lock_timeout,
+    timer = StepTimer(reporter)
+    with signals_raise(), locked(settings.lock_dir / f"{name}.lock", timeout=options.lock_timeout,
                                   what=f"template {name}", on_wait=reporter.note):
         for leftover in store.clean_leftovers(name) + _clean_generation_leftovers(store, name):
             reporter.note(f"removed leftover of an interrupted run: {leftover}")
@@ -302,7 +302,7 @@ def _change_reason(status: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _update(template: Template, settings: Settings, options: UpdateOptions, reporter: Reporter, timer: _Timer,
+def _update(template: Template, settings: Settings, options: UpdateOptions, reporter: Reporter, timer: StepTimer,
             store: CacheStore, manifest: dict[str, Any], work_dir: Path, archive_tmp: Path) -> dict[str, Any]:
     ctx = prepare_context(template, settings, work_dir, options.verbose, reporter)
     backend = get_backend(template["package_manager"])
@@ -314,7 +314,7 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
     with timer.step("unpack", lambda: f"{members} members"):
         members = safe_unpack(store.archive_path(template.name), ctx.root)
 
-    deb_cache = backend._deb_cache(ctx) if hasattr(backend, "_deb_cache") else None
+    deb_cache = backend.deb_cache_dir(ctx) if hasattr(backend, "deb_cache_dir") else None
     plan = template_changes(template, manifest)
     definition_changed = manifest.get("template_digest") != template.digest()
     env = ctx.env()
@@ -355,7 +355,7 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
     if (leftover := mounts_below(ctx.root)):
         raise BuildError(f"mounts left inside the root before packing: {', '.join(leftover)}")
     with timer.step("pack", lambda: f"{result.packed_size / 1e6:.1f} MB"):
-        result = pack(ctx.root, archive_tmp, source_date_epoch=_source_date_epoch())
+        result = pack(ctx.root, archive_tmp, source_date_epoch=source_date_epoch())
 
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return {
@@ -371,7 +371,7 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
         "created": now,
         "updated_from": {"sha256": manifest.get("sha256"), "created": manifest.get("created")},
         "changes": changes,
-        "source_date_epoch": _source_date_epoch(),
+        "source_date_epoch": source_date_epoch(),
         "unpacked_size": result.unpacked_size,
         "packed_size": result.packed_size,
         "sha256": result.sha256,

@@ -110,9 +110,13 @@ def info(name: str, show_packages: bool, cache_dir: str | None, as_json: bool) -
     settings = _settings(cache_dir)
     template = TemplateRepository(settings.template_dirs).load(name)
     manifest = CacheStore(settings.cache_dir).manifest_or_none(name)
+    from ..update import list_generations
+
+    generations = list_generations(CacheStore(settings.cache_dir), name)
     if as_json:
         data = {"template": {"name": name, **template.data, "digest": template.digest(),
-                             "chain": [str(p) for p in template.chain]}, "cache": manifest}
+                             "chain": [str(p) for p in template.chain]}, "cache": manifest,
+                "generations": generations}
         if manifest and not show_packages:
             data["cache"] = {k: v for k, v in manifest.items() if k != "packages"}
         print_json(data)
@@ -142,6 +146,10 @@ def info(name: str, show_packages: bool, cache_dir: str | None, as_json: bool) -
     click.echo(f"  definition:  {'changed since the cache was built' if stale else 'unchanged'}")
     durations = manifest.get("durations", {})
     click.echo("  build steps: " + ", ".join(f"{k} {v:.1f}s" for k, v in durations.items()))
+    for gen in generations:
+        click.echo(f"  generation {gen['generation']}: {gen.get('created', '?')}, "
+                   f"{human_size(gen.get('packed_size'))}, {gen.get('package_count', '?')} packages "
+                   f"(vzpkg rollback-cache {name})")
     if show_packages:
         for p in manifest.get("packages", []):
             click.echo(f"    {p['name']:<36} {p.get('version', '')} {p.get('architecture', '')}")

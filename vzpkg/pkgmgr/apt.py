@@ -57,7 +57,7 @@ class AptBackend(PackageManager):
 
     # ---- bootstrap ------------------------------------------------------------------------------
 
-    def _deb_cache(self, ctx: BuildContext) -> Path:
+    def deb_cache_dir(self, ctx: BuildContext) -> Path:
         t = ctx.template
         path = ctx.package_cache / f"{t['distribution']}-{t['suite']}-{ctx.native_arch}"
         (path / "lists").mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ class AptBackend(PackageManager):
 
     def _mmdebstrap(self, ctx: BuildContext) -> None:
         t = ctx.template
-        cache = self._deb_cache(ctx)
+        cache = self.deb_cache_dir(ctx)
         q = shlex.quote
         archives = '"$1/var/cache/apt/archives"'
         lists = '"$1/var/lib/apt/lists"'
@@ -115,7 +115,7 @@ class AptBackend(PackageManager):
 
     def _debootstrap(self, ctx: BuildContext) -> None:
         t = ctx.template
-        cache = self._deb_cache(ctx)
+        cache = self.deb_cache_dir(ctx)
         cmd = [
             "debootstrap", f"--variant={t.get('variant', 'minbase')}", f"--arch={ctx.native_arch}",
             f"--keyring={ctx.keyring}", f"--cache-dir={cache}",
