@@ -17,10 +17,8 @@ Two choices, per VE (``INIT`` in its config):
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import subprocess
+import zlib
 from pathlib import Path
 
 from vzpkg.errors import VEError
@@ -39,7 +37,8 @@ SHELL_INIT = (
 
 
 def binary_path(lib_dir: Path) -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    # crc32 rather than sha256: this runs at every start and hashlib's import costs more than the hash
+    digest = f"{zlib.crc32(SOURCE.read_bytes()):08x}"
     return lib_dir / f"vzinit-{os.uname().machine}-{digest}"
 
 
@@ -48,6 +47,9 @@ def build(lib_dir: Path) -> Path | None:
     path = binary_path(lib_dir)
     if path.is_file():
         return path
+    import shutil
+    import subprocess
+
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         return None

@@ -488,7 +488,8 @@ def _cleanup(layout: Layout, veid: str, *, keep_mount: bool = False) -> None:
     except VEError:
         cg = None
     if cg is not None and cg.exists(veid):
-        cg.kill_all(veid)
+        if cg.pids(veid):  # (kill_all freezes first: skip it when the pid namespace already emptied it)
+            cg.kill_all(veid)
         cg.remove(veid)
     if not keep_mount:
         storage.umount_root(layout, veid)

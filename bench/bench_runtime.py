@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""VE runtime benchmark (issue 4): vzctl against the unshare floor, LXC and podman, in one run.
+
+    sudo .venv/bin/python bench/bench_runtime.py [--runs 20] [--idle 100] [--cache-dir DIR] [--json FILE]
+
+Cases, each timed as the wall time of the commands a user would type (Python start-up included):
+  vzpkg     create   vzctl create ID --ostemplate debian-12-x86_64 (template already unpacked: warm)
+            start    vzctl start ID, then vzctl exec ID /bin/true until it succeeds (start to first exec)
+            stop     vzctl stop ID
+            destroy  vzctl destroy ID
+  floor     start    unshare -pmuin --fork chroot ROOT /bin/true (ROOT: the unpacked template)
+  lxc       create   lxc-copy -s -B overlayfs (snapshot of a base container made from the same rootfs)
+            start    lxc-start -d, then lxc-attach -- /bin/true until it succeeds
+            stop     lxc-stop -k (the base runs `sleep infinity` as init, which ignores SIGPWR)
+            destroy  lxc-destroy
+  podman    start    podman run --rm --network=none IMAGE /bin/true (only if podman is installed)
+Idle memory: MemAvailable before and after starting --idle VEs (vzpkg, minimal init), divided by their number.
+
+Runs are interleaved (vzpkg, lxc, floor, ...) so that load from other processes affects all alike; medians
+are reported with min/max. Work directories live under /var/tmp/vzpkg-bench-runtime-PID and are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+
+def vzctl_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "vzctl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vzpkg.cli.vzctl"]
+
+
+def run(cmd, env=None, check=True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {p.stderr.strip()[-400:]}")
+    return p
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000
+
+
+def until_ok(cmd, env=None, timeout=10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{' '.join(cmd)} never succeeded")
+        time.sleep(0.002)
+
+
+def mem_available_kb() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    raise RuntimeError("no MemAvailable")
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+class Vzpkg:
+    name = "vzpkg"
+
+    def __init__(self, work: Path, cache_dir: Path, template: str) -> None:
+        self.root = work / "vz"
+        self.env = {**os.environ, "VZ_ROOT": str(self.root), "VZPKG_CACHE_DIR": str(cache_dir)}
+        # measure what users get: bytecode cached (some sandboxes set this variable)
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+        run([sys.executable, "-m", "compileall", "-q", str(PROJECT / "vzpkg")], env=self.env, check=False)
+        self.template = template
+        self.vzctl = vzctl_cmd()
+        self.n = 0
+        # warm up: unpack the template and compile the init (not timed)
+        run([*self.vzctl, "create", "warm", "--ostemplate", template, "-q"], env=self.env)
+        run([*self.vzctl, "start", "warm", "-q"], env=self.env)
+        run([*self.vzctl, "destroy", "warm", "--force", "-q"], env=self.env)
+
+    def template_root(self) -> Path:
+        return next(p for p in (self.root / "template").iterdir() if not p.name.startswith("."))
+
+    def cycle(self) -> dict[str, float]:
+        self.n += 1
+        veid = f"b{self.n}"
+        v, e = self.vzctl, self.env
+        out = {"create": timed(lambda: run([*v, "create", veid, "--ostemplate", self.template, "-q"], env=e))}
+        out["start"] = timed(lambda: (run([*v, "start", veid, "-q"], env=e),
+                                      until_ok([*v, "exec", veid, "/bin/true"], env=e)))
+        out["stop"] = timed(lambda: run([*v, "stop", veid, "-q"], env=e))
+        out["destroy"] = timed(lambda: run([*v, "destroy", veid, "-q"], env=e))
+        return out
+
+    def idle_memory(self, count: int) -> float:
+        ids = [f"idle{i}" for i in range(count)]
+        for veid in ids:
+            run([*self.vzctl, "create", veid, "--ostemplate", self.template, "-q"], env=self.env)
+        run(["sync"])
+        time.sleep(1)
+        before = mem_available_kb()
+        try:
+            for veid in ids:
+                run([*self.vzctl, "start", veid, "-q"], env=self.env)
+            time.sleep(2)
+            after = mem_available_kb()
+        finally:
+            for veid in ids:
+                run([*self.vzctl, "destroy", veid, "--force", "-q"], env=self.env, check=False)
+        return (before - after) / count / 1024  # MiB per VE
+
+    def close(self) -> None:
+        from vzpkg.runtime import ve
+        from vzpkg.runtime.layout import Layout
+
+        lay = Layout(self.root)
+        for veid in lay.veids():
+            try:
+                ve.destroy(lay, veid, force=True)
+            except Exception:
+                pass
+
+
+class Floor:
+    name = "floor"
+
+    def __init__(self, rootfs: Path) -> None:
+        self.rootfs = rootfs
+
+    def cycle(self) -> dict[str, float]:
+        return {"start": timed(lambda: run(["unshare", "-pmuin", "--fork", "chroot", str(self.rootfs), "/bin/true"]))}
+
+
+class Lxc:
+    name = "lxc"
+
+    def __init__(self, work: Path, rootfs: Path) -> None:
+        self.path = work / "lxc"
+        self.path.mkdir()
+        base = self.path / "base"
+        base.mkdir()
+        (base / "rootfs").mkdir()
+        # the same Debian tree, unshifted (LXC runs it privileged here, like most LXC installs as root)
+        run(["cp", "-a", "--reflink=auto", f"{rootfs}/.", str(base / "rootfs")])
+        run(["chown", "-R", "--from=100000:100000", "0:0", str(base / "rootfs")], check=False)
+        (base / "config").write_text(
+            "lxc.uts.name = base\n"
+            f"lxc.rootfs.path = dir:{base / 'rootfs'}\n"
+            "lxc.net.0.type = empty\n"
+            "lxc.init.cmd = /bin/sleep infinity\n"
+            "lxc.apparmor.profile = unconfined\n"
+            "lxc.mount.auto = proc:mixed sys:ro\n"
+            "lxc.autodev = 1\n"
+            "lxc.tty.max = 0\n"
+            "lxc.pty.max = 16\n"
+        )
+        self.n = 0
+
+    def cycle(self) -> dict[str, float]:
+        self.n += 1
+        name = f"c{self.n}"
+        p = str(self.path)
+        out = {"create": timed(lambda: run(["lxc-copy", "-P", p, "-n", "base", "-N", name, "-s", "-B", "overlayfs"]))}
+        out["start"] = timed(lambda: (run(["lxc-start", "-P", p, "-n", name, "-d"]),
+                                      until_ok(["lxc-attach", "-P", p, "-n", name, "--", "/bin/true"])))
+        out["stop"] = timed(lambda: run(["lxc-stop", "-P", p, "-n", name, "-k"]))
+        out["destroy"] = timed(lambda: run(["lxc-destroy", "-P", p, "-n", name]))
+        return out
+
+    def close(self) -> None:
+        for d in self.path.iterdir():
+            if d.name != "base" and (d / "config").exists():
+                run(["lxc-stop", "-P", str(self.path), "-n", d.name, "-k"], check=False)
+                run(["lxc-destroy", "-P", str(self.path), "-n", d.name], check=False)
+
+
+class Podman:
+    name = "podman"
+
+    def __init__(self, rootfs: Path) -> None:
+        self.image = "vzpkg-bench-debian12"
+        run(["sh", "-c", f"tar -C {rootfs} -c . | podman import - {self.image}"])
+
+    def cycle(self) -> dict[str, float]:
+        return {"start": timed(lambda: run(["podman", "run", "--rm", "--network=none", self.image, "/bin/true"]))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--idle", type=int, default=100, help="VEs for the idle memory figure (0 to skip)")
+    ap.add_argument("--cache-dir", default=os.environ.get("VZPKG_CACHE_DIR", "/var/tmp/vzpkg-test-cache"))
+    ap.add_argument("--template", default="debian-12-x86_64")
+    ap.add_argument("--cases", default="vzpkg,floor,lxc,podman")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_runtime: needs root", file=sys.stderr)
+        return 1
+    cases = set(args.cases.split(","))
+    work = Path(f"/var/tmp/vzpkg-bench-runtime-{os.getpid()}")
+    work.mkdir(parents=True)
+    runners = []
+    results: dict = {"host": {"kernel": platform.release(), "cpus": os.cpu_count(),
+                              "loadavg_start": os.getloadavg()}, "cases": {}}
+    try:
+        vz = Vzpkg(work, Path(args.cache_dir), args.template)
+        runners.append(vz)
+        rootfs = vz.template_root()
+        if "floor" in cases:
+            runners.append(Floor(rootfs))
+        if "lxc" in cases:
+            if shutil.which("lxc-copy"):
+                try:
+                    lxc = Lxc(work, rootfs)
+                    lxc.cycle()  # warm-up, and a check that LXC runs here
+                    runners.append(lxc)
+                except Exception as e:
+                    results["cases"]["lxc"] = {"error": str(e)}
+            else:
+                results["cases"]["lxc"] = {"error": "not installed (apt-get install lxc)"}
+        if "podman" in cases:
+            if shutil.which("podman"):
+                try:
+                    runners.append(Podman(rootfs))
+                except Exception as e:
+                    results["cases"]["podman"] = {"error": str(e)}
+            else:
+                results["cases"]["podman"] = {"error": "not installed"}
+        if "vzpkg" not in cases:
+            runners.remove(vz)
+        samples: dict[str, dict[str, list[float]]] = {r.name: {} for r in runners}
+        for _ in range(args.runs):
+            for r in runners:
+                for op, ms in r.cycle().items():
+                    samples[r.name].setdefault(op, []).append(ms)
+        for name, ops in samples.items():
+            results["cases"][name] = {op: summary(v) for op, v in ops.items()}
+        if args.idle:
+            results["idle_memory_mib_per_ve"] = vz.idle_memory(args.idle)
+            results["idle_count"] = args.idle
+        results["host"]["loadavg_end"] = os.getloadavg()
+    finally:
+        for r in runners:
+            if hasattr(r, "close"):
+                try:
+                    r.close()
+                except Exception as e:
+                    print(f"cleanup of {r.name}: {e}", file=sys.stderr)
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"{'case':<8} {'op':<8} {'median ms':>10} {'min':>8} {'max':>8}")
+    for name, ops in results["cases"].items():
+        if "error" in ops:
+            print(f"{name:<8} {'-':<8} {ops['error']}")
+            continue
+        for op, s in ops.items():
+            print(f"{name:<8} {op:<8} {s['median']:>10.1f} {s['min']:>8.1f} {s['max']:>8.1f}")
+    vzc = results["cases"].get("vzpkg", {})
+    for other in ("floor", "lxc", "podman"):
+        oc = results["cases"].get(other, {})
+        if "error" in oc or not oc:
+            continue
+        ratios = [f"{op} {vzc[op]['median'] / oc[op]['median']:.2f}x" for op in vzc if op in oc]
+        print(f"vzpkg / {other}: {', '.join(ratios)}")
+    if "idle_memory_mib_per_ve" in results:
+        print(f"idle memory: {results['idle_memory_mib_per_ve']:.2f} MiB per VE over {results['idle_count']} VEs")
+    print(f"load average: start {results['host']['loadavg_start']}, end {results['host'].get('loadavg_end')}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
