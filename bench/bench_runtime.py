@@ -43,7 +43,7 @@ def vzctl_cmd() -> list[str]:
 
 
 def run(cmd, env=None, check=True, **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, **kw)
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {p.stderr.strip()[-400:]}")
     return p
