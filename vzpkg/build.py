@@ -26,7 +26,7 @@ from .config import Settings
 from .distro import get_distribution
 from .errors import BuildError, CacheExistsError
 from .lock import locked
-from .pkgmgr import BuildContext, get_backend
+from .pkgmgr import BuildContext, PackageManager, get_backend
 from .stage import StageStore
 from .template import Template, TemplateRepository
 
@@ -143,6 +143,29 @@ def clean_root(root: Path) -> None:
             p.write_bytes(b"")
 
 
+def run_template_scripts(template: Template, which: str, ctx: BuildContext, env: dict[str, str], *,
+                         inside: bool) -> int:
+    """Run the template chain's scripts called WHICH: on the host with the root as $1, or inside the root."""
+    scripts = template.scripts(which)
+    if not scripts:
+        return 0
+    if not inside:
+        for script in scripts:
+            run_script(script, root=ctx.root, inside=False, env=env, quiet=ctx.quiet, log=ctx.log)
+        return len(scripts)
+    with build_mounts(ctx.root), host_resolver(ctx.root), no_daemons(ctx.root):
+        for script in scripts:
+            run_script(script, root=ctx.root, inside=True, env=env, quiet=ctx.quiet, log=ctx.log)
+    return len(scripts)
+
+
+def clean_for_packing(template: Template, backend: PackageManager, ctx: BuildContext, env: dict[str, str]) -> None:
+    """The backend's clean, then the common one, then post-cache scripts: the root as it will be packed."""
+    backend.clean(ctx)
+    clean_root(ctx.root)
+    run_template_scripts(template, "post-cache", ctx, env, inside=False)
+
+
 def prepare_context(template: Template, settings: Settings, work_dir: Path, verbose: bool,
                     reporter: Reporter) -> BuildContext:
     distro = get_distribution(template["distribution"])
@@ -233,21 +256,10 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
     with timer.step("files", lambda: f"{nfiles} files"):
         nfiles = render_files(template, ctx.root, render_ctx)
     with timer.step("scripts", lambda: f"{nscripts} scripts"):
-        nscripts = 0
-        for script in template.scripts("pre-cache"):
-            run_script(script, root=ctx.root, inside=False, env=env, quiet=ctx.quiet, log=ctx.log)
-            nscripts += 1
-        post_install = template.scripts("post-install")
-        if post_install:
-            with build_mounts(ctx.root), host_resolver(ctx.root), no_daemons(ctx.root):
-                for script in post_install:
-                    run_script(script, root=ctx.root, inside=True, env=env, quiet=ctx.quiet, log=ctx.log)
-                    nscripts += 1
+        nscripts = run_template_scripts(template, "pre-cache", ctx, env, inside=False)
+        nscripts += run_template_scripts(template, "post-install", ctx, env, inside=True)
     with timer.step("clean"):
-        backend.clean(ctx)
-        clean_root(ctx.root)
-        for script in template.scripts("post-cache"):
-            run_script(script, root=ctx.root, inside=False, env=env, quiet=ctx.quiet, log=ctx.log)
+        clean_for_packing(template, backend, ctx, env)
     with timer.step("manifest", lambda: f"{len(packages)} packages"):
         packages = backend.installed_packages(ctx.root)
     if (leftover := [m for m in _mounts(ctx.root)]):
