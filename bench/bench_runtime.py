@@ -105,22 +105,40 @@ class Vzpkg:
         out["destroy"] = timed(lambda: run([*v, "destroy", veid, "-q"], env=e))
         return out
 
-    def idle_memory(self, count: int) -> float:
+    def idle_memory(self, count: int) -> dict:
+        """MiB per idle VE: the MemAvailable drop (averaged over start and stop, to cancel drift from other
+        processes), and the sum of the VEs' own memory cgroup usage (what the kernel charges them)."""
         ids = [f"idle{i}" for i in range(count)]
         for veid in ids:
             run([*self.vzctl, "create", veid, "--ostemplate", self.template, "-q"], env=self.env)
         run(["sync"])
         time.sleep(1)
         before = mem_available_kb()
+        charged = 0
         try:
             for veid in ids:
                 run([*self.vzctl, "start", veid, "-q"], env=self.env)
             time.sleep(2)
-            after = mem_available_kb()
+            during = mem_available_kb()
+            for veid in ids:
+                try:
+                    charged += int(Path(f"/sys/fs/cgroup/memory/vzpkg/{veid}/memory.usage_in_bytes").read_text())
+                except OSError:
+                    try:
+                        charged += int(Path(f"/sys/fs/cgroup/vzpkg/{veid}/memory.current").read_text())
+                    except OSError:
+                        pass
         finally:
             for veid in ids:
-                run([*self.vzctl, "destroy", veid, "--force", "-q"], env=self.env, check=False)
-        return (before - after) / count / 1024  # MiB per VE
+                run([*self.vzctl, "stop", veid, "-q"], env=self.env, check=False)
+        run(["sync"])
+        time.sleep(1)
+        after = mem_available_kb()
+        for veid in ids:
+            run([*self.vzctl, "destroy", veid, "--force", "-q"], env=self.env, check=False)
+        drop = ((before - during) + (after - during)) / 2
+        return {"memavailable_mib_per_ve": drop / count / 1024, "cgroup_charged_mib_per_ve": charged / count / 2**20,
+                "before_kb": before, "during_kb": during, "after_kb": after}
 
     def close(self) -> None:
         from vzpkg.runtime import ve
@@ -250,7 +268,7 @@ def main() -> int:
         for name, ops in samples.items():
             results["cases"][name] = {op: summary(v) for op, v in ops.items()}
         if args.idle:
-            results["idle_memory_mib_per_ve"] = vz.idle_memory(args.idle)
+            results["idle_memory"] = vz.idle_memory(args.idle)
             results["idle_count"] = args.idle
         results["host"]["loadavg_end"] = os.getloadavg()
     finally:
@@ -276,8 +294,10 @@ def main() -> int:
             continue
         ratios = [f"{op} {vzc[op]['median'] / oc[op]['median']:.2f}x" for op in vzc if op in oc]
         print(f"vzpkg / {other}: {', '.join(ratios)}")
-    if "idle_memory_mib_per_ve" in results:
-        print(f"idle memory: {results['idle_memory_mib_per_ve']:.2f} MiB per VE over {results['idle_count']} VEs")
+    if "idle_memory" in results:
+        im = results["idle_memory"]
+        print(f"idle memory over {results['idle_count']} VEs: MemAvailable drop {im['memavailable_mib_per_ve']:.2f} MiB"
+              f" per VE; charged to the VEs' memory cgroups {im['cgroup_charged_mib_per_ve']:.2f} MiB per VE")
     print(f"load average: start {results['host']['loadavg_start']}, end {results['host'].get('loadavg_end')}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
