@@ -257,8 +257,16 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
             cg.set_limits(veid, **_limits_from_conf(conf))
             cg.setup_devices(veid, DEVICE_RULES)
             root = storage.mount_root(layout, veid, _template_of(layout, conf), kind)
-            return _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit)
+            pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit)
+            if conf.get("IP_ADDRESS"):
+                from . import net
+
+                net.setup_veth(veid, pid, conf.get("IP_ADDRESS"), net.bridge_name(conf.get("BRIDGE")))
+            return pid
         except BaseException:
+            rec = state.read_record(layout, veid)
+            if rec is not None and state.record_alive(rec):
+                os.kill(rec.pid, signal.SIGKILL)
             _cleanup(layout, veid)
             raise
 
@@ -494,6 +502,9 @@ def _cleanup(layout: Layout, veid: str, *, keep_mount: bool = False) -> None:
     if not keep_mount:
         storage.umount_root(layout, veid)
     state.clear_record(layout, veid)
+    from . import net
+
+    net.remove_veth(veid)
 
 
 def _wait_exit(pidfd: int, timeout: float) -> bool:
