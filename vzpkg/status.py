@@ -5,6 +5,7 @@ cache) and verified with gpgv and the template's keyring. A repository whose InR
 one recorded in the manifest offers nothing new, so its Packages files are not even read; for the others the
 Packages files (sha256-checked against the verified InRelease) are parsed, and every installed package with a
 higher version there is an update. The template definition changed when its digest differs from the manifest's.
+dnf (and yum) templates are compared by status_rpm (repomd.xml, primary, rpm's version order).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class RepositoryState:
 def template_repositories(template: Template, settings: Settings) -> tuple[list[AptRepository], Path, str]:
     """The template's rendered repositories, its keyring and the native architecture."""
     if template["package_manager"] != "apt":
-        raise UsageError(f"template {template.name}: status and update-cache support apt templates only so far "
+        raise UsageError(f"template {template.name}: status and update-cache support apt and dnf templates only "
                          f"(package manager {template['package_manager']!r}); rebuild with 'vzpkg create-cache --force'")
     distro = get_distribution(template["distribution"])
     mirrors = distro.mirrors(settings)
@@ -61,6 +62,10 @@ def template_repositories(template: Template, settings: Settings) -> tuple[list[
 
 def compare(template: Template, manifest: dict[str, Any], settings: Settings, *, refresh: bool = False) -> dict[str, Any]:
     """The status report of one cache (see `check_status`)."""
+    if template["package_manager"] in ("dnf", "yum"):
+        from .status_rpm import compare_rpm
+
+        return compare_rpm(template, manifest, settings, refresh=refresh)
     repos, keyring, arch = template_repositories(template, settings)
     metadata = MetadataCache(settings.metadata_cache_dir, settings.metadata_expire, refresh)
     recorded = {(r.get("uri"), r.get("suite")): r for r in manifest.get("repositories", [])}
@@ -105,6 +110,13 @@ def compare(template: Template, manifest: dict[str, Any], settings: Settings, *,
         "current": not template_changed and not updates,
         "checked": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def repository_label(state: dict[str, Any]) -> str:
+    """A repository state entry as one line: 'URI SUITE' (apt) or 'ID BASEURL' (dnf)."""
+    if "uri" in state:
+        return f"{state['uri']} {state.get('suite', '')}".strip()
+    return f"{state.get('id', '?')} {state.get('baseurl', '')}".strip()
 
 
 def template_changes(template: Template, manifest: dict[str, Any]) -> dict[str, list[str]]:

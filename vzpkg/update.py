@@ -42,7 +42,7 @@ from .config import Settings
 from .errors import BuildError, CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
 from .lock import locked
 from .pkgmgr import get_backend
-from .status import compare, template_changes
+from .status import compare, repository_label, template_changes
 from .template import Template, TemplateRepository
 
 GENERATIONS_DIR = ".generations"
@@ -177,9 +177,18 @@ def rollback_cache(name: str, settings: Settings, *, generation: int | None = No
 # ---- update-cache -----------------------------------------------------------------------------------
 
 
-def _package_changes(old: list[dict[str, str]], new: list[dict[str, str]]) -> list[dict[str, str | None]]:
-    before = {(p["name"], p.get("architecture", "")): p["version"] for p in old}
-    after = {(p["name"], p.get("architecture", "")): p["version"] for p in new}
+def _versions(packages: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """(name, architecture) → version; for rpm the full epoch:version-release (`evr`), several installed
+    versions (installonly packages such as kernels) joined with ', '."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for p in packages:
+        out.setdefault((p["name"], p.get("architecture", "")), []).append(p.get("evr") or p["version"])
+    return {k: ", ".join(sorted(v)) for k, v in out.items()}
+
+
+def _package_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, str | None]]:
+    before = _versions(old)
+    after = _versions(new)
     changes: list[dict[str, str | None]] = []
     for key in sorted(set(before) | set(after)):
         if before.get(key) != after.get(key):
@@ -286,7 +295,7 @@ def update_cache(name: str, settings: Settings, options: UpdateOptions | None = 
 
 
 def _current_reason(status: dict[str, Any]) -> str:
-    changed = [f"{r['uri']} {r['suite']}" for r in status["repositories"] if r["changed"]]
+    changed = [repository_label(r) for r in status["repositories"] if r["changed"]]
     if changed:
         return (f"up to date: repository metadata changed ({', '.join(changed)}) but no installed package "
                 f"has a newer version; definition unchanged")
@@ -320,7 +329,8 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
     env = ctx.env()
     with timer.step("template-changes", lambda: f"{len(plan['remove'])} to purge" +
                     (", definition changed" if definition_changed else "")):
-        if _write_sources(ctx.root, ctx.repositories):
+        # apt reads its sources from the root; dnf reads the dnf.conf vzpkg writes for each run (nothing in the root)
+        if template["package_manager"] == "apt" and _write_sources(ctx.root, ctx.repositories):
             reporter.verbose("repositories changed: sources.list rewritten")
         if plan["remove"]:
             backend.remove(ctx, plan["remove"])

@@ -177,6 +177,66 @@ def build_repository(base: Path) -> Path:
     return repo
 
 
+# ---- changing a repository (update tests; build_repository's layout under BASE) -------------------------
+
+
+def _env_defines(base: Path) -> tuple[dict[str, str], list[str]]:
+    top = base / "rpmbuild"
+    home = base / "home"
+    env = {**os.environ, "HOME": str(home), "GNUPGHOME": str(base / "gnupg")}
+    defines = ["--define", f"_topdir {top}", "--define", "debug_package %{nil}", "--define", "__os_install_post %{nil}",
+               "--define", "_build_id_links none", "--define", f"_dbpath {home}/rpmdb"]
+    return env, defines
+
+
+def versioned(name: str, version: str, *, epoch: int | None = None, release: str = "1", sign: bool = True,
+              requires: tuple[str, ...] = ()) -> Package:
+    """A package shipping /usr/share/vzt/NAME whose content is 'NAME EPOCH:VERSION-RELEASE' (readable in a root)."""
+    evr = f"{epoch or 0}:{version}-{release}"
+    return Package(name, version=version, release=release, epoch=epoch, sign=sign, requires=requires,
+                   install=f"mkdir -p %{{buildroot}}/usr/share/vzt\necho '{name} {evr}' > %{{buildroot}}/usr/share/vzt/{name}",
+                   files=f"/usr/share/vzt/{name}")
+
+
+def add_packages(base: Path, repo: Path, new: list[Package]) -> list[Path]:
+    """Build NEW into REPO (a repository made by build_repository(BASE), or a copy of its repo directory),
+    signing those with sign=True with BASE's key; call createrepo() afterwards. Returns the .rpm files."""
+    env, defines = _env_defines(base)
+    top = base / "rpmbuild"
+    out = []
+    for p in new:
+        spec = top / "SPECS" / f"{p.name}-{p.epoch or 0}-{p.version}-{p.release}.spec"
+        spec.write_text(spec_text(p))
+        before = set((top / "RPMS").rglob("*.rpm"))
+        _run(["rpmbuild", "-bb", "--nodeps", "--quiet", *defines, str(spec)], env=env)
+        built = sorted(set((top / "RPMS").rglob("*.rpm")) - before)
+        if not built:  # the same NVRA built earlier (another epoch): rpmbuild overwrote it
+            built = [top / "RPMS" / p.arch / f"{p.name}-{p.version}-{p.release}.{p.arch}.rpm"]
+        dest = repo / built[0].name
+        shutil.copy2(built[0], dest)
+        if p.sign:
+            _run(["rpmsign", "--addsign", "--define", f"_gpg_name {KEY_NAME}", "--define", f"_gpg_path {base / 'gnupg'}",
+                  "--define", f"__gpg {shutil.which('gpg')}", str(dest)], env=env)
+        out.append(dest)
+    subprocess.run(["gpgconf", "--homedir", str(base / "gnupg"), "--kill", "gpg-agent"], capture_output=True)
+    return out
+
+
+def createrepo(repo: Path, *, sign_base: Path | None = None) -> Path:
+    """Re-index REPO (createrepo_c); with SIGN_BASE, also write repodata/repomd.xml.asc signed with its key.
+    Returns repomd.xml."""
+    _run(["createrepo_c", "--quiet", "--no-database", str(repo)])
+    repomd = repo / "repodata" / "repomd.xml"
+    if sign_base is not None:
+        asc = repomd.with_name("repomd.xml.asc")
+        asc.unlink(missing_ok=True)
+        env, _ = _env_defines(sign_base)
+        _run(["gpg", "--batch", "--yes", "--local-user", KEY_NAME, "--armor", "--detach-sign", "--output", str(asc),
+              str(repomd)], env=env)
+        subprocess.run(["gpgconf", "--homedir", str(sign_base / "gnupg"), "--kill", "gpg-agent"], capture_output=True)
+    return repomd
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002
         pass

@@ -21,6 +21,8 @@ def _settings(cache_dir: str | None = None, mirror: str | None = None):
 
 
 def _print_status(report: dict[str, Any]) -> None:
+    from ..status import repository_label
+
     name = report["name"]
     if report["current"]:
         click.echo(f"{name}: current (cache of {report['cache_created']})")
@@ -35,7 +37,8 @@ def _print_status(report: dict[str, Any]) -> None:
         click.echo("  template definition changed since the cache was built" + (f" ({'; '.join(extra)})" if extra else ""))
     for repo in report["repositories"]:
         if repo["changed"]:
-            click.echo(f"  repository changed: {repo['uri']} {repo['suite']} ({repo['date']})")
+            when = repo.get("date") or (f"revision {repo['revision']}" if repo.get("revision") else "")
+            click.echo(f"  repository changed: {repository_label(repo)}" + (f" ({when})" if when else ""))
     if report["updates"]:
         click.echo(f"  {'PACKAGE':<32} {'CACHED':<28} AVAILABLE")
         for u in report["updates"]:

@@ -148,6 +148,35 @@ def substitute(text: str, variables: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", repl, text)
 
 
+def expand_repository(repo: dict[str, Any], variables: dict[str, str]) -> dict[str, Any]:
+    """A repository section with dnf's $variables substituted in its values (and in each base URL)."""
+    sub = {k: substitute(v, variables) if isinstance(v, str) else v for k, v in repo.items()}
+    if isinstance(sub.get("baseurl"), list):
+        sub["baseurl"] = [substitute(u, variables) for u in sub["baseurl"]]
+    return sub
+
+
+def verify_repomd_signature(repo: dict[str, Any], baseurl: str, data: bytes, asc: bytes, tmp_parent: Path) -> None:
+    """Check repomd.xml DATA against its detached signature ASC with the repository's keys (local file:// refs,
+    as _fetch_keys leaves them) in a throwaway GnuPG home; raise SignatureError when it does not verify."""
+    import tempfile
+
+    tmp_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tmp_parent) as home:
+        for ref in repo["gpgkey"]:
+            subprocess.run(["gpg", "--batch", "--homedir", home, "--import", ref[len("file://"):]],
+                           capture_output=True)
+        (Path(home) / "repomd.xml").write_bytes(data)
+        (Path(home) / "repomd.xml.asc").write_bytes(asc)
+        proc = subprocess.run(["gpg", "--batch", "--homedir", home, "--status-fd", "1", "--verify",
+                               str(Path(home) / "repomd.xml.asc"), str(Path(home) / "repomd.xml")],
+                              capture_output=True, text=True)
+        subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True)
+    if proc.returncode != 0 or "[GNUPG:] VALIDSIG" not in proc.stdout:
+        raise SignatureError(f"{baseurl.rstrip('/')}/repodata/repomd.xml: signature check failed with the template's "
+                             f"keys (repo_gpgcheck on repository {repo['id']})")
+
+
 # ---- the backend -----------------------------------------------------------------------------------------------
 
 class DnfBackend(PackageManager):
@@ -292,10 +321,7 @@ class DnfBackend(PackageManager):
                 raise SignatureError(f"repository {repo['id']} checks signatures (gpgcheck) but the template names "
                                      f"no key: add gpg_keys to {ctx.template.path / DEFINITION_FILE}, or the "
                                      f"repository's gpgkey")
-            sub = {k: substitute(v, variables) if isinstance(v, str) else v for k, v in repo.items()}
-            if isinstance(sub.get("baseurl"), list):
-                sub["baseurl"] = [substitute(u, variables) for u in sub["baseurl"]]
-            baseurl = resolve_baseurl(sub)
+            baseurl = resolve_baseurl(expand_repository(repo, variables))
             md = fetch_repomd(baseurl)
             if repo["repo_gpgcheck"]:
                 self._verify_repomd(ctx, repo, baseurl, md.raw)
@@ -309,23 +335,10 @@ class DnfBackend(PackageManager):
         return state
 
     def _verify_repomd(self, ctx: BuildContext, repo: dict[str, Any], baseurl: str, data: bytes) -> None:
-        import tempfile
-
         from ..repo.http import fetch
 
         asc = fetch(f"{baseurl.rstrip('/')}/repodata/repomd.xml.asc").content
-        with tempfile.TemporaryDirectory(dir=ctx.work_dir) as home:
-            for ref in repo["gpgkey"]:
-                subprocess.run(["gpg", "--batch", "--homedir", home, "--import", ref[len("file://"):]],
-                               capture_output=True)
-            (Path(home) / "repomd.xml").write_bytes(data)
-            (Path(home) / "repomd.xml.asc").write_bytes(asc)
-            proc = subprocess.run(["gpg", "--batch", "--homedir", home, "--status-fd", "1", "--verify",
-                                   str(Path(home) / "repomd.xml.asc"), str(Path(home) / "repomd.xml")],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0 or "[GNUPG:] VALIDSIG" not in proc.stdout:
-                raise SignatureError(f"{baseurl}/repodata/repomd.xml: signature check failed with the template's "
-                                     f"keys (repo_gpgcheck on repository {repo['id']})")
+        verify_repomd_signature(repo, baseurl, data, asc, ctx.work_dir)
 
     # ---- running dnf ----
 

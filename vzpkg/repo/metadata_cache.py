@@ -136,3 +136,110 @@ class MetadataCache:
         freed = self.size()
         shutil.rmtree(self.root, ignore_errors=True)
         return freed
+
+
+# ---- RPM repositories (dnf templates) ---------------------------------------------------------------------
+#
+#     .metadata/rpm/<source>_repomd.xml                 raw repomd.xml as downloaded (re-checked on every use)
+#     .metadata/rpm/<source>_repomd.xml.asc             its detached signature (repo_gpgcheck repositories)
+#     .metadata/rpm/<source>_repomd.json                {baseurl, etag}: where it came from
+#     .metadata/indices/<baseurl>_primary.<checksum>.json   parsed primary: {name: [[epoch, ver, rel, arch], ...]}
+#
+# <source> is the repository's configured location (baseurl, or its mirrorlist/metalink URL), so a fresh entry
+# is used without resolving a mirror list. The parsed primary is addressed by the checksum repomd.xml gives it.
+
+RpmIndex = dict[str, list[tuple[str, str, str, str]]]
+
+
+@dataclass
+class RpmMetadataCache:
+    root: Path
+    expire: int = 86400
+    refresh: bool = False
+
+    def _repomd_path(self, source: str) -> Path:
+        return self.root / "rpm" / f"{url_key(source)}_repomd.xml"
+
+    def repomd(self, source: str, resolve, verify=None, *, refresh: bool | None = None):
+        """The repository's repomd.xml (a RepoMD), from the cache when younger than `expire`.
+
+        SOURCE names the cache entry; RESOLVE() gives the base URL to fetch from (resolving a mirror list);
+        VERIFY(md, asc_bytes), when given, checks the detached signature (repo_gpgcheck) on every use. Nothing
+        that does not parse or verify is kept."""
+        from .rpm import parse_repomd
+
+        refresh = self.refresh if refresh is None else refresh
+        path = self._repomd_path(source)
+        side = path.with_name(path.name[: -len(".xml")] + ".json")
+        asc_path = path.with_name(path.name + ".asc")
+        try:
+            info = json.loads(side.read_text()) if side.is_file() else {}
+        except (OSError, ValueError):
+            info = {}
+        data: bytes | None = None
+        asc: bytes | None = None
+        fresh = False
+        baseurl = info.get("baseurl", "")
+        if (path.is_file() and baseurl and not refresh and time.time() - path.stat().st_mtime < self.expire
+                and (verify is None or asc_path.is_file())):
+            data = path.read_bytes()
+            asc = asc_path.read_bytes() if verify is not None else None
+        if data is None:
+            new_base = resolve()
+            headers = {}
+            if path.is_file() and new_base == baseurl and info.get("etag"):
+                headers["If-None-Match"] = info["etag"]
+            baseurl = new_base
+            resp = fetch(f"{baseurl.rstrip('/')}/repodata/repomd.xml", headers=headers)
+            if resp.status_code == 304 and path.is_file():
+                data = path.read_bytes()
+                os.utime(path)
+            else:
+                data, fresh = resp.content, True
+                info = {"baseurl": baseurl, "etag": resp.headers.get("ETag")}
+            if verify is not None:
+                asc = fetch(f"{baseurl.rstrip('/')}/repodata/repomd.xml.asc").content
+                fresh = True
+        try:
+            md = parse_repomd(data, baseurl)
+            if verify is not None:
+                verify(md, asc)
+        except Exception:
+            for p in (path, side, asc_path):  # never keep what does not parse or verify
+                p.unlink(missing_ok=True)
+            raise
+        if fresh:
+            _write_atomic(path, data)
+            _write_atomic(side, json.dumps({"baseurl": baseurl, "etag": info.get("etag")}).encode())
+            if asc is not None:
+                _write_atomic(asc_path, asc)
+            else:  # a signature of an earlier repomd.xml must not be paired with this one
+                asc_path.unlink(missing_ok=True)
+        return md
+
+    def _primary_path(self, md) -> Path:
+        entry = md.data["primary"]
+        return self.root / "indices" / f"{url_key(md.baseurl.rstrip('/') + '/repodata/primary')}.{entry.checksum}.json"
+
+    def primary(self, md) -> RpmIndex:
+        """The repository's packages, {name: [(epoch, version, release, arch), ...]}: primary metadata
+        downloaded (its checksum checked against repomd.xml) only when not cached yet."""
+        from .rpm import fetch_primary
+
+        path = self._primary_path(md)
+        if path.is_file():
+            try:
+                return {k: [tuple(v) for v in vs] for k, vs in json.loads(path.read_text()).items()}  # type: ignore[misc]
+            except (OSError, ValueError):
+                path.unlink(missing_ok=True)
+        index: RpmIndex = {}
+        for pkg in fetch_primary(md):
+            if pkg["arch"] in ("src", "nosrc") or not pkg["name"]:
+                continue
+            index.setdefault(pkg["name"], []).append((pkg["epoch"] or "0", pkg["version"], pkg["release"], pkg["arch"]))
+        prefix = path.name.rsplit(".", 2)[0] + "."
+        for old in path.parent.glob(f"{prefix}*.json") if path.parent.is_dir() else []:
+            if old != path and old.name.rsplit(".", 2)[0] + "." == prefix:
+                old.unlink(missing_ok=True)
+        _write_atomic(path, json.dumps(index, separators=(",", ":")).encode())
+        return index
