@@ -45,7 +45,8 @@ def test_veth_on_bridge(rt, bridge):
     rt.vzctl("stop", a)
     if host_if:
         assert not os.path.exists(f"/sys/class/net/{host_if}")
-    p = rt.vzctl("exec", b, "bash", "-c", "(exec 3<>/dev/tcp/10.199.77.2/9) 2>&1", check=False, timeout=20)
+    p = rt.vzctl("exec", b, "timeout", "2", "bash", "-c", "(exec 3<>/dev/tcp/10.199.77.2/9) 2>&1", check=False,
+                 timeout=20)
     assert "refused" not in p.stdout
 
 
