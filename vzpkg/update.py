@@ -2,7 +2,8 @@
 
     check (status.compare) → nothing changed? done, nothing unpacked.
     lock → check-repositories → unpack (safe_unpack, beside the cache) → template changes (sources, purge, files)
-         → pre-update scripts (host) → upgrade (apt-get update + dist-upgrade) → install new template packages
+         → pre-update scripts (host) → upgrade (apt-get update + dist-upgrade, or dnf upgrade --refresh)
+         → install new template packages
          → post-update scripts (inside) → clean (+ post-cache scripts) → manifest (with changes) → pack
          → keep the current cache as a generation → publish (rename) → prune generations
 
