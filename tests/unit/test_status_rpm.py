@@ -135,6 +135,10 @@ class FakeResponse:
         self.status_code = status
         self.headers: dict[str, str] = {}
 
+    @property
+    def text(self) -> str:
+        return self.content.decode()
+
 
 @pytest.fixture
 def mirror(monkeypatch: pytest.MonkeyPatch):
@@ -292,3 +296,28 @@ def test_unreachable_repository_is_an_error(settings, mirror) -> None:
     template = TemplateRepository(settings.template_dirs).load(NAME)
     with pytest.raises(MirrorError, match="repomd.xml"):
         status_mod.compare(template, {"packages": [], "repositories": []}, settings)
+
+
+def test_compare_resolves_a_mirrorlist_only_when_the_cached_repomd_is_stale(tmp_path: Path, mirror) -> None:
+    served, calls = mirror
+    tdir = tmp_path / "templates" / "vzt-ml"
+    tdir.mkdir(parents=True)
+    (tdir / "template.toml").write_text(
+        'summary = "s"\ndescription = "d"\ndistribution = "almalinux"\nrelease = "9"\narchitecture = "x86_64"\n'
+        'package_manager = "dnf"\npackages = ["bash"]\ngpg_keys = ["/nonexistent/key"]\n'
+        'repositories = [{ id = "ml", mirrorlist = "http://list.invalid/?release=$releasever&arch=$basearch", '
+        'exclude = "tzdata" }]\n')
+    served["http://list.invalid/?release=9&arch=x86_64"] = b"# mirrors\nhttp://m1.invalid/9/os/\nhttp://m2.invalid/\n"
+    _publish(served, "http://m1.invalid/9/os")
+    s = load_settings(cache_dir=tmp_path / "cache", mirror=MIRROR, environ={})
+    s.template_dirs = [tmp_path / "templates"]
+    template = TemplateRepository(s.template_dirs).load("vzt-ml")
+    manifest = {"template_digest": template.digest(), "packages": [_pkg("bash", "5.1.0-1.el9"),
+                                                                   _pkg("tzdata", "2020a-1.el9", "noarch")]}
+    report = status_mod.compare(template, manifest, s)
+    [repo] = report["repositories"]
+    assert repo["baseurl"] == "http://m1.invalid/9/os" and repo["changed"] is True
+    assert [u["name"] for u in report["updates"]] == ["bash"]  # tzdata is excluded from this repository
+    before = len(calls)
+    status_mod.compare(template, manifest, s)  # fresh: neither the mirror list nor the mirror is asked
+    assert len(calls) == before
