@@ -31,14 +31,15 @@ from .build import (
     DEFAULT_LOCK_TIMEOUT,
     Reporter,
     StepTimer,
-    clean_root,
+    clean_for_packing,
     prepare_context,
     render_files,
+    run_template_scripts,
     signals_raise,
     source_date_epoch,
 )
 from .cache import TMP_PREFIX, CacheStore, fsync_dir, write_json_atomic
-from .chroot import build_mounts, host_resolver, no_daemons, run_script, unmount_below
+from .chroot import unmount_below
 from .config import Settings
 from .errors import BuildError, CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
 from .lock import locked
@@ -337,27 +338,18 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
             backend.remove(ctx, plan["remove"])
         if definition_changed:
             render_files(template, ctx.root, template.render_context(ctx.mirrors, ctx.native_arch))
-    with timer.step("pre-update", lambda: f"{len(pre)} scripts"):
-        pre = template.scripts("pre-update")
-        for script in pre:
-            run_script(script, root=ctx.root, inside=False, env=env, quiet=ctx.quiet, log=ctx.log)
+    with timer.step("pre-update", lambda: f"{npre} scripts"):
+        npre = run_template_scripts(template, "pre-update", ctx, env, inside=False)
     with timer.step("upgrade", lambda: f"{len(plan['install'])} new packages" if plan["install"] else ""):
         _sync_package_cache(deb_cache, ctx.root, into_root=True)
         backend.upgrade(ctx)
         if plan["install"]:
             backend.install(ctx, plan["install"])
         _sync_package_cache(deb_cache, ctx.root, into_root=False)
-    with timer.step("post-update", lambda: f"{len(post)} scripts"):
-        post = template.scripts("post-update")
-        if post:
-            with build_mounts(ctx.root), host_resolver(ctx.root), no_daemons(ctx.root):
-                for script in post:
-                    run_script(script, root=ctx.root, inside=True, env=env, quiet=ctx.quiet, log=ctx.log)
+    with timer.step("post-update", lambda: f"{npost} scripts"):
+        npost = run_template_scripts(template, "post-update", ctx, env, inside=True)
     with timer.step("clean"):
-        backend.clean(ctx)
-        clean_root(ctx.root)
-        for script in template.scripts("post-cache"):
-            run_script(script, root=ctx.root, inside=False, env=env, quiet=ctx.quiet, log=ctx.log)
+        clean_for_packing(template, backend, ctx, env)
     with timer.step("manifest", lambda: f"{len(changes)} changes"):
         packages = backend.installed_packages(ctx.root)
         changes = _package_changes(manifest.get("packages", []), packages)
