@@ -246,8 +246,12 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
                 backend.install(ctx, template.packages)
             if template.get("remove_packages"):
                 backend.remove(ctx, template["remove_packages"])
-        if use_stage:
+        if use_stage and template.customizes_root():
             with timer.step("save-stage", lambda: f"{stage_size / 1e6:.1f} MB"):
+                # The stage is the root as cleaning leaves it, so it is exactly what a template without files
+                # and scripts packs: for those, the cache archive itself becomes the stage (no extra packing).
+                backend.clean(ctx)
+                clean_root(ctx.root)
                 stage_size = stages.save(template.name, ctx.root, key)
         ctx.facts["stage"] = "saved" if use_stage else "disabled"
 
@@ -270,6 +274,8 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
         result = pack(ctx.root, archive_tmp, source_date_epoch=source_date_epoch(),
                       progress=lambda done: reporter.progress(done, total))
         reporter.progress_end()
+    if ctx.facts["stage"] == "saved" and not template.customizes_root():
+        stages.save_archive(template.name, archive_tmp, key)
 
     return {
         "name": template.name,

@@ -5,8 +5,10 @@ package inputs changed since the last build, the installed root is restored from
 bootstrapped again, and only files, scripts, cleaning and packing run. Any change in a repository's InRelease
 (or repomd), the package list, variant, keyring or vzpkg version gives another key, and a full build.
 
-One stage per template (the latest), under <cache_dir>/.stages/. Disable with --no-stage-cache or
-VZPKG_STAGE_CACHE=0.
+The stage is the root after package installation and cleaning. For a template without files or build scripts
+that is exactly what gets packed, so the cache archive itself is hard-linked as the stage and saving costs
+nothing; otherwise the stage is packed separately (fast zstd level). One stage per template (the latest), under
+<cache_dir>/.stages/. Disable with --no-stage-cache or VZPKG_STAGE_CACHE=0.
 """
 
 from __future__ import annotations
@@ -93,6 +95,26 @@ class StageStore:
         finally:
             tmp.unlink(missing_ok=True)
         return result.packed_size
+
+    def save_archive(self, name: str, archive: Path, key: str) -> None:
+        """Make an archive packed from the stage root itself the stage: a hard link, no copy."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        target, key_file = self._paths(name)
+        tmp = self.dir / f"{TMP_PREFIX}{name}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(archive, tmp)
+        except OSError:
+            return  # another filesystem: do without a stage rather than copy 40 MB
+        os.rename(tmp, target)
+        key_file.write_text(key + "\n")
+        fsync_dir(self.dir)
+
+    def remove_all(self, names: list[str] | None = None) -> int:
+        """Remove the stages of NAMES, or every stage; return the bytes freed."""
+        if names is None:
+            return self.remove()
+        return sum(self.remove(name) for name in names)
 
     def remove(self, name: str | None = None) -> int:
         """Remove one template's stage, or all; return the bytes freed."""

@@ -92,6 +92,10 @@ class Template:
                 found.append(p)
         return found
 
+    def customizes_root(self) -> bool:
+        """Whether the template changes the root beyond its packages (files or build scripts)."""
+        return bool(self.file_trees()) or any(self.scripts(s) for s in ("pre-cache", "post-install", "post-cache"))
+
     def file_trees(self) -> list[Path]:
         return [d / "files" for d in self.chain if (d / "files").is_dir()]
 

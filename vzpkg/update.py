@@ -39,11 +39,12 @@ from .build import (
     source_date_epoch,
 )
 from .cache import TMP_PREFIX, CacheStore, fsync_dir, write_json_atomic
-from .chroot import unmount_below
+from .chroot import remove_work_dir, unmount_below
 from .config import Settings
 from .errors import BuildError, CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
 from .lock import locked
 from .pkgmgr import get_backend
+from .stage import StageStore
 from .status import compare, repository_label, template_changes
 from .template import Template, TemplateRepository
 
@@ -410,10 +411,10 @@ def _path_size(path: Path) -> int:
     return total
 
 
-def clean(settings: Settings, *, packages: bool, metadata: bool, generations: bool,
+def clean(settings: Settings, *, packages: bool, metadata: bool, generations: bool, stages: bool = False,
           names: list[str] | None = None, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Free space: the package cache, the metadata cache, generations; always leftovers of dead runs
-    (a leftover whose template lock is held belongs to a live run and is kept)."""
+    """Free space: the package cache, the metadata cache, generations, build stages; always leftovers of dead
+    runs (a leftover whose template lock is held belongs to a live run and is kept)."""
     reporter = reporter or Reporter()
     store = CacheStore(settings.cache_dir)
     report: dict[str, Any] = {"freed": 0, "removed": [], "skipped": []}
@@ -421,8 +422,7 @@ def clean(settings: Settings, *, packages: bool, metadata: bool, generations: bo
     def _remove(path: Path) -> None:
         size = _path_size(path)
         if path.is_dir() and not path.is_symlink():
-            unmount_below(path)
-            shutil.rmtree(path, ignore_errors=True)
+            remove_work_dir(path)
         else:
             path.unlink(missing_ok=True)
         report["freed"] += size
@@ -460,4 +460,7 @@ def clean(settings: Settings, *, packages: bool, metadata: bool, generations: bo
         _remove(settings.package_cache_dir)
     if metadata and settings.metadata_cache_dir.exists():
         _remove(settings.metadata_cache_dir)
+    if stages:
+        freed = StageStore(settings.cache_dir).remove_all(names)
+        report["freed"] += freed
     return report

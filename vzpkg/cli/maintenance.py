@@ -145,20 +145,21 @@ def register(group: click.Group) -> None:
     @click.option("--packages", is_flag=True, help="Downloaded packages (<cache_dir>/.packages).")
     @click.option("--metadata", is_flag=True, help="Repository metadata (<cache_dir>/.metadata).")
     @click.option("--generations", is_flag=True, help="Earlier caches kept for rollback (of NAMES, or all).")
+    @click.option("--stages", is_flag=True, help="Build stages that speed up rebuilds (<cache_dir>/.stages).")
     @_cache_dir
     @_json
     @handle_errors("vzpkg")
-    def clean(names: tuple[str, ...], packages: bool, metadata: bool, generations: bool, cache_dir: str | None,
-              as_json: bool) -> None:
+    def clean(names: tuple[str, ...], packages: bool, metadata: bool, generations: bool, stages: bool,
+              cache_dir: str | None, as_json: bool) -> None:
         """Free space. Without options: downloaded packages and repository metadata. Work files of interrupted
         runs are always removed (those of runs still going are left alone)."""
         from ..update import clean as do_clean
 
-        if not (packages or metadata or generations):
+        if not (packages or metadata or generations or stages):
             packages = metadata = True
         settings = _settings(cache_dir)
         reporter = PrintingReporter(quiet=as_json, verbose=False)
-        report = do_clean(settings, packages=packages, metadata=metadata, generations=generations,
+        report = do_clean(settings, packages=packages, metadata=metadata, generations=generations, stages=stages,
                           names=list(names) or None, reporter=reporter)
         if as_json:
             print_json(report)

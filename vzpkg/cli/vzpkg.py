@@ -163,12 +163,14 @@ def remove_cache(names: tuple[str, ...], cache_dir: str | None) -> None:
     """Remove the cache (archive and manifest) of each template NAME."""
     from ..cache import CacheStore
     from ..lock import locked
+    from ..stage import StageStore
 
     settings = _settings(cache_dir)
     store = CacheStore(settings.cache_dir)
     for name in names:
         with locked(settings.lock_dir / f"{name}.lock", timeout=60, what=f"template {name}"):
             store.remove(name)
+            StageStore(settings.cache_dir).remove(name)
         click.echo(f"removed cache {name}")
 
 
