@@ -16,19 +16,25 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from vzpkg.errors import UsageError
 
 DEFAULT_ID_SHIFT = 100000
 ID_RANGE = 65536
-_VEID_RE = re.compile(r"^(?:[0-9]{1,10}|[A-Za-z][A-Za-z0-9._-]{0,63})$")
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _valid_veid(veid: str) -> bool:
+    # a number of up to 10 digits, or a name starting with a letter (no regex: `re` costs ms to import)
+    if veid.isascii() and veid.isdigit():
+        return len(veid) <= 10
+    return 0 < len(veid) <= 64 and veid[0].isascii() and veid[0].isalpha() and set(veid) <= _NAME_CHARS
 
 
 def check_veid(veid: str) -> str:
     veid = str(veid)
-    if not _VEID_RE.match(veid) or veid in (".", ".."):
+    if not _valid_veid(veid):
         raise UsageError(f"invalid VEID {veid!r}: use a number (101) or a name of letters, digits, '.', '_', '-'"
                          " starting with a letter")
     return veid
@@ -123,6 +129,8 @@ class Layout:
 
 def templates_in_use(layout: Layout) -> set[str]:
     """Names of template/<...> directories some VE still uses (for `vzpkg clean`)."""
+    import re
+
     used = set()
     for veid in layout.veids():
         try:
