@@ -191,3 +191,45 @@ def test_vzlist(rt):
     assert _vzlist(rt, "-a", "-H", "-o", "veid", stopped).split() == [stopped]
     header = _vzlist(rt, "-a", "-o", "veid,hostname,ip,numproc,memory,disk,ostemplate").splitlines()[0].split()
     assert header == ["VEID", "HOSTNAME", "IP_ADDR", "NPROC", "MEMORY", "DISK", "OSTEMPLATE"]
+
+
+def test_enter_gives_a_pty_shell(rt):
+    import pty
+    import select
+    import time
+
+    from .conftest import PROJECT, VZCTL
+
+    veid = rt.create()
+    pid, fd = pty.fork()
+    if pid == 0:
+        try:
+            os.chdir(PROJECT)
+            os.execve(VZCTL[0], [*VZCTL, "enter", veid], rt.env)
+        finally:
+            os._exit(127)
+    out = b""
+    sent = False
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([fd], [], [], 0.5)
+            if r:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if not sent and b"# " in out:  # the prompt: the shell is ready for input
+                os.write(fd, b"tty; echo MARK$((6*7)); hostname; exit 3\n")
+                sent = True
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert "MARK42" in text, text
+    assert "/dev/pts/0" in text, "the shell runs on a pty of the VE's own devpts"
+    assert veid in text
+    assert os.waitstatus_to_exitcode(status) == 3
