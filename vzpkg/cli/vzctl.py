@@ -45,6 +45,9 @@ def _parser(only: str | None = None):
     c.add_argument("--layout", choices=("overlay", "copy"))
     c.add_argument("--privileged", action="store_true", help="no user namespace: UNSAFE, host root in the VE")
     c.add_argument("--cache-dir", help="where the caches are (default $VZPKG_CACHE_DIR or the config)")
+    c.add_argument("--id-shift", type=int, default=None,
+                   help="host uid/gid of the VE's root (default 100000, shared by all VEs); a range of its own "
+                        "costs one more unpack of the template")
 
     for name, helptext in (("start", "start a VE"), ("mount", "mount a VE's root"), ("umount", "unmount it"),
                            ("enter", "interactive shell in a running VE")):
@@ -174,7 +177,8 @@ def run(argv: list[str]) -> int:
             print("vzctl: WARNING: a --privileged VE runs as host root without a user namespace; on a stock "
                   "kernel its root can take the host over. Use it only for trusted workloads.", file=sys.stderr)
         ve.create(layout, args.veid, args.ostemplate, cache_dir=cache_dir, hostname=args.hostname,
-                  sample=args.config, layout_kind=args.layout, privileged=args.privileged)
+                  sample=args.config, layout_kind=args.layout, privileged=args.privileged,
+                  **({"id_shift": args.id_shift} if args.id_shift is not None else {}))
         _say(args, f"VE {args.veid} created from {args.ostemplate}")
     elif cmd == "start":
         pid = ve.start(layout, args.veid)

@@ -152,6 +152,8 @@ def create(
 
     veid = check_veid(veid)
     validate_value("OSTEMPLATE", ostemplate)
+    if not 0 < id_shift <= 2**32 - ID_RANGE and not privileged:
+        raise VEError(f"id shift {id_shift}: must be 1..{2**32 - ID_RANGE} (host uid of the VE's root)")
     if hostname:
         validate_value("HOSTNAME", hostname)
     for d in (layout.conf_dir, layout.lock_dir, layout.template_dir, layout.private_dir, layout.mount_dir):

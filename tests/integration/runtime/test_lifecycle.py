@@ -233,3 +233,10 @@ def test_enter_gives_a_pty_shell(rt):
     assert "/dev/pts/0" in text, "the shell runs on a pty of the VE's own devpts"
     assert veid in text
     assert os.waitstatus_to_exitcode(status) == 3
+
+
+def test_id_range_of_its_own(rt):
+    veid = rt.create("--id-shift", "300000")
+    rt.sh(veid, "touch /root/mine", check=True)
+    assert os.stat(rt.private(veid) / "upper/root/mine").st_uid == 300000
+    assert rt.vzctl("exec", veid, "cat", "/proc/self/uid_map").stdout.split() == ["0", "300000", "65536"]
