@@ -292,6 +292,15 @@ def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit
     from . import init as init_mod
 
     hostname = conf.get("HOSTNAME") or veid
+    # files the VE's pid 1 writes into its tree before pivot_root (as the VE's root, so owned by it)
+    files = {}
+    if conf.get("HOSTNAME"):
+        files["etc/hostname"] = f"{hostname}\n"
+    if conf.get("NAMESERVER"):
+        lines = [f"nameserver {ns_}" for ns_ in (conf.get("NAMESERVER") or "").split()]
+        if conf.get("SEARCHDOMAIN"):
+            lines.append(f"search {conf.get('SEARCHDOMAIN')}")
+        files["etc/resolv.conf"] = "\n".join(lines) + "\n"
     init_path, init_argv = init_mod.argv_for(init_kind, vzinit)
     up_r, up_w = os.pipe2(os.O_CLOEXEC)
     down_r, down_w = os.pipe2(os.O_CLOEXEC)
@@ -302,7 +311,7 @@ def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit
     if pid == 0:
         os.close(up_r)
         os.close(down_w)
-        _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_argv, vzinit)
+        _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_argv, vzinit, files)
     os.close(up_w)
     os.close(down_r)
     init_pid = 0
@@ -346,7 +355,7 @@ def _report(fd: int, exc: BaseException) -> None:
         pass
 
 
-def _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_argv, vzinit) -> None:
+def _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_argv, vzinit, files) -> None:
     """The middle process: makes the user namespace, then the others, then forks the VE's pid 1."""
     try:
         ns.set_pdeathsig(signal.SIGKILL)
@@ -371,7 +380,7 @@ def _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_arg
         pid = os.fork()
         if pid == 0:
             try:
-                _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit)
+                _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit, files)
             except BaseException as e:
                 _report(up_w, e)
             os._exit(1)
@@ -398,7 +407,7 @@ def _bind_ro(path: str) -> None:
     ns.mount(None, path, None, ns.MS_BIND | ns.MS_REMOUNT | ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)
 
 
-def _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit) -> None:
+def _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit, files) -> None:
     """VE pid 1 before exec: build the VE's world, pivot into it, exec the init."""
     os.setsid()
     r = "."  # the cwd is the VE root (see _child): every path below is relative to it
@@ -459,6 +468,15 @@ def _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit) -> 
     ns.umount(".", ns.MNT_DETACH)
     os.chdir("/")
     ns.sethostname(hostname)
+    # only now, inside the VE's root: a symlink the VE planted resolves within the VE, never on the host
+    for rel, text in files.items():
+        try:
+            if os.path.islink(f"/{rel}"):
+                os.unlink(f"/{rel}")
+            with open(f"/{rel}", "w") as f:
+                f.write(text)
+        except OSError:
+            pass
     try:
         ns.bring_up_loopback()
     except OSError:
