@@ -11,7 +11,8 @@ Cases (--cases, comma-separated; default all):
                       download cache, no metadata, no build-stage cache)
   vzpkg-warm          the same with D kept from a previous (untimed, priming) run
   vzpkg-warm-nostage  vzpkg-warm with VZPKG_STAGE_CACHE=0 (build-stage reuse disabled)
-  mmdebstrap-cold     mmdebstrap --variant=minbase --include=PKGS --hook-dir=.../merged-usr SUITE OUT.tar.zst REPOS
+  mmdebstrap-cold     mmdebstrap --variant=minbase --include=PKGS --hook-dir=.../merged-usr --dpkgopt=force-unsafe-io
+                      SUITE OUT.tar.zst REPOS
   mmdebstrap-warm     the same plus a package cache through sync-in/sync-out hooks (man mmdebstrap, "caching")
   debootstrap-cold    debootstrap --variant=minbase --include=PKGS SUITE DIR MIRROR; tar | zstd -T0
   debootstrap-warm    the same with --cache-dir=C kept from a previous (untimed, priming) run
@@ -230,8 +231,9 @@ class MmdebstrapCold(Case):
         return []
 
     def command(self) -> list[str]:
+        # force-unsafe-io as vzpkg gives its own mmdebstrap run: the same dpkg settings on both sides.
         return ["mmdebstrap", "--variant=minbase", f"--include={','.join(self.s.packages)}",
-                f"--hook-dir={MERGED_USR_HOOKS}", *self.options(),
+                f"--hook-dir={MERGED_USR_HOOKS}", "--dpkgopt=force-unsafe-io", *self.options(),
                 self.s.suite, str(self.output()), *self.s.repositories]
 
     def output(self) -> Path:

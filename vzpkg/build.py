@@ -21,7 +21,7 @@ from typing import Any
 from . import __version__, stage
 from .archive import pack
 from .cache import CacheStore
-from .chroot import build_mounts, host_resolver, no_daemons, remove_work_dir, run_script
+from .chroot import build_mounts, host_resolver, no_daemons, prepare_build_root, remove_work_dir, run_script
 from .config import Settings
 from .distro import get_distribution
 from .errors import BuildError, CacheExistsError
@@ -232,6 +232,7 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
     stages = StageStore(settings.cache_dir)
     use_stage = options.stage_cache and stage.enabled()
     key = stage.stage_key(template.data, ctx.repositories, repo_state, backend.bootstrapper_name(ctx))
+    ctx.facts["build_in_memory"] = prepare_build_root(ctx.root, settings.build_in_memory)
     if use_stage and stages.matches(template.name, key):
         with timer.step("restore-stage", lambda: "repositories and packages unchanged: installed root reused"):
             stages.restore(template.name, ctx.root)
@@ -266,7 +267,8 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
         clean_for_packing(template, backend, ctx, env)
     with timer.step("manifest", lambda: f"{len(packages)} packages"):
         packages = backend.installed_packages(ctx.root)
-    if (leftover := [m for m in _mounts(ctx.root)]):
+    # The root may itself be a tmpfs (build_in_memory); nothing may be mounted inside it.
+    if (leftover := [m for m in _mounts(ctx.root) if m != os.path.realpath(ctx.root)]):
         raise BuildError(f"mounts left inside the root before packing: {', '.join(leftover)}")
 
     total = _dir_size(ctx.root)

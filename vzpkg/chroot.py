@@ -132,6 +132,35 @@ def run_script(script: Path, *, root: Path, inside: bool, env: dict[str, str], q
         _run([str(script), str(root)], env=env, what=label, quiet=quiet, log=log, error=ScriptError)
 
 
+IN_MEMORY_MIN_AVAILABLE = 4 << 30
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def prepare_build_root(root: Path, mode: str) -> bool:
+    """Create the directory a root is built in; on a tmpfs when MODE says so (auto: with enough free memory).
+
+    dpkg and tar create thousands of small files; on a tmpfs that is about a fifth faster than on disk. The
+    mount sits inside the work directory, so removing the work directory undoes it. Returns True for tmpfs.
+    """
+    root.mkdir()
+    if mode == "no" or (mode == "auto" and _mem_available() < IN_MEMORY_MIN_AVAILABLE):
+        return False
+    try:
+        _mount("tmpfs", root, "tmpfs", ["mode=0755", "size=50%"])
+    except subprocess.CalledProcessError as e:
+        if mode == "yes":
+            raise BuildError(f"cannot mount a tmpfs for the build root: {e.stderr.decode(errors='replace').strip()}") from e
+        return False
+    return True
+
+
 def run_tool(cmd: Sequence[str], *, env: dict[str, str], stdout=None, stderr=None) -> int:
     """Run a tool in a process group of its own; if vzpkg is interrupted, the whole group is stopped first.
 

@@ -5,6 +5,7 @@ The config file is TOML, read from $VZPKG_CONFIG or /etc/vzpkg/vzpkg.conf:
     cache_dir = "/var/lib/vz/template/cache"
     template_dirs = ["/etc/vzpkg/templates"]
     bootstrapper = "auto"            # auto | mmdebstrap | debootstrap
+    build_in_memory = "auto"         # auto | yes | no: build the root on a tmpfs (auto: with >= 4 GiB free)
     metadata_expire = 86400          # seconds
     [mirrors]
     debian = "http://mirror.example/debian"
@@ -27,7 +28,8 @@ DEFAULT_CACHE_DIR = Path("/var/lib/vz/template/cache")
 DEFAULT_VZ_ROOT = Path("/var/lib/vz")
 BOOTSTRAPPERS = ("auto", "mmdebstrap", "debootstrap")
 
-_KNOWN_KEYS = {"cache_dir", "template_dirs", "bootstrapper", "metadata_expire", "mirrors", "vz_root"}
+_KNOWN_KEYS = {"cache_dir", "template_dirs", "bootstrapper", "build_in_memory", "metadata_expire", "mirrors", "vz_root"}
+IN_MEMORY_CHOICES = ("auto", "yes", "no")
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Settings:
     cache_dir: Path = DEFAULT_CACHE_DIR
     template_dirs: list[Path] = field(default_factory=list)
     bootstrapper: str = "auto"
+    build_in_memory: str = "auto"
     metadata_expire: int = 86400
     mirrors: dict[str, str] = field(default_factory=dict)
     vz_root: Path = DEFAULT_VZ_ROOT
@@ -92,6 +95,8 @@ def load_settings(
         settings.template_dirs = [Path(p) for p in data["template_dirs"]]
     if "bootstrapper" in data:
         settings.bootstrapper = str(data["bootstrapper"])
+    if "build_in_memory" in data:
+        settings.build_in_memory = str(data["build_in_memory"]).lower()
     if "metadata_expire" in data:
         if not isinstance(data["metadata_expire"], int):
             raise ConfigError(f"{config_path}: metadata_expire: expected an integer number of seconds")
@@ -109,6 +114,8 @@ def load_settings(
         settings.template_dirs = [Path(p) for p in env["VZPKG_TEMPLATE_DIR"].split(":") if p]
     if env.get("VZPKG_BOOTSTRAPPER"):
         settings.bootstrapper = env["VZPKG_BOOTSTRAPPER"]
+    if env.get("VZPKG_BUILD_IN_MEMORY"):
+        settings.build_in_memory = env["VZPKG_BUILD_IN_MEMORY"].lower()
     # VZPKG_MIRROR sets the main mirror of whatever distribution is built; VZPKG_MIRROR_<DISTRO>
     # (e.g. VZPKG_MIRROR_DEBIAN_SECURITY) sets one mirror by name.
     for key, value in env.items():
@@ -126,6 +133,8 @@ def load_settings(
 
     if settings.bootstrapper not in BOOTSTRAPPERS:
         raise ConfigError(f"bootstrapper: {settings.bootstrapper!r} is not one of {', '.join(BOOTSTRAPPERS)}")
+    if settings.build_in_memory not in IN_MEMORY_CHOICES:
+        raise ConfigError(f"build_in_memory: {settings.build_in_memory!r} is not one of {', '.join(IN_MEMORY_CHOICES)}")
     settings.cache_dir = settings.cache_dir.absolute()
     settings.vz_root = settings.vz_root.absolute()
     if not settings.template_dirs:

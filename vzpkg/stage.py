@@ -63,7 +63,7 @@ class StageStore:
     def restore(self, name: str, root: Path) -> None:
         """Unpack the stage into ROOT (our own archive: GNU tar restores owners, modes and xattrs)."""
         archive, _ = self._paths(name)
-        root.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(
             ["tar", "--extract", "--file=-", f"--directory={root}", "--numeric-owner", "--same-permissions",
              "--xattrs", "--xattrs-include=*"],

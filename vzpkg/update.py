@@ -39,7 +39,7 @@ from .build import (
     source_date_epoch,
 )
 from .cache import TMP_PREFIX, CacheStore, fsync_dir, write_json_atomic
-from .chroot import remove_work_dir, unmount_below
+from .chroot import prepare_build_root, remove_work_dir
 from .config import Settings
 from .errors import BuildError, CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
 from .lock import locked
@@ -292,8 +292,7 @@ def update_cache(name: str, settings: Settings, options: UpdateOptions | None = 
                     "manifest": new_manifest, "changes": new_manifest["changes"], "generation": generation,
                     "durations": new_manifest["durations"]}
         finally:
-            unmount_below(work_dir)
-            shutil.rmtree(work_dir, ignore_errors=True)
+            remove_work_dir(work_dir)
             archive_tmp.unlink(missing_ok=True)
 
 
@@ -322,7 +321,7 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
     with timer.step("check-repositories", lambda: f"{len(repo_state)} repositories verified"):
         repo_state = backend.check_repositories(ctx)
 
-    ctx.root.mkdir()
+    ctx.facts["build_in_memory"] = prepare_build_root(ctx.root, settings.build_in_memory)
     with timer.step("unpack", lambda: f"{members} members"):
         members = safe_unpack(store.archive_path(template.name), ctx.root)
 
@@ -356,7 +355,7 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
         changes = _package_changes(manifest.get("packages", []), packages)
     from .chroot import mounts_below
 
-    if (leftover := mounts_below(ctx.root)):
+    if (leftover := [m for m in mounts_below(ctx.root) if m != os.path.realpath(ctx.root)]):
         raise BuildError(f"mounts left inside the root before packing: {', '.join(leftover)}")
     with timer.step("pack", lambda: f"{result.packed_size / 1e6:.1f} MB"):
         result = pack(ctx.root, archive_tmp, source_date_epoch=source_date_epoch())

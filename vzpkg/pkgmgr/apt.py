@@ -76,17 +76,17 @@ class AptBackend(PackageManager):
         q = shlex.quote
         archives = '"$1/var/cache/apt/archives"'
         lists = '"$1/var/lib/apt/lists"'
-        # Package files and index files are hard-linked in and out (same filesystem as the work dir), so a warm
-        # build neither downloads packages nor index files that did not change (apt revalidates them).
+        # Package files and index files are hard-linked in and out (copied when the root is on a tmpfs), so a
+        # warm build neither downloads packages nor index files that did not change (apt revalidates them).
         sync_in = (
             f"mkdir -p {archives}/partial {lists}/partial && "
-            f"find {q(str(cache))} -maxdepth 1 -name '*.deb' -exec ln -f -t {archives} {{}} + && "
-            f"find {q(str(cache / 'lists'))} -maxdepth 1 -type f -exec ln -f -t {lists} {{}} +"
+            f"{_link_or_copy(q(str(cache)), archives, '-name *.deb')} && "
+            f"{_link_or_copy(q(str(cache / 'lists')), lists, '-type f')}"
         )
         sync_out = (
-            f"find {archives} -maxdepth 1 -name '*.deb' -exec ln -f -t {q(str(cache))} {{}} + && "
+            f"{_link_or_copy(archives, q(str(cache)), '-name *.deb', keep=True)} && "
             f"rm -rf {q(str(cache / 'lists'))} && mkdir -p {q(str(cache / 'lists'))} && "
-            f"find {lists} -maxdepth 1 -type f ! -name lock -exec ln -f -t {q(str(cache / 'lists'))} {{}} +"
+            f"{_link_or_copy(lists, q(str(cache / 'lists')), '-type f ! -name lock')}"
         )
         policy = (
             "printf '#!/bin/sh\\nexit 101\\n' > \"$1/usr/sbin/policy-rc.d\" && chmod 755 \"$1/usr/sbin/policy-rc.d\""
@@ -187,6 +187,15 @@ class AptBackend(PackageManager):
                 packages.append({"name": para["Package"], "version": para["Version"],
                                  "architecture": para.get("Architecture", "")})
         return sorted(packages, key=lambda p: (p["name"], p["architecture"]))
+
+
+def _link_or_copy(src: str, dest: str, predicate: str, keep: bool = False) -> str:
+    """Shell: hard-link the files of SRC matching PREDICATE into DEST, copying where links cannot cross
+    filesystems. With KEEP, files already in DEST are left alone."""
+    quoted = " ".join(f"'{w}'" if "*" in w else w for w in predicate.split())
+    copy = "cp -n" if keep else "cp -f"
+    return (f"find {src} -maxdepth 1 {quoted} -print0 | "
+            f"xargs -0 -r sh -c 'ln -f -t \"$0\" \"$@\" 2>/dev/null || {copy} -t \"$0\" \"$@\"' {dest}")
 
 
 def _log_tail(log: Path, lines: int = 3) -> str:
