@@ -153,6 +153,7 @@ def test_reproducible_builds(seeded_cache_dir: Path) -> None:
     m2 = json.loads(run_vzpkg(*args, env=env, check=True).stdout)
     m3 = json.loads(run_vzpkg(*args, env=env, check=True).stdout)
     assert (m1["stage"], m2["stage"], m3["stage"]) == ("disabled", "saved", "reused")
+    assert m1["build_in_memory"] is True  # this machine has the memory: the root is built on a tmpfs
     assert "bootstrap" not in m3["durations"] and "restore-stage" in m3["durations"]
     assert [p["version"] for p in m1["packages"]] == [p["version"] for p in m2["packages"]]
     assert m1["sha256"] == m2["sha256"], "two full builds with one SOURCE_DATE_EPOCH differ"
@@ -341,10 +342,11 @@ def test_concurrent_builds_are_serialized(seeded_cache_dir: Path) -> None:
 def test_debootstrap_fallback_builds_the_same_package_set(seeded_cache_dir: Path,
                                                           debian12_cache: tuple[Path, str]) -> None:
     proc = run_vzpkg("create-cache", NAME, "--cache-dir", str(seeded_cache_dir), "--json", "-q", "--no-stage-cache",
-                     env={"VZPKG_BOOTSTRAPPER": "debootstrap"})
+                     env={"VZPKG_BOOTSTRAPPER": "debootstrap", "VZPKG_BUILD_IN_MEMORY": "no"})
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads(proc.stdout)
     assert manifest["bootstrapper"] == "debootstrap"
+    assert manifest["build_in_memory"] is False
     reference = json.loads((debian12_cache[0] / f"{NAME}.json").read_text())
     assert {(p["name"], p["version"]) for p in manifest["packages"]} == \
         {(p["name"], p["version"]) for p in reference["packages"]}

@@ -95,3 +95,10 @@ def test_debian_mirrors_from_host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(debian_mod, "host_sources", lambda: [])
     with pytest.raises(ConfigError, match="no debian mirror configured"):
         Debian().mirrors(load_settings(environ={"VZPKG_CONFIG": "/nonexistent"}))
+
+
+def test_build_in_memory_setting(tmp_path: Path) -> None:
+    assert load_settings(environ={"VZPKG_CONFIG": "/nonexistent"}).build_in_memory == "auto"
+    assert load_settings(environ={"VZPKG_CONFIG": "/nonexistent", "VZPKG_BUILD_IN_MEMORY": "no"}).build_in_memory == "no"
+    with pytest.raises(ConfigError, match="build_in_memory"):
+        load_settings(environ={"VZPKG_CONFIG": "/nonexistent", "VZPKG_BUILD_IN_MEMORY": "sometimes"})
