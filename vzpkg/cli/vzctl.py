@@ -128,10 +128,25 @@ class _Args:
         self.__dict__.update(kw)
 
 
+# command -> {option: (attribute, takes a value)} for the argparse-free fast path
+_FAST = {
+    "start": {}, "mount": {}, "umount": {}, "status": {"--json": ("json", False), "--beancounters": ("beancounters", False)},
+    "stop": {"--fast": ("fast", False)}, "restart": {"--fast": ("fast", False)},
+    "destroy": {"--force": ("force", False)},
+    "create": {"--ostemplate": ("ostemplate", True), "--hostname": ("hostname", True), "--config": ("config", True),
+               "--layout": ("layout", True), "--privileged": ("privileged", False), "--cache-dir": ("cache_dir", True),
+               "--id-shift": ("id_shift", True)},
+}
+_FAST_DEFAULTS = {"quiet": False, "fast": False, "timeout": 10.0, "json": False, "beancounters": False, "force": False,
+                  "ostemplate": None, "hostname": None, "config": None, "layout": None, "privileged": False,
+                  "cache_dir": None, "id_shift": None}
+
+
 def _fast_parse(argv: list[str]) -> _Args | None:
-    """The hot commands (start, stop, status, exec) in their plain forms, parsed without argparse: its import
-    (with re, enum and gettext) costs ~6 ms of the start-to-first-exec budget. Anything else -> None."""
-    kw: dict = {"quiet": False, "fast": False, "timeout": 10.0, "json": False, "beancounters": False}
+    """The plain forms of the frequent commands, parsed without argparse: its import (with re, enum and gettext)
+    costs ~6 ms of the start-to-first-exec budget. Anything unusual (help, errors, --timeout...) -> None, and
+    argparse handles it."""
+    kw: dict = dict(_FAST_DEFAULTS)
     pos: list[str] = []
     i = 0
     while i < len(argv):
@@ -139,24 +154,37 @@ def _fast_parse(argv: list[str]) -> _Args | None:
         if len(pos) == 2 and pos[0] == "exec":
             kw["cmd"] = argv[i:]
             break
+        opts = _FAST.get(pos[0], {}) if pos else {}
         if a == "--root" and i + 1 < len(argv):
             kw["root"] = argv[i + 1]
             i += 1
         elif a in ("-q", "--quiet"):
             kw["quiet"] = True
-        elif a == "--fast" and pos[:1] == ["stop"]:
-            kw["fast"] = True
-        elif a in ("--json", "--beancounters") and pos[:1] == ["status"]:
-            kw[a[2:]] = True
+        elif a in opts:
+            attr, takes_value = opts[a]
+            if takes_value:
+                if i + 1 >= len(argv):
+                    return None
+                kw[attr] = argv[i + 1]
+                i += 1
+            else:
+                kw[attr] = True
         elif a.startswith("-") or len(pos) == 2:
             return None
         else:
             pos.append(a)
         i += 1
-    if len(pos) != 2 or pos[0] not in ("start", "stop", "status", "exec"):
+    if len(pos) != 2 or (pos[0] not in _FAST and pos[0] != "exec"):
         return None
     if pos[0] == "exec" and (not kw.get("cmd") or kw["cmd"][0] in ("-h", "--help")):
         return None
+    if pos[0] == "create":
+        if kw["ostemplate"] is None or (kw["layout"] not in (None, "overlay", "copy")):
+            return None
+        if kw["id_shift"] is not None:
+            if not kw["id_shift"].isdigit():
+                return None
+            kw["id_shift"] = int(kw["id_shift"])
     return _Args(command=pos[0], veid=pos[1], **kw)
 
 

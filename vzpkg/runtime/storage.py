@@ -93,9 +93,6 @@ def ensure_template(layout: Layout, cache_dir: Path, name: str, id_shift: int) -
 
 def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, id_shift: int) -> Path:
     """Build private/<id> under a temporary name and rename it into place. Returns the private dir."""
-    import shutil
-    import subprocess
-
     final = layout.private(veid)
     if final.exists():
         raise VEError(f"private area {final} already exists: destroy VE {veid} first or remove it by hand")
@@ -109,6 +106,8 @@ def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, 
             os.chown(upper, id_shift, id_shift)
             (tmp / "work").mkdir(mode=0o700)
         elif layout_kind == "copy":
+            import subprocess
+
             proc = subprocess.run(["cp", "-a", "--reflink=auto", str(template), str(tmp / "root")],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
@@ -117,6 +116,8 @@ def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, 
             raise VEError(f"unknown layout {layout_kind!r}: use overlay or copy")
         os.rename(tmp, final)
     except BaseException:
+        import shutil
+
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
@@ -168,7 +169,6 @@ def umount_root(layout: Layout, veid: str) -> None:
 
 def remove_private(layout: Layout, veid: str) -> None:
     import shutil
-    import subprocess
 
     private = layout.private(veid)
     if not private.exists():
@@ -179,6 +179,8 @@ def remove_private(layout: Layout, veid: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
     if doomed.exists():
         # overlay work dirs can hold a d--------- 'work' dir: make everything writable and retry
+        import subprocess
+
         subprocess.run(["rm", "-rf", "--one-file-system", str(doomed)], capture_output=True)
 
 
