@@ -241,6 +241,7 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
     veid = check_veid(veid)
     with _Lock(layout, veid):
         conf = load_conf(layout, veid)
+        conf.validate()  # a hand-edited config with a bad value is refused here, naming file, line and key
         if running_init(layout, veid):
             raise VEStateError(f"VE {veid} is already running")
         # whatever a crashed start or a dead VE left behind

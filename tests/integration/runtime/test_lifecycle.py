@@ -240,3 +240,12 @@ def test_id_range_of_its_own(rt):
     rt.sh(veid, "touch /root/mine", check=True)
     assert os.stat(rt.private(veid) / "upper/root/mine").st_uid == 300000
     assert rt.vzctl("exec", veid, "cat", "/proc/self/uid_map").stdout.split() == ["0", "300000", "65536"]
+
+
+def test_start_refuses_a_bad_hand_edited_config(rt):
+    veid = rt.create(start=False)
+    conf = rt.root / "conf" / f"{veid}.conf"
+    conf.write_text(conf.read_text() + 'HOSTNAME="bad host!"\n')
+    p = rt.vzctl("start", veid, check=False)
+    assert p.returncode == 13 and "HOSTNAME" in p.stderr and str(conf) in p.stderr
+    assert rt.vzctl("status", veid).stdout.strip().endswith("unmounted down")
