@@ -120,6 +120,71 @@ def load_conf(layout: Layout, veid: str):
     return VEConfig.load(path, strict=False)
 
 
+class _ConfView:
+    """The parts of a validated VE config that start needs, read from a cache (see load_conf_cached)."""
+
+    def __init__(self, values: dict[str, str], limits: dict) -> None:
+        self.values = values
+        self.limits = limits
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.values.get(key, default)
+
+
+def _cache_key(path: Path) -> str:
+    st = os.stat(path)
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def load_conf_cached(layout: Layout, veid: str) -> _ConfView:
+    """The VE's config, validated, for start.
+
+    Parsing and validating a config means importing conf.py (~15 ms with its dependencies, most of the
+    start-up budget); so the validated values and the derived limits are cached in run/<id>.conf-cache, keyed
+    by the config file's inode, size and mtime. Any edit of the file (vzctl set --save, an editor) misses the
+    cache and the file is validated again.
+    """
+    path = layout.conf(veid)
+    try:
+        key = _cache_key(path)
+    except FileNotFoundError:
+        raise VENotFoundError(f"VE {veid} does not exist (no {path}): create it with 'vzctl create {veid} "
+                              "--ostemplate NAME'") from None
+    cache = layout.run_dir / f"{veid}.conf-cache"
+    try:
+        lines = cache.read_text().split("\n")
+        if lines[0] == key:
+            values: dict[str, str] = {}
+            limits: dict = {}
+            for line in lines[1:]:
+                kind, _, rest = line.partition("\t")
+                name, _, raw = rest.partition("\t")
+                value = raw.encode().decode("unicode_escape")
+                if kind == "V":
+                    values[name] = value
+                elif kind == "L":
+                    limits[name] = int(value) if value.isdigit() else value
+            return _ConfView(values, limits)
+    except (OSError, ValueError, UnicodeError):
+        pass
+    conf = load_conf(layout, veid)
+    conf.validate()  # a hand-edited config with a bad value is refused here, naming file, line and key
+    view = _ConfView(conf.to_dict(), _limits_from_conf(conf))
+    out = [key]
+    for k, v in view.values.items():
+        out.append(f"V\t{k}\t{v.encode('unicode_escape').decode()}")
+    for k, v in view.limits.items():
+        out.append(f"L\t{k}\t{v}")
+    try:
+        layout.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text("\n".join(out))
+        os.rename(tmp, cache)
+    except OSError:
+        pass
+    return view
+
+
 def _conf_params(conf) -> tuple[bool, int, str, str]:
     privileged = conf.get("PRIVILEGED") == "yes"
     shift_text = conf.get("ID_SHIFT")
@@ -219,6 +284,7 @@ def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
 
                 shutil.rmtree(p, ignore_errors=True)
         layout.conf(veid).unlink(missing_ok=True)
+        (layout.run_dir / f"{veid}.conf-cache").unlink(missing_ok=True)
         layout.lock(veid).unlink(missing_ok=True)
 
 
@@ -240,8 +306,7 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
     """Start the VE; returns the host pid of its init."""
     veid = check_veid(veid)
     with _Lock(layout, veid):
-        conf = load_conf(layout, veid)
-        conf.validate()  # a hand-edited config with a bad value is refused here, naming file, line and key
+        conf = load_conf_cached(layout, veid)
         if running_init(layout, veid):
             raise VEStateError(f"VE {veid} is already running")
         # whatever a crashed start or a dead VE left behind
@@ -257,7 +322,7 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
         cg = _cgroups()
         cg.create(veid)
         try:
-            cg.set_limits(veid, **_limits_from_conf(conf))
+            cg.set_limits(veid, **conf.limits)
             cg.setup_devices(veid, DEVICE_RULES)
             root = storage.mount_root(layout, veid, _template_of(layout, conf), kind)
             pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit)

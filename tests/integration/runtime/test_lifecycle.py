@@ -249,3 +249,19 @@ def test_start_refuses_a_bad_hand_edited_config(rt):
     p = rt.vzctl("start", veid, check=False)
     assert p.returncode == 13 and "HOSTNAME" in p.stderr and str(conf) in p.stderr
     assert rt.vzctl("status", veid).stdout.strip().endswith("unmounted down")
+
+
+def test_config_edits_are_seen_by_the_next_start(rt):
+    """start caches the validated config; an edit of the file (even by hand) invalidates the cache."""
+    veid = rt.create()
+    rt.vzctl("stop", veid)
+    conf = rt.root / "conf" / f"{veid}.conf"
+    with open(conf, "a") as f:  # in place: same inode
+        f.write('HOSTNAME="edited-by-hand"\n')
+    rt.vzctl("start", veid)
+    assert rt.vzctl("exec", veid, "hostname").stdout.strip() == "edited-by-hand"
+    rt.vzctl("stop", veid)
+    rt.vzctl("set", veid, "--ram", "96M", "--save")
+    rt.vzctl("start", veid)
+    bc = json.loads(rt.vzctl("status", veid, "--json", "--beancounters").stdout)["beancounters"]
+    assert bc["memory"]["limit"] == 96 << 20
