@@ -1,0 +1,61 @@
+"""The minimal init (vzinit): start-up scripts, orphan reaping, orderly shutdown; and INIT=distro."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+
+def test_start_scripts_run_once(rt):
+    veid = rt.create(start=False)
+    rt.vzctl("mount", veid)
+    root = rt.ve_root(veid)
+    (root / "etc/vzpkg/start").mkdir(parents=True)
+    script = root / "etc/vzpkg/start/10-hello"
+    script.write_text("#!/bin/sh\necho started >> /root/start-log\n")
+    script.chmod(0o755)
+    rc_local = root / "etc/rc.local"
+    rc_local.write_text("#!/bin/sh\necho rc.local >> /root/start-log\n")
+    rc_local.chmod(0o755)
+    rt.vzctl("umount", veid)
+    rt.vzctl("start", veid)
+    deadline = time.monotonic() + 10
+    while rt.sh(veid, "test $(wc -l < /root/start-log) -ge 2").returncode != 0:
+        assert time.monotonic() < deadline, "start-up scripts did not run"
+        time.sleep(0.05)
+    assert rt.vzctl("exec", veid, "cat", "/root/start-log").stdout == "started\nrc.local\n"
+
+
+def test_orphans_are_reaped(rt):
+    veid = rt.create()
+    # a double fork: the grandchild is orphaned to pid 1 and exits soon after
+    rt.sh(veid, "(sh -c 'sleep 0.2' &) ; true", check=True)
+    time.sleep(0.8)
+    states = rt.vzctl("exec", veid, "ps", "-eo", "stat=,comm=").stdout
+    assert "Z" not in "".join(line.split()[0] for line in states.strip().splitlines()), states
+
+
+def test_sigterm_reaches_every_process(rt):
+    """stop sends SIGTERM through init to all processes, which can shut down cleanly before the kill."""
+    veid = rt.create()
+    rt.vzctl("exec", veid, "bash", "-c",
+             "nohup bash -c 'trap \"echo bye > /root/term-seen; exit 0\" TERM; while :; do sleep 0.1; done' "
+             ">/dev/null 2>&1 &", check=True)
+    time.sleep(0.3)
+    rt.vzctl("stop", veid)
+    assert (rt.private(veid) / "upper/root/term-seen").read_text() == "bye\n"
+
+
+def test_distro_init_missing_is_a_clean_error(rt):
+    """Debian's minbase has no /sbin/init: INIT=distro fails to start, naming it, and leaves nothing."""
+    veid = rt.create(start=False)
+    rt.vzctl("set", veid, "--init", "distro", "--save")
+    p = rt.vzctl("start", veid, check=False)
+    assert p.returncode == 30 and "/sbin/init" in p.stderr, p.stderr
+    assert rt.vzctl("status", veid).stdout.strip().endswith("unmounted down")
+    from .conftest import cgroup_dirs
+
+    assert cgroup_dirs(veid) == []
