@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -98,10 +99,20 @@ class Runtime:
         assert not problems, problems
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def vz_root(tmp_path_factory, debian12_cache):
     root = tmp_path_factory.mktemp("vzroot")
-    yield root
+    # `timeout` and CI runners stop a run with SIGTERM, which would skip every teardown and leave VEs
+    # running: turn it into an interrupt so the fixtures below still stop and destroy them.
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        yield root
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     # safety net for VEs a crashed test left behind
     from vzpkg.runtime import ve
     from vzpkg.runtime.layout import Layout
