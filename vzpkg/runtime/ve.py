@@ -757,7 +757,6 @@ def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] |
 
 def enter(layout: Layout, veid: str, shell: list[str] | None = None) -> int:
     """An interactive shell in the VE on a pty of the VE's own devpts."""
-    import pty
     import select
     import termios
     import tty
@@ -773,15 +772,12 @@ def enter(layout: Layout, veid: str, shell: list[str] | None = None) -> int:
         raise VEError("cannot set up a pty in the VE")
     libc.ptsname.restype = ctypes.c_char_p
     slave_name = libc.ptsname(master).decode()
-    shell = shell or ["/bin/bash", "-l"] if os.path.exists("/bin/bash") else ["/bin/sh", "-l"]
+    if not shell:
+        shell = ["/bin/bash", "-l"] if os.path.exists("/bin/bash") else ["/bin/sh", "-l"]
     stdin_tty = os.isatty(0)
     if stdin_tty:
         try:
-            import struct
-
-            size = fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8)
-            fcntl.ioctl(master, termios.TIOCSWINSZ, size)
-            del struct
+            fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
         except OSError:
             pass
     pid = os.fork()
@@ -838,7 +834,6 @@ def enter(layout: Layout, veid: str, shell: list[str] | None = None) -> int:
             termios.tcsetattr(0, termios.TCSAFLUSH, old)
         os.close(master)
     _, status = os.waitpid(pid, 0)
-    del pty
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
 
