@@ -12,7 +12,6 @@ CPULIMIT (percent of one CPU) -> CFS quota, CPUS -> cpuset, RAM/SWAP -> memory l
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import re
 import signal
@@ -22,7 +21,17 @@ from pathlib import Path
 
 from vzpkg.errors import ConfigError, VEError
 
-log = logging.getLogger(__name__)
+
+class _LazyLog:
+    """logging costs ~3 ms to import, on vzctl's hot path; only the rare notes below need it."""
+
+    def __getattr__(self, name: str):
+        import logging
+
+        return getattr(logging.getLogger(__name__), name)
+
+
+log = _LazyLog()
 
 BASE = "vzpkg"
 CFS_PERIOD_US = 100_000
