@@ -146,21 +146,34 @@ def register(group: click.Group) -> None:
     @click.option("--metadata", is_flag=True, help="Repository metadata (<cache_dir>/.metadata).")
     @click.option("--generations", is_flag=True, help="Earlier caches kept for rollback (of NAMES, or all).")
     @click.option("--stages", is_flag=True, help="Build stages that speed up rebuilds (<cache_dir>/.stages).")
+    @click.option("--templates", is_flag=True,
+                  help="Unpacked template generations in the VZ root that no VE uses any more.")
+    @click.option("--root", "vz_root", type=click.Path(file_okay=False),
+                  help="VZ root for --templates (default: $VZ_ROOT, config file, /var/lib/vz).")
     @_cache_dir
     @_json
     @handle_errors("vzpkg")
     def clean(names: tuple[str, ...], packages: bool, metadata: bool, generations: bool, stages: bool,
-              cache_dir: str | None, as_json: bool) -> None:
+              templates: bool, vz_root: str | None, cache_dir: str | None, as_json: bool) -> None:
         """Free space. Without options: downloaded packages and repository metadata. Work files of interrupted
         runs are always removed (those of runs still going are left alone)."""
         from ..update import clean as do_clean
 
-        if not (packages or metadata or generations or stages):
+        if not (packages or metadata or generations or stages or templates):
             packages = metadata = True
         settings = _settings(cache_dir)
         reporter = PrintingReporter(quiet=as_json, verbose=False)
         report = do_clean(settings, packages=packages, metadata=metadata, generations=generations, stages=stages,
                           names=list(names) or None, reporter=reporter)
+        if templates:
+            from ..config import load_settings
+            from ..runtime.layout import Layout
+            from ..runtime.storage import remove_unused_templates
+
+            root = load_settings(cache_dir=cache_dir, vz_root=vz_root).vz_root
+            for path, size in remove_unused_templates(Layout(root)):
+                report["removed"].append(str(path))
+                report["freed"] += size
         if as_json:
             print_json(report)
             return

@@ -22,13 +22,51 @@ from .layout import Layout
 TMP_PREFIX = ".tmp-"
 
 
-def _flock(path: Path) -> int:
+def _flock(path: Path, exclusive: bool = True) -> int:
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
     return fd
+
+
+class templates_lock:  # noqa: N801 (used as a context manager, like open)
+    """The template area's lock: creates hold it shared from unpacking a template until their config (which
+    names the template) is saved; `vzpkg clean --templates` holds it exclusively while removing unused ones."""
+
+    def __init__(self, layout: Layout, *, exclusive: bool) -> None:
+        self.path = layout.template_dir / ".area.lock"
+        self.exclusive = exclusive
+        self.fd = -1
+
+    def __enter__(self) -> templates_lock:
+        self.fd = _flock(self.path, self.exclusive)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def remove_unused_templates(layout: Layout) -> list[tuple[Path, int]]:
+    """Remove unpacked template generations that no VE uses; return (path, bytes freed) for each."""
+    import shutil
+
+    from .layout import templates_in_use
+
+    removed: list[tuple[Path, int]] = []
+    if not layout.template_dir.is_dir():
+        return removed
+    with templates_lock(layout, exclusive=True):
+        used = templates_in_use(layout)
+        for path in sorted(layout.template_dir.iterdir()):
+            if path.name.startswith(".") or not path.is_dir() or path.name in used:
+                continue
+            size = disk_usage(path)
+            shutil.rmtree(path)
+            (layout.template_dir / f".{path.name}.lock").unlink(missing_ok=True)
+            removed.append((path, size))
+    return removed
 
 
 def cache_sha256(cache_dir: Path, name: str) -> str:

@@ -232,23 +232,26 @@ def create(
             raise VEError(f"unknown layout {kind!r}: use overlay or copy")
         privileged = privileged or conf.get("PRIVILEGED") == "yes"
         shift = 0 if privileged else id_shift
-        sha, template = storage.ensure_template(layout, Path(cache_dir), ostemplate, shift)
-        storage.create_private(layout, veid, template, kind, shift)
-        try:
-            conf.set("OSTEMPLATE", ostemplate)
-            conf.set("TEMPLATE_SHA256", sha)
-            conf.set("LAYOUT", kind)
-            conf.set("PRIVILEGED", "yes" if privileged else "no")
-            conf.set("ID_SHIFT", str(shift))
-            conf.set("VE_ROOT", str(layout.ve_root(veid)))
-            conf.set("VE_PRIVATE", str(layout.private(veid)))
-            if hostname:
-                conf.set("HOSTNAME", hostname)
-            layout.ve_root(veid).mkdir(exist_ok=True)
-            conf.save(layout.conf(veid))
-        except BaseException:
-            storage.remove_private(layout, veid)
-            raise
+        # Shared hold on the template area until the config naming the template is saved: `vzpkg clean
+        # --templates` cannot remove a generation between its unpacking and its first user.
+        with storage.templates_lock(layout, exclusive=False):
+            sha, template = storage.ensure_template(layout, Path(cache_dir), ostemplate, shift)
+            storage.create_private(layout, veid, template, kind, shift)
+            try:
+                conf.set("OSTEMPLATE", ostemplate)
+                conf.set("TEMPLATE_SHA256", sha)
+                conf.set("LAYOUT", kind)
+                conf.set("PRIVILEGED", "yes" if privileged else "no")
+                conf.set("ID_SHIFT", str(shift))
+                conf.set("VE_ROOT", str(layout.ve_root(veid)))
+                conf.set("VE_PRIVATE", str(layout.private(veid)))
+                if hostname:
+                    conf.set("HOSTNAME", hostname)
+                layout.ve_root(veid).mkdir(exist_ok=True)
+                conf.save(layout.conf(veid))
+            except BaseException:
+                storage.remove_private(layout, veid)
+                raise
 
 
 def mount(layout: Layout, veid: str) -> None:

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from .conftest import cgroup_dirs, mounts_below
+from .conftest import Runtime, cgroup_dirs, mounts_below
 
 pytestmark = pytest.mark.root
 
@@ -265,3 +265,40 @@ def test_config_edits_are_seen_by_the_next_start(rt):
     rt.vzctl("start", veid)
     bc = json.loads(rt.vzctl("status", veid, "--json", "--beancounters").stdout)["beancounters"]
     assert bc["memory"]["limit"] == 96 << 20
+
+
+def test_clean_removes_only_unused_template_generations(debian12_cache, tmp_path):
+    """`vzpkg clean --templates` removes an unpacked generation once no VE uses it, and no other."""
+    from conftest import run_vzpkg
+
+    from vzpkg.archive import sha256_file
+
+    cache_dir, name = debian12_cache
+    cache2 = tmp_path / "cache"
+    cache2.mkdir()
+    shutil.copy2(cache_dir / f"{name}.tar.zst", cache2 / f"{name}.tar.zst")
+    manifest = json.loads((cache_dir / f"{name}.json").read_text())
+    (cache2 / f"{name}.json").write_text(json.dumps(manifest))
+    root = tmp_path / "vzroot"
+    rt2 = Runtime(root, cache2, name)
+    try:
+        a = rt2.create(start=False)
+        with open(cache2 / f"{name}.tar.zst", "ab") as f:  # a new generation: same content, new digest
+            f.write(b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"gen2")
+        manifest["sha256"] = sha256_file(cache2 / f"{name}.tar.zst")
+        (cache2 / f"{name}.json").write_text(json.dumps(manifest))
+        b = rt2.create(start=False)
+        generations = sorted(p.name for p in (root / "template").iterdir() if not p.name.startswith("."))
+        assert len(generations) == 2
+        clean = run_vzpkg("clean", "--templates", "--root", str(root), "--cache-dir", str(cache2), "--json")
+        assert clean.returncode == 0, clean.stderr
+        assert not [p for p in json.loads(clean.stdout)["removed"] if "/template/" in p]
+        rt2.vzctl("destroy", a)
+        clean = run_vzpkg("clean", "--templates", "--root", str(root), "--cache-dir", str(cache2), "--json")
+        removed = [p for p in json.loads(clean.stdout)["removed"] if "/template/" in p]
+        left = sorted(p.name for p in (root / "template").iterdir() if not p.name.startswith("."))
+        assert len(removed) == 1 and left == [manifest["sha256"] + left[0][64:]]
+        rt2.vzctl("start", b)
+        assert rt2.vzctl("exec", b, "true").returncode == 0
+    finally:
+        rt2.cleanup()
