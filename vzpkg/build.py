@@ -273,7 +273,7 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
 
     total = _dir_size(ctx.root)
     with timer.step("pack", lambda: f"{result.packed_size / 1e6:.1f} MB"):
-        result = pack(ctx.root, archive_tmp, source_date_epoch=source_date_epoch(),
+        result = pack(ctx.root, archive_tmp, source_date_epoch=source_date_epoch(), level=settings.compression_level,
                       progress=lambda done: reporter.progress(done, total))
         reporter.progress_end()
     if ctx.facts["stage"] == "saved" and not template.customizes_root():
@@ -298,6 +298,7 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "source_date_epoch": source_date_epoch(),
         "durations": timer.durations,
+        "compression_level": settings.compression_level,
         "unpacked_size": result.unpacked_size,
         "packed_size": result.packed_size,
         "sha256": result.sha256,

@@ -6,6 +6,7 @@ The config file is TOML, read from $VZPKG_CONFIG or /etc/vzpkg/vzpkg.conf:
     template_dirs = ["/etc/vzpkg/templates"]
     bootstrapper = "auto"            # auto | mmdebstrap | debootstrap
     build_in_memory = "auto"         # auto | yes | no: build the root on a tmpfs (auto: with >= 4 GiB free)
+    compression_level = 6            # zstd level of caches, 1..19 (higher: smaller and slower)
     metadata_expire = 86400          # seconds
     [mirrors]
     debian = "http://mirror.example/debian"
@@ -28,7 +29,8 @@ DEFAULT_CACHE_DIR = Path("/var/lib/vz/template/cache")
 DEFAULT_VZ_ROOT = Path("/var/lib/vz")
 BOOTSTRAPPERS = ("auto", "mmdebstrap", "debootstrap")
 
-_KNOWN_KEYS = {"cache_dir", "template_dirs", "bootstrapper", "build_in_memory", "metadata_expire", "mirrors", "vz_root"}
+_KNOWN_KEYS = {"cache_dir", "template_dirs", "bootstrapper", "build_in_memory", "compression_level", "metadata_expire",
+               "mirrors", "vz_root"}
 IN_MEMORY_CHOICES = ("auto", "yes", "no")
 
 
@@ -38,6 +40,7 @@ class Settings:
     template_dirs: list[Path] = field(default_factory=list)
     bootstrapper: str = "auto"
     build_in_memory: str = "auto"
+    compression_level: int = 6
     metadata_expire: int = 86400
     mirrors: dict[str, str] = field(default_factory=dict)
     vz_root: Path = DEFAULT_VZ_ROOT
@@ -97,6 +100,8 @@ def load_settings(
         settings.bootstrapper = str(data["bootstrapper"])
     if "build_in_memory" in data:
         settings.build_in_memory = str(data["build_in_memory"]).lower()
+    if "compression_level" in data:
+        settings.compression_level = data["compression_level"]
     if "metadata_expire" in data:
         if not isinstance(data["metadata_expire"], int):
             raise ConfigError(f"{config_path}: metadata_expire: expected an integer number of seconds")
@@ -114,6 +119,8 @@ def load_settings(
         settings.template_dirs = [Path(p) for p in env["VZPKG_TEMPLATE_DIR"].split(":") if p]
     if env.get("VZPKG_BOOTSTRAPPER"):
         settings.bootstrapper = env["VZPKG_BOOTSTRAPPER"]
+    if env.get("VZPKG_COMPRESSION_LEVEL"):
+        settings.compression_level = int(env["VZPKG_COMPRESSION_LEVEL"]) if env["VZPKG_COMPRESSION_LEVEL"].isdigit() else -1
     if env.get("VZPKG_BUILD_IN_MEMORY"):
         settings.build_in_memory = env["VZPKG_BUILD_IN_MEMORY"].lower()
     # VZPKG_MIRROR sets the main mirror of whatever distribution is built; VZPKG_MIRROR_<DISTRO>
@@ -133,6 +140,8 @@ def load_settings(
 
     if settings.bootstrapper not in BOOTSTRAPPERS:
         raise ConfigError(f"bootstrapper: {settings.bootstrapper!r} is not one of {', '.join(BOOTSTRAPPERS)}")
+    if not isinstance(settings.compression_level, int) or not 1 <= settings.compression_level <= 19:
+        raise ConfigError(f"compression_level: {settings.compression_level!r} is not an integer 1..19")
     if settings.build_in_memory not in IN_MEMORY_CHOICES:
         raise ConfigError(f"build_in_memory: {settings.build_in_memory!r} is not one of {', '.join(IN_MEMORY_CHOICES)}")
     settings.cache_dir = settings.cache_dir.absolute()

@@ -16,6 +16,7 @@ interrupted run publishes nothing and its leftovers are removed by the next run 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import re
@@ -217,10 +218,15 @@ def _sync_package_cache(cache: Path | None, root: Path, into_root: bool) -> None
         pairs += [(p, cache_lists / p.name) for p in lists.glob("*") if p.is_file() and p.name != "lock"]
     for src, dest in pairs:
         try:
-            if dest.exists() and os.path.samefile(src, dest):
-                continue
+            if dest.exists() and (os.path.samefile(src, dest) or (not into_root and dest.suffix == ".deb")):
+                continue  # a .deb of one name and version has one content: no need to replace it
             tmp = dest.with_name(f".tmp-{dest.name}.{os.getpid()}")
-            os.link(src, tmp)
+            try:
+                os.link(src, tmp)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                shutil.copy2(src, tmp)  # the root is on a tmpfs (build_in_memory): links cannot cross
             os.rename(tmp, dest)
         except OSError:
             pass  # a cache is an optimisation: never fail an update over it
@@ -358,7 +364,7 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
     if (leftover := [m for m in mounts_below(ctx.root) if m != os.path.realpath(ctx.root)]):
         raise BuildError(f"mounts left inside the root before packing: {', '.join(leftover)}")
     with timer.step("pack", lambda: f"{result.packed_size / 1e6:.1f} MB"):
-        result = pack(ctx.root, archive_tmp, source_date_epoch=source_date_epoch())
+        result = pack(ctx.root, archive_tmp, source_date_epoch=source_date_epoch(), level=settings.compression_level)
 
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return {

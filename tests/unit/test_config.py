@@ -102,3 +102,12 @@ def test_build_in_memory_setting(tmp_path: Path) -> None:
     assert load_settings(environ={"VZPKG_CONFIG": "/nonexistent", "VZPKG_BUILD_IN_MEMORY": "no"}).build_in_memory == "no"
     with pytest.raises(ConfigError, match="build_in_memory"):
         load_settings(environ={"VZPKG_CONFIG": "/nonexistent", "VZPKG_BUILD_IN_MEMORY": "sometimes"})
+
+
+def test_compression_level_setting(tmp_path: Path) -> None:
+    assert load_settings(environ={"VZPKG_CONFIG": "/nonexistent"}).compression_level == 6
+    assert load_settings(environ={"VZPKG_CONFIG": "/nonexistent", "VZPKG_COMPRESSION_LEVEL": "19"}).compression_level == 19
+    conf = tmp_path / "vzpkg.conf"
+    conf.write_text("compression_level = 25\n")
+    with pytest.raises(ConfigError, match="compression_level"):
+        load_settings(environ={"VZPKG_CONFIG": str(conf)})
