@@ -49,7 +49,7 @@ test: setup lint
 unit: venv
 	$(VENV)/bin/pytest -ra tests/unit
 
-BENCH_PACKAGES := lxc
+BENCH_PACKAGES := lxc podman
 
 bench: setup
 	@dpkg -s $(BENCH_PACKAGES) >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(BENCH_PACKAGES)

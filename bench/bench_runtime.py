@@ -211,6 +211,8 @@ class Podman:
     def __init__(self, rootfs: Path) -> None:
         self.image = "vzpkg-bench-debian12"
         run(["sh", "-c", f"tar -C {rootfs} -c . | podman import - {self.image}"])
+        # A container that cannot start here (e.g. crun refused by the sandbox) is reported, not timed.
+        run(["podman", "run", "--rm", "--network=none", self.image, "/bin/true"])
 
     def cycle(self) -> dict[str, float]:
         return {"start": timed(lambda: run(["podman", "run", "--rm", "--network=none", self.image, "/bin/true"]))}

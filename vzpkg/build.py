@@ -231,7 +231,8 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
 
     stages = StageStore(settings.cache_dir)
     use_stage = options.stage_cache and stage.enabled()
-    key = stage.stage_key(template.data, ctx.repositories, repo_state, backend.bootstrapper_name(ctx))
+    key = stage.stage_key(template.data, ctx.repositories, repo_state, backend.bootstrapper_name(ctx),
+                          source_date_epoch())
     ctx.facts["build_in_memory"] = prepare_build_root(ctx.root, settings.build_in_memory)
     if use_stage and stages.matches(template.name, key):
         with timer.step("restore-stage", lambda: "repositories and packages unchanged: installed root reused"):

@@ -35,8 +35,10 @@ def enabled() -> bool:
 
 
 def stage_key(template_data: dict[str, Any], repositories: list[Any], repo_state: list[dict[str, Any]],
-              bootstrapper: str) -> str:
+              bootstrapper: str, source_date_epoch: int | None = None) -> str:
     inputs = {
+        # A stage taken from a packed archive carries mtimes clamped to the epoch it was packed with.
+        "source_date_epoch": source_date_epoch,
         "vzpkg": __version__,
         "bootstrapper": bootstrapper,
         "template": {k: template_data.get(k) for k in _INPUT_KEYS},

@@ -27,3 +27,7 @@ def test_description_and_scripts_do_not_change_the_key() -> None:
     """Only inputs of bootstrap and install count: files and scripts are applied after the stage."""
     base = stage_key(TEMPLATE, REPOS, STATE, "mmdebstrap")
     assert stage_key({**TEMPLATE, "description": "other"}, REPOS, STATE, "mmdebstrap") == base
+
+
+def test_source_date_epoch_changes_the_key() -> None:
+    assert stage_key(TEMPLATE, REPOS, STATE, "mmdebstrap", 1700000000) != stage_key(TEMPLATE, REPOS, STATE, "mmdebstrap")
