@@ -706,17 +706,20 @@ class V2Driver(CgroupDriver):
         return out
 
     def setup_devices(self, ve_id: str, allowed: list[tuple[str, int, int, str]]) -> None:
-        """cgroup v2 has no devices.allow: access control needs a BPF_CGROUP_DEVICE program attached to the
-        cgroup (as runc and systemd do). Not implemented yet; the rules are validated and the VE relies on its
-        own /dev (only the allowed nodes are created) and nodev mounts instead."""
+        """Deny all devices, then allow each (type, major, minor, access); -1 as a number means any.
+
+        cgroup v2 has no devices.allow: the rules become a BPF_CGROUP_DEVICE program attached to the VE's
+        cgroup (as runc and systemd do; see bpfdev), replacing the one a previous call attached."""
         for rule in allowed:
             _device_rule(*rule)
-        log.info(
-            "VE %s: cgroup v2 device filtering needs a BPF program (not implemented); relying on the VE's "
-            "private /dev with %d allowed nodes",
-            ve_id,
-            len(allowed),
-        )
+        d = self._dir(ve_id)
+        from . import bpfdev
+
+        if not bpfdev.is_cgroup2(d):
+            # only a test's fake tree (a plain directory) gets here: there is nothing to attach a program to
+            log.warning("VE %s: %s is not on a cgroup2 filesystem; no BPF device filter attached", ve_id, d)
+            return
+        bpfdev.apply(d, allowed)
 
     # -- accounting -------------------------------------------------------------------------------------------
 
