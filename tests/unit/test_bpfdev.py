@@ -147,6 +147,9 @@ def test_no_rules_denies_everything_and_a_allows_everything() -> None:
         for access in (MKNOD, READ, WRITE, READ | WRITE | MKNOD):
             assert run(deny, dev, access, 8, 0) == 0
             assert run(allow, dev, access, 8, 0) == 1
+    # nothing can follow an unconditional allow (the verifier refuses unreachable code)
+    assert program([("a", -1, -1, "rwm"), ("c", 1, 3, "r")]) == PROLOGUE + [(BPF_ALU_MOV_K, 0, 0, 0, 1),
+                                                                          (BPF_JMP_EXIT, 0, 0, 0, 0)]
     # 'a' with numbers and an access: both types, that device, that access
     a = assemble(program([("a", 5, -1, "r")]))
     assert run(a, BLOCK, READ, 5, 1) == run(a, CHAR, READ, 5, 2) == 1

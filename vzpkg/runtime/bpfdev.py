@@ -138,7 +138,12 @@ def program(rules: Iterable[Rule]) -> list[Insn]:
     """The whole filter for these allow rules; an empty list denies every device."""
     insns = list(PROLOGUE)
     for rule in rules:
-        insns += rule_block(rule)
+        block = rule_block(rule)
+        insns += block
+        if len(block) == 2:
+            # a rule with nothing to check (a *:* rwm) always allows: what follows is unreachable, and the
+            # verifier refuses unreachable instructions
+            return insns
     return insns + EPILOGUE
 
 
@@ -241,7 +246,8 @@ def _bpf(cmd: int, attr: _Attr) -> int:
 
 
 def _errname(err: int) -> str:
-    return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
+    hint = "; needs root (CAP_SYS_ADMIN, or CAP_BPF and CAP_NET_ADMIN)" if err == errno.EPERM and os.geteuid() else ""
+    return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)}{hint})"
 
 
 def load(insns: list[Insn], where: str = "") -> int:
@@ -273,13 +279,17 @@ def load(insns: list[Insn], where: str = "") -> int:
         fd = attempt(log)
         if fd >= 0:  # cannot happen for a deterministic verifier, but never leak the fd
             return fd
-        lines = [line for line in log.value.decode(errors="replace").splitlines() if line.strip()]
+        # the log ends with a statistics line ("processed N insns ..."); the reason is the line before it
+        lines = [
+            line
+            for line in log.value.decode(errors="replace").splitlines()
+            if line.strip() and not line.startswith("processed ")
+        ]
         if lines:
             detail = f"; verifier: {lines[-1].strip()}"
-    hint = " (needs root: CAP_BPF and CAP_SYS_ADMIN)" if err == errno.EPERM else ""
     raise VEError(
         f"cgroup v2 device filter{' for ' + where if where else ''}: loading the BPF program "
-        f"({len(insns)} instructions) failed: {_errname(err)}{hint}{detail}"
+        f"({len(insns)} instructions) failed: {_errname(err)}{detail}"
     )
 
 
