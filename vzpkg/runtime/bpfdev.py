@@ -246,7 +246,7 @@ def _bpf(cmd: int, attr: _Attr) -> int:
 
 
 def _errname(err: int) -> str:
-    hint = "; needs root (CAP_SYS_ADMIN, or CAP_BPF and CAP_NET_ADMIN)" if err == errno.EPERM and os.geteuid() else ""
+    hint = "; needs root (CAP_SYS_ADMIN)" if err == errno.EPERM and os.geteuid() else ""
     return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)}{hint})"
 
 
