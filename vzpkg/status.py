@@ -95,6 +95,13 @@ def compare(template: Template, manifest: dict[str, Any], settings: Settings, *,
             updates.append({"name": pkg["name"], "architecture": pkg.get("architecture", ""),
                             "cached": pkg["version"], "available": best[0], "repository": best[1]})
 
+    return status_report(template, manifest, updates,
+                         [{**s.manifest_entry(), "changed": s.changed} for s in states])
+
+
+def status_report(template: Template, manifest: dict[str, Any], updates: list[dict[str, Any]],
+                  repositories: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `vzpkg status` reports, whatever the package manager: updates, template changes, repositories."""
     installed = {p["name"] for p in manifest.get("packages", [])}
     plan = template_changes(template, manifest)
     template_changed = manifest.get("template_digest") != template.digest()
@@ -106,7 +113,7 @@ def compare(template: Template, manifest: dict[str, Any], settings: Settings, *,
         "install": plan["install"],
         "remove": [p for p in plan["remove"] if p in installed],
         "updates": updates,
-        "repositories": [{**s.manifest_entry(), "changed": s.changed} for s in states],
+        "repositories": repositories,
         "current": not template_changed and not updates,
         "checked": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }

@@ -11,7 +11,6 @@ update. Package signatures are not looked at here: dnf checks them (gpgcheck) wh
 
 from __future__ import annotations
 
-import datetime as dt
 import fnmatch
 import re
 import tempfile
@@ -108,7 +107,7 @@ def compare_rpm(template: Template, manifest: dict[str, Any], settings: Settings
     from .pkgmgr.dnf import expand_repository, verify_repomd_signature
     from .repo.metadata_cache import RpmMetadataCache
     from .repo.rpm import resolve_baseurl
-    from .status import template_changes
+    from .status import status_report
 
     if template["package_manager"] not in RPM_MANAGERS:
         raise UsageError(f"template {template.name}: not a dnf template")
@@ -143,18 +142,4 @@ def compare_rpm(template: Template, manifest: dict[str, Any], settings: Settings
                         offered.setdefault(name, []).extend((e, v, r, a, label) for e, v, r, a in versions)
 
     updates = find_updates(manifest.get("packages", []), offered, ctx.native_arch)
-    installed = {p["name"] for p in manifest.get("packages", [])}
-    plan = template_changes(template, manifest)
-    template_changed = manifest.get("template_digest") != template.digest()
-    return {
-        "name": template.name,
-        "cache_created": manifest.get("created"),
-        "cache_sha256": manifest.get("sha256"),
-        "template_changed": template_changed,
-        "install": plan["install"],
-        "remove": [p for p in plan["remove"] if p in installed],
-        "updates": updates,
-        "repositories": states,
-        "current": not template_changed and not updates,
-        "checked": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+    return status_report(template, manifest, updates, states)
