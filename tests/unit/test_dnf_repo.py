@@ -141,11 +141,9 @@ def test_own_compare_matches_rpm(a, b):
     assert rpmrepo.compare_evr(a, b) == expected
 
 
-@pytest.mark.parametrize("a, b, expected", CASES)
+@pytest.mark.parametrize("a, b, expected", [c for c in CASES if c[0] and c[1]])  # rpm refuses empty versions
 def test_vercmp_cases_match_rpm(a, b, expected):
     rpm = pytest.importorskip("rpm")
-    if not a or not b:
-        pytest.skip("rpm refuses an empty version")
     assert rpm.labelCompare(("0", a, "1"), ("0", b, "1")) == expected
 
 
