@@ -197,6 +197,7 @@ def create_cache(name: str, settings: Settings, options: BuildOptions, reporter:
     if store.exists(name) and not options.force:
         raise CacheExistsError(f"cache {store.archive_path(name)} exists: use --force to rebuild it, "
                                f"or 'vzpkg update-cache {name}' to bring it up to date")
+    reporter.note(f"creating cache {name} in {settings.cache_dir}")
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     timer = StepTimer(reporter)
     started = time.monotonic()

@@ -55,7 +55,6 @@ def create_cache(names: tuple[str, ...], force: bool, mirror: str | None, timeou
     manifests = []
     for name in names:
         reporter = PrintingReporter(quiet=quiet, verbose=verbose, prefix=f"{name}: " if len(names) > 1 else "")
-        reporter.note(f"creating cache {name} in {settings.cache_dir}")
         manifest = build(name, settings, BuildOptions(force=force, lock_timeout=timeout, verbose=verbose, stage_cache=not no_stage_cache), reporter)
         reporter.note(f"published {settings.cache_dir / manifest['archive']} "
                       f"({human_size(manifest['packed_size'])}, {manifest['package_count']} packages, "
