@@ -295,6 +295,7 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
         "repositories": repo_state,
         "packages": packages,
         "template_packages": template.packages,
+        "init": template.get("init", "minimal"),
         "package_count": len(packages),
         "vzpkg_version": __version__,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -69,11 +69,24 @@ def remove_unused_templates(layout: Layout) -> list[tuple[Path, int]]:
     return removed
 
 
-def cache_sha256(cache_dir: Path, name: str) -> str:
-    """The sha256 of the current cache NAME, from its manifest (<cache_dir>/<name>.json, see cache.CacheStore).
+def cache_init(cache_dir: Path, name: str) -> str:
+    """The template's default init recorded in the cache's manifest (minimal for caches that do not say)."""
+    init = _read_manifest(cache_dir, name).get("init")
+    return init if init in ("minimal", "distro") else "minimal"
 
-    Read directly (not through CacheStore) to keep `vzctl create` free of the archive module's imports.
-    """
+
+def cache_sha256(cache_dir: Path, name: str) -> str:
+    """The sha256 of the current cache NAME, from its manifest (<cache_dir>/<name>.json, see cache.CacheStore)."""
+    data = _read_manifest(cache_dir, name)
+    manifest = cache_dir / f"{name}.json"
+    sha = data.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise CacheNotFoundError(f"cache manifest {manifest} has no valid sha256: rebuild the cache")
+    return sha
+
+
+def _read_manifest(cache_dir: Path, name: str) -> dict:
+    """Read directly (not through CacheStore) to keep `vzctl create` free of the archive module's imports."""
     import json
 
     manifest = cache_dir / f"{name}.json"
@@ -86,10 +99,9 @@ def cache_sha256(cache_dir: Path, name: str) -> str:
         ) from None
     except (OSError, ValueError) as e:
         raise CacheNotFoundError(f"cannot read cache manifest {manifest}: {e}") from None
-    sha = data.get("sha256")
-    if not isinstance(sha, str) or len(sha) != 64:
-        raise CacheNotFoundError(f"cache manifest {manifest} has no valid sha256: rebuild the cache")
-    return sha
+    if not isinstance(data, dict):
+        raise CacheNotFoundError(f"cache manifest {manifest} is not a JSON object: rebuild the cache")
+    return data
 
 
 def ensure_template(layout: Layout, cache_dir: Path, name: str, id_shift: int) -> tuple[str, Path]:

@@ -247,6 +247,8 @@ def create(
                 conf.set("VE_PRIVATE", str(layout.private(veid)))
                 if hostname:
                     conf.set("HOSTNAME", hostname)
+                if conf.get("INIT") is None:
+                    conf.set("INIT", storage.cache_init(Path(cache_dir), ostemplate))
                 layout.ve_root(veid).mkdir(exist_ok=True)
                 conf.save(layout.conf(veid))
             except BaseException:

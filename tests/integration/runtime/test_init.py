@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,32 @@ def test_distro_init_missing_is_a_clean_error(rt):
     from .conftest import cgroup_dirs
 
     assert cgroup_dirs(veid) == []
+
+
+def test_template_with_distro_init(seeded_cache_dir, tmp_path):
+    """A template set that installs sysvinit and says `init = "distro"`: its VEs boot the distribution's init."""
+    from conftest import run_vzpkg
+
+    from .conftest import Runtime
+
+    templates = tmp_path / "templates" / "debian-12-x86_64-sysv"
+    templates.mkdir(parents=True)
+    (templates / "template.toml").write_text(
+        'inherits = "debian-12-x86_64"\nsummary = "sysvinit"\ndescription = "sysvinit as pid 1"\n'
+        'packages = ["sysvinit-core"]\ninit = "distro"\n')
+    project_templates = Path(__file__).resolve().parents[3] / "templates"
+    build = run_vzpkg("create-cache", "debian-12-x86_64-sysv", "--cache-dir", str(seeded_cache_dir), "-q",
+                      env={"VZPKG_TEMPLATE_DIR": f"{templates.parent}:{project_templates}"})
+    assert build.returncode == 0, build.stderr
+    rt = Runtime(tmp_path / "vzroot", seeded_cache_dir, "debian-12-x86_64-sysv")
+    try:
+        veid = rt.create()
+        assert 'INIT="distro"' in (rt.root / "conf" / f"{veid}.conf").read_text()
+        deadline = time.monotonic() + 10
+        while rt.sh(veid, "pgrep -x getty >/dev/null").returncode != 0:  # inittab ran: init is sysvinit
+            assert time.monotonic() < deadline, rt.vzctl("exec", veid, "ps", "-ef").stdout
+            time.sleep(0.1)
+        assert rt.vzctl("exec", veid, "ps", "-o", "comm=", "-p", "1").stdout.strip() == "init"
+        assert rt.vzctl("stop", veid).returncode == 0
+    finally:
+        rt.cleanup()
