@@ -19,9 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, stage
-from .archive import pack
+from .archive import PackResult, pack
 from .cache import CacheStore
-from .chroot import build_mounts, host_resolver, no_daemons, prepare_build_root, remove_work_dir, run_script
+from .chroot import (
+    build_mounts,
+    host_resolver,
+    mounts_below,
+    no_daemons,
+    prepare_build_root,
+    remove_work_dir,
+    run_script,
+)
 from .config import Settings
 from .distro import get_distribution
 from .errors import BuildError, CacheExistsError
@@ -39,6 +47,9 @@ class Reporter:
     def step(self, name: str, seconds: float, detail: str = "") -> None: ...
     def note(self, message: str) -> None: ...
     def verbose(self, message: str) -> None: ...
+    def shows_progress(self) -> bool:
+        return False
+
     def progress(self, done: int, total: int) -> None: ...
     def progress_end(self) -> None: ...
 
@@ -269,15 +280,8 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
         clean_for_packing(template, backend, ctx, env)
     with timer.step("manifest", lambda: f"{len(packages)} packages"):
         packages = backend.installed_packages(ctx.root)
-    # The root may itself be a tmpfs (build_in_memory); nothing may be mounted inside it.
-    if (leftover := [m for m in _mounts(ctx.root) if m != os.path.realpath(ctx.root)]):
-        raise BuildError(f"mounts left inside the root before packing: {', '.join(leftover)}")
-
-    total = _dir_size(ctx.root)
     with timer.step("pack", lambda: f"{result.packed_size / 1e6:.1f} MB"):
-        result = pack(ctx.root, archive_tmp, source_date_epoch=source_date_epoch(), level=settings.compression_level,
-                      progress=lambda done: reporter.progress(done, total))
-        reporter.progress_end()
+        result = pack_root(ctx.root, archive_tmp, settings, reporter)
     if ctx.facts["stage"] == "saved" and not template.customizes_root():
         stages.save_archive(template.name, archive_tmp, key)
 
@@ -310,7 +314,19 @@ def _build(template: Template, settings: Settings, options: BuildOptions, report
     }
 
 
-def _mounts(root: Path) -> list[str]:
-    from .chroot import mounts_below
+def pack_root(root: Path, archive: Path, settings: Settings, reporter: Reporter) -> PackResult:
+    """Pack the finished ROOT into ARCHIVE, with a progress bar where the reporter draws one."""
+    # The root may itself be a tmpfs (build_in_memory); nothing may be mounted inside it.
+    if (leftover := [m for m in mounts_below(root) if m != os.path.realpath(root)]):
+        raise BuildError(f"mounts left inside the root before packing: {', '.join(leftover)}")
+    progress = None
+    if reporter.shows_progress():
+        total = _dir_size(root)  # a walk of the whole tree: only worth it for a progress bar
 
-    return mounts_below(root)
+        def progress(done: int) -> None:
+            reporter.progress(done, total)
+    try:
+        return pack(root, archive, source_date_epoch=source_date_epoch(), level=settings.compression_level,
+                    progress=progress)
+    finally:
+        reporter.progress_end()

@@ -8,7 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -161,15 +161,23 @@ def prepare_build_root(root: Path, mode: str) -> bool:
     return True
 
 
-def run_tool(cmd: Sequence[str], *, env: dict[str, str], stdout=None, stderr=None) -> int:
+def run_tool(cmd: Sequence[str], *, env: dict[str, str], stdout=None, stderr=None,
+             on_line: Callable[[bytes], None] | None = None) -> int:
     """Run a tool in a process group of its own; if vzpkg is interrupted, the whole group is stopped first.
 
     Stopping the group (not just the direct child) matters: a bootstrapper killed alone leaves dpkg writing
-    into the root while we remove it.
+    into the root while we remove it. With ON_LINE, the tool's output (stdout and stderr) is handed over line
+    by line instead.
     """
+    if on_line is not None:
+        stdout, stderr = subprocess.PIPE, subprocess.STDOUT
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                             start_new_session=True, preexec_fn=die_with_parent)
     try:
+        if on_line is not None:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                on_line(raw)
         return proc.wait()
     except BaseException:
         _stop_group(proc)

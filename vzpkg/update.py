@@ -16,7 +16,6 @@ interrupted run publishes nothing and its leftovers are removed by the next run 
 from __future__ import annotations
 
 import datetime as dt
-import errno
 import json
 import os
 import re
@@ -27,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .archive import pack, safe_unpack, sha256_file
+from .archive import safe_unpack, sha256_file
 from .build import (
     DEFAULT_LOCK_TIMEOUT,
     Reporter,
     StepTimer,
     clean_for_packing,
+    pack_root,
     prepare_context,
     render_files,
     run_template_scripts,
@@ -42,7 +42,7 @@ from .build import (
 from .cache import TMP_PREFIX, CacheStore, fsync_dir, write_json_atomic
 from .chroot import prepare_build_root, remove_work_dir
 from .config import Settings
-from .errors import BuildError, CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
+from .errors import CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
 from .lock import locked
 from .pkgmgr import get_backend
 from .stage import StageStore
@@ -200,52 +200,6 @@ def _package_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> li
     return changes
 
 
-def _sync_package_cache(cache: Path | None, root: Path, into_root: bool) -> None:
-    """Hard-link downloaded .debs and index files between the shared package cache and the root (as the
-    mmdebstrap hooks of create-cache do), so an update downloads only what is new."""
-    if cache is None:
-        return
-    archives, lists = root / "var/cache/apt/archives", root / "var/lib/apt/lists"
-    cache_lists = cache / "lists"
-    if into_root:
-        (archives / "partial").mkdir(parents=True, exist_ok=True)
-        (lists / "partial").mkdir(parents=True, exist_ok=True)
-        pairs = [(p, archives / p.name) for p in cache.glob("*.deb")]
-        pairs += [(p, lists / p.name) for p in cache_lists.glob("*") if p.is_file()]
-    else:
-        cache_lists.mkdir(parents=True, exist_ok=True)
-        pairs = [(p, cache / p.name) for p in archives.glob("*.deb")]
-        pairs += [(p, cache_lists / p.name) for p in lists.glob("*") if p.is_file() and p.name != "lock"]
-    for src, dest in pairs:
-        try:
-            if dest.exists() and (os.path.samefile(src, dest) or (not into_root and dest.suffix == ".deb")):
-                continue  # a .deb of one name and version has one content: no need to replace it
-            tmp = dest.with_name(f".tmp-{dest.name}.{os.getpid()}")
-            try:
-                os.link(src, tmp)
-            except OSError as e:
-                if e.errno != errno.EXDEV:
-                    raise
-                shutil.copy2(src, tmp)  # the root is on a tmpfs (build_in_memory): links cannot cross
-            os.rename(tmp, dest)
-        except OSError:
-            pass  # a cache is an optimisation: never fail an update over it
-
-
-def _write_sources(root: Path, repositories: list[Any]) -> bool:
-    """Make the root's sources.list name the template's repositories; True when it had to change."""
-    path = root / "etc/apt/sources.list"
-    wanted = [r for r in repositories if isinstance(r, str)]
-    try:
-        current = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    except FileNotFoundError:
-        current = []
-    if current == wanted:
-        return False
-    path.write_text("\n\n".join(wanted) + "\n")
-    return True
-
-
 def update_cache(name: str, settings: Settings, options: UpdateOptions | None = None,
                  reporter: Reporter | None = None) -> dict[str, Any]:
     """Update the cache of template NAME when its repositories or definition changed.
@@ -331,15 +285,13 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
     with timer.step("unpack", lambda: f"{members} members"):
         members = safe_unpack(store.archive_path(template.name), ctx.root)
 
-    deb_cache = backend.deb_cache_dir(ctx) if hasattr(backend, "deb_cache_dir") else None
     plan = template_changes(template, manifest)
     definition_changed = manifest.get("template_digest") != template.digest()
     env = ctx.env()
     with timer.step("template-changes", lambda: f"{len(plan['remove'])} to purge" +
                     (", definition changed" if definition_changed else "")):
-        # apt reads its sources from the root; dnf reads the dnf.conf vzpkg writes for each run (nothing in the root)
-        if template["package_manager"] == "apt" and _write_sources(ctx.root, ctx.repositories):
-            reporter.verbose("repositories changed: sources.list rewritten")
+        if backend.write_repositories(ctx):
+            reporter.verbose("repositories changed: the root's repository configuration was rewritten")
         if plan["remove"]:
             backend.remove(ctx, plan["remove"])
         if definition_changed:
@@ -347,11 +299,9 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
     with timer.step("pre-update", lambda: f"{npre} scripts"):
         npre = run_template_scripts(template, "pre-update", ctx, env, inside=False)
     with timer.step("upgrade", lambda: f"{len(plan['install'])} new packages" if plan["install"] else ""):
-        _sync_package_cache(deb_cache, ctx.root, into_root=True)
         backend.upgrade(ctx)
         if plan["install"]:
             backend.install(ctx, plan["install"])
-        _sync_package_cache(deb_cache, ctx.root, into_root=False)
     with timer.step("post-update", lambda: f"{npost} scripts"):
         npost = run_template_scripts(template, "post-update", ctx, env, inside=True)
     with timer.step("clean"):
@@ -359,12 +309,8 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
     with timer.step("manifest", lambda: f"{len(changes)} changes"):
         packages = backend.installed_packages(ctx.root)
         changes = _package_changes(manifest.get("packages", []), packages)
-    from .chroot import mounts_below
-
-    if (leftover := [m for m in mounts_below(ctx.root) if m != os.path.realpath(ctx.root)]):
-        raise BuildError(f"mounts left inside the root before packing: {', '.join(leftover)}")
     with timer.step("pack", lambda: f"{result.packed_size / 1e6:.1f} MB"):
-        result = pack(ctx.root, archive_tmp, source_date_epoch=source_date_epoch(), level=settings.compression_level)
+        result = pack_root(ctx.root, archive_tmp, settings, reporter)
 
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return {

@@ -102,7 +102,7 @@ def fake_mirror(monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setattr(mc, "fetch", fetch)
     monkeypatch.setattr(repo_apt, "fetch", fetch)
-    monkeypatch.setattr(mc, "verify_clearsigned", verify)
+    monkeypatch.setattr(repo_apt, "verify_clearsigned", verify)  # verified_release looks it up there
     return served, calls
 
 

@@ -81,8 +81,11 @@ class PrintingReporter:
         if self.is_verbose:
             click.echo(f"{self.prefix}{message}", err=True)
 
+    def shows_progress(self) -> bool:
+        return not self.quiet and self.tty
+
     def progress(self, done: int, total: int) -> None:
-        if self.quiet or not self.tty or total <= 0:
+        if not self.shows_progress() or total <= 0:
             return
         now = time.monotonic()
         if now - self._last_draw < 0.1:

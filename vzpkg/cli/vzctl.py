@@ -265,19 +265,9 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vzpkg.errors import VzError
+    from vzpkg.cli.plain import run_main
 
-    try:
-        code = run(sys.argv[1:] if argv is None else argv)
-    except VzError as e:
-        print(f"vzctl: {e.message}", file=sys.stderr)
-        code = e.exit_code
-    except KeyboardInterrupt:
-        code = 130
-    except OSError as e:
-        print(f"vzctl: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
-        code = 30
-    sys.exit(code)
+    run_main("vzctl", run, argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 FIELDS = ("veid", "status", "hostname", "ip", "numproc", "memory", "disk", "ostemplate", "layout", "init_pid")
 DEFAULT_FIELDS = ("veid", "numproc", "status", "ip", "hostname")
@@ -83,14 +82,9 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vzpkg.errors import VzError
+    from vzpkg.cli.plain import run_main
 
-    try:
-        code = run(sys.argv[1:] if argv is None else argv)
-    except VzError as e:
-        print(f"vzlist: {e.message}", file=sys.stderr)
-        code = e.exit_code
-    sys.exit(code)
+    run_main("vzlist", run, argv)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,4 @@ def known_distributions() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import debian  # noqa: F401  (registers itself)
-
-    try:
-        from . import rpm_family  # noqa: F401
-    except ImportError:
-        pass
+    from . import debian, rpm_family  # noqa: F401  (they register themselves)

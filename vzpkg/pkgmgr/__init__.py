@@ -11,7 +11,7 @@ def get_backend(name: str) -> PackageManager:
 
         return AptBackend()
     if name in ("dnf", "yum"):
-        from .dnf import DnfBackend  # type: ignore[import-not-found]
+        from .dnf import DnfBackend
 
         return DnfBackend(name)
     raise KeyError(name)

@@ -8,8 +8,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..chroot import build_mounts, host_resolver, no_daemons, run_in_root, run_tool
+from ..chroot import POLICY_RC_D, build_mounts, host_resolver, no_daemons, run_in_root, run_tool
 from ..errors import BuildError, MirrorError, MissingToolError, SignatureError
+from . import apt_cache
 from .base import BuildContext, PackageManager
 
 MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
@@ -73,24 +74,8 @@ class AptBackend(PackageManager):
     def _mmdebstrap(self, ctx: BuildContext) -> None:
         t = ctx.template
         cache = self.deb_cache_dir(ctx)
-        q = shlex.quote
-        archives = '"$1/var/cache/apt/archives"'
-        lists = '"$1/var/lib/apt/lists"'
-        # Package files and index files are hard-linked in and out (copied when the root is on a tmpfs), so a
-        # warm build neither downloads packages nor index files that did not change (apt revalidates them).
-        sync_in = (
-            f"mkdir -p {archives}/partial {lists}/partial && "
-            f"{_link_or_copy(q(str(cache)), archives, '-name *.deb')} && "
-            f"{_link_or_copy(q(str(cache / 'lists')), lists, '-type f')}"
-        )
-        sync_out = (
-            f"{_link_or_copy(archives, q(str(cache)), '-name *.deb', keep=True)} && "
-            f"rm -rf {q(str(cache / 'lists'))} && mkdir -p {q(str(cache / 'lists'))} && "
-            f"{_link_or_copy(lists, q(str(cache / 'lists')), '-type f ! -name lock')}"
-        )
-        policy = (
-            "printf '#!/bin/sh\\nexit 101\\n' > \"$1/usr/sbin/policy-rc.d\" && chmod 755 \"$1/usr/sbin/policy-rc.d\""
-        )
+        policy_rc_d = '"$1/usr/sbin/policy-rc.d"'
+        policy = f"printf %s {shlex.quote(POLICY_RC_D)} > {policy_rc_d} && chmod 755 {policy_rc_d}"
         cmd = [
             "mmdebstrap", "--mode=root", "--format=directory",
             f"--variant={t.get('variant', 'minbase')}",
@@ -98,9 +83,9 @@ class AptBackend(PackageManager):
             f"--keyring={ctx.keyring}",
             "--dpkgopt=force-unsafe-io",
             "--skip=essential/unlink",  # keep the essential packages for the package cache
-            f"--setup-hook={sync_in}",
+            f"--setup-hook={apt_cache.hook_command('in', cache)}",
             f"--essential-hook={policy}",
-            f"--customize-hook={sync_out}",
+            f"--customize-hook={apt_cache.hook_command('out', cache)}",
             "--customize-hook=rm -f \"$1/usr/sbin/policy-rc.d\"",
         ]
         for opt in APT_OPTIONS:
@@ -123,7 +108,7 @@ class AptBackend(PackageManager):
             t["suite"], str(ctx.root), ctx.mirrors["mirror"],
         ]
         self._run_bootstrapper(ctx, cmd, "debootstrap")
-        (ctx.root / "etc/apt/sources.list").write_text("\n".join(ctx.repositories) + "\n")
+        self.write_repositories(ctx)
         # debootstrap reads only the main suite: bring in -updates and -security like mmdebstrap does.
         self.upgrade(ctx)
 
@@ -148,8 +133,25 @@ class AptBackend(PackageManager):
         for opt in APT_OPTIONS:
             name, value = opt.split(" ", 1)
             argv += ["-o", f"{name}={value.strip(chr(34))}"]
-        with build_mounts(ctx.root), host_resolver(ctx.root), no_daemons(ctx.root):
-            run_in_root(ctx.root, argv + args, env=ctx.env(), what=what, quiet=ctx.quiet, log=ctx.log)
+        cache = self.deb_cache_dir(ctx)
+        apt_cache.sync_in(cache, ctx.root)
+        try:
+            with build_mounts(ctx.root), host_resolver(ctx.root), no_daemons(ctx.root):
+                run_in_root(ctx.root, argv + args, env=ctx.env(), what=what, quiet=ctx.quiet, log=ctx.log)
+        finally:
+            apt_cache.sync_out(cache, ctx.root)
+
+    def write_repositories(self, ctx: BuildContext) -> bool:
+        path = ctx.root / "etc/apt/sources.list"
+        wanted = [r for r in ctx.repositories if isinstance(r, str)]
+        try:
+            current = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        except FileNotFoundError:
+            current = []
+        if current == wanted:
+            return False
+        path.write_text("\n".join(wanted) + "\n")
+        return True
 
     def install(self, ctx: BuildContext, packages: list[str]) -> None:
         if packages:
@@ -187,15 +189,6 @@ class AptBackend(PackageManager):
                 packages.append({"name": para["Package"], "version": para["Version"],
                                  "architecture": para.get("Architecture", "")})
         return sorted(packages, key=lambda p: (p["name"], p["architecture"]))
-
-
-def _link_or_copy(src: str, dest: str, predicate: str, keep: bool = False) -> str:
-    """Shell: hard-link the files of SRC matching PREDICATE into DEST, copying where links cannot cross
-    filesystems. With KEEP, files already in DEST are left alone."""
-    quoted = " ".join(f"'{w}'" if "*" in w else w for w in predicate.split())
-    copy = "cp -n" if keep else "cp -f"
-    return (f"find {src} -maxdepth 1 {quoted} -print0 | "
-            f"xargs -0 -r sh -c 'ln -f -t \"$0\" \"$@\" 2>/dev/null || {copy} -t \"$0\" \"$@\"' {dest}")
 
 
 def _log_tail(log: Path, lines: int = 3) -> str:

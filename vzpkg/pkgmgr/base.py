@@ -72,6 +72,11 @@ class PackageManager:
         """Create ctx.root with the base system. Return True when the template's packages are already in."""
         raise NotImplementedError
 
+    def write_repositories(self, ctx: BuildContext) -> bool:
+        """Make the root's own repository configuration name the template's repositories, for package
+        managers that read it from the root (apt's sources.list). True when it had to change."""
+        return False
+
     def install(self, ctx: BuildContext, packages: list[str]) -> None:
         raise NotImplementedError
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..chroot import _stop_group, build_mounts, die_with_parent, unmount_below
+from ..chroot import build_mounts, run_tool, unmount_below
 from ..errors import BuildError, MirrorError, MissingToolError, SignatureError, TemplateError
 from ..template import DEFINITION_FILE, render_string
 from .base import BuildContext, PackageManager
@@ -379,24 +379,18 @@ class DnfBackend(PackageManager):
             raise self._error(ctx, what, rc, output)
 
     def _run(self, ctx: BuildContext, cmd: list[str]) -> tuple[int, list[str]]:
+        """Run dnf, its output to the log (and the terminal with -v) and kept for the error message."""
         output: list[str] = []
         with ctx.log.open("ab") as log:
-            # A process group of its own: on Ctrl-C or SIGTERM, dnf and the scriptlets it runs are stopped
-            # before the root is removed.
-            proc = subprocess.Popen(cmd, env=self._env(ctx), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
-            assert proc.stdout is not None
-            try:
-                for raw in proc.stdout:
-                    log.write(raw)
-                    line = raw.decode(errors="replace").rstrip()
-                    output.append(line)
-                    if ctx.verbose:
-                        sys.stderr.write(line + "\n")
-                rc = proc.wait()
-            except BaseException:
-                _stop_group(proc)
-                raise
+
+            def on_line(raw: bytes) -> None:
+                log.write(raw)
+                line = raw.decode(errors="replace").rstrip()
+                output.append(line)
+                if ctx.verbose:
+                    sys.stderr.write(line + "\n")
+
+            rc = run_tool(cmd, env=self._env(ctx), on_line=on_line)
         return rc, output
 
     def _error(self, ctx: BuildContext, what: str, rc: int, output: list[str]) -> Exception:

@@ -65,20 +65,19 @@ def verify_clearsigned(data: bytes, keyring: Path) -> str:
         return Path(out.name).read_text(errors="replace")
 
 
-def fetch_release(repo: AptRepository, keyring: Path) -> ReleaseInfo:
-    """Fetch and verify dists/SUITE/InRelease."""
-    resp = fetch(repo.inrelease_url)
-    data = resp.content
+def verified_release(repo: AptRepository, data: bytes, keyring: Path) -> ReleaseInfo:
+    """Check an InRelease file of REPO against the keyring; raise SignatureError naming its URL."""
     try:
         text = verify_clearsigned(data, keyring)
     except SignatureError as e:
         raise SignatureError(f"{repo.inrelease_url}: {e}") from e
-    date = ""
-    for line in text.splitlines():
-        if line.startswith("Date:"):
-            date = line.split(":", 1)[1].strip()
-            break
+    date = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Date:")), "")
     return ReleaseInfo(repo.uri, repo.suite, date, hashlib.sha256(data).hexdigest(), text)
+
+
+def fetch_release(repo: AptRepository, keyring: Path) -> ReleaseInfo:
+    """Fetch and verify dists/SUITE/InRelease."""
+    return verified_release(repo, fetch(repo.inrelease_url).content, keyring)
 
 
 # ---- Packages indices (added for `vzpkg status` / `update-cache`) --------------------------------

@@ -11,14 +11,15 @@ lists for it, so it never expires: a changed index has a different sha256.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .apt import (
     AptRepository,
@@ -28,7 +29,7 @@ from .apt import (
     fetch_index,
     packages_indices,
     parse_packages,
-    verify_clearsigned,
+    verified_release,
 )
 from .http import fetch
 
@@ -47,6 +48,23 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
     tmp.write_bytes(data)
     os.rename(tmp, path)
+
+
+def _cached_index(path: Path, build: Callable[[], dict[str, list[tuple[str, ...]]]]) -> Any:
+    """A parsed index kept as <key>.<checksum>.json: read it if there, else BUILD it, store it and drop the
+    entries of the same key with other checksums (older versions of that index)."""
+    if path.is_file():
+        try:
+            return {k: [tuple(v) for v in vs] for k, vs in json.loads(path.read_text()).items()}
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+    index = build()
+    prefix = path.name.rsplit(".", 2)[0] + "."
+    for old in path.parent.glob(f"{prefix}*.json") if path.parent.is_dir() else []:
+        if old != path and old.name.rsplit(".", 2)[0] + "." == prefix:
+            old.unlink(missing_ok=True)
+    _write_atomic(path, json.dumps(index, separators=(",", ":")).encode())
+    return index
 
 
 @dataclass
@@ -81,39 +99,27 @@ class MetadataCache:
             else:
                 data, fresh, etag = resp.content, True, resp.headers.get("ETag")
         try:
-            text = verify_clearsigned(data, keyring)
-        except SignatureError as e:
+            info = verified_release(repo, data, keyring)
+        except SignatureError:
             # Never keep what does not verify: the next run must ask the mirror again.
             if not fresh:
                 path.unlink(missing_ok=True)
-            raise SignatureError(f"{repo.inrelease_url}: {e}") from e
+            raise
         if fresh:
             _write_atomic(path, data)
             if etag:
                 _write_atomic(etag_path, etag.encode())
             else:
                 etag_path.unlink(missing_ok=True)
-        date = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Date:")), "")
-        return ReleaseInfo(repo.uri, repo.suite, date, hashlib.sha256(data).hexdigest(), text)
+        return info
 
     def _index_path(self, repo: AptRepository, entry: IndexFile) -> Path:
         return self.root / "indices" / f"{url_key(repo.uri + '/dists/' + repo.suite + '/' + entry.path)}.{entry.sha256}.json"
 
     def index(self, repo: AptRepository, entry: IndexFile) -> PackageIndex:
         """One Packages file, parsed; downloaded (and its sha256 checked) only when not cached yet."""
-        path = self._index_path(repo, entry)
-        if path.is_file():
-            try:
-                return {k: [tuple(v) for v in vs] for k, vs in json.loads(path.read_text()).items()}  # type: ignore[misc]
-            except (OSError, ValueError):
-                path.unlink(missing_ok=True)
-        index = parse_packages(decompress_index(entry.path, fetch_index(repo, entry)))
-        prefix = path.name.rsplit(".", 2)[0] + "."
-        for old in path.parent.glob(f"{prefix}*.json") if path.parent.is_dir() else []:
-            if old != path and old.name.rsplit(".", 2)[0] + "." == prefix:
-                old.unlink(missing_ok=True)
-        _write_atomic(path, json.dumps(index, separators=(",", ":")).encode())
-        return index
+        return _cached_index(self._index_path(repo, entry),
+                             lambda: parse_packages(decompress_index(entry.path, fetch_index(repo, entry))))
 
     def packages(self, repo: AptRepository, arch: str, release_text: str) -> PackageIndex:
         """Everything the repository offers for ARCH (all its components), merged."""
@@ -226,20 +232,13 @@ class RpmMetadataCache:
         downloaded (its checksum checked against repomd.xml) only when not cached yet."""
         from .rpm import fetch_primary
 
-        path = self._primary_path(md)
-        if path.is_file():
-            try:
-                return {k: [tuple(v) for v in vs] for k, vs in json.loads(path.read_text()).items()}  # type: ignore[misc]
-            except (OSError, ValueError):
-                path.unlink(missing_ok=True)
-        index: RpmIndex = {}
-        for pkg in fetch_primary(md):
-            if pkg["arch"] in ("src", "nosrc") or not pkg["name"]:
-                continue
-            index.setdefault(pkg["name"], []).append((pkg["epoch"] or "0", pkg["version"], pkg["release"], pkg["arch"]))
-        prefix = path.name.rsplit(".", 2)[0] + "."
-        for old in path.parent.glob(f"{prefix}*.json") if path.parent.is_dir() else []:
-            if old != path and old.name.rsplit(".", 2)[0] + "." == prefix:
-                old.unlink(missing_ok=True)
-        _write_atomic(path, json.dumps(index, separators=(",", ":")).encode())
-        return index
+        def build() -> RpmIndex:
+            index: RpmIndex = {}
+            for pkg in fetch_primary(md):
+                if pkg["arch"] in ("src", "nosrc") or not pkg["name"]:
+                    continue
+                index.setdefault(pkg["name"], []).append(
+                    (pkg["epoch"] or "0", pkg["version"], pkg["release"], pkg["arch"]))
+            return index
+
+        return _cached_index(self._primary_path(md), build)
