@@ -1,6 +1,6 @@
 # Set-up and entry points. `make demo` and `make test` each do all set-up on a fresh Debian 12/13 machine.
 SHELL := /bin/bash
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PYTHON ?= /usr/bin/python3
 VENV := $(CURDIR)/.venv
 VPY := $(VENV)/bin/python
 export VZPKG_CACHE_DIR ?= $(CURDIR)/cache
