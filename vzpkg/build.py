@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -108,30 +109,35 @@ def _dir_size(root: Path) -> int:
 
 
 def render_files(template: Template, root: Path, context: dict[str, Any]) -> int:
-    """Copy each `files/` tree of the template chain into ROOT; `*.j2` files are rendered with jinja2."""
-    from .template import render_string
+    """Copy each `files/` tree of the template chain into ROOT; `*.j2` files are rendered with jinja2.
+
+    Symlinks are copied as symlinks, never followed (a link to a host file copies the link, not the file). Paths
+    are resolved inside ROOT (vzpkg.inroot): a symlink the packages put in the root cannot lead a write out of it,
+    and one at a file's own name is replaced, not written through."""
+    from .inroot import RootWriter
+    from .template import render_file
+    from .template_files import files_entries, open_regular
 
     count = 0
-    for tree in template.file_trees():
-        for src in sorted(tree.rglob("*")):
-            rel = src.relative_to(tree)
-            if src.is_dir():
-                (root / rel).mkdir(parents=True, exist_ok=True)
-                continue
-            dest = root / rel
-            if src.suffix == ".j2":
-                dest = dest.with_suffix("")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if dest.is_symlink():
-                    dest.unlink()
-                dest.write_text(render_string(src.read_text(), context, where=str(src)) + "\n")
-                shutil.copymode(src, dest)
-            else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if dest.is_symlink():
-                    dest.unlink()
-                shutil.copy2(src, dest)
-            count += 1
+    with RootWriter(root) as writer:
+        for tree in template.file_trees():
+            for entry in files_entries(tree):
+                mode = stat.S_IMODE(entry.st.st_mode)
+                if entry.kind == "dir":
+                    os.close(writer.make_dirs(entry.rel, mode))
+                    continue
+                if entry.kind == "symlink":
+                    writer.symlink(entry.rel, os.readlink(entry.path), entry.times_ns)
+                elif entry.rel.suffix == ".j2":
+                    text = render_file(entry.path, context)
+                    writer.write_file(entry.rel.with_suffix(""), None, (text.strip() + "\n").encode(), mode, None)
+                else:
+                    fd = open_regular(entry.path)
+                    try:
+                        writer.write_file(entry.rel, fd, None, mode, entry.times_ns)
+                    finally:
+                        os.close(fd)
+                count += 1
     return count
 
 

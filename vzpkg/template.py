@@ -11,17 +11,21 @@ environment is merged, files overlay the base's, and both templates' scripts run
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tomllib
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import TemplateError
+from .template_files import check_scripts, files_entries, files_tree, read_regular, walk
 
 DEFINITION_FILE = "template.toml"
 SCRIPT_NAMES = ("pre-cache", "post-install", "post-cache", "pre-update", "post-update")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.+_]*(-[a-z0-9.+_]+)+$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class Template:
     path: Path
     data: dict[str, Any]
     chain: list[Path] = field(default_factory=list)  # template dirs, base first
+    #: each definition file of the chain with its own data (base first): errors name the file that says it
+    sources: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -97,18 +103,22 @@ class Template:
         return bool(self.file_trees()) or any(self.scripts(s) for s in ("pre-cache", "post-install", "post-cache"))
 
     def file_trees(self) -> list[Path]:
-        return [d / "files" for d in self.chain if (d / "files").is_dir()]
+        return [tree for d in self.chain if (tree := files_tree(d)) is not None]
 
     def digest(self) -> str:
-        """sha256 over the full definition: resolved data, and every file and script of the chain."""
+        """sha256 over the full definition: resolved data, and every file and script of the chain.
+
+        Symlinks count by their target string: what they point to on the host is never read."""
         h = hashlib.sha256()
         h.update(repr(sorted(_canonical(self.data).items())).encode())
         for d in self.chain:
-            for p in sorted(d.rglob("*")):
-                if p.is_file() and p.name != DEFINITION_FILE:
-                    h.update(str(p.relative_to(d)).encode() + b"\0")
-                    h.update(p.read_bytes())
+            for entry in walk(d):
+                if entry.kind == "file" and str(entry.rel) != DEFINITION_FILE:
+                    h.update(str(entry.rel).encode() + b"\0")
+                    h.update(read_regular(entry.path))
                     h.update(b"\0")
+                elif entry.kind == "symlink":
+                    h.update(str(entry.rel).encode() + b"\0symlink:" + os.fsencode(os.readlink(entry.path)) + b"\0")
         return h.hexdigest()
 
     def render_context(self, mirrors: dict[str, str], native_arch: str) -> dict[str, Any]:
@@ -136,14 +146,55 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def render_string(text: str, context: dict[str, Any], *, where: str) -> str:
+def short(value: Any, limit: int = 60) -> str:
+    """repr of VALUE cut to LIMIT characters: an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _jinja_render(text: str, context: dict[str, Any], filename: str) -> str:
+    """Render TEXT with undefined variables as errors; no loader, so include/import/extends find nothing."""
     import jinja2
 
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             loader=jinja2.DictLoader({}))
+    code = env.compile(text, name=filename, filename=filename)
+    return env.template_class.from_code(env, code, env.make_globals(None)).render(context)
+
+
+def _jinja_problem(e: Exception, filename: str) -> tuple[int | None, str]:
+    """The template line an error of a render points at (jinja rewrites tracebacks to template lines)."""
+    line = getattr(e, "lineno", None)
+    if line is None:
+        for frame in traceback.extract_tb(e.__traceback__):
+            if frame.filename == filename:
+                line = frame.lineno
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if type(e).__name__ == "TemplateNotFound":
+        message = f"cannot include {message}: templates render on their own (no include, import or extends)"
+    return line, message
+
+
+def render_string(text: str, context: dict[str, Any], *, where: str) -> str:
+    """Render a jinja2 string of a template definition (a repository entry, a key path)."""
     try:
-        return env.from_string(text).render(context).strip()
-    except jinja2.TemplateError as e:
-        raise TemplateError(f"{where}: cannot render {text!r}: {e}") from e
+        return _jinja_render(text, context, "<string>").strip()
+    except Exception as e:  # a template expression can raise anything (TypeError, ZeroDivisionError, ...)
+        _line, message = _jinja_problem(e, "<string>")
+        raise TemplateError(f"{where}: cannot render {short(text)}: {message}") from e
+
+
+def render_file(path: Path, context: dict[str, Any]) -> str:
+    """Render the `files/*.j2` file PATH; errors name PATH:LINE and jinja's message."""
+    try:
+        text = read_regular(path).decode()
+    except UnicodeDecodeError as e:
+        raise TemplateError(f"{path}: not UTF-8 text (byte {e.start}): a .j2 file is rendered as text") from e
+    try:
+        return _jinja_render(text, context, str(path))
+    except Exception as e:
+        line, message = _jinja_problem(e, str(path))
+        raise TemplateError(f"{path}{f':{line}' if line else ''}: {message}") from e
 
 
 def _read_definition(path: Path) -> dict[str, Any]:
@@ -155,18 +206,32 @@ def _read_definition(path: Path) -> dict[str, Any]:
         raise TemplateError(f"{file}: template definition missing") from e
     except tomllib.TOMLDecodeError as e:
         raise TemplateError(f"{file}: not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise TemplateError(f"{file}: not valid TOML: not UTF-8 text (byte {e.start})") from e
+    except RecursionError as e:
+        raise TemplateError(f"{file}: not valid TOML: arrays or tables nested too deeply") from e
+    except OSError as e:
+        raise TemplateError(f"{file}: cannot read: {e.strerror}") from e
     for key, value in data.items():
         spec = SCHEMA.get(key)
         if spec is None:
-            raise TemplateError(f"{file}: {key}: unknown key (known: {', '.join(sorted(SCHEMA))})")
+            raise TemplateError(f"{file}: {short(key)[1:-1]}: unknown key (known: {', '.join(sorted(SCHEMA))})")
         if not isinstance(value, spec.types):
             want = " or ".join(t.__name__ for t in spec.types)
-            raise TemplateError(f"{file}: {key}: expected {want}, got {type(value).__name__} {value!r}")
+            raise TemplateError(f"{file}: {key}: expected {want}, got {type(value).__name__} {short(value)}")
         if spec.item_types:
             for i, item in enumerate(value):
                 if not isinstance(item, spec.item_types):
                     want = " or ".join(t.__name__ for t in spec.item_types)
-                    raise TemplateError(f"{file}: {key}[{i}]: expected {want}, got {type(item).__name__} {item!r}")
+                    raise TemplateError(f"{file}: {key}[{i}]: expected {want}, got {type(item).__name__} {short(item)}")
+        if isinstance(value, str) and "\0" in value:
+            raise TemplateError(f"{file}: {key}: contains a NUL character")
+    for name, value in data.get("environment", {}).items():
+        if not ENV_NAME_RE.match(name):
+            raise TemplateError(f"{file}: environment.{short(name)}: not a variable name (letters, digits, _)")
+        if not isinstance(value, (str, int, float, bool)) or "\0" in str(value):
+            raise TemplateError(f"{file}: environment.{name}: expected a string, got {type(value).__name__} "
+                                f"{short(value)}")
     return data
 
 
@@ -177,6 +242,9 @@ class TemplateRepository:
         self.dirs = dirs
 
     def find(self, name: str) -> Path:
+        if not NAME_RE.match(name):  # also keeps a name from being a path (../, /etc) into the host
+            raise TemplateError(f"{short(name)} is not a template name (<os>-<version>-<arch>[-<set>], e.g. "
+                                f"debian-12-x86_64)")
         for d in self.dirs:
             candidate = d / name
             if (candidate / DEFINITION_FILE).is_file():
@@ -205,6 +273,8 @@ class TemplateRepository:
             base = data.get("inherits")
             if base is None:
                 break
+            if not NAME_RE.match(base):
+                raise TemplateError(f"{path / DEFINITION_FILE}: inherits: {short(base)} is not a template name")
             try:
                 self.find(base)
             except TemplateError as e:
@@ -222,7 +292,8 @@ class TemplateRepository:
                     merged[key] = {**merged.get(key, {}), **value}
                 else:
                     merged[key] = value
-        template = Template(name=name, path=chain[-1], data=merged, chain=chain)
+        template = Template(name=name, path=chain[-1], data=merged, chain=chain,
+                            sources=[(p / DEFINITION_FILE, data) for p, data in zip(chain, datas, strict=True)])
         validate(template)
         return template
 
@@ -258,9 +329,48 @@ def validate(template: Template) -> None:
     init = template.data.get("init", "minimal")
     if init not in INITS:
         raise TemplateError(f"{file}: init: {init!r} is not one of {', '.join(INITS)}")
+    _check_package_names(template, pm)
     for d in template.chain:
-        scripts = d / "scripts"
-        if scripts.is_dir():
-            for p in scripts.iterdir():
-                if p.name not in SCRIPT_NAMES:
-                    raise TemplateError(f"{p}: unknown script name (known: {', '.join(SCRIPT_NAMES)})")
+        check_scripts(d, SCRIPT_NAMES)
+    trees = [(tree, files_entries(tree)) for tree in template.file_trees()]
+    _check_rendering(template, trees)
+
+
+def _check_package_names(template: Template, pm: str) -> None:
+    """Every package name has the package manager's syntax (the backend knows it): a name is never an option
+    or a shell word by the time it reaches mmdebstrap, apt-get or dnf."""
+    from .pkgmgr import get_backend
+
+    backend = get_backend(pm)
+    for file, data in template.sources or [(template.path / DEFINITION_FILE, template.data)]:
+        for key in ("packages", "remove_packages"):
+            for i, name in enumerate(data.get(key, [])):
+                problem = backend.package_name_problem(name)
+                if problem:
+                    raise TemplateError(f"{file}: {key}[{i}]: {short(name)} {problem}")
+
+
+def dry_run_context(template: Template) -> dict[str, Any]:
+    """The variables a build renders with, mirrors as placeholders: what `validate` renders every template with."""
+    from .distro import get_distribution
+
+    distro = get_distribution(template["distribution"])
+    mirrors = {var: f"http://{var.replace('_', '-')}.invalid" for var in distro.mirror_variables}
+    return template.render_context(mirrors, distro.native_arch(template["architecture"]))
+
+
+def _check_rendering(template: Template, trees: list[tuple[Path, list[Any]]]) -> None:
+    """A dry render of everything a build renders: bad jinja or an undefined variable is found before a build."""
+    context = dry_run_context(template)
+    for file, data in template.sources or [(template.path / DEFINITION_FILE, template.data)]:
+        for i, repo in enumerate(data.get("repositories", [])):
+            values = repo.items() if isinstance(repo, dict) else [(None, repo)]
+            for key, value in values:
+                if isinstance(value, str):
+                    render_string(value, context, where=f"{file}: repositories[{i}]" + (f".{key}" if key else ""))
+        for i, key in enumerate(data.get("gpg_keys", [])):
+            render_string(key, context, where=f"{file}: gpg_keys[{i}]")
+    for _tree, entries in trees:
+        for entry in entries:
+            if entry.kind == "file" and entry.rel.suffix == ".j2":
+                render_file(entry.path, context)

@@ -15,6 +15,8 @@ class Distribution:
     package_managers: ClassVar[tuple[str, ...]] = ()
     #: mirror names a template of this distribution may refer to, first one is the main mirror
     mirror_names: ClassVar[tuple[str, ...]] = ()
+    #: the jinja2 variables mirrors() provides (validate renders templates with placeholders for them)
+    mirror_variables: ClassVar[tuple[str, ...]] = ("mirror",)
 
     def native_arch(self, architecture: str) -> str:
         """The architecture name the package manager uses (amd64 for Debian's x86_64)."""

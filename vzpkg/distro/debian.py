@@ -16,6 +16,7 @@ class Debian(Distribution):
     name = "debian"
     package_managers = ("apt",)
     mirror_names = ("debian", "debian-security")
+    mirror_variables = ("mirror", "security_mirror")
     keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
     def native_arch(self, architecture: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -15,11 +16,21 @@ from .base import BuildContext, PackageManager
 
 MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 # Fail fast on an unreachable mirror instead of apt's default minutes of retrying.
+#: Debian Policy 5.6.1: lower-case letters, digits, + - . ; at least two characters, starting alphanumeric.
+#: Only plain names: the build, status and update-cache compare them with the installed packages' names, so
+#: apt's `:arch`, `=version` and `/release` suffixes are not taken.
+PACKAGE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 APT_OPTIONS = ['Acquire::Retries "1"', 'Acquire::http::Timeout "15"', 'Acquire::https::Timeout "15"']
 
 
 class AptBackend(PackageManager):
     name = "apt"
+
+    def package_name_problem(self, name: str) -> str | None:
+        if PACKAGE_NAME_RE.fullmatch(name):
+            return None
+        return ("is not a Debian package name (lower-case letters, digits, '+', '-' and '.', at least two "
+                "characters, starting with a letter or digit; no :arch, =version or /release suffix)")
 
     # ---- host checks and repository metadata --------------------------------------------------
 

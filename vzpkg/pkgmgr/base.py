@@ -59,6 +59,13 @@ class PackageManager:
         """The program that creates the root (recorded in the manifest; part of the build-stage key)."""
         return self.name
 
+    def package_name_problem(self, name: str) -> str | None:
+        """Why NAME is not a package name this package manager takes (a phrase), or None when it is one.
+
+        Template validation asks this for every package a template names, so nothing that is not a package name
+        (an option, a shell word) ever reaches the package manager's command line."""
+        return None
+
     def check_host(self, ctx: BuildContext) -> None:
         """Raise MissingToolError when a host program the backend needs is absent."""
 

@@ -32,6 +32,9 @@ REPO_KEYS = {
 }
 CACHE_IN_ROOT = "var/cache/dnf"
 RPMDB_CANDIDATES = ("/var/lib/rpm", "/usr/lib/sysimage/rpm")
+#: a plain RPM package name (Fedora's naming guidelines: ASCII letters, digits and - . _ +), not starting with
+#: - . or +; no version, arch, file path, provide or @group: status and update-cache compare names with the rpmdb's
+PACKAGE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
 _ID_RE = re.compile(r"[^A-Za-z0-9_.:-]+")
 
 SIGNATURE_PATTERNS = ("is not signed", "GPG check FAILED", "Public key for", "signature", "Signature", "digest",
@@ -184,6 +187,12 @@ class DnfBackend(PackageManager):
         self.name = name
         self._ctx: BuildContext | None = None
         self._repos: list[dict[str, Any]] | None = None
+
+    def package_name_problem(self, name: str) -> str | None:
+        if PACKAGE_NAME_RE.fullmatch(name):
+            return None
+        return ("is not an RPM package name (letters, digits, '-', '.', '_' and '+', starting with a letter, digit "
+                "or '_'; no version, file path or @group)")
 
     # ---- host ----
 
