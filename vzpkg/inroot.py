@@ -18,6 +18,7 @@ import ctypes.util
 import errno
 import os
 import shutil
+import stat
 from pathlib import Path, PurePosixPath
 
 from .errors import BuildError
@@ -56,8 +57,13 @@ def _open_nofollow_walk(dirfd: int, path: str, flags: int) -> int:
             if part == "..":
                 raise OSError(errno.EXDEV, "'..' in a path inside the root", path)
             last = i == len(parts) - 1
-            nfd = os.open(part, (flags if last else os.O_PATH | os.O_DIRECTORY) | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=fd)
+            try:
+                nfd = os.open(part, (flags if last else os.O_PATH | os.O_DIRECTORY) | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=fd)
+            except NotADirectoryError:
+                if stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
+                    raise OSError(errno.ELOOP, "a symlink", path) from None
+                raise
             os.close(fd)
             fd = nfd
         if not parts:
