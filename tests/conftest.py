@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,16 @@ import pytest
 PROJECT = Path(__file__).resolve().parent.parent
 VZPKG = [sys.executable, "-m", "vzpkg.cli.vzpkg"]
 TEST_CACHE_DIR = Path(os.environ.get("VZPKG_TEST_CACHE_DIR", "/var/tmp/vzpkg-test-cache"))
+
+
+def default_sigint() -> None:
+    """preexec_fn for a child a test interrupts with SIGINT: SIGINT back to its default disposition.
+
+    A test run started in the background (`pytest &` in a non-interactive shell, some CI runners) has SIGINT
+    ignored, and an ignored signal stays ignored across fork and exec: the child would never see the test's
+    SIGINT. vzpkg itself rightly keeps an inherited SIG_IGN (the POSIX convention for background jobs); it is
+    the test that wants a child as an interactive shell would start it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def is_root() -> bool:

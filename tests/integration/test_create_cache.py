@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VZPKG, copy_cache, run_vzpkg
+from conftest import VZPKG, copy_cache, default_sigint, run_vzpkg
 
 from vzpkg.archive import safe_unpack
 from vzpkg.errors import (
@@ -282,8 +282,10 @@ def test_failing_post_install_publishes_nothing(seeded_cache_dir: Path, tmp_path
 
 
 def _start_build(cache_dir: Path, *extra: str) -> subprocess.Popen[str]:
+    # default_sigint: the SIGINT case must not depend on how pytest was started (in the background, SIGINT is
+    # ignored and the child would inherit that and build on to the end)
     return subprocess.Popen([*VZPKG, "create-cache", NAME, "--force", "--cache-dir", str(cache_dir), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
 
 
 def _wait_for_bootstrap(cache_dir: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:

@@ -33,7 +33,8 @@ BASE_PACKAGES = ["vzt-filesystem", "vzt-busybox", "vzt-post", "vzt-a", "vzt-epoc
 EXIT = {"mirror": 7, "signature": 8, "build": 9}
 
 
-def _template(packages: list[str], key: Path, baseurl: str = "{{ mirror }}/repo", gpgcheck: bool = True) -> str:
+def _template(packages: list[str], key: Path, baseurl: str = "{{ mirror }}/repo", gpgcheck: bool = True,
+              repo_gpgcheck: bool = False) -> str:
     return (
         'summary = "vzpkg dnf test"\n'
         'description = "Built from the test RPM repository."\n'
@@ -41,7 +42,7 @@ def _template(packages: list[str], key: Path, baseurl: str = "{{ mirror }}/repo"
         f"packages = {json.dumps(packages)}\n"
         f"gpg_keys = [{json.dumps(str(key))}]\n"
         f'repositories = [{{ id = "vzt", name = "vzpkg test", baseurl = "{baseurl}", '
-        f"gpgcheck = {'true' if gpgcheck else 'false'} }}]\n"
+        f"gpgcheck = {'true' if gpgcheck else 'false'}, repo_gpgcheck = {'true' if repo_gpgcheck else 'false'} }}]\n"
     )
 
 
@@ -66,6 +67,7 @@ class Env:
 def rpmenv(tmp_path_factory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("rpmrepo")
     repo = rpmrepo.build_repository(tmp)
+    rpmrepo.createrepo(repo, sign_base=tmp)  # repodata/repomd.xml.asc, for the repo_gpgcheck template
     key = repo / "RPM-GPG-KEY-vzt"
     templates = tmp / "templates"
     port = rpmrepo.closed_port()
@@ -78,6 +80,7 @@ def rpmenv(tmp_path_factory) -> Iterator[Env]:
         "vztest-1-x86_64-unreachable": _template(BASE_PACKAGES, key, baseurl=f"http://127.0.0.1:{port}/repo"),
         "vztest-1-x86_64-slow": _template(BASE_PACKAGES + ["vzt-slow"], key),
         "vztest-1-x86_64-nogpg": _template(BASE_PACKAGES + ["vzt-unsigned"], key, gpgcheck=False),
+        "vztest-1-x86_64-repogpg": _template(BASE_PACKAGES, key, repo_gpgcheck=True),
     }
     for name, text in cases.items():
         (templates / name).mkdir(parents=True)
@@ -295,3 +298,55 @@ def test_interrupted_during_a_scriptlet(rpmenv, tmp_path):
     with open("/proc/self/mountinfo") as f:
         assert str(cache) not in f.read()
     _nothing_published(cache, "vztest-1-x86_64-slow")
+
+
+def _gpg_agents_mentioning(path: Path) -> set[int]:
+    """gpg-agent processes whose command line, working directory or environment names PATH (or below)."""
+    needle = os.fsencode(os.path.realpath(path))
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            if os.path.basename(cmdline.split(b"\0")[0]) != b"gpg-agent":
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+            cwd = os.fsencode(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:
+            continue
+        if any(needle in text for text in (cmdline, environ, cwd)):
+            found.add(int(pid))
+    return found
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or not Path("/run/user").is_dir(),
+                    reason="needs unshare and /run/user")
+def test_repo_gpgcheck_build_leaves_no_gpg_agent_or_socket_dir(rpmenv, tmp_path):
+    """repo_gpgcheck makes dnf (librepo, gpgme) start a gpg-agent for the keyring it keeps in the package cache;
+    nothing of a build may outlive it: no process, no socket directory in /run/user/0/gnupg.
+
+    The build runs in a mount namespace of its own with a fresh tmpfs on /run/user holding 0/ (as on a host where
+    root has a login session), so gnupg puts its socket directories there and the test sees every one."""
+    name = "vztest-1-x86_64-repogpg"
+    cache = tmp_path / "cache"
+    listing = tmp_path / "run-user-0-gnupg.txt"
+    assert _gpg_agents_mentioning(tmp_path) == set()
+    script = ('mount -t tmpfs -o mode=0755 vzpkg-test /run/user && mkdir -m 0700 /run/user/0 && "$@"; rc=$?; '
+              'ls -A /run/user/0/gnupg > "$LISTING" 2>/dev/null; exit $rc')
+    env = {**os.environ, "VZPKG_TEMPLATE_DIR": str(rpmenv.templates), "VZPKG_CACHE_DIR": str(cache),
+           "VZPKG_CONFIG": str(rpmenv.tmp / "no-config.toml"), "LISTING": str(listing)}
+    env.pop("VZPKG_MIRROR", None)
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                           sys.executable, "-m", "vzpkg.cli.vzpkg", "create-cache", "--verbose", name,
+                           "--mirror", rpmenv.server.url], env=env, capture_output=True, text=True, timeout=300)
+    left = _gpg_agents_mentioning(tmp_path)
+    for pid in left:  # the test's own leftovers: do not let them outlive the test either
+        os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0, proc.stderr
+    assert "repository vzt" in proc.stderr
+    m = json.loads((cache / f"{name}.json").read_text())
+    assert {p["name"] for p in m["packages"]} >= set(BASE_PACKAGES)
+    assert left == set(), f"gpg-agent processes left by the build: {sorted(left)}"
+    socket_dirs = listing.read_text().split() if listing.exists() else []
+    assert socket_dirs == [], f"socket directories left in /run/user/0/gnupg: {socket_dirs}"

@@ -21,6 +21,7 @@ from typing import Any
 from ..chroot import build_mounts, run_tool, unmount_below
 from ..errors import BuildError, MirrorError, MissingToolError, SignatureError, TemplateError
 from ..template import DEFINITION_FILE, render_string
+from . import gnupg
 from .base import BuildContext, PackageManager
 
 #: repository-table keys a template may use; each becomes the dnf option of the same name (`id` names the section)
@@ -175,6 +176,8 @@ def verify_repomd_signature(repo: dict[str, Any], baseurl: str, data: bytes, asc
                                str(Path(home) / "repomd.xml.asc"), str(Path(home) / "repomd.xml")],
                               capture_output=True, text=True)
         subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True)
+        # the home's socket directory (/run/user/0/gnupg/d.*, where /run/user/0 exists) goes with the home
+        subprocess.run(["gpgconf", "--homedir", home, "--remove-socketdir"], capture_output=True)
     if proc.returncode != 0 or "[GNUPG:] VALIDSIG" not in proc.stdout:
         raise SignatureError(f"{baseurl.rstrip('/')}/repodata/repomd.xml: signature check failed with the template's "
                              f"keys (repo_gpgcheck on repository {repo['id']})")
@@ -381,8 +384,11 @@ class DnfBackend(PackageManager):
         subprocess.run(["mount", "--bind", str(cache), str(target)], check=True, capture_output=True)
         try:
             with build_mounts(root):
-                rc, output = self._run(ctx, cmd)
+                rc, output = self._run(ctx, gnupg.with_private_run_user(cmd))
         finally:
+            # repo_gpgcheck: the gpg-agent librepo started for the keyring in the cache must not outlive the build
+            if (stopped := gnupg.stop_agents_below(root)):
+                ctx.note(f"stopped {stopped} gpg-agent started by {cmd[0]} for its keyrings")
             unmount_below(target)
         if rc != 0:
             raise self._error(ctx, what, rc, output)
