@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import signal
 import stat
 import time
@@ -34,6 +33,7 @@ from .chroot import (
 from .config import Settings
 from .distro import get_distribution
 from .errors import BuildError, CacheExistsError
+from .inroot import inside, remove_matches
 from .lock import locked
 from .pkgmgr import BuildContext, PackageManager, get_backend
 from .stage import StageStore
@@ -143,20 +143,18 @@ def render_files(template: Template, root: Path, context: dict[str, Any]) -> int
 
 def clean_root(root: Path) -> None:
     """What no cache should carry: identity, logs, temporary files. Package-manager caches are the backend's."""
+    # Paths that a symlink of the root leads onto the host (an absolute `var/log -> /var/log`) are left alone.
     machine_id = root / "etc/machine-id"
-    if machine_id.exists():
+    if machine_id.exists() and inside(root, machine_id):
         machine_id.write_text("")  # empty: a fresh id is made when the VE first boots
-    (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    if inside(root, root / "var/lib/dbus"):
+        (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
     for pattern in ("etc/ssh/ssh_host_*", "tmp/*", "tmp/.*", "var/tmp/*", "root/.bash_history",
                     "var/log/*.log", "var/log/apt/*", "var/log/journal/*", "etc/resolv.conf.vzpkg-*"):
-        for path in root.glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        remove_matches(root, pattern)
     for log in ("var/log/lastlog", "var/log/wtmp", "var/log/btmp", "var/log/faillog"):
         p = root / log
-        if p.exists():
+        if p.exists() and inside(root, p):
             p.write_bytes(b"")
 
 

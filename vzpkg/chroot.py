@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import BuildError, ScriptError
+from .inroot import require_inside
 
 _MNT_DETACH = 2
 _PR_SET_PDEATHSIG = 1
@@ -62,6 +63,8 @@ def _mount(source: str, target: Path, fstype: str | None, options: Sequence[str]
 @contextmanager
 def build_mounts(root: Path) -> Iterator[None]:
     """/proc, /sys, /dev and /dev/pts inside ROOT for package scripts; undone on every exit path."""
+    for d in ("proc", "sys", "dev"):  # mount(8) follows symlinks: a root's `proc -> /proc` would cover the host's
+        require_inside(root, root / d, "mount over")
     try:
         _mount("proc", root / "proc", "proc", ["nosuid", "nodev", "noexec"])
         _mount("sysfs", root / "sys", "sysfs", ["ro", "nosuid", "nodev", "noexec"])
@@ -78,6 +81,7 @@ def build_mounts(root: Path) -> Iterator[None]:
 def no_daemons(root: Path) -> Iterator[None]:
     """policy-rc.d that refuses every service start, removed afterwards."""
     policy = root / "usr/sbin/policy-rc.d"
+    require_inside(root, policy, "write")
     existed = policy.exists()
     if not existed:
         policy.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +98,7 @@ def no_daemons(root: Path) -> Iterator[None]:
 def host_resolver(root: Path) -> Iterator[None]:
     """The host's resolv.conf inside the root while packages are fetched; the root's own is put back."""
     target = root / "etc/resolv.conf"
+    require_inside(root, target.parent, "write")  # resolv.conf itself is renamed away, never written through
     saved = None
     if target.exists() or target.is_symlink():
         saved = target.with_name(".resolv.conf.vzpkg-saved")
@@ -121,6 +126,7 @@ def run_script(script: Path, *, root: Path, inside: bool, env: dict[str, str], q
     label = f"script {script.parent.parent.name}/scripts/{script.name}"
     if inside:
         staged = root / "tmp" / f".vzpkg-{script.name}"
+        require_inside(root, staged, "stage a script at")
         shutil.copy2(script, staged)
         staged.chmod(0o755)
         try:

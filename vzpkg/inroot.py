@@ -195,3 +195,31 @@ class RootWriter:
             raise self._fail(rel, e, "create symlink") from e
         finally:
             os.close(parent)
+
+
+def inside(root: Path, path: Path) -> bool:
+    """Whether PATH, resolved on the host (every symlink followed), is ROOT or below it.
+
+    For code that works on the root with ordinary host paths (mounts, globs, small writes): a symlink the root
+    holds, like an absolute `var/log -> /var/log`, would take such a path out of the root onto the host."""
+    real_root = os.path.realpath(root).rstrip("/") + "/"
+    return (os.path.realpath(path).rstrip("/") + "/").startswith(real_root)
+
+
+def require_inside(root: Path, path: Path, what: str) -> None:
+    """Raise BuildError unless PATH resolves inside ROOT (see inside())."""
+    if not inside(root, path):
+        raise BuildError(f"refusing to {what} {path}: a symlink in the root leads out of it (to "
+                         f"{os.path.realpath(path)}); a root's symlinks are never followed onto the host")
+
+
+def remove_matches(root: Path, pattern: str, keep: tuple[str, ...] = ()) -> None:
+    """Remove what PATTERN matches below ROOT (files named in KEEP stay); never through a symlink of the root
+    that leads out of it."""
+    for path in root.glob(pattern):
+        if not inside(root, path.parent):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.name not in keep:
+            path.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..chroot import POLICY_RC_D, build_mounts, host_resolver, no_daemons, run_in_root, run_tool
 from ..errors import BuildError, MirrorError, MissingToolError, SignatureError
+from ..inroot import inside, remove_matches, require_inside
 from . import apt_cache
 from .base import BuildContext, PackageManager
 
@@ -154,6 +155,7 @@ class AptBackend(PackageManager):
 
     def write_repositories(self, ctx: BuildContext) -> bool:
         path = ctx.root / "etc/apt/sources.list"
+        require_inside(ctx.root, path, "write")
         wanted = [r for r in ctx.repositories if isinstance(r, str)]
         try:
             current = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
@@ -181,12 +183,9 @@ class AptBackend(PackageManager):
         for pattern in ("var/lib/apt/lists/*", "var/cache/apt/archives/*.deb", "var/cache/apt/archives/partial/*",
                         "var/cache/apt/*.bin", "var/lib/dpkg/*-old", "var/cache/debconf/*-old",
                         "var/cache/ldconfig/aux-cache", "var/lib/apt/lists/partial/*"):
-            for path in root.glob(pattern):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                elif path.name != "lock":
-                    path.unlink(missing_ok=True)
-        (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+            remove_matches(root, pattern, keep=("lock",))
+        if inside(root, root / "var/lib/apt/lists/partial"):
+            (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
 
     def installed_packages(self, root: Path) -> list[dict[str, str]]:
         from debian.deb822 import Packages

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..chroot import build_mounts, run_tool, unmount_below
 from ..errors import BuildError, MirrorError, MissingToolError, SignatureError, TemplateError
+from ..inroot import remove_matches, require_inside
 from ..template import DEFINITION_FILE, render_string
 from . import gnupg
 from .base import BuildContext, PackageManager
@@ -381,6 +382,7 @@ class DnfBackend(PackageManager):
         cmd = self._argv(ctx, conf) + args
         ctx.note(f"running: {shlex.join(cmd)}")
         target = root / CACHE_IN_ROOT
+        require_inside(root, target, "mount the package cache over")  # mount(8) follows symlinks
         subprocess.run(["mount", "--bind", str(cache), str(target)], check=True, capture_output=True)
         try:
             with build_mounts(root):
@@ -461,11 +463,7 @@ class DnfBackend(PackageManager):
                         "usr/lib/sysimage/rpm/.rpm.lock", "usr/lib/sysimage/rpm/__db.*",
                         "usr/lib/sysimage/rpm/.dbenv.lock", "var/lib/rpm/*-shm", "var/lib/rpm/*-wal",
                         "usr/lib/sysimage/rpm/*-shm", "usr/lib/sysimage/rpm/*-wal", "root/.rpmdb"):
-            for path in root.glob(pattern):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
+            remove_matches(root, pattern)
 
     # ---- the manifest ----
 
