@@ -276,3 +276,42 @@ def test_without_openat2_a_symlink_on_the_way_is_refused(tdir: Path, host: Path,
     with pytest.raises(BuildError, match=r"root/etc: a symlink in the root is in the way"):
         render_files(load(tdir), root, CONTEXT)
     assert not (host / "new.conf").exists()
+
+
+# ---- the build's own work on the root (clean-up, mounts) never follows a root's symlink onto the host ----------
+
+
+def test_clean_root_leaves_the_host_alone(host: Path, tmp_path: Path) -> None:
+    from vzpkg.build import clean_root
+
+    (host / "machine-id").write_text("host-id\n")
+    (host / "syslog.log").write_text("host log\n")
+    (host / "keep.tmp").write_text("host tmp\n")
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "var").mkdir()
+    (root / "etc/machine-id").symlink_to(host / "machine-id")
+    (root / "var/log").symlink_to(host)          # absolute, as a script inside the root might leave it
+    (root / "tmp").symlink_to(host)
+    (root / "var/tmp").mkdir()
+    (root / "var/tmp/own").write_text("the root's\n")
+    clean_root(root)
+    assert (host / "machine-id").read_text() == "host-id\n"
+    assert (host / "syslog.log").read_text() == "host log\n"
+    assert (host / "keep.tmp").read_text() == "host tmp\n"
+    assert (host / "shadow").exists()
+    assert not (root / "var/tmp/own").exists()  # what is really in the root is still cleaned
+
+
+def test_build_mounts_refuse_a_root_symlink_leading_out(tmp_path: Path) -> None:
+    from vzpkg.chroot import build_mounts, mounts_below
+
+    outside = tmp_path / "outside-proc"
+    outside.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "proc").symlink_to(outside)
+    with pytest.raises(BuildError, match=r"refusing to mount over .*/root/proc: a symlink in the root leads out"):
+        with build_mounts(root):
+            pass
+    assert mounts_below(outside) == [] and mounts_below(root) == []
