@@ -248,7 +248,7 @@ def _run(cmd: Sequence[str], *, env: dict[str, str], what: str, quiet: bool, log
         out = log.open("ab") if log else subprocess.DEVNULL
     try:
         returncode = run_tool(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if quiet else None)
-    except FileNotFoundError as e:
+    except OSError as e:  # missing, not executable, a directory, ...
         raise error(f"{what}: cannot run {cmd[0]}: {e.strerror}") from e
     finally:
         if quiet and log:
