@@ -278,7 +278,7 @@ class TemplateRepository:
             try:
                 self.find(base)
             except TemplateError as e:
-                raise TemplateError(f"{path / DEFINITION_FILE}: inherits: unknown base template {base!r}") from e
+                raise TemplateError(f"{path / DEFINITION_FILE}: inherits: unknown base template {short(base)}") from e
             current = base
         merged: dict[str, Any] = {}
         for data in datas:
@@ -309,10 +309,10 @@ def validate(template: Template) -> None:
             raise TemplateError(f"{file}: {key}: missing required key ({spec.doc})")
     pm = template.data["package_manager"]
     if pm not in PACKAGE_MANAGERS:
-        raise TemplateError(f"{file}: package_manager: unknown package manager {pm!r} (known: {', '.join(PACKAGE_MANAGERS)})")
+        raise TemplateError(f"{file}: package_manager: unknown package manager {short(pm)} (known: {', '.join(PACKAGE_MANAGERS)})")
     distro = template.data["distribution"]
     if distro not in known_distributions():
-        raise TemplateError(f"{file}: distribution: unknown distribution {distro!r} (known: {', '.join(known_distributions())})")
+        raise TemplateError(f"{file}: distribution: unknown distribution {short(distro)} (known: {', '.join(known_distributions())})")
     if pm not in get_distribution(distro).package_managers:
         raise TemplateError(f"{file}: package_manager: {distro} is not built with {pm!r}")
     if pm == "apt" and "suite" not in template.data:
@@ -328,7 +328,7 @@ def validate(template: Template) -> None:
                     raise TemplateError(f"{file}: repositories[{i}]: needs one of baseurl, mirrorlist or metalink")
     init = template.data.get("init", "minimal")
     if init not in INITS:
-        raise TemplateError(f"{file}: init: {init!r} is not one of {', '.join(INITS)}")
+        raise TemplateError(f"{file}: init: {short(init)} is not one of {', '.join(INITS)}")
     _check_package_names(template, pm)
     for d in template.chain:
         check_scripts(d, SCRIPT_NAMES)

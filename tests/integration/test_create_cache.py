@@ -174,6 +174,11 @@ def test_template_set_with_files_and_scripts(seeded_cache_dir: Path, tmp_path: P
         },
         files={"etc/motd.j2": "{{ name }} on {{ suite }} ({{ arch }})", "etc/vzpkg-static.txt": "static\n"},
     )
+    # a symlink to a host file is copied as a symlink (never the host's file), also where the root has a symlink
+    # on the way (/bin -> usr/bin in a merged-/usr root)
+    (templates / "debian-12-x86_64-extra/files/etc/vzpkg-shadow").symlink_to("/etc/shadow")
+    (templates / "debian-12-x86_64-extra/files/bin").mkdir()
+    (templates / "debian-12-x86_64-extra/files/bin/vzpkg-tool").write_text("#!/bin/sh\n")
     proc = run_vzpkg("create-cache", "debian-12-x86_64-extra", "--cache-dir", str(seeded_cache_dir), "--json", "-q",
                      env=template_env(templates))
     assert proc.returncode == 0, proc.stderr
@@ -184,6 +189,8 @@ def test_template_set_with_files_and_scripts(seeded_cache_dir: Path, tmp_path: P
     safe_unpack(seeded_cache_dir / "debian-12-x86_64-extra.tar.zst", root)
     assert (root / "etc/motd").read_text().strip() == "debian-12-x86_64-extra on bookworm (amd64)"
     assert (root / "etc/vzpkg-static.txt").read_text() == "static\n"
+    assert os.readlink(root / "etc/vzpkg-shadow") == "/etc/shadow"
+    assert (root / "bin").is_symlink() and (root / "usr/bin/vzpkg-tool").read_text() == "#!/bin/sh\n"
     assert (root / "pre-cache.txt").read_text().strip() == "pre debian-12-x86_64-extra"
     assert (root / "post-install.txt").read_text().startswith("hello from 12")
     assert (root / "post-cache.txt").exists()
