@@ -279,6 +279,7 @@ HOSTILE = {
     "inherits-abs": "inherits = '/etc'\n",
     "bool-release": "release2 = true\n",
     "nul-suite": "variant = \"min\\u0000base\"\n",
+    "huge-init": "init = '" + "x" * 200_000 + "'\n",
 }
 
 
