@@ -256,3 +256,47 @@ def test_unsupported_member_type(tmp_path: Path) -> None:
     archive.write_bytes(zstandard.ZstdCompressor().compress(buf.getvalue()))
     with pytest.raises(UnsafeArchiveError, match="unsupported type"):
         safe_unpack(archive, target)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def test_the_user_namespace_child_dies_with_its_parent(tmp_path: Path) -> None:
+    """The archive is a FIFO nobody writes: the child blocks opening it until its parent is killed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fifo, target = tmp_path / "blocked.tar.zst", tmp_path / "target"
+    os.mkfifo(fifo)
+    target.mkdir()
+    code = ("import sys; from pathlib import Path; from vzpkg.extract import safe_unpack; "
+            "safe_unpack(Path(sys.argv[1]), Path(sys.argv[2]), id_shift=100000)")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(fifo), str(target)])
+    child = None
+    try:
+        deadline = time.monotonic() + 10
+        while child is None and time.monotonic() < deadline:
+            kids = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+            child = int(kids[0]) if kids else None
+            time.sleep(0.02)
+        assert child is not None, "safe_unpack started no child"
+        time.sleep(0.2)  # let it reach the blocking open (after PR_SET_PDEATHSIG)
+        assert _state(child) not in (None, "Z")
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while _state(child) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _state(child) in (None, "Z"), "the unpacking child outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if child is not None and _state(child) not in (None, "Z"):
+            os.kill(child, signal.SIGKILL)
