@@ -214,7 +214,10 @@ class _Extractor:
         for name in reversed(self.dir_times):
             parent, base = posixpath.split(name)
             mtime = self.dir_times[name]
-            os.utime(base, (mtime, mtime), dir_fd=self._parent(parent, name), follow_symlinks=False)
+            try:
+                os.utime(base, (mtime, mtime), dir_fd=self._parent(parent, name), follow_symlinks=False)
+            except OSError as e:
+                raise VzError(f"cannot set the time of unpacked directory {name!r}: {e.strerror}") from None
         self.close()
 
     def close(self) -> None:
