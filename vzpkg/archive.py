@@ -1,14 +1,13 @@
-"""Cache archives: reproducible tar + zstandard packing, and a safe unpack.
+"""Cache archives: reproducible tar + zstandard packing and reading.
 
 Packing streams GNU tar (fast, and it records xattrs, hard links and sparse files) into a multithreaded
-zstandard compressor. Unpacking is done in Python so every member can be checked before it touches the disk.
+zstandard compressor. Unpacking is vzpkg/extract.py's job (safe_unpack is re-exported here for its callers).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import posixpath
 import shutil
 import subprocess
 import tarfile
@@ -17,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import BuildError, MissingToolError, UnsafeArchiveError
+from .errors import BuildError, MissingToolError
+from .extract import safe_unpack  # noqa: F401 - re-exported for its callers
 
 DEFAULT_LEVEL = 6  # measured on a Debian minbase: level 9 is 3 % smaller and 35 % slower
 _CHUNK = 1 << 20
@@ -126,100 +126,3 @@ def iter_members(path: Path):
     """Yield the TarInfo of every member (streaming; nothing is extracted)."""
     with open_decompressed(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
         yield from tf
-
-
-# ---- safe unpack --------------------------------------------------------------------------------
-
-
-class _MemberChecker:
-    """Decides, member by member, whether extraction is safe; shifts ownership when asked."""
-
-    def __init__(self, id_shift: int) -> None:
-        self.id_shift = id_shift
-        self.symlinks: set[str] = set()
-        self.seen: set[str] = set()
-
-    def check(self, member: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        raw = member.name
-        if raw.startswith("/"):
-            raise UnsafeArchiveError(f"unsafe archive member {raw!r}: absolute path")
-        if ".." in raw.split("/"):
-            raise UnsafeArchiveError(f"unsafe archive member {raw!r}: '..' component")
-        name = posixpath.normpath(raw)
-        if name == ".":
-            return None  # the root directory itself: the target already exists
-        # A member below a symlink the archive created would be written wherever that link points.
-        parts = name.split("/")
-        for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in self.symlinks:
-                raise UnsafeArchiveError(f"unsafe archive member {raw!r}: its parent is a symlink")
-        if member.issym():
-            target = member.linkname
-            # Absolute targets are resolved inside the root when the root is in use (as in every OS tree);
-            # a relative target must not climb out of the root.
-            if not target.startswith("/"):
-                resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
-                if resolved == ".." or resolved.startswith("../"):
-                    raise UnsafeArchiveError(f"unsafe archive member {raw!r}: symlink to {target!r} escapes the root")
-            self.symlinks.add(name)
-        elif member.islnk():
-            target = member.linkname
-            if target.startswith("/") or ".." in target.split("/"):
-                raise UnsafeArchiveError(f"unsafe archive member {raw!r}: hard link to {target!r} escapes the root")
-            tnorm = posixpath.normpath(target)
-            if tnorm not in self.seen:
-                raise UnsafeArchiveError(f"unsafe archive member {raw!r}: hard link to {target!r}, not in the archive")
-            tparts = tnorm.split("/")
-            for i in range(1, len(tparts) + 1):
-                if "/".join(tparts[:i]) in self.symlinks:
-                    raise UnsafeArchiveError(f"unsafe archive member {raw!r}: hard link through a symlink")
-        elif member.ischr() or member.isblk():
-            if not name.startswith("dev/"):
-                raise UnsafeArchiveError(f"unsafe archive member {raw!r}: device node outside /dev")
-        elif not (member.isfile() or member.isdir() or member.isfifo()):
-            raise UnsafeArchiveError(f"unsafe archive member {raw!r}: unsupported type")
-        self.seen.add(name)
-        if self.id_shift:
-            if member.uid > 65535 or member.gid > 65535:
-                raise UnsafeArchiveError(f"archive member {raw!r}: owner {member.uid}:{member.gid} outside 0..65535")
-            member = member.replace(uid=member.uid + self.id_shift, gid=member.gid + self.id_shift, deep=False)
-        return member
-
-
-def _apply_xattrs(dest: Path, member: tarfile.TarInfo) -> None:
-    for key, value in member.pax_headers.items():
-        if key.startswith("SCHILY.xattr."):
-            attr = key[len("SCHILY.xattr."):]
-            try:
-                os.setxattr(dest / member.name, attr, value.encode("utf-8", "surrogateescape"), follow_symlinks=False)
-            except OSError:
-                pass  # e.g. a filesystem without security.* support: the tree is still usable
-
-
-def safe_unpack(archive: Path, target: Path, *, id_shift: int = 0) -> int:
-    """Unpack a .tar.zst into TARGET (which must exist and be empty), refusing hostile members.
-
-    Refused: absolute paths, '..' components, members below a symlink, symlinks whose relative target climbs
-    out of the root, hard links outside the archive, device nodes outside /dev. With `id_shift`, every owner
-    is moved up by that much (for user-namespaced VEs). Returns the number of members.
-    """
-    if any(target.iterdir()):
-        raise UnsafeArchiveError(f"unpack target {target} is not empty")
-    checker = _MemberChecker(id_shift)
-    count = 0
-    directories: list[tarfile.TarInfo] = []
-    with open_decompressed(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
-        for member in tf:
-            checked = checker.check(member)
-            if checked is None:
-                continue
-            tf.extract(checked, target, numeric_owner=True, filter="fully_trusted")
-            if checked.pax_headers:
-                _apply_xattrs(target, checked)
-            if checked.isdir():
-                directories.append(checked)
-            count += 1
-    # Extracting children bumps their directory's mtime: put the recorded times back last.
-    for member in reversed(directories):
-        os.utime(target / member.name, (member.mtime, member.mtime), follow_symlinks=False)
-    return count

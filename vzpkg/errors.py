@@ -76,7 +76,7 @@ class VerifyError(VzError):
 
 
 class UnsafeArchiveError(VzError):
-    """An archive member would escape the target or create a forbidden node."""
+    """An archive member would escape the target, repeat an earlier name or create a forbidden node."""
 
     exit_code = 12
 

@@ -283,7 +283,7 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
 
     ctx.facts["build_in_memory"] = prepare_build_root(ctx.root, settings.build_in_memory)
     with timer.step("unpack", lambda: f"{members} members"):
-        members = safe_unpack(store.archive_path(template.name), ctx.root)
+        members = safe_unpack(store.archive_path(template.name), ctx.root, note=reporter.verbose)
 
     plan = template_changes(template, manifest)
     definition_changed = manifest.get("template_digest") != template.digest()

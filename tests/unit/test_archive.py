@@ -125,6 +125,7 @@ def test_refuses_non_empty_target(tmp_path: Path) -> None:
         safe_unpack(archive, target)
 
 
+@pytest.mark.root
 def test_id_shift_rejects_ids_out_of_range(tmp_path: Path) -> None:
     ti = info("./a", size=1)
     ti.uid = 70000
@@ -135,16 +136,32 @@ def test_id_shift_rejects_ids_out_of_range(tmp_path: Path) -> None:
         safe_unpack(archive, target, id_shift=100000)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
-def test_id_shift_and_devices_in_dev(tmp_path: Path) -> None:
+def device_archive(tmp_path: Path) -> Path:
     ti = info("./a", size=1)
     ti.uid, ti.gid = 0, 5
     null = dev("./dev/null")
     null.devmajor, null.devminor = 1, 3
-    archive = hostile(tmp_path, [(info("./dev", tarfile.DIRTYPE), None), (null, None), (ti, b"x")])
+    return hostile(tmp_path, [(info("./dev", tarfile.DIRTYPE), None), (null, None), (ti, b"x")])
+
+
+@pytest.mark.root
+def test_id_shift_moves_owners_and_skips_devices(tmp_path: Path) -> None:
+    """In the VE's user namespace mknod is refused: device nodes are left out, with a note."""
     target = tmp_path / "target"
     target.mkdir()
-    safe_unpack(archive, target, id_shift=100000)
+    notes: list[str] = []
+    assert safe_unpack(device_archive(tmp_path), target, id_shift=100000, note=notes.append) == 3
     st = (target / "a").stat()
     assert (st.st_uid, st.st_gid) == (100000, 100005)
-    assert os.major((target / "dev/null").stat().st_rdev) == 1
+    assert (target / "dev").stat().st_uid == 100000
+    assert not (target / "dev/null").exists()
+    assert notes == ["skipped 1 device nodes (a VE's /dev is a tmpfs of its own)"]
+
+
+@pytest.mark.root
+def test_devices_in_dev_without_id_shift(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    safe_unpack(device_archive(tmp_path), target)
+    assert os.major((target / "dev/null").lstat().st_rdev) == 1
+    assert (target / "a").stat().st_gid == 5
