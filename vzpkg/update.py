@@ -39,7 +39,7 @@ from .build import (
     signals_raise,
     source_date_epoch,
 )
-from .cache import TMP_PREFIX, CacheStore, fsync_dir, write_json_atomic
+from .cache import PUBLISHED_DIR, TMP_PREFIX, CacheStore, fsync_dir, write_json_atomic
 from .chroot import prepare_build_root, remove_work_dir
 from .config import Settings
 from .errors import CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
@@ -83,6 +83,8 @@ def list_generations(store: CacheStore, name: str) -> list[dict[str, Any]]:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError):
             manifest = {}
+        if not isinstance(manifest, dict):
+            manifest = {}
         out.append({"generation": int(stem), "archive": str(archive), "manifest": str(manifest_path),
                     "created": manifest.get("created"), "sha256": manifest.get("sha256"),
                     "package_count": manifest.get("package_count"), "packed_size": archive.stat().st_size})
@@ -90,6 +92,8 @@ def list_generations(store: CacheStore, name: str) -> list[dict[str, Any]]:
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
+    # os.link() without dir_fd calls link(2), which links a symlink itself: resolve the published name first.
+    src = Path(os.path.realpath(src))
     try:
         os.link(src, dest)
     except OSError:
@@ -161,6 +165,9 @@ def rollback_cache(name: str, settings: Settings, *, generation: int | None = No
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as e:
             raise VerifyError(f"generation {gen['generation']} of {name}: manifest {manifest_path} unreadable ({e})") from e
+        if not isinstance(manifest, dict):
+            raise VerifyError(f"generation {gen['generation']} of {name}: manifest {manifest_path} is not a JSON "
+                              f"object; not restored")
         digest = sha256_file(archive)
         if digest != manifest.get("sha256"):
             raise VerifyError(f"generation {gen['generation']} of {name}: {archive} sha256 {digest[:16]}... does not "
@@ -236,13 +243,21 @@ def update_cache(name: str, settings: Settings, options: UpdateOptions | None = 
         try:
             new_manifest = _update(template, settings, options, reporter, timer, store, manifest, work_dir, archive_tmp)
             generation = None
+            pruned: list[int] = []
             with timer.step("publish"):
-                if options.keep > 0:
+                # A cache that does not match its manifest is neither kept as a generation nor a reason to
+                # prune the earlier ones: the newest generation that verifies must survive.
+                sound = store.matches_manifest(name)
+                if not sound:
+                    reporter.note(f"the replaced cache of {name} did not match its manifest: not kept as a "
+                                  f"generation, earlier generations kept")
+                elif options.keep > 0:
                     generation = save_generation(store, name)
                 new_manifest["durations"] = timer.durations
                 new_manifest["durations"]["total"] = round(time.monotonic() - started, 3)
                 store.publish(name, archive_tmp, new_manifest)
-                pruned = prune_generations(store, name, options.keep)
+                if sound:
+                    pruned = prune_generations(store, name, options.keep)
             if generation is not None:
                 reporter.note(f"previous cache kept as generation {generation} "
                               f"(vzpkg rollback-cache {name})")
@@ -337,7 +352,7 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
 
 # ---- clean --------------------------------------------------------------------------------------------
 
-_LEFTOVER_RE = re.compile(r"^\.tmp-(?P<name>.+)(?:-[a-z]+-\d+|\.json\.\d+)$")
+_LEFTOVER_RE = re.compile(r"^\.tmp-(?P<name>.+?)(?:-[a-z]+-\d+|\.json\.\d+|\.json-link-\d+|\.tar\.zst-link-\d+)$")
 
 
 def _path_size(path: Path) -> int:
@@ -388,13 +403,19 @@ def clean(settings: Settings, *, packages: bool, metadata: bool, generations: bo
                 by_name.setdefault(m.group("name"), []).append(p)
     gen_root = store.root / GENERATIONS_DIR
     gen_names = sorted(p.name for p in gen_root.iterdir() if p.is_dir()) if gen_root.is_dir() else []
-    for name in sorted(set(by_name) | (set(gen_names) if generations else set())):
+    pub_root = store.root / PUBLISHED_DIR
+    pub_names = {p.name for p in pub_root.iterdir() if p.is_dir() and store.leftovers(p.name)} \
+        if pub_root.is_dir() else set()
+    for name in sorted(set(by_name) | pub_names | (set(gen_names) if generations else set())):
         if names is not None and name not in names:
             continue
         try:
             with locked(settings.lock_dir / f"{name}.lock", timeout=0, what=f"template {name}"):
                 for p in by_name.get(name, []):
                     _remove(p)
+                for p in store.leftovers(name):
+                    if p.exists() or p.is_symlink():
+                        _remove(p)
                 for p in _clean_generation_leftovers(store, name):
                     report["removed"].append(str(p))
                 if generations:
