@@ -39,7 +39,7 @@ from .build import (
     signals_raise,
     source_date_epoch,
 )
-from .cache import PUBLISHED_DIR, TMP_PREFIX, CacheStore, fsync_dir, write_json_atomic
+from .cache import PUBLISHED_DIR, TMP_PREFIX, CacheStore, check_writable, fsync_dir, write_json_atomic
 from .chroot import prepare_build_root, remove_work_dir
 from .config import Settings
 from .errors import CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
@@ -146,6 +146,7 @@ def rollback_cache(name: str, settings: Settings, *, generation: int | None = No
     The generation's archive is checked against its manifest's sha256 before it is published."""
     reporter = reporter or Reporter()
     store = CacheStore(settings.cache_dir)
+    check_writable(settings.cache_dir)
     with signals_raise(), locked(settings.lock_dir / f"{name}.lock", timeout=lock_timeout,
                                   what=f"template {name}", on_wait=reporter.note):
         _clean_generation_leftovers(store, name)
@@ -220,6 +221,7 @@ def update_cache(name: str, settings: Settings, options: UpdateOptions | None = 
     template = TemplateRepository(settings.template_dirs).load(name)
     store = CacheStore(settings.cache_dir)
     manifest = store.read_manifest(name)
+    check_writable(settings.cache_dir)
     status = compare(template, manifest, settings, refresh=options.refresh)
     if status["current"]:
         return {"name": name, "updated": False, "reason": _current_reason(status), "status": status,

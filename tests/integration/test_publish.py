@@ -106,7 +106,7 @@ def test_killed_at_every_fsync_and_rename(tmp_path: Path, archives, layout: str)
         cache_dir = tmp_path / f"kill-{n}"
         seed_old(cache_dir, archives, layout)
         proc = driver(cache_dir, archives["new"][0], archives["new"][1],
-                      strace=[f"-e", f"inject={KILL_AT}:signal=SIGKILL:when={n}"])
+                      strace=["-e", f"inject={KILL_AT}:signal=SIGKILL:when={n}"])
         killed = proc.returncode != 0
         assert proc.returncode in (0, -9, 128 + 9, 137), proc.stderr
         outcome = state(cache_dir, archives)
