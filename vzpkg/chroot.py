@@ -26,6 +26,26 @@ def die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def _killed_with_parent() -> None:
+    """preexec_fn of the namespace wrapper: SIGKILL when vzpkg dies (unshare blocks SIGTERM while it waits)."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def tool_namespace_wrapper() -> list[str]:
+    """`unshare` arguments that run a build tool as pid 1 of a pid namespace of its own, in a mount namespace
+    of its own; empty where that is not possible (not root, no unshare).
+
+    A parent-death signal alone does not reach every process of a build: apt's download methods change their
+    credentials (setresuid to _apt), which clears PR_SET_PDEATHSIG, so a SIGKILLed vzpkg used to leave apt-get and
+    its methods running in the abandoned root, with the bootstrapper's mounts. Now vzpkg's death SIGKILLs unshare,
+    unshare's --kill-child SIGKILLs the namespace's pid 1, and the kernel kills everything else in the
+    namespace; the mounts the tool made (proc, sys, dev in the root) lived only in its mount namespace and go
+    with it."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return []
+    return ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "--"]
+
+
 def mounts_below(path: Path) -> list[str]:
     """Mount points at or below PATH, deepest first."""
     real = os.path.realpath(path)
@@ -166,13 +186,15 @@ def run_tool(cmd: Sequence[str], *, env: dict[str, str], stdout=None, stderr=Non
     """Run a tool in a process group of its own; if vzpkg is interrupted, the whole group is stopped first.
 
     Stopping the group (not just the direct child) matters: a bootstrapper killed alone leaves dpkg writing
-    into the root while we remove it. With ON_LINE, the tool's output (stdout and stderr) is handed over line
-    by line instead.
+    into the root while we remove it. If vzpkg is killed outright, the tool's pid namespace dies with it
+    (tool_namespace_wrapper). With ON_LINE, the tool's output (stdout and stderr) is handed over line by line
+    instead.
     """
     if on_line is not None:
         stdout, stderr = subprocess.PIPE, subprocess.STDOUT
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            start_new_session=True, preexec_fn=die_with_parent)
+    wrapper = tool_namespace_wrapper()
+    proc = subprocess.Popen([*wrapper, *cmd], env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            start_new_session=True, preexec_fn=_killed_with_parent if wrapper else die_with_parent)
     try:
         if on_line is not None:
             assert proc.stdout is not None
