@@ -8,7 +8,6 @@ slow test below.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VZPKG, run_vzpkg
 
 from vzpkg.chroot import mounts_below
 
