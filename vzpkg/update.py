@@ -128,6 +128,23 @@ def prune_generations(store: CacheStore, name: str, keep: int) -> list[int]:
     return removed
 
 
+def publish_update(store: CacheStore, name: str, archive_tmp: Path, manifest: dict[str, Any], keep: int,
+                   reporter: Reporter) -> tuple[int | None, list[int]]:
+    """Keep the current cache as a generation, publish the new one, prune: (generation kept, generations pruned).
+
+    A current cache that does not match its manifest is neither kept as a generation nor a reason to prune the
+    earlier ones: the newest generation that verifies survives every update."""
+    generation = None
+    sound = store.matches_manifest(name)
+    if not sound:
+        reporter.note(f"the replaced cache of {name} did not match its manifest: not kept as a generation, "
+                      f"earlier generations kept")
+    elif keep > 0:
+        generation = save_generation(store, name)
+    store.publish(name, archive_tmp, manifest)
+    return generation, (prune_generations(store, name, keep) if sound else [])
+
+
 def _clean_generation_leftovers(store: CacheStore, name: str) -> list[Path]:
     gdir = generations_dir(store, name)
     removed = []
@@ -244,22 +261,10 @@ def update_cache(name: str, settings: Settings, options: UpdateOptions | None = 
         work_dir.mkdir()
         try:
             new_manifest = _update(template, settings, options, reporter, timer, store, manifest, work_dir, archive_tmp)
-            generation = None
-            pruned: list[int] = []
             with timer.step("publish"):
-                # A cache that does not match its manifest is neither kept as a generation nor a reason to
-                # prune the earlier ones: the newest generation that verifies must survive.
-                sound = store.matches_manifest(name)
-                if not sound:
-                    reporter.note(f"the replaced cache of {name} did not match its manifest: not kept as a "
-                                  f"generation, earlier generations kept")
-                elif options.keep > 0:
-                    generation = save_generation(store, name)
                 new_manifest["durations"] = timer.durations
                 new_manifest["durations"]["total"] = round(time.monotonic() - started, 3)
-                store.publish(name, archive_tmp, new_manifest)
-                if sound:
-                    pruned = prune_generations(store, name, options.keep)
+                generation, pruned = publish_update(store, name, archive_tmp, new_manifest, options.keep, reporter)
             if generation is not None:
                 reporter.note(f"previous cache kept as generation {generation} "
                               f"(vzpkg rollback-cache {name})")
