@@ -166,6 +166,7 @@ def rollback_cache(name: str, settings: Settings, *, generation: int | None = No
     check_writable(settings.cache_dir)
     with signals_raise(), locked(settings.lock_dir / f"{name}.lock", timeout=lock_timeout,
                                   what=f"template {name}", on_wait=reporter.note):
+        store.clean_leftovers(name)
         _clean_generation_leftovers(store, name)
         gens = list_generations(store, name)
         if not gens:
