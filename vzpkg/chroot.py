@@ -79,9 +79,35 @@ def _mount(source: str, target: Path, fstype: str | None, options: Sequence[str]
     subprocess.run(cmd, check=True, capture_output=True)
 
 
+# Roots inside a `build_mounts` block whose /proc, /sys and /dev each tool mounts in its own mount namespace.
+_NAMESPACED_MOUNTS: list[Path] = []
+
+# Run by the namespace's pid 1 before it becomes the tool: the mounts exist only in the tool's namespace, so they
+# vanish with it however vzpkg ends (a SIGKILLed update-cache used to leave 8 mounts in the abandoned root).
+# The proc mounted from inside the new pid namespace shows only the tool's own processes.
+_MOUNT_PRELUDE = """r=$1; shift
+mkdir -p "$r/proc" "$r/sys" "$r/dev" &&
+mount -t proc -o nosuid,nodev,noexec proc "$r/proc" &&
+mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$r/sys" &&
+mount --rbind /dev "$r/dev" &&
+mount --make-rslave "$r/dev" &&
+exec "$@"
+"""
+
+
 @contextmanager
 def build_mounts(root: Path) -> Iterator[None]:
-    """/proc, /sys, /dev and /dev/pts inside ROOT for package scripts; undone on every exit path."""
+    """/proc, /sys, /dev and /dev/pts inside ROOT for the tools run in the block (package scripts, dnf).
+
+    Where tools run in namespaces of their own (tool_namespace_wrapper), each tool mounts them in its own mount
+    namespace and nothing is mounted in vzpkg's; otherwise they are mounted here and undone on every exit path."""
+    if tool_namespace_wrapper():
+        _NAMESPACED_MOUNTS.append(root)
+        try:
+            yield
+        finally:
+            _NAMESPACED_MOUNTS.remove(root)
+        return
     try:
         _mount("proc", root / "proc", "proc", ["nosuid", "nodev", "noexec"])
         _mount("sysfs", root / "sys", "sysfs", ["ro", "nosuid", "nodev", "noexec"])
@@ -193,6 +219,8 @@ def run_tool(cmd: Sequence[str], *, env: dict[str, str], stdout=None, stderr=Non
     if on_line is not None:
         stdout, stderr = subprocess.PIPE, subprocess.STDOUT
     wrapper = tool_namespace_wrapper()
+    if wrapper and _NAMESPACED_MOUNTS:
+        wrapper += ["sh", "-c", _MOUNT_PRELUDE, "vzpkg-mounts", str(_NAMESPACED_MOUNTS[-1])]
     proc = subprocess.Popen([*wrapper, *cmd], env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                             start_new_session=True, preexec_fn=_killed_with_parent if wrapper else die_with_parent)
     try:

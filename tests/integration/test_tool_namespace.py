@@ -73,3 +73,22 @@ def test_sigkilled_vzpkg_takes_its_tool_and_mounts_along(tmp_path: Path) -> None
             proc.kill()
             proc.wait()
     assert mounts_below(work) == []
+
+
+def test_build_mounts_exist_only_in_the_tools_namespace(tmp_path: Path) -> None:
+    """Inside `build_mounts`, a tool sees /proc (of its own pid namespace), /sys and /dev in the root; vzpkg's
+    mount namespace never has them, so nothing is left to unmount whatever happens to vzpkg."""
+    from vzpkg.chroot import build_mounts, run_tool
+
+    root = tmp_path / "root"
+    root.mkdir()
+    lines: list[str] = []
+    with build_mounts(root):
+        rc = run_tool(["sh", "-c", f"awk '{{print $5}}' /proc/self/mountinfo | grep '^{root}/'; "
+                                   f"ls {root}/proc | grep -c '^[0-9]'"],
+                      env=dict(os.environ), on_line=lambda raw: lines.append(raw.decode().strip()))
+        assert mounts_below(root) == []
+    assert rc == 0, lines
+    assert {f"{root}/proc", f"{root}/sys", f"{root}/dev"} <= set(lines), lines
+    assert int(lines[-1]) <= 3, "the root's /proc shows processes outside the tool's pid namespace"
+    assert mounts_below(root) == []
