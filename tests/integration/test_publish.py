@@ -183,3 +183,17 @@ def test_out_of_space_at_each_write(small_tmpfs: Path, archives, layout: str, fr
     shutil.rmtree(small_tmpfs / "fill")
     assert_next_run_cleans(cache_dir)
     assert run_vzpkg("verify-cache", NAME, "--cache-dir", str(cache_dir)).returncode == 0
+
+
+def test_remove_cache_and_publish_again(tmp_path: Path, archives) -> None:
+    """remove-cache takes the names and the published pair; list/info/verify work through the symlinks."""
+    cache_dir = tmp_path / "cache"
+    seed_old(cache_dir, archives, "published")
+    assert (cache_dir / f"{NAME}.json").is_symlink() and (cache_dir / f"{NAME}.tar.zst").is_symlink()
+    listing = json.loads(run_vzpkg("list", "--json", "--cache-dir", str(cache_dir), check=True).stdout)
+    row = next(r for r in listing if r["name"] == NAME)
+    assert row["cached"] and row["size"] == archives["old"][1]["packed_size"]
+    assert run_vzpkg("remove-cache", NAME, "--cache-dir", str(cache_dir)).returncode == 0
+    assert sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith(".locks")) == []
+    assert driver(cache_dir, archives["new"][0], archives["new"][1]).returncode == 0
+    assert state(cache_dir, archives) == "new"
