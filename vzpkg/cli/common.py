@@ -34,10 +34,12 @@ def os_error(e: OSError) -> VzError | None:
     """The one-line error for an OSError that escaped: a full filesystem or one vzpkg may not write to."""
     if is_full(e):
         return disk_full_error(e, e.filename)
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
-        reason = "read-only filesystem" if e.errno == errno.EROFS else e.strerror
-        return NotWritableError(f"cannot write {e.filename} ({reason}): the directory must be writable; "
-                                f"remount it read-write, fix its permissions, or use another one (--cache-dir)")
+    if e.errno == errno.EROFS and e.filename:
+        return NotWritableError(f"cannot write {e.filename} (read-only filesystem): the directory must be "
+                                f"writable; remount it read-write or use another one (--cache-dir)")
+    if e.errno == errno.EACCES and e.filename:
+        return NotWritableError(f"cannot access {e.filename} (permission denied): fix its permissions or use "
+                                f"another directory (--cache-dir)")
     return None
 
 
