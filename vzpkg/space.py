@@ -1,8 +1,9 @@
 """Out of space: which filesystem is full, how much was needed, and the one error that says so.
 
 ENOSPC (and EDQUOT) can come from any write: packing, saving a stage, unpacking into the build root, the metadata
-cache, a manifest. Write sites that leave a partial file catch it here (`full_disk`) so they can remove it and
-raise DiskFullError naming the mount point; the CLI turns any ENOSPC that escapes into the same one line.
+cache, a manifest. Write sites that would leave a partial file (pack, publish, the manifest, the package cache)
+remove it and raise DiskFullError naming the mount point; the CLI turns any ENOSPC that escapes elsewhere into
+the same one line (work directories are removed by the `finally` blocks that always run).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import DiskFullError
@@ -69,20 +68,3 @@ def disk_full_error(exc: OSError | None, path: str | os.PathLike[str] | None, ne
     extra = f" ({', '.join(details)})" if details else ""
     return DiskFullError(f"{what} on the filesystem at {mp}{extra} while writing {where}: "
                          f"free space there (vzpkg clean) or point vzpkg at a larger one, then run the command again")
-
-
-@contextmanager
-def full_disk(path: str | os.PathLike[str], *, needed: int | None = None,
-              partial: list[Path] | tuple[Path, ...] = ()) -> Iterator[None]:
-    """Turn ENOSPC/EDQUOT inside the block into DiskFullError about PATH, removing the PARTIAL files first."""
-    try:
-        yield
-    except OSError as e:
-        if not is_full(e):
-            raise
-        for p in partial:
-            try:
-                p.unlink()
-            except OSError:
-                pass
-        raise disk_full_error(e, e.filename or path, needed) from e

@@ -107,10 +107,14 @@ def save_generation(store: CacheStore, name: str) -> int:
     existing = [g["generation"] for g in list_generations(store, name)]
     number = max(existing, default=0) + 1
     tmp = gdir / f"{TMP_PREFIX}{number}.tar.zst.{os.getpid()}"
-    _link_or_copy(store.archive_path(name), tmp)
-    manifest = store.read_manifest(name)
-    write_json_atomic(gdir / f"{number}.json", manifest)
-    os.rename(tmp, gdir / f"{number}.tar.zst")
+    try:
+        _link_or_copy(store.archive_path(name), tmp)
+        manifest = store.read_manifest(name)
+        write_json_atomic(gdir / f"{number}.json", manifest)
+        os.rename(tmp, gdir / f"{number}.tar.zst")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a copy cut short by a full disk is not left behind
+        raise
     fsync_dir(gdir)
     return number
 
