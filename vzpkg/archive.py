@@ -11,7 +11,8 @@ import os
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -77,7 +78,7 @@ def pack(
     )
     assert proc.stdout is not None and proc.stderr is not None
     try:
-        with dest.open("wb") as out:
+        with _removed_when_full(dest, lambda: unpacked), dest.open("wb") as out:
             chunker = compressor.chunker(chunk_size=_CHUNK)
             while True:
                 data = proc.stdout.read(_CHUNK)
@@ -104,6 +105,22 @@ def pack(
             proc.kill()
             proc.wait()
     return PackResult(packed_size=packed, unpacked_size=unpacked, sha256=digest.hexdigest())
+
+
+@contextmanager
+def _removed_when_full(dest: Path, written: Callable[[], int]) -> Iterator[None]:
+    """Out of space while packing: remove the partial archive and say which filesystem is full."""
+    from .space import disk_full_error, is_full
+
+    try:
+        yield
+    except OSError as e:
+        if not is_full(e):
+            raise
+        dest.unlink(missing_ok=True)
+        err = disk_full_error(e, dest)
+        err.message += f" (the root packed so far: {written() / 1e6:.1f} MB uncompressed)"
+        raise err from e
 
 
 def sha256_file(path: Path) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__, stage
 from .archive import PackResult, pack
-from .cache import CacheStore
+from .cache import CacheStore, check_writable
 from .chroot import (
     build_mounts,
     host_resolver,
@@ -212,6 +212,7 @@ def create_cache(name: str, settings: Settings, options: BuildOptions, reporter:
     if store.exists(name) and not options.force:
         raise CacheExistsError(f"cache {store.archive_path(name)} exists: use --force to rebuild it, "
                                f"or 'vzpkg update-cache {name}' to bring it up to date")
+    check_writable(settings.cache_dir)
     reporter.note(f"creating cache {name} in {settings.cache_dir}")
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     timer = StepTimer(reporter)

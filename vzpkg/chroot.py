@@ -27,6 +27,26 @@ def die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def _killed_with_parent() -> None:
+    """preexec_fn of the namespace wrapper: SIGKILL when vzpkg dies (unshare blocks SIGTERM while it waits)."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def tool_namespace_wrapper() -> list[str]:
+    """`unshare` arguments that run a build tool as pid 1 of a pid namespace of its own, in a mount namespace
+    of its own; empty where that is not possible (not root, no unshare).
+
+    A parent-death signal alone does not reach every process of a build: apt's download methods change their
+    credentials (setresuid to _apt), which clears PR_SET_PDEATHSIG, so a SIGKILLed vzpkg used to leave apt-get and
+    its methods running in the abandoned root, with the bootstrapper's mounts. Now vzpkg's death SIGKILLs unshare,
+    unshare's --kill-child SIGKILLs the namespace's pid 1, and the kernel kills everything else in the
+    namespace; the mounts the tool made (proc, sys, dev in the root) lived only in its mount namespace and go
+    with it."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return []
+    return ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "--"]
+
+
 def mounts_below(path: Path) -> list[str]:
     """Mount points at or below PATH, deepest first."""
     real = os.path.realpath(path)
@@ -60,11 +80,37 @@ def _mount(source: str, target: Path, fstype: str | None, options: Sequence[str]
     subprocess.run(cmd, check=True, capture_output=True)
 
 
+# Roots inside a `build_mounts` block whose /proc, /sys and /dev each tool mounts in its own mount namespace.
+_NAMESPACED_MOUNTS: list[Path] = []
+
+# Run by the namespace's pid 1 before it becomes the tool: the mounts exist only in the tool's namespace, so they
+# vanish with it however vzpkg ends (a SIGKILLed update-cache used to leave 8 mounts in the abandoned root).
+# The proc mounted from inside the new pid namespace shows only the tool's own processes.
+_MOUNT_PRELUDE = """r=$1; shift
+mkdir -p "$r/proc" "$r/sys" "$r/dev" &&
+mount -t proc -o nosuid,nodev,noexec proc "$r/proc" &&
+mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$r/sys" &&
+mount --rbind /dev "$r/dev" &&
+mount --make-rslave "$r/dev" &&
+exec "$@"
+"""
+
+
 @contextmanager
 def build_mounts(root: Path) -> Iterator[None]:
-    """/proc, /sys, /dev and /dev/pts inside ROOT for package scripts; undone on every exit path."""
+    """/proc, /sys, /dev and /dev/pts inside ROOT for the tools run in the block (package scripts, dnf).
+
+    Where tools run in namespaces of their own (tool_namespace_wrapper), each tool mounts them in its own mount
+    namespace and nothing is mounted in vzpkg's; otherwise they are mounted here and undone on every exit path."""
     for d in ("proc", "sys", "dev"):  # mount(8) follows symlinks: a root's `proc -> /proc` would cover the host's
         require_inside(root, root / d, "mount over")
+    if tool_namespace_wrapper():
+        _NAMESPACED_MOUNTS.append(root)
+        try:
+            yield
+        finally:
+            _NAMESPACED_MOUNTS.remove(root)
+        return
     try:
         _mount("proc", root / "proc", "proc", ["nosuid", "nodev", "noexec"])
         _mount("sysfs", root / "sys", "sysfs", ["ro", "nosuid", "nodev", "noexec"])
@@ -172,13 +218,17 @@ def run_tool(cmd: Sequence[str], *, env: dict[str, str], stdout=None, stderr=Non
     """Run a tool in a process group of its own; if vzpkg is interrupted, the whole group is stopped first.
 
     Stopping the group (not just the direct child) matters: a bootstrapper killed alone leaves dpkg writing
-    into the root while we remove it. With ON_LINE, the tool's output (stdout and stderr) is handed over line
-    by line instead.
+    into the root while we remove it. If vzpkg is killed outright, the tool's pid namespace dies with it
+    (tool_namespace_wrapper). With ON_LINE, the tool's output (stdout and stderr) is handed over line by line
+    instead.
     """
     if on_line is not None:
         stdout, stderr = subprocess.PIPE, subprocess.STDOUT
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            start_new_session=True, preexec_fn=die_with_parent)
+    wrapper = tool_namespace_wrapper()
+    if wrapper and _NAMESPACED_MOUNTS:
+        wrapper += ["sh", "-c", _MOUNT_PRELUDE, "vzpkg-mounts", str(_NAMESPACED_MOUNTS[-1])]
+    proc = subprocess.Popen([*wrapper, *cmd], env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            start_new_session=True, preexec_fn=_killed_with_parent if wrapper else die_with_parent)
     try:
         if on_line is not None:
             assert proc.stdout is not None

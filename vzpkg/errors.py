@@ -93,6 +93,18 @@ class MissingToolError(VzError):
     exit_code = 14
 
 
+class DiskFullError(VzError):
+    """A filesystem vzpkg writes to is full (or a quota is exhausted); names the mount point."""
+
+    exit_code = 15
+
+
+class NotWritableError(VzError):
+    """A directory vzpkg must write to is read-only or not writable (names the directory)."""
+
+    exit_code = 16
+
+
 class UpdatesAvailable(VzError):
     """Not a failure: `vzpkg status` found newer packages (scripts rely on the code)."""
 

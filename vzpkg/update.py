@@ -39,7 +39,7 @@ from .build import (
     signals_raise,
     source_date_epoch,
 )
-from .cache import TMP_PREFIX, CacheStore, fsync_dir, write_json_atomic
+from .cache import PUBLISHED_DIR, TMP_PREFIX, CacheStore, check_writable, fsync_dir, write_json_atomic
 from .chroot import prepare_build_root, remove_work_dir
 from .config import Settings
 from .errors import CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
@@ -83,6 +83,8 @@ def list_generations(store: CacheStore, name: str) -> list[dict[str, Any]]:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError):
             manifest = {}
+        if not isinstance(manifest, dict):
+            manifest = {}
         out.append({"generation": int(stem), "archive": str(archive), "manifest": str(manifest_path),
                     "created": manifest.get("created"), "sha256": manifest.get("sha256"),
                     "package_count": manifest.get("package_count"), "packed_size": archive.stat().st_size})
@@ -90,6 +92,8 @@ def list_generations(store: CacheStore, name: str) -> list[dict[str, Any]]:
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:
+    # os.link() without dir_fd calls link(2), which links a symlink itself: resolve the published name first.
+    src = Path(os.path.realpath(src))
     try:
         os.link(src, dest)
     except OSError:
@@ -103,10 +107,14 @@ def save_generation(store: CacheStore, name: str) -> int:
     existing = [g["generation"] for g in list_generations(store, name)]
     number = max(existing, default=0) + 1
     tmp = gdir / f"{TMP_PREFIX}{number}.tar.zst.{os.getpid()}"
-    _link_or_copy(store.archive_path(name), tmp)
-    manifest = store.read_manifest(name)
-    write_json_atomic(gdir / f"{number}.json", manifest)
-    os.rename(tmp, gdir / f"{number}.tar.zst")
+    try:
+        _link_or_copy(store.archive_path(name), tmp)
+        manifest = store.read_manifest(name)
+        write_json_atomic(gdir / f"{number}.json", manifest)
+        os.rename(tmp, gdir / f"{number}.tar.zst")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a copy cut short by a full disk is not left behind
+        raise
     fsync_dir(gdir)
     return number
 
@@ -122,6 +130,23 @@ def prune_generations(store: CacheStore, name: str, keep: int) -> list[int]:
     if gdir.is_dir() and not any(gdir.iterdir()):
         gdir.rmdir()
     return removed
+
+
+def publish_update(store: CacheStore, name: str, archive_tmp: Path, manifest: dict[str, Any], keep: int,
+                   reporter: Reporter) -> tuple[int | None, list[int]]:
+    """Keep the current cache as a generation, publish the new one, prune: (generation kept, generations pruned).
+
+    A current cache that does not match its manifest is neither kept as a generation nor a reason to prune the
+    earlier ones: the newest generation that verifies survives every update."""
+    generation = None
+    sound = store.matches_manifest(name)
+    if not sound:
+        reporter.note(f"the replaced cache of {name} did not match its manifest: not kept as a generation, "
+                      f"earlier generations kept")
+    elif keep > 0:
+        generation = save_generation(store, name)
+    store.publish(name, archive_tmp, manifest)
+    return generation, (prune_generations(store, name, keep) if sound else [])
 
 
 def _clean_generation_leftovers(store: CacheStore, name: str) -> list[Path]:
@@ -142,8 +167,10 @@ def rollback_cache(name: str, settings: Settings, *, generation: int | None = No
     The generation's archive is checked against its manifest's sha256 before it is published."""
     reporter = reporter or Reporter()
     store = CacheStore(settings.cache_dir)
+    check_writable(settings.cache_dir)
     with signals_raise(), locked(settings.lock_dir / f"{name}.lock", timeout=lock_timeout,
                                   what=f"template {name}", on_wait=reporter.note):
+        store.clean_leftovers(name)
         _clean_generation_leftovers(store, name)
         gens = list_generations(store, name)
         if not gens:
@@ -161,6 +188,9 @@ def rollback_cache(name: str, settings: Settings, *, generation: int | None = No
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as e:
             raise VerifyError(f"generation {gen['generation']} of {name}: manifest {manifest_path} unreadable ({e})") from e
+        if not isinstance(manifest, dict):
+            raise VerifyError(f"generation {gen['generation']} of {name}: manifest {manifest_path} is not a JSON "
+                              f"object; not restored")
         digest = sha256_file(archive)
         if digest != manifest.get("sha256"):
             raise VerifyError(f"generation {gen['generation']} of {name}: {archive} sha256 {digest[:16]}... does not "
@@ -213,6 +243,7 @@ def update_cache(name: str, settings: Settings, options: UpdateOptions | None = 
     template = TemplateRepository(settings.template_dirs).load(name)
     store = CacheStore(settings.cache_dir)
     manifest = store.read_manifest(name)
+    check_writable(settings.cache_dir)
     status = compare(template, manifest, settings, refresh=options.refresh)
     if status["current"]:
         return {"name": name, "updated": False, "reason": _current_reason(status), "status": status,
@@ -235,14 +266,10 @@ def update_cache(name: str, settings: Settings, options: UpdateOptions | None = 
         work_dir.mkdir()
         try:
             new_manifest = _update(template, settings, options, reporter, timer, store, manifest, work_dir, archive_tmp)
-            generation = None
             with timer.step("publish"):
-                if options.keep > 0:
-                    generation = save_generation(store, name)
                 new_manifest["durations"] = timer.durations
                 new_manifest["durations"]["total"] = round(time.monotonic() - started, 3)
-                store.publish(name, archive_tmp, new_manifest)
-                pruned = prune_generations(store, name, options.keep)
+                generation, pruned = publish_update(store, name, archive_tmp, new_manifest, options.keep, reporter)
             if generation is not None:
                 reporter.note(f"previous cache kept as generation {generation} "
                               f"(vzpkg rollback-cache {name})")
@@ -337,7 +364,7 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
 
 # ---- clean --------------------------------------------------------------------------------------------
 
-_LEFTOVER_RE = re.compile(r"^\.tmp-(?P<name>.+)(?:-[a-z]+-\d+|\.json\.\d+)$")
+_LEFTOVER_RE = re.compile(r"^\.tmp-(?P<name>.+?)(?:-[a-z]+-\d+|\.json\.\d+|\.json-link-\d+|\.tar\.zst-link-\d+)$")
 
 
 def _path_size(path: Path) -> int:
@@ -388,13 +415,19 @@ def clean(settings: Settings, *, packages: bool, metadata: bool, generations: bo
                 by_name.setdefault(m.group("name"), []).append(p)
     gen_root = store.root / GENERATIONS_DIR
     gen_names = sorted(p.name for p in gen_root.iterdir() if p.is_dir()) if gen_root.is_dir() else []
-    for name in sorted(set(by_name) | (set(gen_names) if generations else set())):
+    pub_root = store.root / PUBLISHED_DIR
+    pub_names = {p.name for p in pub_root.iterdir() if p.is_dir() and store.leftovers(p.name)} \
+        if pub_root.is_dir() else set()
+    for name in sorted(set(by_name) | pub_names | (set(gen_names) if generations else set())):
         if names is not None and name not in names:
             continue
         try:
             with locked(settings.lock_dir / f"{name}.lock", timeout=0, what=f"template {name}"):
                 for p in by_name.get(name, []):
                     _remove(p)
+                for p in store.leftovers(name):
+                    if p.exists() or p.is_symlink():
+                        _remove(p)
                 for p in _clean_generation_leftovers(store, name):
                     report["removed"].append(str(p))
                 if generations:

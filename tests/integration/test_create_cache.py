@@ -360,3 +360,54 @@ def test_debootstrap_fallback_builds_the_same_package_set(seeded_cache_dir: Path
     assert {(p["name"], p["version"]) for p in manifest["packages"]} == \
         {(p["name"], p["version"]) for p in reference["packages"]}
     assert_no_leftovers(seeded_cache_dir)
+
+
+def _build_processes(work_root: Path) -> list[tuple[int, str]]:
+    """Processes of a build below WORK_ROOT: chrooted or working there (dpkg, maintainer scripts), or apt-get and
+    its methods, which mmdebstrap runs outside the root with APT_CONFIG inside it."""
+    real = os.path.realpath(work_root).rstrip("/") + "/"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            links = [os.readlink(f"/proc/{entry}/{link}").rstrip("/") + "/" for link in ("root", "cwd")]
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if any(t.startswith(real) for t in links) or real.encode() in environ:
+            found.append((int(entry), comm))
+    return found
+
+
+@pytest.mark.parametrize("in_memory", ["yes", "no"])
+def test_sigkill_during_apt_leaves_no_process_or_tool_mount(seeded_cache_dir: Path, in_memory: str) -> None:
+    """kill -9 of vzpkg while apt/dpkg run: within seconds nothing of the build runs any more (apt's _apt
+    methods included), the bootstrapper's mounts are gone; the next run removes the work directory."""
+    env = {**os.environ, "VZPKG_BUILD_IN_MEMORY": in_memory}
+    proc = subprocess.Popen([*VZPKG, "create-cache", NAME, "--no-stage-cache", "-q", "--cache-dir",
+                             str(seeded_cache_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 180
+    seen: list[tuple[int, str]] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        seen = _build_processes(seeded_cache_dir)
+        if any(comm in ("apt-get", "http", "dpkg") for _pid, comm in seen):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    assert seen, "apt never ran"
+    proc.kill()
+    proc.wait()
+    work = next(seeded_cache_dir.glob(f".tmp-{NAME}-build-*"))
+    deadline = time.monotonic() + 5
+    while (left := _build_processes(seeded_cache_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == [], f"build processes still running 5 s after vzpkg was killed: {left} (were: {seen})"
+    mounts = [m for m in host_mounts().splitlines() if str(work) in m]
+    # Only vzpkg's own tmpfs for the root may remain (VZPKG_BUILD_IN_MEMORY): the next run unmounts it.
+    assert len(mounts) == (1 if in_memory == "yes" else 0), mounts
+    rebuild = run_vzpkg("create-cache", NAME, "-q", "--cache-dir", str(seeded_cache_dir))
+    assert rebuild.returncode == 0, rebuild.stderr
+    assert_no_leftovers(seeded_cache_dir)
+    assert run_vzpkg("verify-cache", NAME, "--cache-dir", str(seeded_cache_dir)).returncode == 0

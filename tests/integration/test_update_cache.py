@@ -203,3 +203,52 @@ def test_template_change_installs_added_package(env: Env) -> None:
     assert manifest["template_packages"][-2:] == [PKG, "vzpkg-extra"]
     assert not (env.cache_dir / ".generations" / NAME).exists()  # --keep 0
     assert env.run("status", NAME).returncode == 0
+
+
+def _processes_below(path: Path) -> list[tuple[int, str, int]]:
+    real = os.path.realpath(path).rstrip("/") + "/"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            uid = os.stat(f"/proc/{entry}").st_uid
+            links = [os.readlink(f"/proc/{entry}/{link}").rstrip("/") + "/" for link in ("root", "cwd")]
+        except OSError:
+            continue
+        if any(t.startswith(real) for t in links):
+            found.append((int(entry), comm, uid))
+    return found
+
+
+def test_sigkill_during_apt_get_in_the_root(env: Env) -> None:
+    """kill -9 of update-cache while apt-get runs chrooted in the root: apt-get and its download methods (which
+    run as _apt, out of reach of a parent-death signal) die at once, no mount stays in the root, and the next
+    update-cache cleans up and publishes."""
+    env.repo.add_package(PKG, "3")
+    env.repo.publish()
+    run_env = {**os.environ, "VZPKG_TEMPLATE_DIR": f"{env.templates}:{REPO_TEMPLATES}",
+               "VZPKG_CACHE_DIR": str(env.cache_dir), "VZPKG_BUILD_IN_MEMORY": "no",
+               "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vzpkg.cli.vzpkg", "update-cache", NAME, "-q"], env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[tuple[int, str, int]] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        seen = _processes_below(env.cache_dir)
+        if any(comm in ("apt-get", "http") for _p, comm, _u in seen):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()
+    proc.kill()
+    proc.wait()
+    work = next(env.cache_dir.glob(f".tmp-{NAME}-update-*"))
+    deadline = time.monotonic() + 5
+    while (left := _processes_below(env.cache_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == [], f"still running 5 s after update-cache was killed: {left} (were: {seen})"
+    assert [m for m in Path("/proc/self/mountinfo").read_text().splitlines() if str(work) in m] == []
+    env.run("update-cache", NAME, "-q")
+    assert env.installed_version() == "3"
+    assert not list(env.cache_dir.glob(".tmp-*"))
+    env.run("verify-cache", NAME)

@@ -51,3 +51,24 @@ def test_hook_command_runs_as_mmdebstrap_would(tmp_path: Path) -> None:
     assert (root / apt_cache.ARCHIVES / "a_1_all.deb").read_bytes() == b"a"
     bad = subprocess.run([sys.executable, "-m", "vzpkg.pkgmgr.apt_cache", "sideways"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_partial_copies_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    """A killed run's `.tmp-*` (and `.tmp-.tmp-*` copied from a root's lists) go at the next sync; a copy still
+    being written (fresh mtime) stays; partial files in a root never join the cache."""
+    cache, root = tmp_path / "cache", tmp_path / "root"
+    (cache / "lists").mkdir(parents=True)
+    stale = [cache / ".tmp-a_1_all.deb.123", cache / "lists" / ".tmp-.tmp-x_Packages.4.5", cache / ".tmp-.tmp-b.deb.1.2"]
+    for p in stale:
+        p.write_bytes(b"partial")
+        os.utime(p, (1, 1))
+    live = cache / ".tmp-c_1_all.deb.999"
+    live.write_bytes(b"being copied")
+    apt_cache.sync_in(cache, root)
+    assert [p for p in stale if p.exists()] == []
+    assert live.exists()
+    assert not (root / apt_cache.ARCHIVES / live.name).exists()
+    (root / apt_cache.LISTS / ".tmp-y_Packages.7").write_text("partial")
+    (root / apt_cache.ARCHIVES / ".tmp-d_1_all.deb.8").write_text("partial")
+    apt_cache.sync_out(cache, root)
+    assert sorted(p.name for p in cache.rglob(".tmp-*")) == [live.name]

@@ -194,3 +194,45 @@ def test_clean_removes_dead_leftovers_keeps_live_ones(settings) -> None:
     assert store.archive_path(NAME).read_bytes() == b"one" and not live.exists()
     assert json.loads(store.manifest_path(NAME).read_text())["created"] == "t1"
     assert os.listdir(store.root / ".locks")
+
+
+def test_a_broken_cache_is_not_kept_and_the_last_good_generation_survives(settings) -> None:
+    """The current cache no longer matches its manifest: the update neither keeps it as a generation nor prunes
+    the good generation 1 (which rollback-cache can still restore)."""
+    import hashlib
+
+    from vzpkg.build import Reporter
+
+    store = CacheStore(settings.cache_dir)
+    _publish(store, NAME, b"one", "t1")
+    update.save_generation(store, NAME)
+    _publish(store, NAME, b"two", "t2")
+    real = Path(os.path.realpath(store.archive_path(NAME)))
+    real.write_bytes(b"damaged")
+    tmp = store.temp_path(NAME, "archive")
+    tmp.write_bytes(b"three")
+    new = {"name": NAME, "created": "t3", "sha256": hashlib.sha256(b"three").hexdigest()}
+    generation, pruned = update.publish_update(store, NAME, tmp, new, 1, Reporter())
+    assert (generation, pruned) == (None, [])
+    assert [g["created"] for g in update.list_generations(store, NAME)] == ["t1"]
+    assert store.matches_manifest(NAME) and store.read_manifest(NAME)["created"] == "t3"
+    # A sound cache is kept and pruning goes on as usual.
+    tmp.write_bytes(b"four")
+    generation, pruned = update.publish_update(store, NAME, tmp, {**new, "created": "t4",
+                                               "sha256": hashlib.sha256(b"four").hexdigest()}, 1, Reporter())
+    assert (generation, pruned) == (2, [1])
+    assert update.rollback_cache(NAME, settings)["created"] == "t3"
+
+
+def test_leftovers_are_exactly_the_templates_own(settings) -> None:
+    """`.tmp-debian-12-x86_64-devel-build-1` belongs to another template: a run on debian-12-x86_64 leaves it."""
+    store = CacheStore(settings.cache_dir)
+    root = settings.cache_dir
+    root.mkdir(parents=True, exist_ok=True)
+    mine = [f".tmp-{NAME}-build-12", f".tmp-{NAME}-archive-12", f".tmp-{NAME}.json.77", f".tmp-{NAME}.json-link-5"]
+    other = [f".tmp-{NAME}-devel-build-13", f".tmp-{NAME}-devel.json.4"]
+    for n in mine + other:
+        (root / n).write_text("")
+    assert sorted(p.name for p in store.leftovers(NAME)) == sorted(mine)
+    store.clean_leftovers(NAME)
+    assert sorted(p.name for p in root.glob(".tmp-*")) == sorted(other)

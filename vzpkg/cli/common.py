@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -11,17 +13,44 @@ from typing import Any, TypeVar
 
 import click
 
-from ..errors import VzError
+from ..errors import NotWritableError, VzError
+from ..space import disk_full_error, is_full
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def terminate_like_interrupt() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C (KeyboardInterrupt) for the whole command, so every `finally`
+    clean-up runs and the user gets one line and exit 130, whatever phase the command is in."""
+
+    def _raise(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise)
+
+
+def os_error(e: OSError) -> VzError | None:
+    """The one-line error for an OSError that escaped: a full filesystem or one vzpkg may not write to."""
+    if is_full(e):
+        return disk_full_error(e, e.filename)
+    if e.errno == errno.EROFS and e.filename:
+        return NotWritableError(f"cannot write {e.filename} (read-only filesystem): the directory must be "
+                                f"writable; remount it read-write or use another one (--cache-dir)")
+    if e.errno == errno.EACCES and e.filename:
+        return NotWritableError(f"cannot access {e.filename} (permission denied): fix its permissions or use "
+                                f"another directory (--cache-dir)")
+    return None
+
+
 def handle_errors(prog: str) -> Callable[[F], F]:
-    """Turn VzError into `prog: error: message` and its exit code; Ctrl-C into exit 130."""
+    """Turn VzError into `prog: error: message` and its exit code; Ctrl-C and SIGTERM into exit 130; a full
+    or read-only filesystem into its one line."""
 
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
+            terminate_like_interrupt()
             try:
                 return fn(*args, **kwargs)
             except VzError as e:
@@ -30,6 +59,12 @@ def handle_errors(prog: str) -> Callable[[F], F]:
             except KeyboardInterrupt:
                 click.echo(f"{prog}: interrupted; nothing was published", err=True)
                 sys.exit(130)
+            except OSError as e:
+                known = os_error(e)
+                if known is None:
+                    raise
+                click.echo(f"{prog}: error: {known.message}", err=True)
+                sys.exit(known.exit_code)
 
         return inner  # type: ignore[return-value]
 

@@ -9,16 +9,32 @@ from typing import NoReturn
 
 def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None) -> NoReturn:
     """Run RUN(argv) and exit with its status; errors become `PROG: message` and their exit code."""
+    import signal
+
     from vzpkg.errors import VEError, VzError
 
+    def _interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # SIGTERM unwinds like Ctrl-C: clean-ups run, one line, exit 130 (commands that forward signals to a VE
+    # install their own handlers).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except VzError as e:
         print(f"{prog}: {e.message}", file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
         code = 130
     except OSError as e:
-        print(f"{prog}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
-        code = VEError.exit_code
+        from vzpkg.space import disk_full_error, is_full
+
+        if is_full(e):
+            err = disk_full_error(e, e.filename)
+            print(f"{prog}: {err.message}", file=sys.stderr)
+            code = err.exit_code
+        else:
+            print(f"{prog}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+            code = VEError.exit_code
     sys.exit(code)

@@ -160,13 +160,17 @@ def info(name: str, show_packages: bool, cache_dir: str | None, as_json: bool) -
 @handle_errors("vzpkg")
 def remove_cache(names: tuple[str, ...], cache_dir: str | None) -> None:
     """Remove the cache (archive and manifest) of each template NAME."""
-    from ..cache import CacheStore
+    from ..cache import CacheStore, check_writable
+    from ..errors import CacheNotFoundError
     from ..lock import locked
     from ..stage import StageStore
 
     settings = _settings(cache_dir)
     store = CacheStore(settings.cache_dir)
     for name in names:
+        if not store.exists(name) and not store.manifest_path(name).exists():
+            raise CacheNotFoundError(f"no cache for template {name!r} in {settings.cache_dir}")
+        check_writable(settings.cache_dir)
         with locked(settings.lock_dir / f"{name}.lock", timeout=60, what=f"template {name}"):
             store.remove(name)
             StageStore(settings.cache_dir).remove(name)
