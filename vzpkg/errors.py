@@ -93,6 +93,12 @@ class MissingToolError(VzError):
     exit_code = 14
 
 
+class DiskFullError(VzError):
+    """A file system vzpkg writes to (the cache directory, TMPDIR) is full."""
+
+    exit_code = 15
+
+
 class UpdatesAvailable(VzError):
     """Not a failure: `vzpkg status` found newer packages (scripts rely on the code)."""
 

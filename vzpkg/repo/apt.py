@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MirrorError, MissingToolError, SignatureError
+from ..errors import DiskFullError, MirrorError, MissingToolError, SignatureError
 from .http import TooLargeError, fetch
 
 
@@ -52,17 +52,21 @@ def verify_clearsigned(data: bytes, keyring: Path) -> str:
         raise MissingToolError("gpgv is not installed: apt-get install gpgv")
     if not keyring.is_file():
         raise SignatureError(f"keyring {keyring} does not exist: install the distribution's keyring package")
-    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
-        proc = subprocess.run(
-            ["gpgv", "--keyring", str(keyring), "--status-fd", "1", "--output", out.name, "-"],
-            input=data, capture_output=True,
-        )
-        status = proc.stdout.decode(errors="replace")
-        if proc.returncode != 0 or "[GNUPG:] VALIDSIG" not in status:
-            reason = next((ln.split(" ", 2)[1] for ln in status.splitlines() if ln.startswith("[GNUPG:] ")
-                           and any(k in ln for k in ("BADSIG", "NO_PUBKEY", "ERRSIG", "EXPKEYSIG", "NODATA"))), "")
-            raise SignatureError(f"signature check failed ({reason or 'no valid signature'}) with keyring {keyring}")
-        return Path(out.name).read_text(errors="replace")
+    # The signed text comes back on stdout and the status lines on stderr: no temporary file, so a full TMPDIR
+    # cannot turn a valid InRelease into "no signature" (gpgv reports a failed write as NODATA).
+    proc = subprocess.run(["gpgv", "--keyring", str(keyring), "--status-fd", "2", "--output", "-", "-"],
+                          input=data, capture_output=True)
+    status = proc.stderr.decode(errors="replace")
+    if "No space left on device" in status:
+        raise DiskFullError(f"gpgv: no space left on device in {tempfile.gettempdir()} (TMPDIR) while checking a "
+                            f"signature: free space there or point TMPDIR elsewhere")
+    if proc.returncode != 0 or "[GNUPG:] VALIDSIG" not in status:
+        reported = {ln.split(" ", 2)[1] for ln in status.splitlines() if ln.startswith("[GNUPG:] ") and " " in ln}
+        # The most telling first: gpgv reports a missing key as ERRSIG and NO_PUBKEY.
+        reason = next((k for k in ("NO_PUBKEY", "BADSIG", "EXPKEYSIG", "REVKEYSIG", "ERRSIG", "NODATA")
+                       if k in reported), "")
+        raise SignatureError(f"signature check failed ({reason or 'no valid signature'}) with keyring {keyring}")
+    return proc.stdout.decode(errors="replace")
 
 
 def verified_release(repo: AptRepository, data: bytes, keyring: Path) -> ReleaseInfo:
@@ -82,7 +86,7 @@ def fetch_release(repo: AptRepository, keyring: Path) -> ReleaseInfo:
 
 # ---- Packages indices (added for `vzpkg status` / `update-cache`) --------------------------------
 
-_COMPRESSIONS = (".xz", ".gz", "")
+_COMPRESSIONS = (".xz", ".gz", ".bz2", "")
 
 
 @dataclass
