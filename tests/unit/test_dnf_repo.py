@@ -93,9 +93,9 @@ def test_fetch_primary_checks_digest(monkeypatch):
         def __init__(self, content):
             self.content = content
 
-    monkeypatch.setattr(rpmrepo, "fetch", lambda url: Resp(gz))
+    monkeypatch.setattr(rpmrepo, "fetch", lambda url, **kw: Resp(gz))
     assert len(rpmrepo.fetch_primary(md)) == 2
-    monkeypatch.setattr(rpmrepo, "fetch", lambda url: Resp(gz + b"x"))
+    monkeypatch.setattr(rpmrepo, "fetch", lambda url, **kw: Resp(gz + b"x"))
     with pytest.raises(MirrorError, match="checksum mismatch"):
         rpmrepo.fetch_primary(md)
 

@@ -112,7 +112,8 @@ def fetch_primary(md: RepoMD) -> list[dict[str, Any]]:
     """Download primary metadata, check it against repomd.xml's checksum, and parse it."""
     entry = md.data["primary"]
     url = md.url("primary")
-    data = fetch(url).content
+    # No more than repomd.xml says it has (read in chunks, refused once past it); 1 GiB when it says nothing.
+    data = fetch(url, max_bytes=entry.size if entry.size else 1 << 30).content
     try:
         digest = hashlib.new("sha1" if entry.checksum_type == "sha" else entry.checksum_type, data).hexdigest()
     except ValueError as e:
