@@ -7,7 +7,8 @@
     mirror.set(path, "huge")                        # a body without end (no Content-Length)
     mirror.set(path, "bytes", body=b"...")          # this body instead of the file (a bomb, garbage, ...)
     mirror.set(path, "redirect", location=url)      # 302 to URL (a loop: a location redirecting to itself)
-    url = mirror.start()                            # http://127.0.0.1:PORT (host="127.0.0.2" for another host)
+    url = mirror.start()                            # http://127.0.0.1:PORT (host="127.0.0.2" for another host,
+                                                    # port=N to take over the port of a server just stopped)
     BadMirror(root, tls=(cert, key)).start()        # https, for the https -> http redirect
 
 Everything listens on 127.0.0.0/8 only. `requests` records the paths asked for.
@@ -105,10 +106,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class BadMirror:
-    def __init__(self, root: Path, *, host: str = "127.0.0.1", tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int = 0,
+                 tls: tuple[Path, Path] | None = None) -> None:
         assert host.startswith("127."), "test servers stay on 127.0.0.0/8"
         self.root = root
         self.host = host
+        self.port = port
         self.tls = tls
         self.modes: dict[str, tuple[str, dict[str, Any]]] = {}
         self.requests: list[str] = []
@@ -124,7 +127,7 @@ class BadMirror:
 
     def start(self) -> str:
         handler = type("Handler", (_Handler,), {"mirror": self})
-        self.server = http.server.ThreadingHTTPServer((self.host, 0), handler)
+        self.server = http.server.ThreadingHTTPServer((self.host, self.port), handler)
         self.server.daemon_threads = True
         if self.tls is not None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
