@@ -286,11 +286,17 @@ def test_https_to_http_redirect_is_refused(bad: Setup, tmp_path: Path) -> None:
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
 def test_full_tmpdir_does_not_fail_a_valid_signature(bad: Setup, tmp_path: Path) -> None:
+    # An InRelease of about 50 KB (padded with entries nothing asks for), a TMPDIR with 8 KB free: Python's
+    # tempfile still picks it (its probe fits), the signed text would not.
+    binary = bad.repo.root / "dists" / SUITE / "main" / f"binary-{ARCH}"
+    files = {f"main/binary-{ARCH}/{p.name}": p.read_bytes() for p in binary.glob("Packages*")}
+    files.update({f"main/padding/file-{i:04d}": b"%d" % i for i in range(500)})
+    bad.sign_release(files)
+    assert (bad.repo.root / "dists" / SUITE / "InRelease").stat().st_size > 40_000
     tiny = tmp_path / "tiny"
     tiny.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tiny)], check=True)
     try:
-        # Nearly full: Python's tempfile still picks it (its probe file fits), nothing larger does.
         (tiny / "fill").write_bytes(b"\0" * (56 << 10))
         code, out, err, _rss, _t = bad.status(TMPDIR=str(tiny))
         assert code == 0, f"exit {code}\n{out}\n{err}"
