@@ -108,6 +108,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 @pytest.fixture
 def bad(setup: Setup) -> Iterator[Setup]:
     """The setup; afterwards the mirror is sound again and status must work (nothing broken was kept)."""
+    setup.mirror.reset()
     yield setup
     setup.restore()
     code, out, err, _rss, _t = setup.status()
