@@ -43,6 +43,10 @@ class Response:
     headers: Mapping[str, str] = field(default_factory=dict)
     content: bytes = b""
 
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
 
 def default_deadline() -> float:
     """The `fetch_timeout` setting (config file < VZPKG_FETCH_TIMEOUT)."""
