@@ -57,6 +57,18 @@ E: Release signed by unknown key (key id 6ED0E7B82643E131)
    The specified keyring /tmp/k.gpg may be incorrect or out of date.
 """
 
+NO_RELEASE = f"""Err:1 {URL} vzpkg-test InRelease
+  404  File not found [IP: 127.0.0.1 40000]
+E: The repository '{URL} vzpkg-test Release' does not have a Release file.
+N: Updating from such a repository can't be done securely, and is therefore disabled by default.
+"""
+
+GARBAGE_INRELEASE = f"""Get:1 {URL} vzpkg-test InRelease [512 B]
+Err:1 {URL} vzpkg-test InRelease
+  Clearsigned file isn't valid, got 'NOSPLIT' (does the network require authentication?)
+E: Failed to fetch {URL}/dists/vzpkg-test/InRelease  Clearsigned file isn't valid, got 'NOSPLIT'
+"""
+
 NO_SUCH_PACKAGE = """Reading package lists...
 Building dependency tree...
 E: Unable to locate package vzpkg-nonexistent
@@ -83,6 +95,8 @@ def lines(text: str) -> list[str]:
     (NO_PUBKEY, SignatureError, "W: GPG error:"),
     (DEBOOTSTRAP_UNKNOWN_KEY, SignatureError, "E: Release signed by unknown key (key id 6ED0E7B82643E131)"),
     (NOT_FOUND, MirrorError, "404  File not found"),
+    (NO_RELEASE, MirrorError, "does not have a Release file"),
+    (GARBAGE_INRELEASE, SignatureError, "E: Failed to fetch"),
     (UNREACHABLE, MirrorError, "Connection refused"),
     (NO_SUCH_PACKAGE, BuildError, "E: Unable to locate package vzpkg-nonexistent"),
     (DPKG_FAILED, BuildError, "E: Sub-process /usr/bin/dpkg returned an error code (1)"),

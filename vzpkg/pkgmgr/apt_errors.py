@@ -19,12 +19,13 @@ _HASH = ("Hash Sum mismatch", "Hashes of expected file", "File has unexpected si
          "Checksum mismatch", "MD5Sum mismatch", "Size mismatch")
 _SIGNATURE = ("NO_PUBKEY", "BADSIG", "EXPKEYSIG", "REVKEYSIG", "is not signed", "signatures were invalid",
               "signatures couldn't be verified", "Release signed by unknown key", "Invalid Release signature",
-              "NODATA", "GPG error")
+              "NODATA", "GPG error", "Clearsigned file isn't valid")
 _FETCH = ("Failed to fetch", "Could not resolve", "Temporary failure resolving", "Connection refused",
           "Unable to connect", "Could not connect", "Connection failed", "Connection timed out",
           "404  Not Found", "File not found", "Unable to fetch some archives", "Redirection loop",
           "Redirection from https", "Bad header", "Undetermined Error", "Couldn't download",
-          "Failed getting release file", "Failed getting release signature file", "couldn't download")
+          "Failed getting release file", "Failed getting release signature file", "couldn't download",
+          "does not have a Release file")
 
 
 def decisive_line(lines: Iterable[str], markers: tuple[str, ...]) -> str | None:
