@@ -22,10 +22,11 @@ _SIGNATURE = ("NO_PUBKEY", "BADSIG", "EXPKEYSIG", "REVKEYSIG", "is not signed", 
               "NODATA", "GPG error", "Clearsigned file isn't valid")
 _FETCH = ("Failed to fetch", "Could not resolve", "Temporary failure resolving", "Connection refused",
           "Unable to connect", "Could not connect", "Connection failed", "Connection timed out",
-          "404  Not Found", "File not found", "Unable to fetch some archives", "Redirection loop",
+          "404  Not Found", "File not found", "Redirection loop",
           "Redirection from https", "Bad header", "Undetermined Error", "Couldn't download",
-          "Failed getting release file", "Failed getting release signature file", "couldn't download",
-          "does not have a Release file")
+          "Failed getting release file", "Failed getting release signature file", "couldn't download")
+# apt's summaries: used only when no line says what failed
+_FETCH_SUMMARY = ("does not have a Release file", "Unable to fetch some archives", "Some index files failed to download")
 
 
 def decisive_line(lines: Iterable[str], markers: tuple[str, ...]) -> str | None:
@@ -70,7 +71,7 @@ def classify(what: str, returncode: int, lines: list[str], *, deadline: int | No
     line = decisive_line(lines, _SIGNATURE)
     if line is not None:
         return SignatureError(f"{what}: repository signature check failed: {_quote(line)}")
-    line = decisive_line(lines, _FETCH)
+    line = decisive_line(lines, _FETCH) or decisive_line(lines, _FETCH_SUMMARY)
     if line is not None:
         return MirrorError(f"{what}: cannot download from the mirror: {_quote(line)}; check the mirror")
     status = f"exit status {returncode}" if returncode >= 0 else f"killed by signal {-returncode}"
