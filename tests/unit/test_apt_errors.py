@@ -95,7 +95,7 @@ def lines(text: str) -> list[str]:
     (NO_PUBKEY, SignatureError, "W: GPG error:"),
     (DEBOOTSTRAP_UNKNOWN_KEY, SignatureError, "E: Release signed by unknown key (key id 6ED0E7B82643E131)"),
     (NOT_FOUND, MirrorError, "404  File not found"),
-    (NO_RELEASE, MirrorError, "does not have a Release file"),
+    (NO_RELEASE, MirrorError, f"Err:1 {URL} vzpkg-test InRelease: 404  File not found"),
     (GARBAGE_INRELEASE, SignatureError, "E: Failed to fetch"),
     (UNREACHABLE, MirrorError, "Connection refused"),
     (NO_SUCH_PACKAGE, BuildError, "E: Unable to locate package vzpkg-nonexistent"),
@@ -106,6 +106,11 @@ def test_output_decides_the_exit_code(output: str, error: type[Exception], quote
     assert type(e) is error
     assert quoted in str(e) and str(e).startswith("apt-get dist-upgrade")
     assert "\n" not in str(e)
+
+
+def test_summary_counts_when_nothing_else_says_why() -> None:
+    e = classify("apt-get update", 100, [f"E: The repository '{URL} s Release' does not have a Release file."])
+    assert isinstance(e, MirrorError) and "does not have a Release file" in str(e)
 
 
 def test_exit_codes_are_the_documented_ones() -> None:

@@ -30,12 +30,20 @@ _FETCH_SUMMARY = ("does not have a Release file", "Unable to fetch some archives
 
 
 def decisive_line(lines: Iterable[str], markers: tuple[str, ...]) -> str | None:
-    """The first error-like line holding one of MARKERS (apt's E:/W:/Err: lines first, then any line)."""
-    lines = [ln.strip() for ln in lines if ln.strip()]
-    for candidates in ([ln for ln in lines if ln.startswith(("E:", "W:", "Err:"))], lines):
-        for ln in candidates:
-            if any(m in ln for m in markers):
-                return ln
+    """The first error-like line holding one of MARKERS (apt's E:/W:/Err: lines first, then any line). apt puts
+    the reason of an 'Err:N URL ...' on the indented line below it: such a line comes back with the Err: line."""
+    lines = [ln.rstrip() for ln in lines if ln.strip()]
+    for ln in lines:
+        if ln.startswith(("E:", "W:", "Err:")) and any(m in ln for m in markers):
+            return ln.strip()
+    context = None
+    for ln in lines:
+        if ln.startswith("Err:"):
+            context = ln.strip()
+        elif not ln.startswith((" ", "\t")):
+            context = None
+        if any(m in ln for m in markers):
+            return f"{context}: {ln.strip()}" if context and ln.startswith((" ", "\t")) else ln.strip()
     return None
 
 
