@@ -8,6 +8,11 @@ The config file is TOML, read from $VZPKG_CONFIG or /etc/vzpkg/vzpkg.conf:
     build_in_memory = "auto"         # auto | yes | no: build the root on a tmpfs (auto: with >= 4 GiB free)
     compression_level = 6            # zstd level of caches, 1..19 (higher: smaller and slower)
     metadata_expire = 86400          # seconds
+    fetch_timeout = 120              # seconds one metadata download (InRelease, Packages) may take in all
+    build_timeout = 7200             # seconds one bootstrap or apt-get run may take in all
+    apt_timeout = 15                 # seconds apt waits on a stalled connection (Acquire::http::Timeout)
+    apt_retries = 1                  # apt's retries of a failed download (Acquire::Retries)
+    max_index_size = 134217728       # bytes a decompressed Packages index may have when Release gives no size
     [mirrors]
     debian = "http://mirror.example/debian"
     debian-security = "http://mirror.example/debian-security"
@@ -30,7 +35,11 @@ DEFAULT_VZ_ROOT = Path("/var/lib/vz")
 BOOTSTRAPPERS = ("auto", "mmdebstrap", "debootstrap")
 
 _KNOWN_KEYS = {"cache_dir", "template_dirs", "bootstrapper", "build_in_memory", "compression_level", "metadata_expire",
-               "mirrors", "vz_root"}
+               "mirrors", "vz_root", "fetch_timeout", "build_timeout", "apt_timeout", "apt_retries", "max_index_size"}
+# Network bounds: key -> (environment variable, smallest value). Integers; see the module docstring.
+NETWORK_LIMITS = {"fetch_timeout": ("VZPKG_FETCH_TIMEOUT", 1), "build_timeout": ("VZPKG_BUILD_TIMEOUT", 1),
+                  "apt_timeout": ("VZPKG_APT_TIMEOUT", 1), "apt_retries": ("VZPKG_APT_RETRIES", 0),
+                  "max_index_size": ("VZPKG_MAX_INDEX_SIZE", 1024)}
 IN_MEMORY_CHOICES = ("auto", "yes", "no")
 
 
@@ -42,6 +51,11 @@ class Settings:
     build_in_memory: str = "auto"
     compression_level: int = 6
     metadata_expire: int = 86400
+    fetch_timeout: int = 120
+    build_timeout: int = 7200
+    apt_timeout: int = 15
+    apt_retries: int = 1
+    max_index_size: int = 128 << 20
     mirrors: dict[str, str] = field(default_factory=dict)
     vz_root: Path = DEFAULT_VZ_ROOT
     config_file: Path | None = None
@@ -78,9 +92,10 @@ def load_settings(
     cache_dir: str | os.PathLike[str] | None = None,
     mirror: str | None = None,
     vz_root: str | os.PathLike[str] | None = None,
+    limits: dict[str, int] | None = None,
     environ: dict[str, str] | None = None,
 ) -> Settings:
-    """Build the effective settings; keyword arguments are the command-line flags."""
+    """Build the effective settings; keyword arguments are the command-line flags (LIMITS: NETWORK_LIMITS keys)."""
     env = os.environ if environ is None else environ
     settings = Settings()
     config_path = Path(env.get("VZPKG_CONFIG", DEFAULT_CONFIG_FILE))
@@ -110,6 +125,14 @@ def load_settings(
         if not isinstance(data["mirrors"], dict):
             raise ConfigError(f"{config_path}: mirrors: expected a table of distribution = URL")
         settings.mirrors.update({str(k): str(v) for k, v in data["mirrors"].items()})
+
+    for key, (var, _low) in NETWORK_LIMITS.items():
+        if key in data:
+            setattr(settings, key, _limit(key, data[key], str(config_path)))
+        if env.get(var):
+            setattr(settings, key, _limit(key, env[var], var))
+        if limits and limits.get(key) is not None:
+            setattr(settings, key, _limit(key, limits[key], "command line"))
 
     if env.get("VZPKG_CACHE_DIR"):
         settings.cache_dir = Path(env["VZPKG_CACHE_DIR"])
@@ -149,3 +172,13 @@ def load_settings(
     if not settings.template_dirs:
         settings.template_dirs = [PROJECT_DIR / "templates", Path("/etc/vzpkg/templates")]
     return settings
+
+
+def _limit(key: str, value: Any, where: str) -> int:
+    """A network bound: an integer of at least its smallest value (a string from the environment too)."""
+    low = NETWORK_LIMITS[key][1]
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{where}: {key}: {value!r} is not an integer >= {low}")
+    return value

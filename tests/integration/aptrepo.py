@@ -125,10 +125,10 @@ class AptTestRepo:
 
     # ---- serving ------------------------------------------------------------------------------------
 
-    def serve(self) -> str:
-        """Serve the repository on 127.0.0.1 (a free port) from a daemon thread; return its URL."""
+    def serve(self, port: int = 0) -> str:
+        """Serve the repository on 127.0.0.1 (a free port, or PORT) from a daemon thread; return its URL."""
         handler = functools.partial(_QuietHandler, directory=str(self.root))
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self.url
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from aptrepo import DEBIAN_KEYRING, AptTestRepo, missing_tools
+from badmirror import BadMirror
 
 from vzpkg.archive import open_decompressed
 
@@ -41,10 +42,11 @@ class Env:
         self.cache_dir = base / "cache"
         self.templates = base / "templates"
 
-    def run(self, *args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, check: int | None = 0, extra_env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "VZPKG_TEMPLATE_DIR": f"{self.templates}:{REPO_TEMPLATES}",
                "VZPKG_CACHE_DIR": str(self.cache_dir),
-               "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+               "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", **(extra_env or {})}
         proc = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzpkg", *args], env=env, capture_output=True,
                               text=True, timeout=600)
         if check is not None:
@@ -203,6 +205,79 @@ def test_template_change_installs_added_package(env: Env) -> None:
     assert manifest["template_packages"][-2:] == [PKG, "vzpkg-extra"]
     assert not (env.cache_dir / ".generations" / NAME).exists()  # --keep 0
     assert env.run("status", NAME).returncode == 0
+
+
+# ---- a broken mirror while apt runs: apt's own errors, mapped to the documented exit codes -----------------------
+
+@pytest.fixture
+def version_3(env: Env):
+    """Version 3 of the package published (its .deb yielded); afterwards gone again, and the cache, untouched by
+    the failed update, still verifies."""
+    before = env.manifest()
+    deb = env.repo.add_package(PKG, "3")
+    env.repo.publish()
+    yield deb
+    for old in env.repo.pool.glob(f"{PKG}_3_*.deb"):
+        old.unlink()
+    env.repo.publish()
+    assert env.manifest() == before
+    assert not list(env.cache_dir.glob(".tmp-*")), "work files left behind"
+    env.run("verify-cache", NAME)
+
+
+def one_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The one error line (after the step timings update-cache prints as it goes); no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    errors = [ln for ln in lines if "error" in ln.lower() or "Traceback" in ln]
+    assert errors == lines[-1:] and lines[-1].startswith("vzpkg: error: "), proc.stderr
+    return lines[-1]
+
+
+def test_deb_not_matching_its_hash_is_a_signature_error(env: Env, version_3: Path) -> None:
+    data = bytearray(version_3.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other content: only the hash tells
+    version_3.write_bytes(bytes(data))
+    line = one_error(env.run("update-cache", NAME, check=8))
+    assert "Hash Sum mismatch" in line and version_3.name in line
+
+
+def test_missing_deb_is_a_mirror_error(env: Env, version_3: Path) -> None:
+    version_3.unlink()
+    line = one_error(env.run("update-cache", NAME, check=7))
+    assert "404" in line and version_3.name in line
+
+
+@pytest.fixture
+def bad_mirror(env: Env):
+    """A BadMirror in the repository's place (same port, same files) for one test."""
+    assert env.repo.server is not None
+    port = env.repo.server.server_address[1]
+    env.repo.stop()
+    bad = BadMirror(env.repo.root, port=port)
+    bad.start()
+    yield bad
+    bad.stop()
+    env.repo.serve(port=port)
+
+
+def test_hanging_deb_download_fails_within_apt_timeout(env: Env, version_3: Path, bad_mirror: BadMirror) -> None:
+    bad_mirror.set(f"/pool/main/{version_3.name}", "hang")
+    start = time.monotonic()
+    proc = env.run("update-cache", NAME, check=7, extra_env={"VZPKG_APT_TIMEOUT": "3", "VZPKG_APT_RETRIES": "0"})
+    took = time.monotonic() - start
+    line = one_error(proc)
+    assert version_3.name in line
+    assert took < 60, f"update-cache took {took:.0f} s with apt_timeout 3"
+
+
+def test_trickling_deb_download_ends_at_build_timeout(env: Env, version_3: Path, bad_mirror: BadMirror) -> None:
+    bad_mirror.set(f"/pool/main/{version_3.name}", "trickle", delay=0.5)
+    start = time.monotonic()
+    proc = env.run("update-cache", NAME, check=7, extra_env={"VZPKG_BUILD_TIMEOUT": "15"})
+    took = time.monotonic() - start
+    line = one_error(proc)
+    assert "not finished within 15 s (build_timeout)" in line and f"{PKG} all 3" in line
+    assert took < 75, f"update-cache took {took:.0f} s with build_timeout 15"
 
 
 def _processes_below(path: Path) -> list[tuple[int, str, int]]:

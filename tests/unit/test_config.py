@@ -111,3 +111,33 @@ def test_compression_level_setting(tmp_path: Path) -> None:
     conf.write_text("compression_level = 25\n")
     with pytest.raises(ConfigError, match="compression_level"):
         load_settings(environ={"VZPKG_CONFIG": str(conf)})
+
+
+def test_network_limits_file_env_flag(tmp_path: Path) -> None:
+    conf = tmp_path / "vzpkg.conf"
+    conf.write_text("fetch_timeout = 30\nbuild_timeout = 600\napt_timeout = 5\napt_retries = 0\n"
+                    "max_index_size = 1048576\n")
+    env = {"VZPKG_CONFIG": str(conf)}
+    defaults = load_settings(environ={"VZPKG_CONFIG": str(tmp_path / "none.conf")})
+    assert (defaults.fetch_timeout, defaults.build_timeout, defaults.apt_timeout, defaults.apt_retries,
+            defaults.max_index_size) == (120, 7200, 15, 1, 128 << 20)
+    s = load_settings(environ=env)
+    assert (s.fetch_timeout, s.build_timeout, s.apt_timeout, s.apt_retries, s.max_index_size) == (30, 600, 5, 0, 1 << 20)
+    s = load_settings(environ={**env, "VZPKG_FETCH_TIMEOUT": "7", "VZPKG_APT_RETRIES": "3"})
+    assert (s.fetch_timeout, s.apt_retries, s.build_timeout) == (7, 3, 600)
+    s = load_settings(environ={**env, "VZPKG_FETCH_TIMEOUT": "7"}, limits={"fetch_timeout": 2, "build_timeout": None})
+    assert (s.fetch_timeout, s.build_timeout) == (2, 600)
+
+
+@pytest.mark.parametrize("text,env,match", [
+    ("fetch_timeout = 0\n", {}, "fetch_timeout: 0 is not an integer >= 1"),
+    ('build_timeout = "long"\n', {}, "build_timeout: 'long'"),
+    ("apt_retries = -1\n", {}, "apt_retries"),
+    ("", {"VZPKG_FETCH_TIMEOUT": "soon"}, "VZPKG_FETCH_TIMEOUT: fetch_timeout: 'soon'"),
+    ("", {"VZPKG_MAX_INDEX_SIZE": "10"}, "max_index_size: 10 is not an integer >= 1024"),
+])
+def test_network_limits_are_checked(tmp_path: Path, text: str, env: dict[str, str], match: str) -> None:
+    conf = tmp_path / "vzpkg.conf"
+    conf.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_settings(environ={"VZPKG_CONFIG": str(conf), **env})

@@ -93,9 +93,9 @@ def test_fetch_primary_checks_digest(monkeypatch):
         def __init__(self, content):
             self.content = content
 
-    monkeypatch.setattr(rpmrepo, "fetch", lambda url: Resp(gz))
+    monkeypatch.setattr(rpmrepo, "fetch", lambda url, **kw: Resp(gz))
     assert len(rpmrepo.fetch_primary(md)) == 2
-    monkeypatch.setattr(rpmrepo, "fetch", lambda url: Resp(gz + b"x"))
+    monkeypatch.setattr(rpmrepo, "fetch", lambda url, **kw: Resp(gz + b"x"))
     with pytest.raises(MirrorError, match="checksum mismatch"):
         rpmrepo.fetch_primary(md)
 
@@ -170,3 +170,17 @@ def test_own_rpmvercmp_matches_rpm_on_all_pairs():
     rpm = pytest.importorskip("rpm")
     for a, b in itertools.product(PIECES, repeat=2):
         assert rpmrepo.rpmvercmp(a, b) == rpm.labelCompare(("0", a, "1"), ("0", b, "1")), (a, b)
+
+
+@pytest.mark.parametrize("name,compress", [
+    ("primary.xml.gz", gzip.compress),
+    ("primary.xml.zst", lambda d: __import__("zstandard").ZstdCompressor().compress(d)),
+    ("primary.xml.xz", lambda d: __import__("lzma").compress(d)),
+])
+def test_primary_decompression_is_bounded(name: str, compress) -> None:
+    assert rpmrepo.decompress(compress(PRIMARY), name, len(PRIMARY)) == PRIMARY
+    bomb = compress(bytes(8 << 20))
+    with pytest.raises(MirrorError, match=f"http://mirror.invalid/{name}: expands to more than 1048576 bytes"):
+        rpmrepo.decompress(bomb, name, 1 << 20, f"http://mirror.invalid/{name}")
+    with pytest.raises(MirrorError, match="not valid"):
+        rpmrepo.decompress(compress(PRIMARY)[:20] + b"garbage" * 10, name, 1 << 20)

@@ -150,3 +150,43 @@ def test_parsed_index_is_reused_by_sha256(tmp_path: Path, fake_mirror) -> None:
     assert cache.packages(repo, "amd64", text2)["tzdata"] == [("2024b-0+deb12u1", "all")]
     assert len(calls) == 2
     assert len(list((tmp_path / ".metadata" / "indices").glob("*.json"))) == 1, "the superseded index is removed"
+
+
+# ---- bounded decompression (the servers' side is in tests/integration/test_bad_mirror.py) -------------------
+
+@pytest.mark.parametrize("name,compress", [
+    ("Packages.xz", lzma.compress), ("Packages.gz", lambda d: gzip.compress(d, mtime=0)),
+    ("Packages.bz2", __import__("bz2").compress), ("Packages", lambda d: d),
+])
+def test_decompress_index_round_trips(name: str, compress) -> None:
+    assert repo_apt.decompress_index(name, compress(PACKAGES), len(PACKAGES)) == PACKAGES
+
+
+@pytest.mark.parametrize("name,compress", [
+    ("Packages.xz", lzma.compress), ("Packages.gz", gzip.compress), ("Packages.bz2", __import__("bz2").compress),
+])
+def test_decompress_index_stops_at_its_limit(name: str, compress) -> None:
+    from vzpkg.errors import MirrorError
+
+    bomb = compress(bytes(8 << 20))
+    with pytest.raises(MirrorError, match="expands to more than 1048576 bytes"):
+        repo_apt.decompress_index(name, bomb, 1 << 20, "http://mirror.invalid/" + name)
+
+
+@pytest.mark.parametrize("name,kind", [("Packages.xz", "xz"), ("Packages.gz", "gzip"), ("Packages.bz2", "bzip2")])
+def test_corrupt_or_cut_index_is_a_mirror_error(name: str, kind: str) -> None:
+    from vzpkg.errors import MirrorError
+
+    good = {"xz": lzma.compress, "gzip": gzip.compress, "bzip2": __import__("bz2").compress}[kind](PACKAGES * 50)
+    for data in (b"garbage" * 20, good[: len(good) // 2]):
+        with pytest.raises(MirrorError, match=f"http://mirror.invalid/{name}: not valid {kind} data"):
+            repo_apt.decompress_index(name, data, 1 << 20, f"http://mirror.invalid/{name}")
+
+
+def test_index_limit_is_the_signed_uncompressed_size() -> None:
+    files = {"main/binary-amd64/Packages.xz": lzma.compress(PACKAGES), "main/binary-amd64/Packages": PACKAGES}
+    entry = packages_indices(_release(files), ("main",), "amd64")[0]
+    assert entry.path.endswith(".xz") and entry.plain_size == len(PACKAGES)
+    assert repo_apt.index_limit(entry, 1 << 30) == len(PACKAGES)
+    alone = packages_indices(_release({"main/binary-amd64/Packages.xz": b"x"}), ("main",), "amd64")[0]
+    assert alone.plain_size is None and repo_apt.index_limit(alone, 12345) == 12345

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import collections
 import re
 import shlex
 import shutil
-import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from ..chroot import POLICY_RC_D, build_mounts, host_resolver, no_daemons, run_in_root, run_tool
-from ..errors import BuildError, MirrorError, MissingToolError, SignatureError
+from ..chroot import POLICY_RC_D, build_mounts, host_resolver, no_daemons, run_tool
+from ..config import Settings
+from ..errors import MissingToolError, SignatureError
 from ..inroot import inside, remove_matches, require_inside
-from . import apt_cache
+from . import apt_cache, apt_errors
 from .base import BuildContext, PackageManager
 
 MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
-# Fail fast on an unreachable mirror instead of apt's default minutes of retrying.
+OUTPUT_LINES_KEPT = 400  # of a tool's output, for reading its errors (apt's come at the end)
 #: Debian Policy 5.6.1: lower-case letters, digits, + - . ; at least two characters, starting alphanumeric.
 #: Only plain names: the build, status and update-cache compare them with the installed packages' names, so
 #: apt's `:arch`, `=version` and `/release` suffixes are not taken.
 PACKAGE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
-APT_OPTIONS = ['Acquire::Retries "1"', 'Acquire::http::Timeout "15"', 'Acquire::https::Timeout "15"']
+
+
+def apt_options(settings: Settings) -> list[tuple[str, str]]:
+    """apt's network bounds (apt_timeout, apt_retries): fail on a stalled or unreachable mirror within seconds
+    instead of apt's default minutes. A mirror that trickles is stopped by build_timeout around the whole run."""
+    timeout, retries = str(settings.apt_timeout), str(settings.apt_retries)
+    return [("Acquire::Retries", retries), ("Acquire::http::Timeout", timeout),
+            ("Acquire::https::Timeout", timeout), ("Acquire::ftp::Timeout", timeout)]
 
 
 class AptBackend(PackageManager):
@@ -100,8 +109,8 @@ class AptBackend(PackageManager):
             f"--customize-hook={apt_cache.hook_command('out', cache)}",
             "--customize-hook=rm -f \"$1/usr/sbin/policy-rc.d\"",
         ]
-        for opt in APT_OPTIONS:
-            cmd.append(f"--aptopt={opt}")
+        for name, value in apt_options(ctx.settings):
+            cmd.append(f'--aptopt={name} "{value}"')
         if t.get("merged_usr", True) and MERGED_USR_HOOKS.is_dir():
             cmd.append(f"--hook-dir={MERGED_USR_HOOKS}")
         if t.packages:
@@ -126,30 +135,19 @@ class AptBackend(PackageManager):
 
     def _run_bootstrapper(self, ctx: BuildContext, cmd: list[str], tool: str) -> None:
         ctx.note(f"running: {shlex.join(cmd)}")
-        env = ctx.env()
-        with ctx.log.open("ab") as log:
-            returncode = run_tool(cmd, env=env, stdout=None if ctx.verbose else log,
-                                  stderr=None if ctx.verbose else subprocess.STDOUT)
-        if returncode != 0:
-            tail = _log_tail(ctx.log)
-            if any(s in tail for s in ("NO_PUBKEY", "not signed", "BADSIG", "is not signed", "signatures were invalid")):
-                raise SignatureError(f"{tool}: repository signature check failed: {tail}")
-            if any(s in tail for s in ("Failed to fetch", "Could not resolve", "Connection refused", "404", "Unable to connect")):
-                raise MirrorError(f"{tool}: cannot download from the mirror: {tail}")
-            raise BuildError(f"{tool} failed (exit status {returncode}): {tail} (full log: {ctx.log})")
+        _run_checked(ctx, cmd, tool)
 
     # ---- apt inside the root ----------------------------------------------------------------------
 
     def _apt(self, ctx: BuildContext, args: list[str], what: str) -> None:
         argv = ["apt-get", "-y", "-q", "-o", "Dpkg::Options::=--force-confold", "-o", "Dpkg::Options::=--force-unsafe-io"]
-        for opt in APT_OPTIONS:
-            name, value = opt.split(" ", 1)
-            argv += ["-o", f"{name}={value.strip(chr(34))}"]
+        for name, value in apt_options(ctx.settings):
+            argv += ["-o", f"{name}={value}"]
         cache = self.deb_cache_dir(ctx)
         apt_cache.sync_in(cache, ctx.root)
         try:
             with build_mounts(ctx.root), host_resolver(ctx.root), no_daemons(ctx.root):
-                run_in_root(ctx.root, argv + args, env=ctx.env(), what=what, quiet=ctx.quiet, log=ctx.log)
+                _run_checked(ctx, ["chroot", str(ctx.root), *argv, *args], what)
         finally:
             apt_cache.sync_out(cache, ctx.root)
 
@@ -175,7 +173,8 @@ class AptBackend(PackageManager):
             self._apt(ctx, ["purge", "--auto-remove", *packages], f"apt-get purge {' '.join(packages)}")
 
     def upgrade(self, ctx: BuildContext) -> None:
-        self._apt(ctx, ["update"], "apt-get update")
+        # --error-on=any: an index that failed to download is an error, not a warning over stale lists.
+        self._apt(ctx, ["update", "--error-on=any"], "apt-get update")
         self._apt(ctx, ["dist-upgrade", "--no-install-recommends"], "apt-get dist-upgrade")
 
     def clean(self, ctx: BuildContext) -> None:
@@ -201,11 +200,23 @@ class AptBackend(PackageManager):
         return sorted(packages, key=lambda p: (p["name"], p["architecture"]))
 
 
-def _log_tail(log: Path, lines: int = 3) -> str:
-    try:
-        text = log.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    interesting = [ln for ln in text if ln.startswith(("E:", "W:", "Err:")) or "error" in ln.lower()]
-    picked = (interesting or text)[-lines:]
-    return " | ".join(s.strip() for s in picked)
+def _run_checked(ctx: BuildContext, cmd: list[str], what: str) -> None:
+    """Run CMD within build_timeout (timeout(1) stops its whole process group), its output into the build log
+    (and on the terminal with -v); on failure raise what its output says (apt_errors.classify)."""
+    deadline = ctx.settings.build_timeout
+    argv = ["timeout", "--kill-after=10", str(deadline), *cmd]
+    kept: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES_KEPT)
+    with ctx.log.open("ab") as log:
+        def on_line(raw: bytes) -> None:
+            log.write(raw)
+            if ctx.verbose:
+                sys.stdout.buffer.write(raw)
+                sys.stdout.buffer.flush()
+            kept.append(raw.decode(errors="replace").rstrip("\n"))
+
+        try:
+            returncode = run_tool(argv, env=ctx.env(), on_line=on_line)
+        except FileNotFoundError as e:
+            raise MissingToolError(f"{what}: cannot run {cmd[0]}: {e.strerror}") from e
+    if returncode != 0:
+        raise apt_errors.classify(what, returncode, list(kept), deadline=deadline, log=str(ctx.log))

@@ -8,8 +8,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MissingToolError, SignatureError
-from .http import fetch
+from ..errors import DiskFullError, MirrorError, MissingToolError, SignatureError
+from .http import TooLargeError, fetch
 
 
 @dataclass
@@ -52,17 +52,21 @@ def verify_clearsigned(data: bytes, keyring: Path) -> str:
         raise MissingToolError("gpgv is not installed: apt-get install gpgv")
     if not keyring.is_file():
         raise SignatureError(f"keyring {keyring} does not exist: install the distribution's keyring package")
-    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
-        proc = subprocess.run(
-            ["gpgv", "--keyring", str(keyring), "--status-fd", "1", "--output", out.name, "-"],
-            input=data, capture_output=True,
-        )
-        status = proc.stdout.decode(errors="replace")
-        if proc.returncode != 0 or "[GNUPG:] VALIDSIG" not in status:
-            reason = next((ln.split(" ", 2)[1] for ln in status.splitlines() if ln.startswith("[GNUPG:] ")
-                           and any(k in ln for k in ("BADSIG", "NO_PUBKEY", "ERRSIG", "EXPKEYSIG", "NODATA"))), "")
-            raise SignatureError(f"signature check failed ({reason or 'no valid signature'}) with keyring {keyring}")
-        return Path(out.name).read_text(errors="replace")
+    # The signed text comes back on stdout and the status lines on stderr: no temporary file, so a full TMPDIR
+    # cannot turn a valid InRelease into "no signature" (gpgv reports a failed write as NODATA).
+    proc = subprocess.run(["gpgv", "--keyring", str(keyring), "--status-fd", "2", "--output", "-", "-"],
+                          input=data, capture_output=True)
+    status = proc.stderr.decode(errors="replace")
+    if "No space left on device" in status:
+        raise DiskFullError(f"gpgv: no space left on device in {tempfile.gettempdir()} (TMPDIR) while checking a "
+                            f"signature: free space there or point TMPDIR elsewhere")
+    if proc.returncode != 0 or "[GNUPG:] VALIDSIG" not in status:
+        reported = {ln.split(" ", 2)[1] for ln in status.splitlines() if ln.startswith("[GNUPG:] ") and " " in ln}
+        # The most telling first: gpgv reports a missing key as ERRSIG and NO_PUBKEY.
+        reason = next((k for k in ("NO_PUBKEY", "BADSIG", "EXPKEYSIG", "REVKEYSIG", "ERRSIG", "NODATA")
+                       if k in reported), "")
+        raise SignatureError(f"signature check failed ({reason or 'no valid signature'}) with keyring {keyring}")
+    return proc.stdout.decode(errors="replace")
 
 
 def verified_release(repo: AptRepository, data: bytes, keyring: Path) -> ReleaseInfo:
@@ -82,7 +86,7 @@ def fetch_release(repo: AptRepository, keyring: Path) -> ReleaseInfo:
 
 # ---- Packages indices (added for `vzpkg status` / `update-cache`) --------------------------------
 
-_COMPRESSIONS = (".xz", ".gz", "")
+_COMPRESSIONS = (".xz", ".gz", ".bz2", "")
 
 
 @dataclass
@@ -92,6 +96,8 @@ class IndexFile:
     path: str
     sha256: str
     size: int
+    plain_size: int | None = None      # the uncompressed file's size and sha256, when the Release lists it
+    plain_sha256: str | None = None
 
 
 def release_sha256_entries(release_text: str) -> dict[str, IndexFile]:
@@ -121,31 +127,99 @@ def packages_indices(release_text: str, components: tuple[str, ...] | list[str],
             for compression in _COMPRESSIONS:
                 entry = entries.get(f"{component}/binary-{a}/Packages{compression}")
                 if entry is not None:
+                    plain = entries.get(f"{component}/binary-{a}/Packages")
+                    if plain is not None and compression:
+                        entry = IndexFile(entry.path, entry.sha256, entry.size, plain.size, plain.sha256)
                     picked.append(entry)
                     break
     return picked
 
 
-def decompress_index(path: str, data: bytes) -> bytes:
+DECOMPRESS_CHUNK = 1 << 20
+
+
+def index_limit(entry: IndexFile, max_index_size: int | None = None) -> int:
+    """How large the decompressed index may grow: the size the signed Release gives the uncompressed file, or
+    the max_index_size setting when it gives none (the bound against a decompression bomb)."""
+    if entry.plain_size is not None:
+        return entry.plain_size
+    if max_index_size is None:
+        from ..config import load_settings
+
+        max_index_size = load_settings().max_index_size
+    return max_index_size
+
+
+def decompress_index(path: str, data: bytes, limit: int, url: str = "") -> bytes:
+    """Decompress an index (by its name: .xz, .gz, .bz2 or plain), never past LIMIT bytes.
+
+    The data already matches the signed Release; what does not decompress, or expands beyond LIMIT, is a
+    broken or hostile repository: MirrorError naming the URL."""
+    import bz2
+    import lzma
+    import zlib
+
+    where = url or path
     if path.endswith(".xz"):
-        import lzma
-
-        return lzma.decompress(data)
-    if path.endswith(".gz"):
-        import gzip
-
-        return gzip.decompress(data)
-    return data
+        kind, make = "xz", lzma.LZMADecompressor
+    elif path.endswith(".gz"):
+        kind, make = "gzip", lambda: zlib.decompressobj(wbits=31)
+    elif path.endswith(".bz2"):
+        kind, make = "bzip2", bz2.BZ2Decompressor
+    else:
+        return data
+    out = bytearray()
+    pending = data
+    dec = make()
+    try:
+        while True:
+            if kind == "gzip":
+                chunk = dec.decompress(pending, DECOMPRESS_CHUNK)
+                pending = dec.unconsumed_tail
+            else:
+                chunk = dec.decompress(pending, max_length=DECOMPRESS_CHUNK)
+                pending = b""
+            out += chunk
+            if len(out) > limit:
+                raise MirrorError(f"{where}: expands to more than {limit} bytes (a decompression bomb, or an index "
+                                  f"larger than its signed size): refused; check the mirror")
+            if dec.eof:
+                rest = dec.unused_data
+                if not rest.strip(b"\0"):
+                    break
+                dec, pending = make(), rest  # concatenated streams
+                continue
+            if not chunk and not pending and (kind == "gzip" or dec.needs_input):
+                raise EOFError("the compressed data ends early")
+    except (lzma.LZMAError, zlib.error, OSError, EOFError, ValueError) as e:
+        raise MirrorError(f"{where}: not valid {kind} data ({e}) although it matches the signed Release: the "
+                          f"repository is broken; check the mirror") from e
+    return bytes(out)
 
 
 def fetch_index(repo: AptRepository, entry: IndexFile) -> bytes:
-    """Download one index file listed in the verified Release and check its sha256; return it as downloaded."""
+    """Download one index file listed in the verified Release and check its sha256; return it as downloaded.
+    Nothing larger than the Release's size for it is read."""
     url = f"{repo.uri}/dists/{repo.suite}/{entry.path}"
-    data = fetch(url).content
+    try:
+        data = fetch(url, max_bytes=entry.size).content
+    except TooLargeError as e:
+        raise SignatureError(f"{url}: larger than the {entry.size} bytes the signed Release gives it") from e
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry.sha256:
         raise SignatureError(f"{url}: sha256 {digest[:16]}... does not match the signed Release ({entry.sha256[:16]}...)")
     return data
+
+
+def load_index(repo: AptRepository, entry: IndexFile) -> dict[str, list[tuple[str, str]]]:
+    """One Packages file: downloaded and checked, decompressed within its bound, checked again when the Release
+    gives the uncompressed file's hash, parsed."""
+    url = f"{repo.uri}/dists/{repo.suite}/{entry.path}"
+    data = decompress_index(entry.path, fetch_index(repo, entry), index_limit(entry), url)
+    if entry.plain_sha256 is not None and hashlib.sha256(data).hexdigest() != entry.plain_sha256:
+        raise SignatureError(f"{url}: decompressed, it does not match the sha256 the signed Release gives "
+                             f"{entry.path.rsplit('.', 1)[0]}")
+    return parse_packages(data)
 
 
 def parse_packages(data: bytes) -> dict[str, list[tuple[str, str]]]:
@@ -155,7 +229,7 @@ def parse_packages(data: bytes) -> dict[str, list[tuple[str, str]]]:
     from debian.deb822 import Packages
 
     index: dict[str, list[tuple[str, str]]] = {}
-    stream = io.StringIO(data.decode("utf-8", errors="replace"))
+    stream = io.BytesIO(data)  # bytes lines, decoded one at a time: no second, wider copy of a large index
     for para in Packages.iter_paragraphs(stream, use_apt_pkg=False, fields=["Package", "Version", "Architecture"]):
         name = para.get("Package")
         version = para.get("Version")
@@ -168,7 +242,7 @@ def fetch_packages(repo: AptRepository, arch: str, release_text: str) -> dict[st
     """Every package the repository offers for ARCH, from its Packages files (checked against the Release)."""
     merged: dict[str, list[tuple[str, str]]] = {}
     for entry in packages_indices(release_text, repo.components, arch):
-        for name, versions in parse_packages(decompress_index(entry.path, fetch_index(repo, entry))).items():
+        for name, versions in load_index(repo, entry).items():
             merged.setdefault(name, []).extend(versions)
     return merged
 

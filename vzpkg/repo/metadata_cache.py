@@ -25,10 +25,8 @@ from .apt import (
     AptRepository,
     IndexFile,
     ReleaseInfo,
-    decompress_index,
-    fetch_index,
+    load_index,
     packages_indices,
-    parse_packages,
     verified_release,
 )
 from .http import fetch
@@ -119,7 +117,7 @@ class MetadataCache:
     def index(self, repo: AptRepository, entry: IndexFile) -> PackageIndex:
         """One Packages file, parsed; downloaded (and its sha256 checked) only when not cached yet."""
         return _cached_index(self._index_path(repo, entry),
-                             lambda: parse_packages(decompress_index(entry.path, fetch_index(repo, entry))))
+                             lambda: load_index(repo, entry))
 
     def packages(self, repo: AptRepository, arch: str, release_text: str) -> PackageIndex:
         """Everything the repository offers for ARCH (all its components), merged."""

@@ -6,9 +6,7 @@ repository offers now, compared with what a cache holds).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import lzma
 import re
 import shutil
 import subprocess
@@ -35,6 +33,7 @@ class RepoData:
     checksum_type: str
     open_checksum: str = ""
     size: int | None = None
+    open_size: int | None = None          # decompressed, when repomd.xml gives it
     timestamp: int | None = None
 
 
@@ -75,11 +74,13 @@ def parse_repomd(data: bytes, baseurl: str = "") -> RepoMD:
         if loc is None or csum is None or not loc.get("href") or not (csum.text or "").strip():
             raise MirrorError(f"{where}: entry {kind!r} has no location or checksum")
         size = el.findtext(f"{REPO_NS}size")
+        open_size = el.findtext(f"{REPO_NS}open-size")
         ts = el.findtext(f"{REPO_NS}timestamp")
         md.data[kind] = RepoData(type=kind, location=loc.get("href", ""), checksum=(csum.text or "").strip(),
                                  checksum_type=csum.get("type", "sha256"),
                                  open_checksum=(el.findtext(f"{REPO_NS}open-checksum") or "").strip(),
                                  size=int(size) if size and size.isdigit() else None,
+                                 open_size=int(open_size) if open_size and open_size.isdigit() else None,
                                  timestamp=int(float(ts)) if ts and re.fullmatch(r"[0-9.]+", ts) else None)
     if "primary" not in md.data:
         raise MirrorError(f"{where}: no primary metadata listed: the repository metadata is broken")
@@ -92,19 +93,42 @@ def fetch_repomd(baseurl: str) -> RepoMD:
     return parse_repomd(resp.content, baseurl)
 
 
-def decompress(data: bytes, name: str) -> bytes:
+def decompress(data: bytes, name: str, limit: int | None = None, url: str = "") -> bytes:
+    """Decompress metadata (by name or magic: gzip, xz, zstd, bzip2), never past LIMIT bytes (default: the
+    max_index_size setting); what does not decompress or grows past LIMIT is a MirrorError naming URL."""
+    from .apt import decompress_index
+
+    if limit is None:
+        from ..config import load_settings
+
+        limit = load_settings().max_index_size
+    where = url or name
     if name.endswith(".gz") or data[:2] == b"\x1f\x8b":
-        return gzip.decompress(data)
+        return decompress_index("x.gz", data, limit, where)
     if name.endswith(".xz") or data[:6] == b"\xfd7zXZ\x00":
-        return lzma.decompress(data)
+        return decompress_index("x.xz", data, limit, where)
+    if name.endswith(".bz2"):
+        return decompress_index("x.bz2", data, limit, where)
     if name.endswith(".zst") or data[:4] == b"\x28\xb5\x2f\xfd":
         import zstandard
 
-        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    if name.endswith(".bz2"):
-        import bz2
-
-        return bz2.decompress(data)
+        # zstd has no output bound per call: feed it small pieces (a block expands at most 128 KiB, so a piece
+        # of 256 bytes, at most 64 blocks, yields at most 8 MiB) and check the size after each.
+        dec = zstandard.ZstdDecompressor().decompressobj()
+        out = bytearray()
+        try:
+            for i in range(0, len(data), 256):
+                out += dec.decompress(data[i:i + 256])
+                if len(out) > limit:
+                    raise MirrorError(f"{where}: expands to more than {limit} bytes (a decompression bomb, or "
+                                      f"metadata larger than repomd.xml says): refused; check the mirror")
+                if dec.eof:
+                    break
+        except zstandard.ZstdError as e:
+            raise MirrorError(f"{where}: not valid zstd data ({e}): the repository is broken; check the mirror") from e
+        if not dec.eof:
+            raise MirrorError(f"{where}: not valid zstd data (it ends early): the repository is broken; check the mirror")
+        return bytes(out)
     return data
 
 
@@ -112,7 +136,8 @@ def fetch_primary(md: RepoMD) -> list[dict[str, Any]]:
     """Download primary metadata, check it against repomd.xml's checksum, and parse it."""
     entry = md.data["primary"]
     url = md.url("primary")
-    data = fetch(url).content
+    # No more than repomd.xml says it has (read in chunks, refused once past it); 1 GiB when it says nothing.
+    data = fetch(url, max_bytes=entry.size if entry.size else 1 << 30).content
     try:
         digest = hashlib.new("sha1" if entry.checksum_type == "sha" else entry.checksum_type, data).hexdigest()
     except ValueError as e:
@@ -120,7 +145,7 @@ def fetch_primary(md: RepoMD) -> list[dict[str, Any]]:
     if digest != entry.checksum:
         raise MirrorError(f"{url}: checksum mismatch ({entry.checksum_type} {digest}, repomd.xml says "
                           f"{entry.checksum}): the mirror is inconsistent or being updated; retry later")
-    return parse_primary(decompress(data, entry.location))
+    return parse_primary(decompress(data, entry.location, entry.open_size, url))
 
 
 def parse_primary(xml_bytes: bytes) -> list[dict[str, Any]]:
