@@ -219,9 +219,10 @@ def validate(names: tuple[str, ...], as_json: bool) -> None:
 
 
 def _register_more() -> None:
-    from . import maintenance
+    from . import maintenance, registry
 
     maintenance.register(main)
+    registry.register(main)
 
 
 _register_more()

@@ -1,0 +1,308 @@
+"""The registry protocol (OCI distribution specification) for one repository.
+
+Built on oras' `Registry`: its requests session, its reference handling and its bearer-token dance
+(`TokenAuth.authenticate_request`: parse the WWW-Authenticate challenge, fetch a token from the realm with the
+user's credentials, retry). Three points are done here instead, because oras 0.2 falls short for them:
+
+- oras retries every failed request five times with sleeps of 3 s to 83 s (`decorator.retry`), so an
+  unreachable registry takes minutes to report; requests go through the undecorated `do_request`, with a
+  connect timeout, and fail at once with one clear error.
+- `put_upload` reads the whole blob into memory and `download_blob` writes without checking the digest; blobs
+  are streamed here (a progress callback, constant memory) and every byte downloaded is hashed and compared.
+- oras keeps one token and reuses it after a 401, so a pull-scoped token from a HEAD is never upgraded to the
+  push scope a later upload needs; on a 401 with a token, the token is dropped and asked for once more.
+  Basic auth (htpasswd registries) is sent pre-emptively, so a streamed body is never sent twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from ..errors import (
+    RegistryAuthError,
+    RegistryError,
+    RegistryNotFoundError,
+    RegistryTLSError,
+    RegistryUnreachableError,
+    VerifyError,
+)
+from .auth import Credentials, find_credentials
+from .reference import Reference, Transport
+
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 120.0
+CHUNK = 1 << 20
+MANIFEST_ACCEPT = ", ".join([
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+])
+MAX_SMALL_BLOB = 16 << 20  # manifests and config blobs are read into memory; refuse anything larger
+
+Progress = Callable[[int, int], None]
+
+# oras logs HTTP failures itself; the errors raised here say everything once.
+logging.getLogger("oras.logger").disabled = True
+
+
+class _TimeoutAdapter(HTTPAdapter):
+    """Every request of the session (including oras' token requests) gets a timeout."""
+
+    def send(self, request, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = (CONNECT_TIMEOUT, READ_TIMEOUT)
+        return super().send(request, **kwargs)
+
+
+class _CountingReader:
+    """A file-like body for requests: known length (so no chunked encoding), progress as it is read."""
+
+    def __init__(self, f: IO[bytes], size: int, progress: Progress | None) -> None:
+        self.f, self.size, self.progress, self.done = f, size, progress, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(CHUNK if n is None or n < 0 else max(n, 1 << 16))
+        self.done += len(data)
+        if self.progress:
+            self.progress(self.done, self.size)
+        return data
+
+
+def _registry_message(response: requests.Response) -> str:
+    try:
+        errors = response.json().get("errors") or []
+        parts = [f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict)]
+        if parts:
+            return "; ".join(parts)
+    except (ValueError, AttributeError):
+        pass
+    return f"HTTP {response.status_code} {response.reason}"
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class RegistryClient:
+    """One repository on one registry. Requests counted in `stats` (what was sent and received)."""
+
+    def __init__(self, ref: Reference, *, insecure: bool = False, ca_file: str | None = None) -> None:
+        import oras.container
+        import oras.provider
+
+        self.ref = ref
+        self.transport = Transport.for_host(ref.host, insecure=insecure, ca_file=ca_file)
+        self.container = oras.container.Container(f"{ref.host}/{ref.path}:{ref.tag or 'latest'}")
+        self.credentials: Credentials | None = find_credentials(ref.host)
+        self.scheme = self.transport.schemes[0]
+        self._oras: Any = None
+        self._basic = False
+        self._oras_cls = oras.provider.Registry
+        self.stats = {"bytes_uploaded": 0, "bytes_downloaded": 0, "blobs_uploaded": 0, "blobs_downloaded": 0}
+
+    # --- connection and authentication ---------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Find the scheme the registry speaks and the kind of auth it wants (GET /v2/)."""
+        last: Exception | None = None
+        for scheme in self.transport.schemes:
+            session = requests.Session()
+            session.mount("https://", _TimeoutAdapter())
+            session.mount("http://", _TimeoutAdapter())
+            try:
+                r = session.get(f"{scheme}://{self.ref.host}/v2/", verify=self.transport.verify)
+            except requests.exceptions.SSLError as e:
+                if "CERTIFICATE_VERIFY_FAILED" in str(e) or "hostname" in str(e).lower():
+                    raise self._tls_error(e) from e
+                last = e  # a plain-HTTP registry on loopback: the TLS handshake fails; try the next scheme
+                continue
+            except requests.exceptions.RequestException as e:
+                raise self._unreachable(e) from e
+            self.scheme = scheme
+            challenge = r.headers.get("WWW-Authenticate", "") if r.status_code == 401 else ""
+            self._basic = challenge.lower().startswith("basic")
+            self._oras = self._oras_cls(hostname=self.ref.host, insecure=scheme == "http",
+                                        tls_verify=self.transport.verify, auth_backend="token")
+            self._oras.session.mount("https://", _TimeoutAdapter())
+            self._oras.session.mount("http://", _TimeoutAdapter())
+            if self.credentials and not self._basic:
+                self._oras.auth.set_basic_auth(self.credentials.username, self.credentials.password)
+            if r.status_code not in (200, 401):
+                raise RegistryError(f"{self.ref.host} does not answer like an OCI registry at /v2/ "
+                                    f"({_registry_message(r)})")
+            return
+        raise RegistryUnreachableError(f"cannot talk to registry {self.ref.host} over https or http ({last}); "
+                                       "check the address, or pass --insecure for a plain-HTTP registry")
+
+    def _tls_error(self, e: Exception) -> RegistryTLSError:
+        reason = str(e.__context__ or e)
+        if isinstance(getattr(e, "args", [None])[0], Exception):
+            reason = str(e.args[0])
+        for inner in _chain(e):
+            if isinstance(inner, ssl.SSLCertVerificationError):
+                reason = inner.verify_message or str(inner)
+        return RegistryTLSError(f"TLS certificate of registry {self.ref.host} not trusted ({reason[:160]}): "
+                                "give its CA with --ca-file, or use --insecure for a plain-HTTP registry")
+
+    def _unreachable(self, e: Exception) -> RegistryUnreachableError:
+        kind = "timed out" if isinstance(e, requests.exceptions.Timeout) else "refused or unreachable"
+        return RegistryUnreachableError(f"registry {self.ref.host} {kind} ({self.scheme}): check the address and "
+                                        "that the registry runs")
+
+    def _auth_error(self, r: requests.Response) -> RegistryAuthError:
+        if self.credentials is None:
+            return RegistryAuthError(
+                f"registry {self.ref.host} wants credentials for {self.ref.path} ({_registry_message(r)}): log in "
+                "(~/.docker/config.json, $REGISTRY_AUTH_FILE) or set VZPKG_REGISTRY_USERNAME and VZPKG_REGISTRY_PASSWORD")
+        return RegistryAuthError(f"registry {self.ref.host} refused the credentials from {self.credentials.source} "
+                                 f"for {self.ref.path} ({_registry_message(r)}): check the user name and password")
+
+    def request(self, method: str, url: str, *, headers: dict[str, str] | None = None, data: Any = None,
+                stream: bool = False, ok: tuple[int, ...] = (200,)) -> requests.Response:
+        """One request through oras (token auth), without oras' retries; errors mapped to vzpkg's."""
+        if self._oras is None:
+            self.connect()
+        headers = dict(headers or {})
+        if self._basic and self.credentials:
+            headers["Authorization"] = "Basic " + _basic(self.credentials)
+        do_request = self._oras_cls.do_request.__wrapped__  # the undecorated method: no 5-fold retry with sleeps
+        try:
+            if self._basic:  # oras' token backend would take a Basic challenge's realm for a token server
+                r = self._oras.session.request(method, url, data=data, headers=headers, stream=stream,
+                                               verify=self.transport.verify)
+            else:
+                r = do_request(self._oras, url, method, data=data, headers=headers, stream=stream)
+            if r.status_code == 401 and getattr(self._oras.auth, "token", None) and data is None:
+                self._oras.auth.token = None  # a token of a narrower scope (pull) than this request needs (push)
+                r = do_request(self._oras, url, method, data=data, headers=headers, stream=stream)
+        except requests.exceptions.SSLError as e:
+            raise self._tls_error(e) from e
+        except requests.exceptions.RequestException as e:
+            raise self._unreachable(e) from e
+        except ValueError as e:  # oras: "Cannot respond to request for authentication."
+            raise RegistryAuthError(f"registry {self.ref.host}: authentication failed for {self.ref.path} ({e}); "
+                                    "check the credentials") from e
+        if r.status_code in ok:
+            return r
+        if r.status_code in (401, 403):
+            raise self._auth_error(r)
+        if r.status_code == 404:
+            raise RegistryNotFoundError(f"{self.ref}: not found in the registry ({_registry_message(r)}): "
+                                        "check the repository and tag")
+        raise RegistryError(f"registry {self.ref.host}: {method} {url.split('/v2/', 1)[-1]} failed: "
+                            f"{_registry_message(r)}")
+
+    def _url(self, path: str) -> str:
+        return f"{self.scheme}://{self.ref.host}/v2/{self.ref.path}/{path}"
+
+    # --- manifests --------------------------------------------------------------------------------------
+
+    def get_manifest(self, target: str) -> tuple[bytes, str, str]:
+        """(bytes, digest, media type) of the manifest TARGET (a tag or digest); the digest is checked."""
+        r = self.request("GET", self._url(f"manifests/{target}"), headers={"Accept": MANIFEST_ACCEPT})
+        body = r.content
+        if len(body) > MAX_SMALL_BLOB:
+            raise RegistryError(f"{self.ref}: manifest of {len(body)} bytes is too large")
+        digest = sha256_digest(body)
+        expected = target if target.startswith("sha256:") else r.headers.get("Docker-Content-Digest")
+        if expected and expected.startswith("sha256:") and expected != digest:
+            raise VerifyError(f"{self.ref}: the manifest's digest is {digest}, not {expected}: the registry's copy is "
+                              "corrupt or tampered with; nothing was published")
+        return body, digest, r.headers.get("Content-Type", "").split(";")[0].strip()
+
+    def put_manifest(self, tag: str, body: bytes, media_type: str) -> str:
+        r = self.request("PUT", self._url(f"manifests/{tag}"), headers={"Content-Type": media_type},
+                         data=body, ok=(200, 201))
+        digest = sha256_digest(body)
+        answered = r.headers.get("Docker-Content-Digest")
+        if answered and answered != digest:
+            raise RegistryError(f"registry {self.ref.host} stored the manifest as {answered}, expected {digest}")
+        return digest
+
+    # --- blobs ------------------------------------------------------------------------------------------
+
+    def blob_exists(self, digest: str) -> bool:
+        try:
+            self.request("HEAD", self._url(f"blobs/{digest}"))
+        except RegistryNotFoundError:
+            return False
+        return True
+
+    def upload_blob(self, digest: str, size: int, f: IO[bytes], progress: Progress | None = None) -> None:
+        """Monolithic upload (POST a session, PUT the bytes); the registry checks the digest."""
+        r = self.request("POST", self._url("blobs/uploads/"), headers={"Content-Length": "0"}, ok=(202,))
+        location = r.headers.get("Location")
+        if not location:
+            raise RegistryError(f"registry {self.ref.host} started an upload without a Location header")
+        if location.startswith("/"):
+            location = f"{self.scheme}://{self.ref.host}{location}"
+        sep = "&" if "?" in location else "?"
+        reader = _CountingReader(f, size, progress)
+        self.request("PUT", f"{location}{sep}digest={digest}", data=reader, ok=(201, 204),
+                     headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+        self.stats["bytes_uploaded"] += size
+        self.stats["blobs_uploaded"] += 1
+
+    def get_small_blob(self, digest: str, size: int) -> bytes:
+        if size > MAX_SMALL_BLOB:
+            raise RegistryError(f"{self.ref}: blob {digest} of {size} bytes is too large for a config")
+        data = self.request("GET", self._url(f"blobs/{digest}")).content
+        self.stats["bytes_downloaded"] += len(data)
+        self.stats["blobs_downloaded"] += 1
+        if sha256_digest(data) != digest or len(data) != size:
+            raise VerifyError(f"{self.ref}: blob {digest} does not match its digest: the registry's copy is corrupt "
+                              "or tampered with; nothing was published")
+        return data
+
+    def download_blob(self, digest: str, size: int, dest: Path, progress: Progress | None = None) -> None:
+        """Stream blob DIGEST into DEST, hashing as it comes; VerifyError if digest or size differ."""
+        h = hashlib.sha256()
+        done = 0
+        with self.request("GET", self._url(f"blobs/{digest}"), stream=True) as r, dest.open("wb") as out:
+            try:
+                for chunk in r.iter_content(CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    done += len(chunk)
+                    if done > size:
+                        break
+                    if progress:
+                        progress(done, size)
+            except requests.exceptions.RequestException as e:
+                raise self._unreachable(e) from e
+            out.flush()
+        self.stats["bytes_downloaded"] += done
+        self.stats["blobs_downloaded"] += 1
+        got = "sha256:" + h.hexdigest()
+        if done != size or got != digest:
+            raise VerifyError(f"{self.ref}: blob {digest} does not match its digest (got {done} bytes, {got[:19]}...): "
+                              "the registry's copy is corrupt or tampered with; nothing was published")
+
+
+def _basic(c: Credentials) -> str:
+    import base64
+
+    return base64.b64encode(f"{c.username}:{c.password}".encode()).decode()
+
+
+def _chain(e: BaseException | None):  # type: ignore[no-untyped-def]
+    seen = 0
+    while e is not None and seen < 10:
+        yield e
+        for arg in getattr(e, "args", ()):
+            if isinstance(arg, BaseException):
+                yield from _chain(arg)
+        e = e.__cause__ or e.__context__
+        seen += 1
