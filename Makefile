@@ -8,7 +8,8 @@ DEMO_TEMPLATE ?= debian-12-x86_64
 
 APT_PACKAGES := debootstrap mmdebstrap zstd tar gnupg gpgv debian-archive-keyring arch-test \
 	uidmap iproute2 apt-utils python3-venv util-linux procps psmisc \
-	dnf rpm python3-rpm createrepo-c busybox-static gcc libc6-dev
+	dnf rpm python3-rpm createrepo-c busybox-static gcc libc6-dev \
+	docker-registry skopeo umoci openssl
 
 .PHONY: setup system-packages venv demo test lint unit integration bench clean
 

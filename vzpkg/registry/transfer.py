@@ -131,3 +131,19 @@ def pull_cache(store: CacheStore, ref: Reference, conn: Connection, *, lock_dir:
                 tmp.unlink(missing_ok=True)
     return {**result, "name": target, "up_to_date": up_to_date, "bytes_downloaded": client.stats["bytes_downloaded"],
             "blobs_downloaded": client.stats["blobs_downloaded"], "seconds": round(time.monotonic() - started, 3)}
+
+
+def pull_for_create(text: str, cache_dir: str | Path) -> str:
+    """`vzctl create --ostemplate REF`: pull REF (if the cache does not have it yet); return the cache name.
+
+    No command-line options reach here: a registry on 127.0.0.1 may speak plain HTTP, and
+    $VZPKG_REGISTRY_CA_FILE names a CA for a private registry (credentials as for `vzpkg pull`).
+    """
+    import os
+
+    from .reference import parse_reference
+
+    store = CacheStore(Path(cache_dir))
+    result = pull_cache(store, parse_reference(text), Connection(ca_file=os.environ.get("VZPKG_REGISTRY_CA_FILE")),
+                        lock_dir=Path(cache_dir) / ".locks")
+    return str(result["name"])
