@@ -18,6 +18,9 @@ setup: system-packages venv
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 && echo "system packages: present" || { \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); }
+	@# The tests start their own docker-registry on 127.0.0.1; the package's system service must not keep running.
+	@if [ -d /run/systemd/system ] && systemctl is-enabled -q docker-registry 2>/dev/null; then \
+	  systemctl disable --now docker-registry; fi
 
 venv: $(VENV)/.installed
 
