@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -57,6 +60,21 @@ class ProgressBar:
             self._drawn = False
 
 
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so a pull's clean-up runs (as in build.py, without its imports)."""
+
+    def _raise(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _settings(cache_dir: str | None):
     from ..config import load_settings
 
@@ -80,7 +98,6 @@ def register(group: click.Group) -> None:
              cache_dir: str | None, as_json: bool) -> None:
         """Upload cache NAME to the registry as the OCI image REF (HOST[:PORT]/PATH/NAME[:TAG], tag default
         `latest`). Blobs the registry already has are not uploaded again."""
-        from ..build import signals_raise
         from ..cache import CacheStore
         from ..errors import CacheNotFoundError, UsageError
         from ..registry.reference import parse_reference
@@ -123,7 +140,6 @@ def register(group: click.Group) -> None:
              cache_dir: str | None, as_json: bool) -> None:
         """Download the cache image REF, verify every digest and the archive against its manifest, and publish
         it into the cache directory atomically (a failed pull leaves the previous cache in place)."""
-        from ..build import signals_raise
         from ..cache import CacheStore
         from ..registry.reference import parse_reference
         from ..registry.transfer import Connection, pull_cache

@@ -1,17 +1,17 @@
 """The registry protocol (OCI distribution specification) for one repository.
 
-Built on oras' `Registry`: its requests session, its reference handling and its bearer-token dance
-(`TokenAuth.authenticate_request`: parse the WWW-Authenticate challenge, fetch a token from the realm with the
-user's credentials, retry). Three points are done here instead, because oras 0.2 falls short for them:
+Authentication is oras' (`oras.auth.TokenAuth`): given a 401 it parses the WWW-Authenticate challenge, asks the
+realm for a bearer token with the user's credentials (or anonymously) and hands back the header to retry with.
+The rest is plain requests on one session, because oras 0.2's `Registry` (oras.provider) falls short here:
 
-- oras retries every failed request five times with sleeps of 3 s to 83 s (`decorator.retry`), so an
-  unreachable registry takes minutes to report; requests go through the undecorated `do_request`, with a
-  connect timeout, and fail at once with one clear error.
-- `put_upload` reads the whole blob into memory and `download_blob` writes without checking the digest; blobs
-  are streamed here (a progress callback, constant memory) and every byte downloaded is hashed and compared.
-- oras keeps one token and reuses it after a 401, so a pull-scoped token from a HEAD is never upgraded to the
-  push scope a later upload needs; on a 401 with a token, the token is dropped and asked for once more.
-  Basic auth (htpasswd registries) is sent pre-emptively, so a streamed body is never sent twice.
+- it retries every failed request five times with sleeps of 3 s to 83 s (`decorator.retry`), so an unreachable
+  registry takes minutes to report; here a connect timeout, and one clear error at once;
+- `put_upload` reads the whole blob into memory and `download_blob` writes without checking the digest; here
+  blobs are streamed (constant memory, a progress callback) and every byte downloaded is hashed and compared;
+- it keeps one token and reuses it after a 401, so a pull-scoped token from a HEAD is never upgraded to the push
+  scope an upload needs; here a 401 with a token drops it and asks once more (the new challenge names the scope);
+- importing it costs ~140 ms (jsonschema, http.cookiejar) on every command, a third of a whole push here.
+Basic auth (htpasswd registries) is sent pre-emptively, so a streamed body is never sent twice.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ MAX_SMALL_BLOB = 16 << 20  # manifests and config blobs are read into memory; re
 
 Progress = Callable[[int, int], None]
 
-# oras logs HTTP failures itself; the errors raised here say everything once.
+# oras logs failures of its own; the errors raised here say everything once.
 logging.getLogger("oras.logger").disabled = True
 
 
@@ -99,17 +99,13 @@ class RegistryClient:
     """One repository on one registry. Requests counted in `stats` (what was sent and received)."""
 
     def __init__(self, ref: Reference, *, insecure: bool = False, ca_file: str | None = None) -> None:
-        import oras.container
-        import oras.provider
-
         self.ref = ref
         self.transport = Transport.for_host(ref.host, insecure=insecure, ca_file=ca_file)
-        self.container = oras.container.Container(f"{ref.host}/{ref.path}:{ref.tag or 'latest'}")
         self.credentials: Credentials | None = find_credentials(ref.host)
         self.scheme = self.transport.schemes[0]
-        self._oras: Any = None
+        self.session: requests.Session | None = None
+        self._token_auth: Any = None  # oras.auth.TokenAuth when the registry answers with a Bearer challenge
         self._basic = False
-        self._oras_cls = oras.provider.Registry
         self.stats = {"bytes_uploaded": 0, "bytes_downloaded": 0, "blobs_uploaded": 0, "blobs_downloaded": 0}
 
     # --- connection and authentication ---------------------------------------------------------------------
@@ -130,18 +126,20 @@ class RegistryClient:
                 continue
             except requests.exceptions.RequestException as e:
                 raise self._unreachable(e) from e
-            self.scheme = scheme
+            self.scheme, self.session = scheme, session
             challenge = r.headers.get("WWW-Authenticate", "") if r.status_code == 401 else ""
             self._basic = challenge.lower().startswith("basic")
-            self._oras = self._oras_cls(hostname=self.ref.host, insecure=scheme == "http",
-                                        tls_verify=self.transport.verify, auth_backend="token")
-            self._oras.session.mount("https://", _TimeoutAdapter())
-            self._oras.session.mount("http://", _TimeoutAdapter())
-            if self.credentials and not self._basic:
-                self._oras.auth.set_basic_auth(self.credentials.username, self.credentials.password)
+            if challenge.lower().startswith("bearer"):
+                from oras.auth import get_auth_backend
+
+                self._token_auth = get_auth_backend("token", session, insecure=scheme == "http",
+                                                    tls_verify=self.transport.verify)
+                if self.credentials:
+                    self._token_auth.set_basic_auth(self.credentials.username, self.credentials.password)
             if r.status_code not in (200, 401):
+                hint = " (a TLS registry? drop --insecure)" if scheme == "http" and r.status_code == 400 else ""
                 raise RegistryError(f"{self.ref.host} does not answer like an OCI registry at /v2/ "
-                                    f"({_registry_message(r)})")
+                                    f"({_registry_message(r)}){hint}")
             return
         raise RegistryUnreachableError(f"cannot talk to registry {self.ref.host} over https or http ({last}); "
                                        "check the address, or pass --insecure for a plain-HTTP registry")
@@ -171,29 +169,19 @@ class RegistryClient:
 
     def request(self, method: str, url: str, *, headers: dict[str, str] | None = None, data: Any = None,
                 stream: bool = False, ok: tuple[int, ...] = (200,)) -> requests.Response:
-        """One request through oras (token auth), without oras' retries; errors mapped to vzpkg's."""
-        if self._oras is None:
+        """One request, authenticated (Basic, or a bearer token through oras' token dance), errors mapped."""
+        if self.session is None:
             self.connect()
+        assert self.session is not None
         headers = dict(headers or {})
         if self._basic and self.credentials:
             headers["Authorization"] = "Basic " + _basic(self.credentials)
-        do_request = self._oras_cls.do_request.__wrapped__  # the undecorated method: no 5-fold retry with sleeps
         try:
-            if self._basic:  # oras' token backend would take a Basic challenge's realm for a token server
-                r = self._oras.session.request(method, url, data=data, headers=headers, stream=stream,
-                                               verify=self.transport.verify)
-            else:
-                r = do_request(self._oras, url, method, data=data, headers=headers, stream=stream)
-            if r.status_code == 401 and getattr(self._oras.auth, "token", None) and data is None:
-                self._oras.auth.token = None  # a token of a narrower scope (pull) than this request needs (push)
-                r = do_request(self._oras, url, method, data=data, headers=headers, stream=stream)
+            r = self._send(method, url, headers, data, stream)
         except requests.exceptions.SSLError as e:
             raise self._tls_error(e) from e
         except requests.exceptions.RequestException as e:
             raise self._unreachable(e) from e
-        except ValueError as e:  # oras: "Cannot respond to request for authentication."
-            raise RegistryAuthError(f"registry {self.ref.host}: authentication failed for {self.ref.path} ({e}); "
-                                    "check the credentials") from e
         if r.status_code in ok:
             return r
         if r.status_code in (401, 403):
@@ -203,6 +191,24 @@ class RegistryClient:
                                         "check the repository and tag")
         raise RegistryError(f"registry {self.ref.host}: {method} {url.split('/v2/', 1)[-1]} failed: "
                             f"{_registry_message(r)}")
+
+    def _send(self, method: str, url: str, headers: dict[str, str], data: Any, stream: bool) -> requests.Response:
+        assert self.session is not None
+        auth = self._token_auth
+        if auth is not None and auth.token:
+            headers = {**headers, **auth.get_auth_header()}
+        # verify on every call: a session's own `verify` loses to $REQUESTS_CA_BUNDLE in requests' merge.
+        verify = self.transport.verify
+        r = self.session.request(method, url, headers=headers, data=data, stream=stream, verify=verify)
+        if r.status_code != 401 or auth is None or not _rewindable(data):
+            return r
+        # The challenge names the scope this request needs (pull, or pull,push): a token for it, then once more.
+        auth.token = None
+        headers, changed = auth.authenticate_request(r, headers)
+        if not changed:
+            return r
+        r.close()
+        return self.session.request(method, url, headers=headers, data=data, stream=stream, verify=verify)
 
     def _url(self, path: str) -> str:
         return f"{self.scheme}://{self.ref.host}/v2/{self.ref.path}/{path}"
@@ -289,6 +295,11 @@ class RegistryClient:
         if done != size or got != digest:
             raise VerifyError(f"{self.ref}: blob {digest} does not match its digest (got {done} bytes, {got[:19]}...): "
                               "the registry's copy is corrupt or tampered with; nothing was published")
+
+
+def _rewindable(data: Any) -> bool:
+    """A body that can be sent twice (streamed uploads are authenticated before, by the POST that opens them)."""
+    return data is None or isinstance(data, bytes)
 
 
 def _basic(c: Credentials) -> str:
