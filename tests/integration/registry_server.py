@@ -3,14 +3,20 @@ storage in a temporary directory; optionally TLS from a throw-away CA and htpass
 
 from __future__ import annotations
 
+import base64
 import ctypes
+import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import requests
 
@@ -46,14 +52,95 @@ def make_ca_and_cert(d: Path) -> tuple[Path, Path, Path]:
     return d / "ca.pem", d / "server.pem", d / "server.key"
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """A bearer-token server as in the distribution token-auth specification: Basic credentials in, a JWT out
+    (RS256, signed with openssl, the certificate in the x5c header) granting the actions the scope asks for."""
+
+    SERVICE = "vzpkg-test-registry"
+    ISSUER = "vzpkg-test-issuer"
+
+    def __init__(self, work: Path, users: dict[str, str]) -> None:
+        self.work, self.users = work, users
+        self.key, self.cert = work / "token.key", work / "token.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                        "/CN=vzpkg test token issuer", "-keyout", str(self.key), "-out", str(self.cert)],
+                       check=True, capture_output=True)
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"], check=True,
+                             capture_output=True).stdout
+        self.x5c = base64.b64encode(der).decode()
+        self.issued: list[str] = []  # scopes of the tokens handed out
+        self.refused = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                query = parse_qs(urlparse(self.path).query)
+                user = server.check(self.headers.get("Authorization", ""))
+                if user is None:
+                    server.refused += 1
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                scope = query.get("scope", [""])[0]
+                token = server.token(user, scope)
+                body = json.dumps({"token": token, "access_token": token, "expires_in": 300}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    def check(self, header: str) -> str | None:
+        if not header.startswith("Basic "):
+            return None
+        user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        return user if self.users.get(user) == password else None
+
+    def token(self, user: str, scope: str) -> str:
+        self.issued.append(scope)
+        access = []
+        if scope.startswith("repository:"):
+            _, name, actions = scope.split(":", 2)
+            access.append({"type": "repository", "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}
+        claims = {"iss": self.ISSUER, "sub": user, "aud": self.SERVICE, "exp": now + 300, "nbf": now - 10,
+                  "iat": now, "jti": secrets.token_hex(8), "access": access}
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signing_input.encode(),
+                             check=True, capture_output=True).stdout
+        return f"{signing_input}.{_b64url(sig)}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 @dataclass
 class Registry:
     work: Path
     tls: bool = False
     users: dict[str, str] = field(default_factory=dict)
     port: int = 0
+    token_auth: bool = False  # users authenticate at a TokenServer instead of with htpasswd
     proc: subprocess.Popen[bytes] | None = None
     ca: Path | None = None
+    token_server: TokenServer | None = None
 
     @property
     def host(self) -> str:
@@ -82,7 +169,12 @@ class Registry:
         if self.tls:
             self.ca, cert, key = make_ca_and_cert(self.work)
             lines += ["  tls:", f"    certificate: {cert}", f"    key: {key}"]
-        if self.users:
+        if self.users and self.token_auth:
+            self.token_server = TokenServer(self.work, self.users)
+            ts = self.token_server
+            lines += ["auth:", "  token:", f"    realm: {ts.realm}", f"    service: {ts.SERVICE}",
+                      f"    issuer: {ts.ISSUER}", f"    rootcertbundle: {ts.cert}"]
+        elif self.users:
             htpasswd = self.work / "htpasswd"
             htpasswd.write_text("".join(f"{u}:{bcrypt(p)}\n" for u, p in self.users.items()))
             lines += ["auth:", "  htpasswd:", "    realm: vzpkg-test", f"    path: {htpasswd}"]
@@ -105,6 +197,8 @@ class Registry:
                 time.sleep(0.05)
 
     def stop(self) -> None:
+        if self.token_server:
+            self.token_server.stop()
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:

@@ -199,6 +199,36 @@ def test_tls_and_htpasswd_auth(tls_registry, tmp_path):
     ok(vzpkg("pull", ref, "--cache-dir", str(dst), *ca, env={**noauth, "DOCKER_CONFIG": str(tmp_path / "docker")}))
 
 
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory):
+    reg = Registry(tmp_path_factory.mktemp("registry-token"), users={"bob": "t0ken"}, token_auth=True).start()
+    yield reg
+    reg.stop()
+
+
+def test_token_auth(token_registry, tmp_path):
+    """Bearer tokens (oras' token dance): a pull-scoped token from the first HEAD is replaced by a push-scoped one
+    when the upload asks for it; wrong or missing credentials are one clear error."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    manifest = make_cache(src, seed="token")
+    ref = f"{token_registry.host}/tok/{NAME}:1"
+    base = {"HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path / "none"), "XDG_RUNTIME_DIR": str(tmp_path),
+            "REGISTRY_AUTH_FILE": ""}
+    good = {**base, "VZPKG_REGISTRY_USERNAME": "bob", "VZPKG_REGISTRY_PASSWORD": "t0ken"}
+    bad = {**base, "VZPKG_REGISTRY_USERNAME": "bob", "VZPKG_REGISTRY_PASSWORD": "nope"}
+    none = {**base, "VZPKG_REGISTRY_USERNAME": "", "VZPKG_REGISTRY_PASSWORD": ""}
+    one_error_line(vzpkg("push", NAME, ref, "--cache-dir", str(src), env=bad), 41, "refused the credentials")
+    one_error_line(vzpkg("push", NAME, ref, "--cache-dir", str(src), env=none), 41, "wants credentials")
+    ts = token_registry.token_server
+    assert ts is not None and ts.refused >= 2 and ts.issued == []
+    ok(vzpkg("push", NAME, ref, "--cache-dir", str(src), env=good))
+    # a pull token for the first HEAD, then one with push for the upload (oras alone would keep the first)
+    assert ts.issued == [f"repository:tok/{NAME}:pull", f"repository:tok/{NAME}:push,pull"]
+    ok(vzpkg("pull", ref, "--cache-dir", str(dst), env=good))
+    assert hashlib.sha256((dst / f"{NAME}.tar.zst").read_bytes()).hexdigest() == manifest["sha256"]
+    one_error_line(vzpkg("pull", ref, "--cache-dir", str(tmp_path / "dst2"), env=bad), 41)
+
+
 class SlowProxy:
     """A TCP forwarder to the registry that sends at most RATE bytes/s back: time to interrupt a pull."""
 
