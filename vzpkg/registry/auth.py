@@ -63,7 +63,7 @@ def _from_file(path: Path, host: str) -> Credentials | None:
             continue
         if entry.get("auth"):
             try:
-                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+                user, _, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: the 'auth' of {key!r} is not base64 of user:password") from e
             return Credentials(user, password, str(path))
