@@ -129,6 +129,10 @@ def test_push_all_and_pull_with_name(plain_registry, tmp_path):
              "--cache-dir", str(dst)))
     assert json.loads((dst / "mine-13-x86_64.json").read_text())["seed"] == "c"
     ok(vzpkg("verify-cache", "mine-13-x86_64", "--cache-dir", str(dst)))
+    # `info` works on a pulled cache even without a template definition of that name here
+    info = json.loads(ok(vzpkg("info", "mine-13-x86_64", "--json", "--cache-dir", str(dst))).stdout)
+    assert info["cache"]["seed"] == "c" and info["cache"]["pulled_from"].endswith("/fleet/debian-13-x86_64:v1")
+    assert "Pulled from:" in ok(vzpkg("info", "mine-13-x86_64", "--cache-dir", str(dst))).stdout
 
 
 def test_tampered_blob_is_refused_and_nothing_published(plain_registry, tmp_path):

@@ -81,6 +81,28 @@ def _settings(cache_dir: str | None):
     return load_settings(cache_dir=cache_dir)
 
 
+def print_cache_only_info(name: str, manifest: dict[str, Any], show_packages: bool, as_json: bool) -> None:
+    """`vzpkg info` of a cache without a template definition here (pulled under its own name): the manifest."""
+    if as_json:
+        print_json({"template": None, "cache": manifest if show_packages else
+                    {k: v for k, v in manifest.items() if k != "packages"}, "generations": []})
+        return
+    click.echo(f"Template:      {name} (no template definition here; from the cache's manifest)")
+    click.echo(f"Distribution:  {manifest.get('distribution', '?')} {manifest.get('release', '?')}"
+               + (f" ({manifest['suite']})" if manifest.get("suite") else ""))
+    click.echo(f"Architecture:  {manifest.get('architecture', '?')}")
+    if manifest.get("pulled_from"):
+        click.echo(f"Pulled from:   {manifest['pulled_from']} ({manifest.get('image_digest', '')})")
+    click.echo(f"  created:     {manifest.get('created')}  (vzpkg {manifest.get('vzpkg_version')})")
+    click.echo(f"  size:        {human_size(manifest.get('packed_size'))} packed, "
+               f"{human_size(manifest.get('unpacked_size'))} unpacked")
+    click.echo(f"  packages:    {manifest.get('package_count', len(manifest.get('packages', [])))}")
+    click.echo(f"  sha256:      {manifest.get('sha256')}")
+    if show_packages:
+        for p in manifest.get("packages", []):
+            click.echo(f"    {p['name']:<36} {p.get('version', '')} {p.get('architecture', '')}")
+
+
 def register(group: click.Group) -> None:
     """Attach push and pull to the `vzpkg` group."""
 
