@@ -3,15 +3,19 @@
 
 Against a local docker-registry (Distribution 2.8, plain HTTP on 127.0.0.1, fresh storage per run):
 
-  vzpkg-push      vzpkg push NAME HOST/bench/NAME:1            (empty registry: every blob uploaded)
-  skopeo-push     skopeo copy oci:LAYOUT docker://HOST/...     (LAYOUT: the same archive as its one layer)
-  vzpkg-push-again  vzpkg push of the same cache again         (nothing to upload: HEADs and the manifest)
-  vzpkg-pull      vzpkg pull HOST/bench/NAME:1 into an empty cache dir (download, verify, publish)
-  skopeo-pull     skopeo copy docker://HOST/... oci:DIR        (download into an OCI layout)
-  pull+create     vzpkg pull into an empty cache dir, then vzctl create (VE ready to start)
-  create-cache    vzpkg create-cache NAME into an empty cache dir (from the mirror), then vzctl create
+  skopeo-push       skopeo copy oci:LAYOUT docker://HOST/...  (LAYOUT: the same archive as its one layer and the
+                    same config, prepared untimed)
+  vzpkg-push-first  vzpkg push NAME REF, first push from this cache dir (the tar's diff_id hashed meanwhile)
+  vzpkg-push        vzpkg push NAME REF, diff_id remembered (what skopeo's prepared layout also has)
+  vzpkg-push-again  the same push again (nothing to upload: HEADs and the manifest)
+  skopeo-pull       skopeo copy docker://REF oci:DIR
+  vzpkg-pull        vzpkg pull REF into an empty cache dir (download, verify every digest, publish)
+  vzpkg-pull-again  the same pull again (the cache has the digest: nothing downloaded)
+  pull+create       vzpkg pull into an empty cache dir, then vzctl create
+  create-cache+create  vzpkg create-cache NAME into an empty cache dir (from the mirror), then vzctl create
 
-Ratios: vzpkg-push / skopeo-push and vzpkg-pull / skopeo-pull (target ≤ 1.0), pull+create / create-cache.
+Each push case gets its own registry with empty storage. Ratios: vzpkg-push / skopeo-push and vzpkg-pull /
+skopeo-pull (target ≤ 1.0), vzpkg-push-first / skopeo-push, pull+create / create-cache+create.
 Needs root (vzctl create), docker-registry and skopeo (`make setup`), the debian-12-x86_64 cache (built into
 --cache-dir if absent) and, for create-cache, the mirror. Medians over --runs (default 1).
 """
@@ -22,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -47,13 +52,21 @@ VZPKG = [sys.executable, "-m", "vzpkg.cli.vzpkg"]
 VZCTL = [sys.executable, "-m", "vzpkg.cli.vzctl"]
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+CPU: dict[str, float] = {}  # the client's own CPU seconds (user + sys) per case, summed over runs
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None, label: str | None = None) -> float:
+    """Wall seconds of CMD; its CPU seconds go to CPU[label] (a figure that load on the machine changes less)."""
     subprocess.run(["sync"], check=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     p = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, cwd=REPO_DIR)
     elapsed = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr[-2000:]}")
+    if label:
+        CPU[label] = CPU.get(label, 0.0) + (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return elapsed
 
 
@@ -76,33 +89,52 @@ def oci_layout(cache_dir: Path, name: str, dest: Path) -> None:
         "annotations": {"org.opencontainers.image.ref.name": "1"}}]}))
 
 
-def one_run(base: Path, cache_dir: Path, name: str, with_create: bool) -> dict[str, float]:
+def fresh_registry(base: Path, label: str) -> Registry:
+    return Registry(base / f"reg-{label}").start()
+
+
+def one_run(base: Path, shared: Path, name: str, with_create: bool) -> dict[str, float]:
+    """Every push goes to a registry of its own (empty storage), so no case finds another's blobs."""
     r: dict[str, float] = {}
-    reg = Registry(base / "reg").start()
+    src = base / "src"  # the cache hard-linked in, so the remembered diff_id (<cache_dir>/.registry) is ours
+    src.mkdir()
+    os.link(shared / f"{name}.tar.zst", src / f"{name}.tar.zst")
+    shutil.copy(shared / f"{name}.json", src / f"{name}.json")
+    layout = base / "layout"
+    oci_layout(src, name, layout)
+    registries = []
     try:
-        ref = f"{reg.host}/bench/{name}:1"
-        r["vzpkg-push"] = timed([*VZPKG, "push", name, ref, "--cache-dir", str(cache_dir), "-q"])
-        r["vzpkg-push-again"] = timed([*VZPKG, "push", name, ref, "--cache-dir", str(cache_dir), "-q"])
-        layout = base / "layout"
-        oci_layout(cache_dir, name, layout)
+        reg = fresh_registry(base, "skopeo")
+        registries.append(reg)
         r["skopeo-push"] = timed(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:1",
-                                  f"docker://{reg.host}/skopeo/{name}:1"])
-        r["vzpkg-pull"] = timed([*VZPKG, "pull", ref, "--cache-dir", str(base / "pulled"), "-q"])
+                                  f"docker://{reg.host}/bench/{name}:1"], label="skopeo-push")
+        reg = fresh_registry(base, "cold")
+        registries.append(reg)
+        # first push from this cache directory: the tar's digest is hashed while the layer uploads
+        r["vzpkg-push-first"] = timed([*VZPKG, "push", name, f"{reg.host}/bench/{name}:1", "--cache-dir", str(src), "-q"], label="vzpkg-push-first")
+        reg = fresh_registry(base, "warm")
+        registries.append(reg)
+        ref = f"{reg.host}/bench/{name}:1"
+        r["vzpkg-push"] = timed([*VZPKG, "push", name, ref, "--cache-dir", str(src), "-q"], label="vzpkg-push")
+        r["vzpkg-push-again"] = timed([*VZPKG, "push", name, ref, "--cache-dir", str(src), "-q"], label="vzpkg-push-again")
         r["skopeo-pull"] = timed(["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}",
-                                  f"oci:{base / 'skopeo-pulled'}:1"])
+                                  f"oci:{base / 'skopeo-pulled'}:1"], label="skopeo-pull")
+        r["vzpkg-pull"] = timed([*VZPKG, "pull", ref, "--cache-dir", str(base / "pulled"), "-q"], label="vzpkg-pull")
+        r["vzpkg-pull-again"] = timed([*VZPKG, "pull", ref, "--cache-dir", str(base / "pulled"), "-q"], label="vzpkg-pull-again")
         if with_create:
             vz_root = base / "vz"
-            env = {"VZ_ROOT": str(vz_root), "VZPKG_CACHE_DIR": str(base / "pc")}
             veid = f"bench{os.getpid()}"
+            env = {"VZ_ROOT": str(vz_root), "VZPKG_CACHE_DIR": str(base / "pc")}
             r["pull+create"] = timed([*VZPKG, "pull", ref, "--cache-dir", str(base / "pc"), "-q"]) + \
                 timed([*VZCTL, "create", veid, "--ostemplate", name], env)
             subprocess.run([*VZCTL, "destroy", veid, "--force"], env={**os.environ, **env}, capture_output=True)
             env = {"VZ_ROOT": str(vz_root), "VZPKG_CACHE_DIR": str(base / "cc")}
-            r["create-cache"] = timed([*VZPKG, "create-cache", name, "--cache-dir", str(base / "cc"), "-q"]) + \
+            r["create-cache+create"] = timed([*VZPKG, "create-cache", name, "--cache-dir", str(base / "cc"), "-q"]) + \
                 timed([*VZCTL, "create", veid, "--ostemplate", name], env)
             subprocess.run([*VZCTL, "destroy", veid, "--force"], env={**os.environ, **env}, capture_output=True)
     finally:
-        reg.stop()
+        for reg in registries:
+            reg.stop()
     return r
 
 
@@ -131,18 +163,24 @@ def main() -> int:
     size = (args.cache_dir / f"{name}.tar.zst").stat().st_size
     ratios = {"vzpkg-push / skopeo-push": med["vzpkg-push"] / med["skopeo-push"],
               "vzpkg-pull / skopeo-pull": med["vzpkg-pull"] / med["skopeo-pull"]}
-    if "create-cache" in med:
-        ratios["pull+create / create-cache+create"] = med["pull+create"] / med["create-cache"]
+    ratios["vzpkg-push-first / skopeo-push"] = med["vzpkg-push-first"] / med["skopeo-push"]
+    if "create-cache+create" in med:
+        ratios["pull+create / create-cache+create"] = med["pull+create"] / med["create-cache+create"]
     if args.json:
-        print(json.dumps({"runs": runs, "median": med, "ratios": ratios, "archive_bytes": size}, indent=2))
+        print(json.dumps({"runs": runs, "median": med, "ratios": ratios, "archive_bytes": size,
+                          "client_cpu_mean": {k: v / len(runs) for k, v in CPU.items()},
+                          "loadavg": os.getloadavg()}, indent=2))
         return 0
-    print(f"{name}: archive {size / 1e6:.1f} MB, median of {len(runs)} run(s)")
-    print(f"{'case':<20} {'seconds':>8} {'MB/s':>8}")
+    print(f"{name}: archive {size / 1e6:.1f} MB, median of {len(runs)} run(s), load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'case':<22} {'seconds':>8} {'MB/s':>8} {'client CPU s':>13}")
     for k, v in med.items():
-        rate = f"{size / 1e6 / v:8.0f}" if "push" in k or "pull" == k.split("-")[-1] else f"{'':>8}"
-        print(f"{k:<20} {v:8.2f} {rate}")
+        moved = k in ("skopeo-push", "vzpkg-push-first", "vzpkg-push", "skopeo-pull", "vzpkg-pull")
+        rate = f"{size / 1e6 / v:8.0f}" if moved else f"{'':>8}"
+        cpu = f"{CPU[k] / len(runs):13.2f}" if k in CPU else ""
+        print(f"{k:<22} {v:8.2f} {rate} {cpu}")
     for k, v in ratios.items():
-        target = "≤ 1.0" if "skopeo" in k else ""
+        target = "≤ 1.0" if k in ("vzpkg-push / skopeo-push", "vzpkg-pull / skopeo-pull") else ""
         verdict = ("PASS" if v <= 1.0 else "FAIL") if target else ""
         print(f"{k:<36} {v:6.2f} {target:>6} {verdict}")
     return 0
