@@ -106,6 +106,20 @@ def test_push_pull_roundtrip_and_dedup(plain_registry, tmp_path):
     ok(vzpkg("verify-cache", NAME, "--cache-dir", str(dst)))
     assert [p.name for p in dst.iterdir() if p.name.startswith(".tmp-")] == []
 
+    # By digest; a digest the repository does not have is "not found".
+    by_digest = f"{plain_registry.host}/templates/{NAME}@{pushed['digest']}"
+    ok(vzpkg("pull", by_digest, "--cache-dir", str(tmp_path / "d2")))
+    assert (tmp_path / "d2" / f"{NAME}.tar.zst").read_bytes() == (src / f"{NAME}.tar.zst").read_bytes()
+    one_error_line(vzpkg("pull", f"{plain_registry.host}/templates/{NAME}@sha256:{'0' * 64}", "--cache-dir",
+                         str(tmp_path / "d3")), 42, "not found")
+    # A temporary file a killed pull left behind is removed by the next pull that downloads.
+    leftover = dst / f".tmp-{NAME}-pull-999999"
+    leftover.write_bytes(b"partial")
+    (dst / f"{NAME}.json").write_text(json.dumps({**got, "sha256": "0" * 64}))  # so the next pull downloads
+    ok(vzpkg("pull", ref, "--cache-dir", str(dst)))
+    assert not leftover.exists()
+    assert json.loads((dst / f"{NAME}.json").read_text())["sha256"] == manifest["sha256"]
+
     # A second push uploads no blob again (HEAD finds both); only the manifest is put.
     again = json.loads(ok(vzpkg("push", NAME, ref, "--cache-dir", str(src), "--json")).stdout)
     assert (again["blobs_uploaded"], again["blobs_skipped"], again["digest"]) == (0, 2, pushed["digest"])

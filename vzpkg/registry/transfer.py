@@ -193,6 +193,9 @@ def pull_cache(store: CacheStore, ref: Reference, conn: Connection, *, lock_dir:
             up_to_date = True
         else:
             up_to_date = False
+            # With the lock held no other pull of TARGET runs: a temporary file of one is left by a killed pull.
+            for stale in store.root.glob(f"{store.temp_path(target, 'pull').name.rsplit('-', 1)[0]}-*"):
+                stale.unlink(missing_ok=True)
             tmp = store.temp_path(target, "pull")
             try:
                 client.download_blob(image.layer_digest, image.layer_size, tmp,
