@@ -141,8 +141,8 @@ class RegistryClient:
                 raise RegistryError(f"{self.ref.host} does not answer like an OCI registry at /v2/ "
                                     f"({_registry_message(r)}){hint}")
             return
-        raise RegistryUnreachableError(f"cannot talk to registry {self.ref.host} over https or http ({last}); "
-                                       "check the address, or pass --insecure for a plain-HTTP registry")
+        raise RegistryTLSError(f"registry {self.ref.host} does not speak TLS ({str(last)[:120]}): pass --insecure "
+                               "if it is a plain-HTTP registry")
 
     def _tls_error(self, e: Exception) -> RegistryTLSError:
         reason = str(e.__context__ or e)
