@@ -18,24 +18,28 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 import zstandard
 from conftest import PROJECT, VZPKG, run_vzpkg
 from registry_server import REGISTRY_BIN, Registry
 
 from vzpkg.cache import CacheStore
+from vzpkg.registry.delta import compress_like_pack
 
 pytestmark = pytest.mark.skipif(not Path(REGISTRY_BIN).exists(), reason="docker-registry is not installed (make setup)")
 
 NAME = "debian-12-x86_64"
 
 
-def make_cache(cache_dir: Path, name: str = NAME, *, noise: int = 4096, seed: str = "a") -> dict:
-    """A small real cache (tar+zstd of a few files, one of NOISE random bytes) published through CacheStore."""
+def make_cache(cache_dir: Path, name: str = NAME, *, noise: int = 4096, seed: str = "a", like_pack: bool = False,
+               extra: bytes = b"") -> dict:
+    """A small real cache (tar+zstd of a few files, one of NOISE random bytes) published through CacheStore.
+    LIKE_PACK: compressed with archive.pack's parameters (as a delta pull rebuilds it)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         files = {"etc/os-release": f"ID=debian\nVERSION_ID=12\nSEED={seed}\n".encode(),
                  "usr/bin/hello": b"#!/bin/sh\necho hello\n",
-                 "var/lib/noise": hashlib.shake_256(seed.encode()).digest(noise)}
+                 "var/lib/noise": hashlib.shake_256(seed.encode()).digest(noise), "var/lib/extra": extra}
         for d in ("etc", "usr", "usr/bin", "var", "var/lib"):
             info = tarfile.TarInfo(d)
             info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1700000000
@@ -44,14 +48,21 @@ def make_cache(cache_dir: Path, name: str = NAME, *, noise: int = 4096, seed: st
             info = tarfile.TarInfo(path)
             info.size, info.mode, info.mtime = len(data), 0o755 if "bin" in path else 0o644, 1700000000
             tar.addfile(info, io.BytesIO(data))
-    packed = zstandard.ZstdCompressor(level=1).compress(buf.getvalue())
     store = CacheStore(cache_dir)
     tmp = store.temp_path(name, "test")
-    tmp.write_bytes(packed)
+    if like_pack:
+        tar = store.temp_path(name, "tar")
+        tar.write_bytes(buf.getvalue())
+        compress_like_pack(tar, tmp, 3)
+        tar.unlink()
+        packed = tmp.read_bytes()
+    else:
+        packed = zstandard.ZstdCompressor(level=1).compress(buf.getvalue())
+        tmp.write_bytes(packed)
     manifest = {"name": name, "archive": f"{name}.tar.zst", "sha256": hashlib.sha256(packed).hexdigest(),
                 "packed_size": len(packed), "unpacked_size": len(buf.getvalue()), "created": "2026-11-30T00:00:00+00:00",
                 "distribution": "debian", "release": "12", "architecture": "x86_64", "package_count": 0,
-                "packages": [], "seed": seed}
+                "packages": [], "seed": seed, "compression_level": 3}
     store.publish(name, tmp, manifest)
     return manifest
 
@@ -147,6 +158,40 @@ def test_push_all_and_pull_with_name(plain_registry, tmp_path):
     info = json.loads(ok(vzpkg("info", "mine-13-x86_64", "--json", "--cache-dir", str(dst))).stdout)
     assert info["cache"]["seed"] == "c" and info["cache"]["pulled_from"].endswith("/fleet/debian-13-x86_64:v1")
     assert "Pulled from:" in ok(vzpkg("info", "mine-13-x86_64", "--cache-dir", str(dst))).stdout
+
+
+def test_delta_from_previous_generation(plain_registry, tmp_path):
+    """push --delta stores a patch from the previous generation; a puller that has it downloads only the patch
+    and rebuilds the identical archive; a broken patch falls back to the whole layer."""
+    from vzpkg.update import save_generation
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    old = make_cache(src, noise=3 << 20, seed="gen", like_pack=True)
+    store = CacheStore(src)
+    save_generation(store, NAME)
+    new = make_cache(src, noise=3 << 20, seed="gen", like_pack=True, extra=b"a changed package\n" * 100)
+    assert new["sha256"] != old["sha256"]
+    make_cache(dst, noise=3 << 20, seed="gen", like_pack=True)  # the puller has the old generation
+    ref = f"{plain_registry.host}/delta/{NAME}:2"
+    pushed = json.loads(ok(vzpkg("push", NAME, ref, "--delta", "--cache-dir", str(src), "--json")).stdout)
+    assert pushed["delta"]["from_sha256"] == old["sha256"] and pushed["delta"]["tag"] == "2.delta"
+    assert pushed["delta"]["patch_bytes"] < new["packed_size"] / 20
+    pulled = json.loads(ok(vzpkg("pull", ref, "--cache-dir", str(dst), "--json")).stdout)
+    assert pulled["delta"] and pulled["bytes_downloaded"] < new["packed_size"] / 20
+    assert (dst / f"{NAME}.tar.zst").read_bytes() == (src / f"{NAME}.tar.zst").read_bytes()
+    assert json.loads((dst / f"{NAME}.json").read_text())["sha256"] == new["sha256"]
+    assert [p.name for p in dst.iterdir() if p.name.startswith(".tmp-")] == []
+
+    # A corrupt patch blob: the delta is refused (digest), the whole layer comes instead, the result is the same.
+    dst2 = tmp_path / "dst2"
+    make_cache(dst2, noise=3 << 20, seed="gen", like_pack=True)
+    patch_layer = requests.get(f"http://{plain_registry.host}/v2/delta/{NAME}/manifests/2.delta", timeout=10,
+                               headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()["layers"][0]["digest"]
+    blob = plain_registry.blob_file(patch_layer)
+    blob.write_bytes(blob.read_bytes()[::-1])
+    proc = ok(vzpkg("pull", ref, "--cache-dir", str(dst2)))
+    assert "delta not used" in proc.stderr
+    assert (dst2 / f"{NAME}.tar.zst").read_bytes() == (src / f"{NAME}.tar.zst").read_bytes()
 
 
 def test_tampered_blob_is_refused_and_nothing_published(plain_registry, tmp_path):

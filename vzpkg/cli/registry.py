@@ -110,13 +110,16 @@ def register(group: click.Group) -> None:
     @click.argument("args", nargs=-1, required=True, metavar="[NAME] REF")
     @click.option("--all", "push_all", is_flag=True,
                   help="Push every cache: REF is HOST/PATH[:TAG] and each cache goes to HOST/PATH/NAME:TAG.")
+    @click.option("--delta", is_flag=True,
+                  help="Also push a patch from the newest earlier generation (kept by update-cache), tagged TAG.delta: "
+                       "a puller that has that generation downloads only the patch.")
     @_insecure
     @_ca_file
     @_quiet
     @_cache_dir
     @_json
     @handle_errors("vzpkg")
-    def push(args: tuple[str, ...], push_all: bool, insecure: bool, ca_file: str | None, quiet: bool,
+    def push(args: tuple[str, ...], push_all: bool, delta: bool, insecure: bool, ca_file: str | None, quiet: bool,
              cache_dir: str | None, as_json: bool) -> None:
         """Upload cache NAME to the registry as the OCI image REF (HOST[:PORT]/PATH/NAME[:TAG], tag default
         `latest`). Blobs the registry already has are not uploaded again."""
@@ -137,13 +140,15 @@ def register(group: click.Group) -> None:
         results: list[dict[str, Any]] = []
         with signals_raise():
             for cache_name, cache_ref in jobs:
-                r = push_cache(store, str(cache_name), cache_ref, Connection(insecure, ca_file), bar)
+                r = push_cache(store, str(cache_name), cache_ref, Connection(insecure, ca_file), bar, delta=delta)
                 bar.end()
                 results.append(r)
                 if not as_json and not quiet:
                     click.echo(f"pushed {r['name']} to {r['reference']} ({r['digest'][:19]}...): "
                                f"{r['blobs_uploaded']} blobs uploaded ({human_size(r['bytes_uploaded'])}), "
-                               f"{r['blobs_skipped']} already there, {r['seconds']:.1f} s")
+                               f"{r['blobs_skipped']} already there, {r['seconds']:.1f} s"
+                               + (f"; patch from {r['delta']['from_sha256'][:12]}... ({human_size(r['delta']['patch_bytes'])}) "
+                                  f"as {r['delta']['tag']}" if r.get("delta") else ""))
         if as_json:
             print_json(results if push_all else results[0])
 
@@ -152,13 +157,14 @@ def register(group: click.Group) -> None:
     @click.option("--name", help="Cache name to publish as (default: the template name the image was pushed as).")
     @click.option("--timeout", type=float, default=600, show_default=True,
                   help="Seconds to wait for the template's lock.")
+    @click.option("--no-delta", is_flag=True, help="Download the whole layer even if a patch from the local cache exists.")
     @_insecure
     @_ca_file
     @_quiet
     @_cache_dir
     @_json
     @handle_errors("vzpkg")
-    def pull(ref: str, name: str | None, timeout: float, insecure: bool, ca_file: str | None, quiet: bool,
+    def pull(ref: str, name: str | None, timeout: float, no_delta: bool, insecure: bool, ca_file: str | None, quiet: bool,
              cache_dir: str | None, as_json: bool) -> None:
         """Download the cache image REF, verify every digest and the archive against its manifest, and publish
         it into the cache directory atomically (a failed pull leaves the previous cache in place)."""
@@ -172,7 +178,8 @@ def register(group: click.Group) -> None:
         with signals_raise():
             try:
                 r = pull_cache(store, parse_reference(ref), Connection(insecure, ca_file), lock_dir=settings.lock_dir,
-                               name=name, lock_timeout=timeout, progress=bar)
+                               name=name, lock_timeout=timeout, progress=bar, delta=not no_delta,
+                               note=lambda m: None if quiet or as_json else click.echo(m, err=True))
             finally:
                 bar.end()
         if as_json:
@@ -181,5 +188,6 @@ def register(group: click.Group) -> None:
             if r["up_to_date"]:
                 click.echo(f"{r['name']}: already has {r['layer'][:19]}... from {r['reference']}; nothing downloaded")
             else:
+                how = "patched from the local cache, " if r.get("delta") else ""
                 click.echo(f"pulled {r['reference']} into {store.archive_path(r['name'])} "
-                           f"({human_size(r['bytes_downloaded'])}, {r['seconds']:.1f} s)")
+                           f"({how}{human_size(r['bytes_downloaded'])} downloaded, {r['seconds']:.1f} s)")

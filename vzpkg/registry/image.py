@@ -79,7 +79,8 @@ def annotations(manifest: dict[str, Any], tag: str) -> dict[str, str]:
     return {k: v for k, v in ann.items() if v}
 
 
-def build_manifest(config: bytes, layer: LayerDigests, manifest: dict[str, Any], tag: str) -> bytes:
+def build_manifest(config: bytes, layer: LayerDigests, manifest: dict[str, Any], tag: str,
+                   extra_annotations: dict[str, str] | None = None) -> bytes:
     return _canonical({
         "schemaVersion": 2,
         "mediaType": MANIFEST_MEDIA_TYPE,
@@ -87,7 +88,7 @@ def build_manifest(config: bytes, layer: LayerDigests, manifest: dict[str, Any],
                    "size": len(config)},
         "layers": [{"mediaType": LAYER_MEDIA_TYPE, "digest": layer.digest, "size": layer.size,
                     "annotations": {"org.opencontainers.image.title": str(manifest.get("archive", ""))}}],
-        "annotations": annotations(manifest, tag),
+        "annotations": {**annotations(manifest, tag), **(extra_annotations or {})},
     })
 
 

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -24,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import CacheStore
-from ..errors import RegistryError, UsageError, VerifyError
+from ..errors import RegistryError, UsageError, VerifyError, VzError
 from ..lock import locked
 from .client import Progress, RegistryClient
+from .delta import ANNOTATION_FROM, ANNOTATION_TAG, PATCH_CONFIG_MEDIA_TYPE, PATCH_MEDIA_TYPE, apply_patch, make_patch
 from .image import (
     CONFIG_KEY,
     MANIFEST_MEDIA_TYPE,
+    ImageManifest,
     LayerDigests,
     build_config,
     build_manifest,
@@ -101,7 +104,7 @@ class _Hasher(threading.Thread):
 
 
 def push_cache(store: CacheStore, name: str, ref: Reference, conn: Connection,
-               progress: Callable[[str], Progress | None] | None = None) -> dict[str, Any]:
+               progress: Callable[[str], Progress | None] | None = None, delta: bool = False) -> dict[str, Any]:
     """Upload cache NAME as the image REF (tag default `latest`). Returns what was done.
 
     The layer digest is the manifest's sha256 (the registry checks uploaded bytes against it); the tar's digest
@@ -142,8 +145,14 @@ def push_cache(store: CacheStore, name: str, ref: Reference, conn: Connection,
             remember_diff_id(store, sha, diff_id)
     assert diff_id is not None
     layer = LayerDigests(layer_digest, size, diff_id)
+    extra: dict[str, str] = {}
+    delta_info: dict[str, Any] | None = None
+    if delta:
+        delta_info = _push_delta(store, name, sha, client, tag)
+        if delta_info:
+            extra = {ANNOTATION_FROM: delta_info["from_sha256"], ANNOTATION_TAG: delta_info["tag"]}
     config = build_config(manifest, layer)
-    image = build_manifest(config, layer, manifest, tag)
+    image = build_manifest(config, layer, manifest, tag, extra)
     config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
     if client.blob_exists(config_digest):
         skipped += 1
@@ -152,7 +161,82 @@ def push_cache(store: CacheStore, name: str, ref: Reference, conn: Connection,
     digest = client.put_manifest(tag, image, MANIFEST_MEDIA_TYPE)
     return {"name": name, "reference": str(ref.with_tag(tag)), "digest": digest, "layer": layer.digest,
             "blobs_uploaded": client.stats["blobs_uploaded"], "blobs_skipped": skipped,
-            "bytes_uploaded": client.stats["bytes_uploaded"], "seconds": round(time.monotonic() - started, 3)}
+            "bytes_uploaded": client.stats["bytes_uploaded"], "delta": delta_info,
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def _push_delta(store: CacheStore, name: str, sha: str, client: RegistryClient, tag: str) -> dict[str, Any] | None:
+    """Patch from the newest earlier generation of NAME to the cache, pushed as the artifact TAG.delta."""
+    from ..update import list_generations
+
+    previous = next((g for g in list_generations(store, name) if g.get("sha256") and g["sha256"] != sha), None)
+    if previous is None:
+        return None
+    work = store.temp_path(name, "delta")
+    try:
+        patch = make_patch(Path(previous["archive"]), str(previous["sha256"]), store.archive_path(name), sha, work)
+        patch_size = patch.path.stat().st_size
+        patch_digest = "sha256:" + _sha256_file(patch.path)
+        if not client.blob_exists(patch_digest):
+            with patch.path.open("rb") as f:
+                client.upload_blob(patch_digest, patch_size, f)
+        config = patch.config()
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        if not client.blob_exists(config_digest):
+            client.upload_blob(config_digest, len(config), io.BytesIO(config))
+        artifact = json.dumps({
+            "schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
+            "config": {"mediaType": PATCH_CONFIG_MEDIA_TYPE, "digest": config_digest, "size": len(config)},
+            "layers": [{"mediaType": PATCH_MEDIA_TYPE, "digest": patch_digest, "size": patch_size}],
+            "annotations": {ANNOTATION_FROM: patch.from_sha256, "io.vzpkg.delta.to-sha256": sha},
+        }, sort_keys=True, separators=(",", ":")).encode()
+        delta_tag = f"{tag[:120]}.delta"
+        client.put_manifest(delta_tag, artifact, MANIFEST_MEDIA_TYPE)
+        return {"from_sha256": patch.from_sha256, "tag": delta_tag, "patch_bytes": patch_size}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pull_delta(client: RegistryClient, store: CacheStore, target: str, image: ImageManifest, manifest: dict[str, Any],
+                tmp: Path, note: Callable[[str], None]) -> bool:
+    """Rebuild the layer into TMP from the local cache and a patch; False (after a note) when that cannot be done."""
+    local = store.manifest_or_none(target)
+    wanted_from, delta_tag = image.annotations.get(ANNOTATION_FROM), image.annotations.get(ANNOTATION_TAG)
+    if not (local and wanted_from and delta_tag and local.get("sha256") == wanted_from):
+        return False
+    work = store.temp_path(target, "delta")
+    try:
+        body, _, _ = client.get_manifest(delta_tag)
+        art = json.loads(body)
+        layer, cfg = art["layers"][0], art["config"]
+        if layer.get("mediaType") != PATCH_MEDIA_TYPE or cfg.get("mediaType") != PATCH_CONFIG_MEDIA_TYPE:
+            raise VerifyError(f"{delta_tag} is not a vzpkg patch")
+        info = json.loads(client.get_small_blob(str(cfg["digest"]), int(cfg["size"])))
+        if info.get("from_sha256") != wanted_from or f"sha256:{info.get('to_sha256')}" != image.layer_digest:
+            raise VerifyError(f"{delta_tag} patches {str(info.get('from_sha256'))[:12]} to "
+                              f"{str(info.get('to_sha256'))[:12]}, not this cache to this image")
+        work.mkdir(parents=True, exist_ok=True)
+        patch = work / "patch.zst"
+        client.download_blob(str(layer["digest"]), int(layer["size"]), patch)
+        got = apply_patch(store.archive_path(target), patch, int(info["window_log"]),
+                          int(manifest.get("compression_level") or 6), tmp, work)
+        if f"sha256:{got}" != image.layer_digest:
+            raise VerifyError("the archive rebuilt from the patch differs from the layer (another zstd?)")
+        return True
+    except (VzError, OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        note(f"{target}: delta not used ({e}); downloading the whole layer")
+        tmp.unlink(missing_ok=True)
+        return False
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _check_name(name: str) -> str:
@@ -172,7 +256,7 @@ def _up_to_date(store: CacheStore, name: str, layer_digest: str, layer_size: int
 
 def pull_cache(store: CacheStore, ref: Reference, conn: Connection, *, lock_dir: Path, name: str | None = None,
                lock_timeout: float = 600, progress: Callable[[str], Progress | None] | None = None,
-               ) -> dict[str, Any]:
+               delta: bool = True, note: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
     """Download image REF into the cache store (as NAME, default: the template name it was pushed as)."""
     started = time.monotonic()
     client = conn.client(ref)
@@ -183,7 +267,7 @@ def pull_cache(store: CacheStore, ref: Reference, conn: Connection, *, lock_dir:
     # Before fetching anything else: the name asked for, or the name the image was pushed as.
     guess = name or image.annotations.get("org.opencontainers.image.title") or ref.name
     if _up_to_date(store, _check_name(guess), image.layer_digest, image.layer_size):
-        return {**result, "name": guess, "up_to_date": True, "bytes_downloaded": 0, "blobs_downloaded": 0,
+        return {**result, "name": guess, "up_to_date": True, "delta": False, "bytes_downloaded": 0, "blobs_downloaded": 0,
                 "seconds": round(time.monotonic() - started, 3)}
     config = client.get_small_blob(image.config_digest, image.config_size)
     manifest = cache_manifest_from_config(config, image, str(ref))
@@ -194,12 +278,15 @@ def pull_cache(store: CacheStore, ref: Reference, conn: Connection, *, lock_dir:
         else:
             up_to_date = False
             # With the lock held no other pull of TARGET runs: a temporary file of one is left by a killed pull.
-            for stale in store.root.glob(f"{store.temp_path(target, 'pull').name.rsplit('-', 1)[0]}-*"):
-                stale.unlink(missing_ok=True)
+            for what in ("pull", "delta"):
+                for stale in store.root.glob(f"{store.temp_path(target, what).name.rsplit('-', 1)[0]}-*"):
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
             tmp = store.temp_path(target, "pull")
             try:
-                client.download_blob(image.layer_digest, image.layer_size, tmp,
-                                     progress(f"{target}: download") if progress else None)
+                used_delta = delta and _pull_delta(client, store, target, image, manifest, tmp, note)
+                if not used_delta:
+                    client.download_blob(image.layer_digest, image.layer_size, tmp,
+                                         progress(f"{target}: download") if progress else None)
                 manifest = {**manifest, "name": target, "archive": store.archive_path(target).name,
                             "pulled_from": str(ref), "image_digest": digest}
                 store.publish(target, tmp, manifest)
@@ -208,7 +295,10 @@ def pull_cache(store: CacheStore, ref: Reference, conn: Connection, *, lock_dir:
                     remember_diff_id(store, str(manifest["sha256"]), diff_ids[0])
             finally:
                 tmp.unlink(missing_ok=True)
-    return {**result, "name": target, "up_to_date": up_to_date, "bytes_downloaded": client.stats["bytes_downloaded"],
+        if up_to_date:
+            used_delta = False
+    return {**result, "name": target, "up_to_date": up_to_date, "delta": used_delta,
+            "bytes_downloaded": client.stats["bytes_downloaded"],
             "blobs_downloaded": client.stats["blobs_downloaded"], "seconds": round(time.monotonic() - started, 3)}
 
 
