@@ -145,12 +145,82 @@ def one_run(base: Path, shared: Path, name: str, with_create: bool) -> dict[str,
     return r
 
 
+def next_generation(shared: Path, name: str, dest: Path) -> dict[str, int]:
+    """DEST: a cache dir whose NAME has the shared cache as generation 1 and, as the current cache, the same root
+    with one package's worth of change (one file rewritten, 2 MB of new files), packed as archive.pack packs."""
+    import io
+    import tarfile
+
+    from vzpkg.cache import CacheStore
+    from vzpkg.registry.delta import compress_like_pack, decompress
+    from vzpkg.update import save_generation
+
+    dest.mkdir()
+    os.link(shared / f"{name}.tar.zst", dest / f"{name}.tar.zst")
+    shutil.copy(shared / f"{name}.json", dest / f"{name}.json")
+    store = CacheStore(dest)
+    save_generation(store, name)
+    manifest = json.loads((dest / f"{name}.json").read_text())
+    old_tar, new_tar = dest / "old.tar", dest / "new.tar"
+    decompress(shared / f"{name}.tar.zst", old_tar)
+    with tarfile.open(old_tar) as src, tarfile.open(new_tar, "w", format=tarfile.PAX_FORMAT) as out:
+        for member in src:
+            data = src.extractfile(member).read() if member.isfile() else None
+            if member.name.endswith("etc/os-release") and data is not None:
+                data += b"BENCH_UPDATE=1\n"
+                member.size = len(data)
+            out.addfile(member, io.BytesIO(data) if data is not None else None)
+        for i in range(4):
+            info = tarfile.TarInfo(f"./usr/share/bench-update/file{i}")
+            blob = hashlib.shake_256(f"bench{i}".encode()).digest(512 << 10)
+            info.size, info.mtime = len(blob), 1700000000
+            out.addfile(info, io.BytesIO(blob))
+    tmp = store.temp_path(name, "bench")
+    sha = compress_like_pack(new_tar, tmp, int(manifest.get("compression_level") or 6))
+    old_tar.unlink()
+    new_tar.unlink()
+    store.publish(name, tmp, {**manifest, "sha256": sha, "packed_size": tmp.stat().st_size})
+    return {"packed_size": store.archive_path(name).stat().st_size}
+
+
+def delta_run(base: Path, shared: Path, name: str) -> dict[str, float]:
+    r: dict[str, float] = {}
+    gen = next_generation(shared, name, base / "gen")
+    reg = fresh_registry(base, "delta")
+    try:
+        ref = f"{reg.host}/bench/{name}:2"
+        p = subprocess.run([*VZPKG, "push", name, ref, "--delta", "--cache-dir", str(base / "gen"), "--json"],
+                           env=_env(None), capture_output=True, text=True, cwd=REPO_DIR, check=True)
+        r["delta-patch-bytes"] = json.loads(p.stdout)["delta"]["patch_bytes"]
+        r["delta-layer-bytes"] = gen["packed_size"]
+        have_old = base / "have-old"
+        have_old.mkdir()
+        os.link(shared / f"{name}.tar.zst", have_old / f"{name}.tar.zst")
+        shutil.copy(shared / f"{name}.json", have_old / f"{name}.json")
+        start = time.monotonic()
+        p = subprocess.run([*VZPKG, "pull", ref, "--cache-dir", str(have_old), "--json"], env=_env(None),
+                           capture_output=True, text=True, cwd=REPO_DIR, check=True)
+        r["delta-pull-seconds"] = time.monotonic() - start
+        out = json.loads(p.stdout)
+        assert out["delta"], p.stderr
+        r["delta-pull-bytes"] = out["bytes_downloaded"]
+        start = time.monotonic()
+        p = subprocess.run([*VZPKG, "pull", ref, "--cache-dir", str(base / "empty"), "--json"], env=_env(None),
+                           capture_output=True, text=True, cwd=REPO_DIR, check=True)
+        r["full-pull-seconds"] = time.monotonic() - start
+        r["full-pull-bytes"] = json.loads(p.stdout)["bytes_downloaded"]
+    finally:
+        reg.stop()
+    return r
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=Path("/var/tmp/vzpkg-test-cache"))
     parser.add_argument("--template", default="debian-12-x86_64")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--no-create", action="store_true", help="skip pull+create and create-cache")
+    parser.add_argument("--no-delta", action="store_true", help="skip the delta case")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if os.geteuid() != 0 and not args.no_create:
@@ -170,6 +240,13 @@ def main() -> int:
         finally:
             shutil.rmtree(base, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    delta: dict[str, float] = {}
+    if not args.no_delta:
+        base = Path(tempfile.mkdtemp(prefix="vzpkg-bench-registry-", dir="/var/tmp"))
+        try:
+            delta = delta_run(base, args.cache_dir, name)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
     size = (args.cache_dir / f"{name}.tar.zst").stat().st_size
     ratios = {"vzpkg-push / skopeo-push": med["vzpkg-push"] / med["skopeo-push"],
               "vzpkg-pull / skopeo-pull": med["vzpkg-pull"] / med["skopeo-pull"]}
@@ -179,7 +256,7 @@ def main() -> int:
     if args.json:
         print(json.dumps({"runs": runs, "median": med, "ratios": ratios, "archive_bytes": size,
                           "client_cpu_mean": {k: v / len(runs) for k, v in CPU.items()},
-                          "loadavg": os.getloadavg()}, indent=2))
+                          "delta": delta, "loadavg": os.getloadavg()}, indent=2))
         return 0
     print(f"{name}: archive {size / 1e6:.1f} MB, median of {len(runs)} run(s), load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
@@ -189,6 +266,12 @@ def main() -> int:
         rate = f"{size / 1e6 / v:8.0f}" if moved else f"{'':>8}"
         cpu = f"{CPU[k] / len(runs):13.2f}" if k in CPU else ""
         print(f"{k:<22} {v:8.2f} {rate} {cpu}")
+    if delta:
+        print(f"next generation (1 file changed, 2 MB added): layer {delta['delta-layer-bytes'] / 1e6:.1f} MB, "
+              f"patch {delta['delta-patch-bytes'] / 1e6:.2f} MB")
+        print(f"  pull with the previous generation: {delta['delta-pull-bytes'] / 1e6:.2f} MB downloaded, "
+              f"{delta['delta-pull-seconds']:.2f} s; without: {delta['full-pull-bytes'] / 1e6:.1f} MB, "
+              f"{delta['full-pull-seconds']:.2f} s")
     for k, v in ratios.items():
         target = "≤ 1.0" if k in ("vzpkg-push / skopeo-push", "vzpkg-pull / skopeo-pull") else ""
         verdict = ("PASS" if v <= 1.0 else "FAIL") if target else ""
