@@ -73,7 +73,7 @@ class _CountingReader:
         return self.size
 
     def read(self, n: int = -1) -> bytes:
-        data = self.f.read(CHUNK if n is None or n < 0 else max(n, 1 << 16))
+        data = self.f.read(CHUNK if n is None or n < 0 else max(n, CHUNK))  # http.client sends what it gets
         self.done += len(data)
         if self.progress:
             self.progress(self.done, self.size)
