@@ -116,6 +116,9 @@ def push_cache(store: CacheStore, name: str, ref: Reference, conn: Connection,
     started = time.monotonic()
     manifest = store.read_manifest(name)
     sha = str(manifest.get("sha256", ""))
+    if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise VerifyError(f"cache {name!r}: its manifest {store.manifest_path(name)} has no valid sha256: "
+                          f"rebuild it with 'vzpkg create-cache --force {name}'")
     client = conn.client(ref)
     client.connect()
     # One open file for the upload: an update-cache that replaces the archive meanwhile does not mix two
