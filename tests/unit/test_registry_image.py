@@ -52,8 +52,8 @@ def test_template_names_are_not_references():
 
 
 def test_transport():
-    assert Transport.for_host("127.0.0.1:5000").schemes == ("https", "http")
-    assert Transport.for_host("localhost:5000").schemes == ("https", "http")
+    assert Transport.for_host("127.0.0.1:5000").schemes == ("http", "https")
+    assert Transport.for_host("localhost:5000").schemes == ("http", "https")
     assert Transport.for_host("registry.example").schemes == ("https",)  # plain HTTP only when asked
     assert Transport.for_host("registry.example", insecure=True).schemes == ("http",)
     with pytest.raises(UsageError):

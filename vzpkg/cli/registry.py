@@ -17,7 +17,7 @@ _cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False),
                           help="Where caches live (default: $VZPKG_CACHE_DIR, config file, /var/lib/vz/template/cache).")
 _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 _insecure = click.option("--insecure", is_flag=True,
-                         help="Talk plain HTTP to the registry (on 127.0.0.1 and localhost, HTTP is tried after TLS).")
+                         help="Talk plain HTTP to the registry (on 127.0.0.1 and localhost HTTP is allowed without it).")
 _ca_file = click.option("--ca-file", type=click.Path(dir_okay=False),
                         help="PEM file of the CA that signed the registry's certificate (default: the system CAs).")
 _quiet = click.option("-q", "--quiet", is_flag=True, help="No progress output.")

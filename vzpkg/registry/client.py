@@ -111,9 +111,15 @@ class RegistryClient:
     # --- connection and authentication ---------------------------------------------------------------------
 
     def connect(self) -> None:
-        """Find the scheme the registry speaks and the kind of auth it wants (GET /v2/)."""
-        last: Exception | None = None
-        for scheme in self.transport.schemes:
+        """Find the scheme the registry speaks and the kind of auth it wants (GET /v2/, no credentials sent).
+
+        On loopback, plain HTTP is asked first (no TLS set-up, ~40 ms less): a TLS registry answers it with
+        400 or drops it, and then TLS is used.
+        """
+        schemes = self.transport.schemes
+        for i, scheme in enumerate(schemes):
+            more = i + 1 < len(schemes)
+            self.scheme = scheme
             session = requests.Session()
             session.mount("https://", _TimeoutAdapter())
             session.mount("http://", _TimeoutAdapter())
@@ -122,11 +128,17 @@ class RegistryClient:
             except requests.exceptions.SSLError as e:
                 if "CERTIFICATE_VERIFY_FAILED" in str(e) or "hostname" in str(e).lower():
                     raise self._tls_error(e) from e
-                last = e  # a plain-HTTP registry on loopback: the TLS handshake fails; try the next scheme
-                continue
+                if more:
+                    continue
+                raise RegistryTLSError(f"registry {self.ref.host} does not speak TLS ({str(e)[:120]}): pass "
+                                       "--insecure if it is a plain-HTTP registry") from e
             except requests.exceptions.RequestException as e:
+                if more:
+                    continue
                 raise self._unreachable(e) from e
-            self.scheme, self.session = scheme, session
+            if more and r.status_code == 400:
+                continue  # plain HTTP sent to a TLS port
+            self.session = session
             challenge = r.headers.get("WWW-Authenticate", "") if r.status_code == 401 else ""
             self._basic = challenge.lower().startswith("basic")
             if challenge.lower().startswith("bearer"):
@@ -141,8 +153,6 @@ class RegistryClient:
                 raise RegistryError(f"{self.ref.host} does not answer like an OCI registry at /v2/ "
                                     f"({_registry_message(r)}){hint}")
             return
-        raise RegistryTLSError(f"registry {self.ref.host} does not speak TLS ({str(last)[:120]}): pass --insecure "
-                               "if it is a plain-HTTP registry")
 
     def _tls_error(self, e: Exception) -> RegistryTLSError:
         reason = str(e.__context__ or e)

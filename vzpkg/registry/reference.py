@@ -89,7 +89,8 @@ class Transport:
         verify: bool | str = ca_file or (str(SYSTEM_CA_BUNDLE) if SYSTEM_CA_BUNDLE.is_file() else True)
         if insecure:
             return cls(("http",), verify)
-        # Like docker and podman: a registry on the loopback interface may speak plain HTTP; try TLS first.
+        # Like docker and podman: a registry on the loopback interface may speak plain HTTP (asked first: it costs
+        # no TLS set-up, and a TLS registry refuses it at once).
         if is_loopback(host):
-            return cls(("https", "http"), verify)
+            return cls(("http", "https"), verify)
         return cls(("https",), verify)
