@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -299,6 +300,7 @@ class RegistryClient:
             except requests.exceptions.RequestException as e:
                 raise self._unreachable(e) from e
             out.flush()
+            os.fsync(out.fileno())  # on disk before it can be renamed over the previous cache
         self.stats["bytes_downloaded"] += done
         self.stats["blobs_downloaded"] += 1
         got = "sha256:" + h.hexdigest()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -74,6 +75,8 @@ def compress_like_pack(tar: Path, dest: Path, level: int) -> str:
         for chunk in chunker.finish():
             out.write(chunk)
             digest.update(chunk)
+        out.flush()
+        os.fsync(out.fileno())  # on disk before it can be renamed over the previous cache
     return digest.hexdigest()
 
 
