@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -156,12 +156,9 @@ class RegistryClient:
             return
 
     def _tls_error(self, e: Exception) -> RegistryTLSError:
-        reason = str(e.__context__ or e)
-        if isinstance(getattr(e, "args", [None])[0], Exception):
-            reason = str(e.args[0])
-        for inner in _chain(e):
-            if isinstance(inner, ssl.SSLCertVerificationError):
-                reason = inner.verify_message or str(inner)
+        # requests wraps urllib3's error, which wraps ssl's: the innermost says why ("unable to get local issuer").
+        reason = next((x.verify_message or str(x) for x in _chain(e) if isinstance(x, ssl.SSLCertVerificationError)),
+                      str(e))
         return RegistryTLSError(f"TLS certificate of registry {self.ref.host} not trusted ({reason[:160]}): "
                                 "give its CA with --ca-file, or use --insecure for a plain-HTTP registry")
 
@@ -320,7 +317,8 @@ def _basic(c: Credentials) -> str:
     return base64.b64encode(f"{c.username}:{c.password}".encode()).decode()
 
 
-def _chain(e: BaseException | None):  # type: ignore[no-untyped-def]
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
+    """E, the exceptions in its args, and its causes (bounded: exception graphs can be cyclic)."""
     seen = 0
     while e is not None and seen < 10:
         yield e
