@@ -8,7 +8,8 @@ DEMO_TEMPLATE ?= debian-12-x86_64
 
 APT_PACKAGES := debootstrap mmdebstrap zstd tar gnupg gpgv debian-archive-keyring arch-test \
 	uidmap iproute2 apt-utils python3-venv util-linux procps psmisc \
-	dnf rpm python3-rpm createrepo-c busybox-static gcc libc6-dev strace
+	dnf rpm python3-rpm createrepo-c busybox-static gcc libc6-dev strace \
+	docker-registry skopeo umoci openssl
 
 .PHONY: setup system-packages venv demo test lint unit integration bench clean
 
@@ -17,6 +18,9 @@ setup: system-packages venv
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 && echo "system packages: present" || { \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); }
+	@# The tests start their own docker-registry on 127.0.0.1; the package's system service must not keep running.
+	@if [ -d /run/systemd/system ] && systemctl is-enabled -q docker-registry 2>/dev/null; then \
+	  systemctl disable --now docker-registry; fi
 
 venv: $(VENV)/.installed
 

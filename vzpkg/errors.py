@@ -105,6 +105,36 @@ class NotWritableError(VzError):
     exit_code = 16
 
 
+class RegistryError(VzError):
+    """An OCI registry answered with an error, or not like a registry."""
+
+    exit_code = 40
+
+
+class RegistryAuthError(RegistryError):
+    """The registry wants credentials, or refused the ones given."""
+
+    exit_code = 41
+
+
+class RegistryNotFoundError(RegistryError):
+    """The repository, tag or blob is not in the registry."""
+
+    exit_code = 42
+
+
+class RegistryUnreachableError(RegistryError):
+    """The registry refused the connection, did not answer in time, or the host is unknown."""
+
+    exit_code = 43
+
+
+class RegistryTLSError(RegistryError):
+    """The registry's TLS certificate is not trusted (or TLS failed)."""
+
+    exit_code = 44
+
+
 class UpdatesAvailable(VzError):
     """Not a failure: `vzpkg status` found newer packages (scripts rely on the code)."""
 

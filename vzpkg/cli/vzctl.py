@@ -39,7 +39,8 @@ def _parser(only: str | None = None):
 
     c = sub.add_parser("create", parents=[common], help="create a VE from a template cache")
     c.add_argument("veid")
-    c.add_argument("--ostemplate", required=True, help="cache name, e.g. debian-12-x86_64")
+    c.add_argument("--ostemplate", required=True,
+                   help="cache name, e.g. debian-12-x86_64, or a registry reference to pull (HOST/PATH/NAME:TAG)")
     c.add_argument("--hostname")
     c.add_argument("--config", help="sample config (basic, light, unlimited)")
     c.add_argument("--layout", choices=("overlay", "copy"))
@@ -204,6 +205,10 @@ def run(argv: list[str]) -> int:
         if args.privileged:
             print("vzctl: WARNING: a --privileged VE runs as host root without a user namespace; on a stock "
                   "kernel its root can take the host over. Use it only for trusted workloads.", file=sys.stderr)
+        if "/" in args.ostemplate:  # a registry reference: pull it into the cache directory first
+            from vzpkg.registry.transfer import pull_for_create
+
+            args.ostemplate = pull_for_create(args.ostemplate, cache_dir)
         ve.create(layout, args.veid, args.ostemplate, cache_dir=cache_dir, hostname=args.hostname,
                   sample=args.config, layout_kind=args.layout, privileged=args.privileged,
                   **({"id_shift": args.id_shift} if args.id_shift is not None else {}))

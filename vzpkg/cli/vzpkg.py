@@ -104,11 +104,20 @@ def list_(cache_dir: str | None, as_json: bool) -> None:
 def info(name: str, show_packages: bool, cache_dir: str | None, as_json: bool) -> None:
     """The template's fields and its cache's manifest."""
     from ..cache import CacheStore
+    from ..errors import TemplateError
     from ..template import TemplateRepository
 
     settings = _settings(cache_dir)
-    template = TemplateRepository(settings.template_dirs).load(name)
     manifest = CacheStore(settings.cache_dir).manifest_or_none(name)
+    try:
+        template = TemplateRepository(settings.template_dirs).load(name)
+    except TemplateError:
+        if manifest is None:
+            raise
+        from .registry import print_cache_only_info  # a pulled cache whose template is not installed here
+
+        print_cache_only_info(name, manifest, show_packages, as_json)
+        return
     from ..update import list_generations
 
     generations = list_generations(CacheStore(settings.cache_dir), name)
@@ -223,9 +232,10 @@ def validate(names: tuple[str, ...], as_json: bool) -> None:
 
 
 def _register_more() -> None:
-    from . import maintenance
+    from . import maintenance, registry
 
     maintenance.register(main)
+    registry.register(main)
 
 
 _register_more()
