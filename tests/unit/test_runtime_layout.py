@@ -13,15 +13,39 @@ from vzpkg.runtime import layout as L
 from vzpkg.runtime import state
 
 
-@pytest.mark.parametrize("veid", ["101", "0", "web", "web-1.example", "a_b", "A" * 64])
+@pytest.mark.parametrize("veid", ["101", "1", "2147483647", "web", "web-1.example", "a_b", "A" * 64])
 def test_valid_veids(veid):
     assert L.check_veid(veid) == veid
 
 
-@pytest.mark.parametrize("veid", ["", "../x", "a/b", ".", "..", "-x", "1a", "x" * 65, "a b", "é"])
+@pytest.mark.parametrize("veid", ["", "../x", "a/b", ".", "..", "-x", "1a", "x" * 65, "a b", "é", "0", "00", "0101",
+                                  "-5", "--foo", "2147483648", "99999999999", "\uff11"])
 def test_invalid_veids(veid):
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as exc:
         L.check_veid(veid)
+    assert "\n" not in str(exc.value)
+
+
+def test_invalid_veid_messages_say_why():
+    with pytest.raises(UsageError, match="host"):
+        L.check_veid("0")
+    with pytest.raises(UsageError, match=r"without leading zeros \(101\)"):
+        L.check_veid("0101")
+    with pytest.raises(UsageError, match="cannot start with '-'"):
+        L.check_veid("-5")
+
+
+def test_cgroup_names_are_scoped_by_vz_root(tmp_path):
+    """The same VEID in two VZ roots gets two cgroup names and two veth host ends, each within the kernel's
+    limits (cgroup names: the driver's 80 characters; interface names: 15)."""
+    from vzpkg.runtime import net
+
+    a, b = L.Layout(tmp_path / "a"), L.Layout(tmp_path / "b")
+    assert a.cgroup_name("101") != b.cgroup_name("101")
+    assert a.cgroup_name("101").endswith("-101") and len(a.cgroup_name("x" * 64)) <= 80
+    assert L.Layout(tmp_path / "a" / ".." / "a").cgroup_name("101") == a.cgroup_name("101")  # the real path
+    names = {net.host_ifname(lay.real_root(), v) for lay in (a, b) for v in ("101", "x" * 64)}
+    assert len(names) == 4 and all(len(n) <= 15 for n in names)
 
 
 def test_layout_paths(tmp_path):

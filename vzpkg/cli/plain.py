@@ -14,11 +14,19 @@ def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None)
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except VzError as e:
-        print(f"{prog}: {e.message}", file=sys.stderr)
+        print(f"{prog}: error: {e.message}", file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:
         code = 130
     except OSError as e:
-        print(f"{prog}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        print(f"{prog}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         code = VEError.exit_code
+    except Exception as e:  # a bug: still one line, never a traceback (VZPKG_DEBUG=1 shows it)
+        import os
+
+        if os.environ.get("VZPKG_DEBUG"):
+            raise
+        print(f"{prog}: error: internal error: {type(e).__name__}: {e} (rerun with VZPKG_DEBUG=1 for details)",
+              file=sys.stderr)
+        code = VzError.exit_code
     sys.exit(code)

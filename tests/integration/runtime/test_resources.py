@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .conftest import PROJECT, VZCTL, cgroup_dirs
+from .conftest import PROJECT, VZCTL
 
 pytestmark = pytest.mark.root
 
@@ -62,8 +62,8 @@ def test_set_on_running_ve_takes_effect(rt):
     assert p.returncode == 13 and "CPUUNITS" in p.stderr
 
 
-def _freeze_and_kill_all_but_init(veid: str, init_pid: int) -> None:
-    freezer = [d for d in cgroup_dirs(veid) if (d / "freezer.state").exists()]
+def _freeze_and_kill_all_but_init(rt, veid: str, init_pid: int) -> None:
+    freezer = [d for d in rt.cgroup_dirs(veid) if (d / "freezer.state").exists()]
     if not freezer:
         pytest.skip("needs the v1 freezer to clean up after the fork bomb")
     state = freezer[0] / "freezer.state"
@@ -94,7 +94,7 @@ def test_numproc_contains_fork_bomb(rt):
         # the host is unaffected
         assert subprocess.run(["sh", "-c", "for i in 1 2 3 4 5; do true & done; wait"], timeout=10).returncode == 0
     finally:
-        _freeze_and_kill_all_but_init(veid, rt.init_pid(veid))
+        _freeze_and_kill_all_but_init(rt, veid, rt.init_pid(veid))
         bomb.kill()
         bomb.wait()
     # afterwards the VE still answers
@@ -104,11 +104,11 @@ def test_numproc_contains_fork_bomb(rt):
         time.sleep(0.2)
 
 
-def _usage_ns(veid: str) -> int:
-    acct = [d for d in cgroup_dirs(veid) if (d / "cpuacct.usage").exists()]
+def _usage_ns(rt, veid: str) -> int:
+    acct = [d for d in rt.cgroup_dirs(veid) if (d / "cpuacct.usage").exists()]
     if acct:
         return int((acct[0] / "cpuacct.usage").read_text())
-    for d in cgroup_dirs(veid):
+    for d in rt.cgroup_dirs(veid):
         if (d / "cpu.stat").exists():
             stat = dict(line.split() for line in (d / "cpu.stat").read_text().splitlines())
             return int(stat["usage_usec"]) * 1000
@@ -120,12 +120,12 @@ def _burn(rt, veid):
                             cwd=PROJECT)
 
 
-def _measure(veids, seconds):
-    start = [_usage_ns(v) for v in veids]
+def _measure(rt, veids, seconds):
+    start = [_usage_ns(rt, v) for v in veids]
     t0 = time.monotonic()
     time.sleep(seconds)
     wall = time.monotonic() - t0
-    return [(_usage_ns(v) - s) / 1e9 for v, s in zip(veids, start, strict=True)], wall
+    return [(_usage_ns(rt, v) - s) / 1e9 for v, s in zip(veids, start, strict=True)], wall
 
 
 def test_cpuunits_share_one_core_1_to_3(rt):
@@ -138,7 +138,7 @@ def test_cpuunits_share_one_core_1_to_3(rt):
     burners = [_burn(rt, a), _burn(rt, b)]
     try:
         time.sleep(0.5)
-        (ua, ub), _ = _measure([a, b], 4.0)
+        (ua, ub), _ = _measure(rt, [a, b], 4.0)
     finally:
         for p in burners:
             p.terminate()
@@ -154,7 +154,7 @@ def test_cpulimit_25_percent(rt):
     burner = _burn(rt, veid)
     try:
         time.sleep(0.5)
-        (used,), wall = _measure([veid], 4.0)
+        (used,), wall = _measure(rt, [veid], 4.0)
     finally:
         burner.terminate()
         burner.wait()
