@@ -62,14 +62,68 @@ def _tmp_pid(name: str) -> int | None:
     return None
 
 
+def kill_writers(path: Path, timeout: float = 5.0) -> None:
+    """SIGKILL every process whose cwd, root, an open file or an argument lies under PATH; wait until they are gone.
+
+    A killed vzctl's children live on: the `cp -a` of a copy-layout create keeps filling its temporary
+    directory, and would refill what we remove."""
+    import signal
+    import time
+
+    prefix = os.fsencode(path)
+    me = os.getpid()
+    victims = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        links = [f"/proc/{name}/cwd", f"/proc/{name}/root"]
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            links += [f"/proc/{name}/fd/{fd}" for fd in os.listdir(f"/proc/{name}/fd")]
+        except OSError:
+            continue
+        if any(a == prefix or a.startswith(prefix + b"/") for a in args):  # cp -a TEMPLATE PATH/root
+            victims.append(int(name))
+            continue
+        for link in links:
+            try:
+                target = os.readlink(os.fsencode(link))
+            except OSError:
+                continue
+            if target == prefix or target.startswith(prefix + b"/"):
+                victims.append(int(name))
+                break
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while victims and time.monotonic() < deadline:
+        victims = [p for p in victims if _running(p)]
+        time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
+
+
 def remove_tree(path: Path) -> int:
-    """Remove PATH (a directory tree or a file) without following symlinks or crossing mounts; return bytes freed."""
+    """Remove PATH (a directory tree or a file) without following symlinks or crossing mounts; return bytes freed.
+    Processes still working in it (children of a killed vzctl) are killed first."""
     from .storage import disk_usage
 
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return 0
+    if os.path.isdir(path) and not os.path.islink(path):
+        kill_writers(path)
     if not os.path.isdir(path) or os.path.islink(path):
         os.unlink(path)
         return st.st_blocks * 512

@@ -868,9 +868,10 @@ def _oom_message(veid: str, argv: list[str], ram: int | None, *, direct: bool) -
     if ram is None:
         return (f"{victim} was killed by the out-of-memory killer: VE {veid} has no RAM limit and the host ran out "
                 "of memory")
-    from .conf import format_size
-
-    return (f"{victim} was killed by VE {veid}'s memory limit (RAM={format_size(ram)}): use less memory in the VE "
+    # (no import here: this runs inside the VE's mount namespace, where the host's module files are out of sight)
+    size = next((f"{ram >> k}{u}" for k, u in ((40, "T"), (30, "G"), (20, "M"), (10, "K")) if ram % (1 << k) == 0),
+                str(ram))
+    return (f"{victim} was killed by VE {veid}'s memory limit (RAM={size}): use less memory in the VE "
             f"(files in /dev/shm and /run count too) or raise it: 'vzctl set {veid} --ram SIZE --save'")
 
 

@@ -148,6 +148,38 @@ def rt(vz_root, debian12_cache):
 
 
 @pytest.fixture(scope="session")
+def open_root(debian12_cache):
+    """A second VZ root that other host users could reach if the runtime let them: under /var/tmp with mode 0755
+    all the way (pytest's own temporary directories are 0700, which would hide everything)."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="vzpkg-open-root-", dir="/var/tmp"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        from vzpkg.runtime import ve
+        from vzpkg.runtime.layout import Layout
+
+        for veid in Layout(root).veids():
+            try:
+                ve.destroy(Layout(root), veid, force=True)
+            except Exception:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def open_rt(open_root, debian12_cache):
+    cache_dir, name = debian12_cache
+    runtime = Runtime(open_root, cache_dir, name)
+    try:
+        yield runtime
+    finally:
+        runtime.cleanup()
+
+
+@pytest.fixture(scope="session")
 def probe_binary(tmp_path_factory) -> Path:
     """A static helper that tries one privileged system call (see probe.c)."""
     if shutil.which("gcc") is None:
