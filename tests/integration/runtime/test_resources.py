@@ -167,3 +167,43 @@ def test_beancounters_text(rt):
     out = rt.vzctl("status", veid, "--beancounters").stdout
     assert out.splitlines()[0] == f"VEID {veid} exist mounted running"
     assert "memory" in out and "numproc" in out and "failcnt" in out
+
+
+def _df_kib(rt, veid, path):
+    return int(rt.vzctl("exec", veid, "df", "-k", "--output=size", path).stdout.split()[-1])
+
+
+def test_tmpfs_in_the_ve_are_sized_from_its_ram(rt):
+    """/dev/shm gets half of RAM and /run an eighth: filling both leaves memory for the VE's processes, and
+    exec still works (unbounded, a full /dev/shm got every later command OOM-killed)."""
+    veid = rt.create(start=False)
+    rt.vzctl("set", veid, "--ram", "128M", "--swap", "0", "--save")
+    rt.vzctl("start", veid)
+    assert _df_kib(rt, veid, "/dev/shm") == 64 * 1024
+    assert _df_kib(rt, veid, "/run") == 16 * 1024
+    p = rt.sh(veid, "dd if=/dev/zero of=/dev/shm/fill bs=1M count=1000; dd if=/dev/zero of=/run/fill bs=1M count=1000")
+    assert p.stderr.count("No space left on device") == 2, p.stderr
+    for _ in range(3):
+        p = rt.vzctl("exec", veid, "sh", "-c", "head -c 20M /dev/zero | tail -c 1 | wc -c")
+        assert p.stdout.strip() == "1"
+    # without a RAM limit /run keeps its 64 MB bound
+    other = rt.create("--config", "unlimited")
+    assert _df_kib(rt, other, "/run") == 64 * 1024
+
+
+def test_exec_killed_by_the_memory_limit_says_so(rt):
+    """A command the VE's OOM killer kills: one line naming the memory limit, exit 33 — not a silent 137."""
+    veid = rt.create(start=False)
+    rt.vzctl("set", veid, "--ram", "64M", "--swap", "0", "--save")
+    rt.vzctl("start", veid)
+    p = rt.vzctl("exec", veid, "tail", "-n1", "/dev/zero", check=False)  # holds an endless line in memory
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 33, p.stderr
+    assert len(lines) == 1 and lines[0].startswith("vzctl: error: 'tail -n1 /dev/zero' was killed by VE")
+    assert "memory limit (RAM=64M)" in lines[0] and "--ram" in lines[0]
+    # a process the command started was killed: the command's own status, and a note
+    p = rt.sh(veid, GROW.format(mb=300))
+    assert p.returncode == 137 and "vzctl: note: a process started by" in p.stderr and "RAM=64M" in p.stderr
+    # a command killed by SIGKILL from elsewhere is not blamed on memory
+    p = rt.vzctl("exec", veid, "sh", "-c", "kill -9 $$", check=False)
+    assert p.returncode == 137 and "memory" not in p.stderr
