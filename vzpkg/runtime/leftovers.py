@@ -210,16 +210,17 @@ def sweep(layout: Layout) -> list[tuple[Path, int]]:
     veids |= {v for n in _listdir(layout.conf_dir) if (v := _conf_tmp_veid(n))}
     veids |= {n for n in _listdir(layout.mount_dir) if valid_veid(n) and not layout.conf(n).exists()}
     for veid in sorted(veids):
-        lock = ve.VELock(layout, veid, wait=False, create=False)
+        had_lock_file = os.path.exists(layout.lock(veid))
+        lock = ve.VELock(layout, veid, wait=False)
         try:
             with lock:
                 removed.extend(lock.recovered)
-                if lock.acquired and not ve.exists(layout, veid):
+                if not ve.exists(layout, veid):
                     p = layout.ve_root(veid)
                     if os.path.isdir(p) and not storage.is_mounted(p) and not _listdir(p):
                         os.rmdir(p)
                         removed.append((p, 0))
-                    if os.path.exists(layout.lock(veid)):
+                    if had_lock_file:
                         removed.append((layout.lock(veid), 0))  # VELock removes it on the way out
         except BlockingIOError:
             continue  # a command runs on this VE right now: it recovers what it finds itself

@@ -77,24 +77,19 @@ class VELock:
     way out, under the lock; a waiter that then gets the lock on the removed file notices (the path names
     another inode, or none) and takes the lock again."""
 
-    def __init__(self, layout: Layout, veid: str, *, wait: bool = True, create: bool = True) -> None:
+    def __init__(self, layout: Layout, veid: str, *, wait: bool = True) -> None:
         self.layout = layout
         self.veid = veid
         self.path = layout.lock(veid)
         self.fd = -1
         self.wait = wait  # False: raise BlockingIOError if someone holds it
-        self.create = create  # False: no lock file, nothing to lock (acquired stays False)
-        self.acquired = False
         self.recovered: list[tuple[Path, int]] = []
 
     def __enter__(self) -> VELock:
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if self.create else 0)
         while True:
             try:
-                fd = os.open(self.path, flags, 0o600)
+                fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_CREAT, 0o600)
             except FileNotFoundError:
-                if not self.create:
-                    return self
                 self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 continue
             try:
@@ -114,7 +109,6 @@ class VELock:
                 raise
             os.close(fd)
         self.fd = fd
-        self.acquired = True
         intent = os.pread(fd, 256, 0)
         if intent.strip():
             self.recovered = _recover(self.layout, self.veid, intent.decode(errors="replace").strip(), fd)
