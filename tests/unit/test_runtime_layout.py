@@ -153,3 +153,38 @@ def test_vzlist_unknown_field():
     assert p.returncode == 2 and "bogus" in p.stderr
     p = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzlist", "-a"], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and p.stdout.split() == ["VEID", "NPROC", "STATUS", "IP_ADDR", "HOSTNAME"]
+
+
+def test_leftover_names():
+    """Temporary names are told apart even for VE names with dots and dashes."""
+    from vzpkg.runtime import leftovers as lo
+
+    assert lo._is_conf_tmp(".101.conf.abcd_123.tmp", "101")
+    assert not lo._is_conf_tmp(".a.conf.x.conf.abcd_123.tmp", "a")  # VE a.conf.x's file, not a's
+    assert lo._conf_tmp_veid(".a.conf.x.conf.abcd_123.tmp") == "a.conf.x"
+    assert lo._conf_tmp_veid(".101.conf.tmp") is None
+    assert lo._tmp_pid(".tmp-web-1-4242") == 4242 and lo._tmp_pid(".tmp-101-destroy-17") == 17
+    assert lo._tmp_pid(".101.state.99") == 99 and lo._tmp_pid(".tmp-x") is None
+
+
+def test_stop_timeouts():
+    import math
+
+    from vzpkg.cli.vzctl import parse_timeout
+    from vzpkg.runtime import ve
+
+    assert parse_timeout("0") == 0 and parse_timeout("2.5") == 2.5 and parse_timeout("3600") == 3600
+    for bad in ("nan", "inf", "-inf", "1e300", "-1", "3600.5", "x", ""):
+        with pytest.raises(UsageError, match="0 to 3600"):
+            parse_timeout(bad)
+    assert ve._sane_timeout(math.nan) == ve.DEFAULT_STOP_TIMEOUT
+    assert ve._sane_timeout(math.inf) == ve.STOP_TIMEOUT_MAX and ve._sane_timeout(-3) == 0
+
+
+def test_tmpfs_sizes_follow_ram():
+    from vzpkg.runtime import ve
+
+    assert ve._tmpfs_sizes(512 << 20) == ("size=262144k", "size=65536k")
+    assert ve._tmpfs_sizes(128 << 20) == ("size=65536k", "size=16384k")
+    assert ve._tmpfs_sizes(16 << 20) == ("size=8192k", "size=2048k")
+    assert ve._tmpfs_sizes("unlimited") == ("", "size=65536k")
