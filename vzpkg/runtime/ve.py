@@ -1074,7 +1074,7 @@ def set_params(layout: Layout, veid: str, changes: dict[str, str], *, save: bool
             lock.begin("save")  # a SIGKILL in save leaves a temporary file that the next holder removes
             with _done(lock):
                 conf.save(layout.conf(veid))
-        return rec is not None, save, later if rec is not None else []
+        return rec is not None and bool(LIVE & set(changes)), save, later if rec is not None else []
 
 
 def _apply_live(layout: Layout, veid: str, rec: state.InitRecord, conf, changes: dict[str, str]) -> None:
