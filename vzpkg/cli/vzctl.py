@@ -302,7 +302,7 @@ def run(argv: list[str]) -> int:
             raise UsageError("vzctl set: nothing to set (see vzctl set --help)")
         applied, saved, later = ve.set_params(layout, args.veid, changes, save=args.save)
         done = " and ".join(w for w, yes in (("applied", applied), ("saved", saved)) if yes)
-        if applied and later:
+        if later:  # (only for a running VE)
             done += f"; {', '.join(later)} take{'s' if len(later) == 1 else ''} effect at the next start"
         _say(args, f"VE {args.veid}: {done}")
         _note_host_cpus(changes)
