@@ -157,5 +157,11 @@ class VEStateError(VEError):
     exit_code = 32
 
 
+class VEOutOfMemoryError(VEError):
+    """A command run in a VE (vzctl exec) was killed by the VE's memory limit (the OOM killer)."""
+
+    exit_code = 33
+
+
 class InterruptedError_(VzError):
     exit_code = 130

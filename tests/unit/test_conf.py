@@ -178,10 +178,22 @@ def test_valid_values(key: str, value: str) -> None:
         ("CPUUNITS", "abc", "an integer 8..500000"),
         ("CPULIMIT", "-1", "percent"),
         ("CPUS", "two", "number of CPUs"),
-        ("RAM", "1M", ">= 16M"),
+        ("RAM", "1M", "16M..1024T"),
+        ("RAM", "99999999999T", "16M..1024T"),
+        ("RAM", "1025T", "16M..1024T"),
+        ("SWAP", "2048T", "0..1024T"),
+        ("CPUUNITS", "500001", "8..500000"),
+        ("CPUUNITS", "99999999999999999999", "8..500000"),
+        ("CPULIMIT", "99999999999999", "0..819200"),
+        ("CPULIMIT", "\uff15", "0..819200"),
+        ("CPUS", "8193", "0..8192"),
+        ("NUMPROC", "5000000", "1..4194304"),
+        ("NUMPROC", "5000000:5000000", "1..4194304"),
+        ("NUMPROC", "4194305", "1..4194304"),
+        ("DISKSPACE", "2000000T", "barrier:limit"),
         ("RAM", "lots", "K/M/G/T"),
         ("SWAP", "1.5G", "K/M/G/T"),
-        ("NUMPROC", "0", "integer >= 1"),
+        ("NUMPROC", "0", "integer 1..4194304"),
         ("DISKSPACE", "2G:1G", "barrier <= limit"),
         ("DISKSPACE", "1G:2G:3G", "barrier:limit"),
         ("DISKINODES", "10K", "integer"),
@@ -207,6 +219,28 @@ def test_invalid_values_name_key_value_and_rule(key: str, value: str, accepted: 
     assert accepted in msg
     assert "\n" not in msg
     assert cfg.get(key) is None  # a rejected set changes nothing
+
+
+@pytest.mark.parametrize("key,value", [("RAM", "1024T"), ("SWAP", "1024T"), ("CPULIMIT", "819200"), ("CPUS", "8192"),
+                                       ("NUMPROC", "4194304"), ("NUMPROC", "100:4194304"), ("CPUUNITS", "500000")])
+def test_largest_accepted_values(key: str, value: str) -> None:
+    """The upper ends of the documented ranges are accepted (the kernel takes them: see docs/ve-config.md)."""
+    cfg = VEConfig.parse("")
+    cfg.set(key, value)
+    assert cfg.get(key) == value
+
+
+@pytest.mark.parametrize("text,what", [("", "is missing"), ('TEMPLATE_SHA256=""\n', "is empty"),
+                                       ('TEMPLATE_SHA256="abc"\n', "not 64 lowercase hex digits")])
+def test_ve_config_needs_its_template_sha256(text: str, what: str) -> None:
+    """Without TEMPLATE_SHA256 a VE's lower layer would be the whole template area: validate_ve refuses, naming
+    the file and what to do; a sample config (validate) does not need it."""
+    cfg = VEConfig.parse(text, source="conf/7.conf", strict=False)
+    with pytest.raises(ConfigError) as exc:
+        cfg.validate_ve()
+    msg = str(exc.value)
+    assert msg.startswith("conf/7.conf") and what in msg and "recreate the VE" in msg and "\n" not in msg
+    VEConfig.parse(f'TEMPLATE_SHA256="{"a" * 64}"\n').validate_ve()
 
 
 def test_parse_validates_with_location() -> None:

@@ -13,15 +13,39 @@ from vzpkg.runtime import layout as L
 from vzpkg.runtime import state
 
 
-@pytest.mark.parametrize("veid", ["101", "0", "web", "web-1.example", "a_b", "A" * 64])
+@pytest.mark.parametrize("veid", ["101", "1", "2147483647", "web", "web-1.example", "a_b", "A" * 64])
 def test_valid_veids(veid):
     assert L.check_veid(veid) == veid
 
 
-@pytest.mark.parametrize("veid", ["", "../x", "a/b", ".", "..", "-x", "1a", "x" * 65, "a b", "é"])
+@pytest.mark.parametrize("veid", ["", "../x", "a/b", ".", "..", "-x", "1a", "x" * 65, "a b", "é", "0", "00", "0101",
+                                  "-5", "--foo", "2147483648", "99999999999", "\uff11"])
 def test_invalid_veids(veid):
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as exc:
         L.check_veid(veid)
+    assert "\n" not in str(exc.value)
+
+
+def test_invalid_veid_messages_say_why():
+    with pytest.raises(UsageError, match="host"):
+        L.check_veid("0")
+    with pytest.raises(UsageError, match=r"without leading zeros \(101\)"):
+        L.check_veid("0101")
+    with pytest.raises(UsageError, match="cannot start with '-'"):
+        L.check_veid("-5")
+
+
+def test_cgroup_names_are_scoped_by_vz_root(tmp_path):
+    """The same VEID in two VZ roots gets two cgroup names and two veth host ends, each within the kernel's
+    limits (cgroup names: the driver's 80 characters; interface names: 15)."""
+    from vzpkg.runtime import net
+
+    a, b = L.Layout(tmp_path / "a"), L.Layout(tmp_path / "b")
+    assert a.cgroup_name("101") != b.cgroup_name("101")
+    assert a.cgroup_name("101").endswith("-101") and len(a.cgroup_name("x" * 64)) <= 80
+    assert L.Layout(tmp_path / "a" / ".." / "a").cgroup_name("101") == a.cgroup_name("101")  # the real path
+    names = {net.host_ifname(lay.real_root(), v) for lay in (a, b) for v in ("101", "x" * 64)}
+    assert len(names) == 4 and all(len(n) <= 15 for n in names)
 
 
 def test_layout_paths(tmp_path):
@@ -129,3 +153,38 @@ def test_vzlist_unknown_field():
     assert p.returncode == 2 and "bogus" in p.stderr
     p = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzlist", "-a"], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and p.stdout.split() == ["VEID", "NPROC", "STATUS", "IP_ADDR", "HOSTNAME"]
+
+
+def test_leftover_names():
+    """Temporary names are told apart even for VE names with dots and dashes."""
+    from vzpkg.runtime import leftovers as lo
+
+    assert lo._is_conf_tmp(".101.conf.abcd_123.tmp", "101")
+    assert not lo._is_conf_tmp(".a.conf.x.conf.abcd_123.tmp", "a")  # VE a.conf.x's file, not a's
+    assert lo._conf_tmp_veid(".a.conf.x.conf.abcd_123.tmp") == "a.conf.x"
+    assert lo._conf_tmp_veid(".101.conf.tmp") is None
+    assert lo._tmp_pid(".tmp-web-1-4242") == 4242 and lo._tmp_pid(".tmp-101-destroy-17") == 17
+    assert lo._tmp_pid(".101.state.99") == 99 and lo._tmp_pid(".tmp-x") is None
+
+
+def test_stop_timeouts():
+    import math
+
+    from vzpkg.cli.vzctl import parse_timeout
+    from vzpkg.runtime import ve
+
+    assert parse_timeout("0") == 0 and parse_timeout("2.5") == 2.5 and parse_timeout("3600") == 3600
+    for bad in ("nan", "inf", "-inf", "1e300", "-1", "3600.5", "x", ""):
+        with pytest.raises(UsageError, match="0 to 3600"):
+            parse_timeout(bad)
+    assert ve._sane_timeout(math.nan) == ve.DEFAULT_STOP_TIMEOUT
+    assert ve._sane_timeout(math.inf) == ve.STOP_TIMEOUT_MAX and ve._sane_timeout(-3) == 0
+
+
+def test_tmpfs_sizes_follow_ram():
+    from vzpkg.runtime import ve
+
+    assert ve._tmpfs_sizes(512 << 20) == ("size=262144k", "size=65536k")
+    assert ve._tmpfs_sizes(128 << 20) == ("size=65536k", "size=16384k")
+    assert ve._tmpfs_sizes(16 << 20) == ("size=8192k", "size=2048k")
+    assert ve._tmpfs_sizes("unlimited") == ("", "size=65536k")

@@ -148,30 +148,41 @@ def register(group: click.Group) -> None:
     @click.option("--stages", is_flag=True, help="Build stages that speed up rebuilds (<cache_dir>/.stages).")
     @click.option("--templates", is_flag=True,
                   help="Unpacked template generations in the VZ root that no VE uses any more.")
+    @click.option("--ves", is_flag=True,
+                  help="What interrupted vzctl runs left in the VZ root: half-created or half-destroyed VEs, "
+                       "temporary files, lock files of VEs that do not exist, interrupted template unpacks.")
     @click.option("--root", "vz_root", type=click.Path(file_okay=False),
-                  help="VZ root for --templates (default: $VZ_ROOT, config file, /var/lib/vz).")
+                  help="VZ root for --templates and --ves (default: $VZ_ROOT, config file, /var/lib/vz).")
     @_cache_dir
     @_json
     @handle_errors("vzpkg")
     def clean(names: tuple[str, ...], packages: bool, metadata: bool, generations: bool, stages: bool,
-              templates: bool, vz_root: str | None, cache_dir: str | None, as_json: bool) -> None:
+              templates: bool, ves: bool, vz_root: str | None, cache_dir: str | None, as_json: bool) -> None:
         """Free space. Without options: downloaded packages and repository metadata. Work files of interrupted
         runs are always removed (those of runs still going are left alone)."""
         from ..update import clean as do_clean
 
-        if not (packages or metadata or generations or stages or templates):
+        if not (packages or metadata or generations or stages or templates or ves):
             packages = metadata = True
         settings = _settings(cache_dir)
         reporter = PrintingReporter(quiet=as_json, verbose=False)
         report = do_clean(settings, packages=packages, metadata=metadata, generations=generations, stages=stages,
                           names=list(names) or None, reporter=reporter)
-        if templates:
+        if templates or ves:
             from ..config import load_settings
             from ..runtime.layout import Layout
-            from ..runtime.storage import remove_unused_templates
 
-            root = load_settings(cache_dir=cache_dir, vz_root=vz_root).vz_root
-            for path, size in remove_unused_templates(Layout(root)):
+            layout = Layout(load_settings(cache_dir=cache_dir, vz_root=vz_root).vz_root)
+            found: list = []
+            if ves:
+                from ..runtime.leftovers import sweep
+
+                found += sweep(layout)
+            if templates:
+                from ..runtime.storage import remove_unused_templates
+
+                found += remove_unused_templates(layout)
+            for path, size in found:
                 report["removed"].append(str(path))
                 report["freed"] += size
         if as_json:

@@ -22,7 +22,7 @@ def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None)
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except VzError as e:
-        print(f"{prog}: {e.message}", file=sys.stderr)
+        print(f"{prog}: error: {e.message}", file=sys.stderr)
         code = e.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -32,9 +32,17 @@ def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None)
 
         if is_full(e):
             err = disk_full_error(e, e.filename)
-            print(f"{prog}: {err.message}", file=sys.stderr)
+            print(f"{prog}: error: {err.message}", file=sys.stderr)
             code = err.exit_code
         else:
-            print(f"{prog}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+            print(f"{prog}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
             code = VEError.exit_code
+    except Exception as e:  # a bug: still one line, never a traceback (VZPKG_DEBUG=1 shows it)
+        import os
+
+        if os.environ.get("VZPKG_DEBUG"):
+            raise
+        print(f"{prog}: error: internal error: {type(e).__name__}: {e} (rerun with VZPKG_DEBUG=1 for details)",
+              file=sys.stderr)
+        code = VzError.exit_code
     sys.exit(code)

@@ -16,6 +16,46 @@ SET_OPTIONS = {
 }
 
 
+def parse_timeout(text: str) -> float:
+    """--timeout: seconds, finite, 0..3600 (nan, inf or 1e300 would make stop wait forever or fail)."""
+    import math
+
+    from vzpkg.errors import UsageError
+    from vzpkg.runtime.ve import STOP_TIMEOUT_MAX
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 <= value <= STOP_TIMEOUT_MAX:
+        raise UsageError(f"--timeout {text!r}: must be a number of seconds from 0 to {STOP_TIMEOUT_MAX:.0f}")
+    return value
+
+
+def one_line_parser(argparse, **kw):
+    """An ArgumentParser whose errors are one `PROG: error: ...` line (UsageError, exit 2), without the usage
+    block: every error of these commands is one line."""
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # type: ignore[override]
+            from vzpkg.errors import UsageError
+
+            raise UsageError(f"{message} (see '{self.prog} --help')")
+
+    return Parser(**kw)
+
+
+def _timeout_type(text: str) -> float:
+    import argparse
+
+    from vzpkg.errors import UsageError
+
+    try:
+        return parse_timeout(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(e.message.split(": ", 1)[1]) from None
+
+
 COMMANDS = ("create", "start", "mount", "umount", "enter", "stop", "restart", "status", "exec", "set", "destroy")
 
 
@@ -26,8 +66,8 @@ def _parser(only: str | None = None):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", default=argparse.SUPPRESS, help="VZ root (default $VZ_ROOT or /var/lib/vz)")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
-    p = argparse.ArgumentParser(prog="vzctl", parents=[common], description="Manage VEs (virtual environments).")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = one_line_parser(argparse, prog="vzctl", parents=[common], description="Manage VEs (virtual environments).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=type(p))
     real_add = sub.add_parser
 
     def add_parser(name, **kw):
@@ -58,12 +98,13 @@ def _parser(only: str | None = None):
     s = sub.add_parser("stop", parents=[common], help="stop a VE")
     s.add_argument("veid")
     s.add_argument("--fast", action="store_true", help="SIGKILL at once")
-    s.add_argument("--timeout", type=float, default=10.0, help="seconds to wait after SIGTERM (default 10)")
+    s.add_argument("--timeout", type=_timeout_type, default=10.0,
+                   help="seconds to wait after SIGTERM, 0..3600 (default 10)")
 
     s = sub.add_parser("restart", parents=[common], help="stop and start a VE")
     s.add_argument("veid")
     s.add_argument("--fast", action="store_true")
-    s.add_argument("--timeout", type=float, default=10.0)
+    s.add_argument("--timeout", type=_timeout_type, default=10.0)
 
     s = sub.add_parser("status", parents=[common], help="exist/deleted mounted/unmounted running/down")
     s.add_argument("veid")
@@ -84,6 +125,17 @@ def _parser(only: str | None = None):
     s.add_argument("veid")
     s.add_argument("--force", action="store_true", help="stop it first if running")
     return p
+
+
+def _note_host_cpus(changes: dict[str, str]) -> None:
+    """CPUS or CPULIMIT beyond this host's CPUs is valid (the config stays portable) but has no effect here."""
+    ncpu = os.cpu_count() or 1
+    if changes.get("CPUS", "").isdigit() and int(changes["CPUS"]) > ncpu:
+        print(f"vzctl: note: this host has {ncpu} CPUs; CPUS={changes['CPUS']} gives the VE all of them",
+              file=sys.stderr)
+    if changes.get("CPULIMIT", "").isdigit() and int(changes["CPULIMIT"]) > 100 * ncpu:
+        print(f"vzctl: note: this host has {ncpu} CPUs; CPULIMIT={changes['CPULIMIT']} (over {100 * ncpu}) caps "
+              "nothing here", file=sys.stderr)
 
 
 def _say(args, text: str) -> None:
@@ -132,7 +184,8 @@ class _Args:
 # command -> {option: (attribute, takes a value)} for the argparse-free fast path
 _FAST = {
     "start": {}, "mount": {}, "umount": {}, "status": {"--json": ("json", False), "--beancounters": ("beancounters", False)},
-    "stop": {"--fast": ("fast", False)}, "restart": {"--fast": ("fast", False)},
+    "stop": {"--fast": ("fast", False), "--timeout": ("timeout", True)},
+    "restart": {"--fast": ("fast", False), "--timeout": ("timeout", True)},
     "destroy": {"--force": ("force", False)},
     "create": {"--ostemplate": ("ostemplate", True), "--hostname": ("hostname", True), "--config": ("config", True),
                "--layout": ("layout", True), "--privileged": ("privileged", False), "--cache-dir": ("cache_dir", True),
@@ -177,6 +230,8 @@ def _fast_parse(argv: list[str]) -> _Args | None:
         i += 1
     if len(pos) != 2 or (pos[0] not in _FAST and pos[0] != "exec"):
         return None
+    if isinstance(kw["timeout"], str):
+        kw["timeout"] = parse_timeout(kw["timeout"])  # a bad value: one line, exit 2
     if pos[0] == "exec" and (not kw.get("cmd") or kw["cmd"][0] in ("-h", "--help")):
         return None
     if pos[0] == "create":
@@ -250,13 +305,12 @@ def run(argv: list[str]) -> int:
             from vzpkg.errors import UsageError
 
             raise UsageError("vzctl set: nothing to set (see vzctl set --help)")
-        applied, saved = ve.set_params(layout, args.veid, changes, save=args.save)
-        if not applied and not saved:
-            print(f"vzctl: VE {args.veid} is not running and --save was not given: nothing changed",
-                  file=sys.stderr)
-        else:
-            _say(args, f"VE {args.veid}: {'applied' if applied else ''}{' and ' if applied and saved else ''}"
-                       f"{'saved' if saved else ''}")
+        applied, saved, later = ve.set_params(layout, args.veid, changes, save=args.save)
+        done = " and ".join(w for w, yes in (("applied", applied), ("saved", saved)) if yes)
+        if later:  # (only for a running VE)
+            done += f"; {', '.join(later)} take{'s' if len(later) == 1 else ''} effect at the next start"
+        _say(args, f"VE {args.veid}: {done}")
+        _note_host_cpus(changes)
     elif cmd == "destroy":
         ve.destroy(layout, args.veid, force=args.force)
         _say(args, f"VE {args.veid} destroyed")

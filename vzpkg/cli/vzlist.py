@@ -13,7 +13,9 @@ NUMERIC = {"numproc", "memory", "disk", "init_pid"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vzlist", description="List VEs.")
+    from vzpkg.cli.vzctl import one_line_parser
+
+    p = one_line_parser(argparse, prog="vzlist", description="List VEs.")
     p.add_argument("-a", "--all", action="store_true", help="also VEs that are not running")
     p.add_argument("-S", "--stopped", action="store_true", help="only VEs that are not running")
     p.add_argument("-o", "--output", help=f"comma-separated fields: {','.join(FIELDS)}")

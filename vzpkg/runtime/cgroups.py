@@ -138,9 +138,10 @@ def _limit(value: int | str, what: str, *, zero_is_unlimited: bool) -> int | Non
 
 
 def _check_ve_id(ve_id: str) -> str:
-    ok = 0 < len(ve_id) <= 64 and ve_id not in (".", "..") and all(c.isalnum() or c in "._-" for c in ve_id)
+    # the runtime passes <root tag>-<VEID> (layout.cgroup_name): 9 + up to 64 characters
+    ok = 0 < len(ve_id) <= 80 and ve_id not in (".", "..") and all(c.isalnum() or c in "._-" for c in ve_id)
     if not ok or not ve_id.isascii():
-        raise VEError(f'VE id "{ve_id}": must be 1-64 letters, digits, ".", "_" or "-"')
+        raise VEError(f'VE id "{ve_id}": must be 1-80 letters, digits, ".", "_" or "-"')
     return ve_id
 
 

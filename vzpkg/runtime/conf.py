@@ -19,7 +19,7 @@ SAMPLES_DIR = Path(__file__).with_name("samples")
 
 UNLIMITED = "unlimited"
 _SUFFIXES = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
-_SIZE_RE = re.compile(r"^(\d+)([KMGT]?)B?$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^([0-9]+)([KMGT]?)B?$", re.IGNORECASE)
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ASSIGN_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
@@ -27,6 +27,18 @@ DEFAULT_CPUUNITS = 1000
 CPUUNITS_MIN, CPUUNITS_MAX = 8, 500000
 # RAM below this cannot even start a shell; refusing it early beats an OOM loop at start.
 RAM_MIN = 16 << 20
+# The kernel's ranges, so that a value `set --save` accepts never makes the VE unable to start (docs/ve-config.md):
+# the most CPUs a Linux kernel supports (NR_CPUS at most 8192); CPULIMIT is percent of one CPU
+CPUS_MAX = 8192
+CPULIMIT_MAX = 100 * CPUS_MAX
+# pids.max takes at most PID_MAX_LIMIT (4194304 on 64-bit kernels)
+NUMPROC_MAX = 4 * 1024 * 1024
+# memory limits: 1 PiB, far above any host's RAM and far below the kernel's 2^63 page-counter bound
+MEMORY_MAX = 1 << 50
+# disk limits: 1 EiB and 2^63-1 inodes (quota interfaces take 64-bit values)
+DISKSPACE_MAX = 1 << 60
+DISKINODES_MAX = 2**63 - 1
+SHA256_HEX = frozenset("0123456789abcdef")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,7 +73,7 @@ def _parse_count(text: str) -> int | None:
     value = text.strip()
     if value.lower() == UNLIMITED:
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise ValueError(value)
     return int(value)
 
@@ -87,7 +99,7 @@ def parse_barrier_limit(text: str, parse: Callable[[str], int | None]) -> tuple[
 
 def _int_range(lo: int, hi: int | None) -> Callable[[str], None]:
     def check(v: str) -> None:
-        if not re.fullmatch(r"\d+", v):
+        if not re.fullmatch(r"[0-9]+", v):
             raise ValueError(v)
         n = int(v)
         if n < lo or (hi is not None and n > hi):
@@ -131,17 +143,29 @@ def _ns_list(v: str) -> None:
 
 def _ram(v: str) -> None:
     n = parse_size(v)
-    if n is not None and n < RAM_MIN:
+    if n is not None and not RAM_MIN <= n <= MEMORY_MAX:
         raise ValueError(v)
 
 
-def _size(v: str) -> None:
-    parse_size(v)
+def _swap(v: str) -> None:
+    n = parse_size(v)
+    if n is not None and n > MEMORY_MAX:
+        raise ValueError(v)
+
+
+def _bounded(parse: Callable[[str], int | None], hi: int) -> Callable[[str], int | None]:
+    def check(text: str) -> int | None:
+        n = parse(text)
+        if n is not None and n > hi:
+            raise ValueError(text)
+        return n
+
+    return check
 
 
 def _numproc(v: str) -> None:
     # OpenVZ configs carry NUMPROC as barrier:limit; the pids controller has just one limit (the second).
-    _, limit = parse_barrier_limit(v, _parse_count)
+    _, limit = parse_barrier_limit(v, _bounded(_parse_count, NUMPROC_MAX))
     if limit == 0:
         raise ValueError(v)
 
@@ -164,8 +188,29 @@ def _name(v: str) -> None:
 
 
 def _sha256(v: str) -> None:
-    if not re.fullmatch(r"[0-9a-f]{64}", v):
+    if not is_sha256(v):
         raise ValueError(v)
+
+
+def is_sha256(v: str | None) -> bool:
+    return v is not None and len(v) == 64 and set(v) <= SHA256_HEX
+
+
+def template_sha256_problem(value: str | None, source: str) -> str | None:
+    """Why a VE config's TEMPLATE_SHA256 cannot name its template generation, or None.
+
+    Without it the VE's lower layer would be layout.template("") — the whole template area, every
+    generation at once — so start and mount refuse it (no import of this module needed: ve.py has a copy of
+    the check on its hot path, tested to agree)."""
+    if not value:
+        what = "is missing" if value is None else "is empty"
+    elif not is_sha256(value):
+        what = f'="{value}" is not 64 lowercase hex digits'
+    else:
+        return None
+    return (f"{source}: TEMPLATE_SHA256 {what}: the VE does not know which template generation it was created "
+            "from; set it to the \"sha256\" of the cache manifest (<cache_dir>/<OSTEMPLATE>.json) it was made from, "
+            "or recreate the VE")
 
 
 class KeySpec:
@@ -186,18 +231,22 @@ KNOWN_KEYS: dict[str, KeySpec] = {
     "NAMESERVER": KeySpec(_ns_list, "a space-separated list of IPv4/IPv6 addresses"),
     "SEARCHDOMAIN": KeySpec(_hostnames, "a space-separated list of domain names"),
     "CPUUNITS": KeySpec(_int_range(CPUUNITS_MIN, CPUUNITS_MAX), f"an integer {CPUUNITS_MIN}..{CPUUNITS_MAX}"),
-    "CPULIMIT": KeySpec(_int_range(0, None), "an integer percent of one CPU (100 per core, 0 = unlimited)"),
-    "CPUS": KeySpec(_int_range(0, None), "an integer number of CPUs (0 = unlimited)"),
-    "RAM": KeySpec(_ram, f'a size >= {RAM_MIN >> 20}M with an optional K/M/G/T suffix, or "unlimited"'),
-    "SWAP": KeySpec(_size, 'a size with an optional K/M/G/T suffix (0 = no swap), or "unlimited"'),
-    "NUMPROC": KeySpec(_numproc, 'an integer >= 1, "unlimited", or barrier:limit'),
+    "CPULIMIT": KeySpec(_int_range(0, CPULIMIT_MAX),
+                        f"an integer 0..{CPULIMIT_MAX}, percent of one CPU (100 per core, 0 = unlimited)"),
+    "CPUS": KeySpec(_int_range(0, CPUS_MAX), f"an integer number of CPUs 0..{CPUS_MAX} (0 = all)"),
+    "RAM": KeySpec(_ram, f'a size {RAM_MIN >> 20}M..{MEMORY_MAX >> 40}T with an optional K/M/G/T suffix, '
+                         'or "unlimited"'),
+    "SWAP": KeySpec(_swap, f'a size 0..{MEMORY_MAX >> 40}T with an optional K/M/G/T suffix (0 = no swap), '
+                           'or "unlimited"'),
+    "NUMPROC": KeySpec(_numproc, f'an integer 1..{NUMPROC_MAX} (the kernel\'s pid limit), "unlimited", '
+                                 'or barrier:limit'),
     "DISKSPACE": KeySpec(
-        lambda v: parse_barrier_limit(v, parse_size),
-        'a size (K/M/G/T) or barrier:limit with barrier <= limit, or "unlimited"',
+        lambda v: parse_barrier_limit(v, _bounded(parse_size, DISKSPACE_MAX)),
+        f'a size (K/M/G/T) up to {DISKSPACE_MAX >> 40}T or barrier:limit with barrier <= limit, or "unlimited"',
     ),
     "DISKINODES": KeySpec(
-        lambda v: parse_barrier_limit(v, _parse_count),
-        'an integer or barrier:limit with barrier <= limit, or "unlimited"',
+        lambda v: parse_barrier_limit(v, _bounded(_parse_count, DISKINODES_MAX)),
+        f'an integer up to {DISKINODES_MAX} or barrier:limit with barrier <= limit, or "unlimited"',
     ),
     "VE_ROOT": KeySpec(_path, "an absolute path ($VEID allowed)"),
     "VE_PRIVATE": KeySpec(_path, "an absolute path ($VEID allowed)"),
@@ -350,6 +399,13 @@ class VEConfig:
                 validate_value(line.key, line.value)
             except ConfigError as e:
                 raise ConfigError(f"{self.source}:{line.lineno}: {e.message}") from None
+
+    def validate_ve(self) -> None:
+        """validate() plus what a VE's own config (not a sample) must have: TEMPLATE_SHA256."""
+        problem = template_sha256_problem(self.get("TEMPLATE_SHA256"), self.source)
+        if problem is not None:
+            raise ConfigError(problem)
+        self.validate()
 
     # -- writing ------------------------------------------------------------------------------------------
 

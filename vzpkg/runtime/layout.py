@@ -25,19 +25,37 @@ ID_RANGE = 65536
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
-def _valid_veid(veid: str) -> bool:
-    # a number of up to 10 digits, or a name starting with a letter (no regex: `re` costs ms to import)
+VEID_MAX = 2**31 - 1  # OpenVZ's ids are C ints; 0 is the host
+
+
+def _veid_problem(veid: str) -> str | None:
+    """Why VEID is not a valid id, or None. No regex: `re` costs ms to import on vzctl's hot path."""
     if veid.isascii() and veid.isdigit():
-        return len(veid) <= 10
-    return 0 < len(veid) <= 64 and veid[0].isascii() and veid[0].isalpha() and set(veid) <= _NAME_CHARS
+        if veid == "0" or int(veid) == 0:
+            return "0 is the host in OpenVZ, not a VE: use 1..2147483647"
+        if veid[0] == "0":
+            return f"write it without leading zeros ({int(veid)}): 0101 and 101 would be two names for one VE"
+        if int(veid) > VEID_MAX:
+            return f"a numeric VEID must be 1..{VEID_MAX}"
+        return None
+    if veid[:1] == "-":
+        return "a VEID cannot start with '-' (did you mean an option? put options after the command)"
+    if 0 < len(veid) <= 64 and veid[0].isascii() and veid[0].isalpha() and set(veid) <= _NAME_CHARS:
+        return None
+    return "use a number 1..2147483647 (no leading zeros) or a name of up to 64 letters, digits, '.', '_', '-' " \
+           "starting with a letter"
 
 
 def check_veid(veid: str) -> str:
     veid = str(veid)
-    if not _valid_veid(veid):
-        raise UsageError(f"invalid VEID {veid!r}: use a number (101) or a name of letters, digits, '.', '_', '-'"
-                         " starting with a letter")
+    problem = _veid_problem(veid)
+    if problem is not None:
+        raise UsageError(f"invalid VEID {veid!r}: {problem}")
     return veid
+
+
+def valid_veid(veid: str) -> bool:
+    return _veid_problem(str(veid)) is None
 
 
 def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
@@ -53,10 +71,12 @@ def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
 
 
 class Layout:
-    __slots__ = ("root",)
+    __slots__ = ("root", "_real", "_tag")
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._real: str | None = None
+        self._tag: str | None = None
 
     def __repr__(self) -> str:
         return f"Layout({str(self.root)!r})"
@@ -113,10 +133,48 @@ class Layout:
     def state(self, veid: str) -> Path:
         return self.run_dir / f"{veid}.state"
 
+    # host-wide names: cgroups (and veth host ends, see net.host_ifname) are one namespace for the whole host,
+    # so they carry a tag of the VZ root: the same VEID in two VZ roots are two VEs
+    def real_root(self) -> str:
+        if self._real is None:
+            self._real = os.path.realpath(self.root)
+        return self._real
+
+    def root_tag(self) -> str:
+        """8 hex digits naming this VZ root host-wide: crc32 of its real path."""
+        if self._tag is None:
+            import zlib
+
+            self._tag = f"{zlib.crc32(os.fsencode(self.real_root())):08x}"
+        return self._tag
+
+    def cgroup_name(self, veid: str) -> str:
+        """The VE's cgroup below vzpkg/ in every hierarchy: <root tag>-<VEID>."""
+        return f"{self.root_tag()}-{veid}"
+
     # templates
     def template(self, sha256: str, id_shift: int = DEFAULT_ID_SHIFT) -> Path:
         name = sha256 if id_shift == DEFAULT_ID_SHIFT else f"{sha256}-{id_shift}"
         return self.template_dir / name
+
+    # the areas only root may enter: templates and private areas hold files owned by the VEs' shifted ids
+    # (host uid 100000 would own them) and setuid binaries; configs, state, locks and dumps are the runtime's
+    SECURE_AREAS = ("template", "private", "root", "conf", "dump", "run", "lock")
+
+    def secure_areas(self) -> None:
+        """Create the VZ root's areas root-owned and 0700, or make them so if they were found wider."""
+        for name in self.SECURE_AREAS:
+            path = self.root / name
+            try:
+                os.makedirs(path, 0o700)
+                continue
+            except FileExistsError:
+                pass
+            st = os.stat(path)
+            if st.st_mode & 0o077 or st.st_uid != os.geteuid():
+                if st.st_uid != os.geteuid():
+                    os.chown(path, os.geteuid(), os.getegid())
+                os.chmod(path, 0o700)
 
     def veids(self) -> list[str]:
         """Every VE with a config, numbers first in numeric order, then names."""
@@ -124,6 +182,7 @@ class Layout:
             names = [n[:-5] for n in os.listdir(self.conf_dir) if n.endswith(".conf") and not n.startswith(".")]
         except FileNotFoundError:
             return []
+        names = [n for n in names if valid_veid(n)]  # a stray file (0101.conf) is no VE
         return sorted(names, key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
 
 

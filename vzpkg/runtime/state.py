@@ -2,7 +2,7 @@
 
 start records the VE init's host pid and its start time (field 22 of /proc/PID/stat, in clock ticks since
 boot) in run/<id>.state. A VE is *running* only if that pid is alive (not a zombie), has that start time
-(so a recycled pid is never mistaken for the VE), is in the VE's cgroup (vzpkg/<id>) and, unless the VE is
+(so a recycled pid is never mistaken for the VE), is in the VE's cgroup (vzpkg/<root tag>-<id>) and, unless the VE is
 privileged, lives in a user namespace other than ours. The file alone proves nothing: after vzctl, the VE or
 the host crashed, the kernel's answer wins.
 """
@@ -69,15 +69,15 @@ def clear_record(layout: Layout, veid: str) -> None:
         pass
 
 
-def record_alive(rec: InitRecord | None, veid: str | None = None) -> bool:
-    """Is REC's process alive, with its recorded start time, (with VEID) in the VE's cgroup, and (unless
-    privileged) in a user namespace of its own?"""
+def record_alive(rec: InitRecord | None, cgroup: str | None = None) -> bool:
+    """Is REC's process alive, with its recorded start time, (with CGROUP, the VE's cgroup name) in the VE's
+    cgroup, and (unless privileged) in a user namespace of its own?"""
     if rec is None:
         return False
     st = proc_stat(rec.pid)
     if st is None or st[0] in ("Z", "X") or st[1] != rec.starttime:
         return False
-    if veid is not None and not in_cgroup(rec.pid, veid):
+    if cgroup is not None and not in_cgroup(rec.pid, cgroup):
         return False
     if not rec.privileged:
         # a VE init lives in a user namespace of its own
@@ -91,17 +91,17 @@ def record_alive(rec: InitRecord | None, veid: str | None = None) -> bool:
 def running_init(layout: Layout, veid: str) -> InitRecord | None:
     """The VE's init if the VE is running, else None."""
     rec = read_record(layout, veid)
-    return rec if record_alive(rec, veid) else None
+    return rec if record_alive(rec, layout.cgroup_name(veid)) else None
 
 
-def in_cgroup(pid: int, ve_id: str) -> bool:
-    """Is PID in a cgroup named vzpkg/<ve_id> (any hierarchy)?"""
+def in_cgroup(pid: int, cgroup: str) -> bool:
+    """Is PID in the cgroup vzpkg/<cgroup> (any hierarchy)?"""
     try:
         with open(f"/proc/{pid}/cgroup") as f:
             text = f.read()
     except OSError:
         return False
-    suffix = f"/vzpkg/{ve_id}"
+    suffix = f"/vzpkg/{cgroup}"
     return any(line.rstrip().endswith(suffix) for line in text.splitlines())
 
 
@@ -125,7 +125,7 @@ def adopt_init(layout: Layout, veid: str, pids: list[int]) -> InitRecord | None:
     are fast.
     """
     if not layout.conf(veid).exists():
-        return None  # cgroup names are host-wide: this may be a VE of another VZ root
+        return None
     try:
         root = os.stat(layout.ve_root(veid))
     except OSError:

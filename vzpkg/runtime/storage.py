@@ -60,13 +60,20 @@ def remove_unused_templates(layout: Layout) -> list[tuple[Path, int]]:
     with templates_lock(layout, exclusive=True):
         used = templates_in_use(layout)
         for path in sorted(layout.template_dir.iterdir()):
-            if path.name.startswith(".") or not path.is_dir() or path.name in used:
+            # only generations (<sha256> or <sha256>-<shift>): the default cache dir, /var/lib/vz/template/cache,
+            # lives here too
+            if not _is_generation(path.name) or not path.is_dir() or path.name in used:
                 continue
             size = disk_usage(path)
             shutil.rmtree(path)
             (layout.template_dir / f".{path.name}.lock").unlink(missing_ok=True)
             removed.append((path, size))
     return removed
+
+
+def _is_generation(name: str) -> bool:
+    sha, _, shift = name.partition("-")
+    return len(sha) == 64 and set(sha) <= set("0123456789abcdef") and (shift == "" or shift.isdigit())
 
 
 def cache_init(cache_dir: Path, name: str) -> str:

@@ -30,7 +30,7 @@ import signal
 import sys
 from pathlib import Path
 
-from vzpkg.errors import VEError, VENotFoundError, VEStateError
+from vzpkg.errors import ConfigError, VEError, VENotFoundError, VEOutOfMemoryError, VEStateError
 
 from . import ns, state, storage
 from .layout import DEFAULT_ID_SHIFT, ID_RANGE, Layout, check_veid
@@ -68,27 +68,85 @@ VE_ENV = {
 # helpers
 
 
-class _Lock:
-    """flock on lock/<id>.lock: one vzctl operation per VE at a time."""
+class VELock:
+    """flock on lock/<id>.lock: one vzctl operation per VE at a time.
 
-    def __init__(self, layout: Layout, veid: str) -> None:
+    The lock file is also the VE's journal (see leftovers.py): `begin("create")` ... `done()` around work that
+    a SIGKILL could cut off half-way; whoever takes the lock next finds the name there and finishes or undoes
+    that work (`recovered` lists what it removed). The lock file of a VE that does not exist is removed on the
+    way out, under the lock; a waiter that then gets the lock on the removed file notices (the path names
+    another inode, or none) and takes the lock again."""
+
+    def __init__(self, layout: Layout, veid: str, *, wait: bool = True) -> None:
+        self.layout = layout
+        self.veid = veid
         self.path = layout.lock(veid)
         self.fd = -1
+        self.wait = wait  # False: raise BlockingIOError if someone holds it
+        self.recovered: list[tuple[Path, int]] = []
 
-    def __enter__(self) -> _Lock:
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+    def __enter__(self) -> VELock:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_CREAT, 0o600)
+            except FileNotFoundError:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not self.wait:
+                        raise
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                st, now = os.fstat(fd), os.stat(self.path)
+                if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                    break
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        self.fd = fd
+        intent = os.pread(fd, 256, 0)
+        if intent.strip():
+            self.recovered = _recover(self.layout, self.veid, intent.decode(errors="replace").strip(), fd)
         return self
 
+    def begin(self, what: str) -> None:
+        data = f"{what} {os.getpid()}\n".encode()
+        os.pwrite(self.fd, data, 0)
+        os.ftruncate(self.fd, len(data))
+
+    def done(self) -> None:
+        os.ftruncate(self.fd, 0)
+
     def __exit__(self, *exc) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if not exists(self.layout, self.veid) and not os.pread(self.fd, 1, 0):
+                os.unlink(self.path)  # a VE that does not exist leaves no lock file
+        except OSError:
+            pass
         os.close(self.fd)
+        self.fd = -1
+
+
+def exists(layout: Layout, veid: str) -> bool:
+    return layout.conf(veid).exists() or os.path.lexists(layout.private(veid))
+
+
+def _recover(layout: Layout, veid: str, intent: str, fd: int) -> list[tuple[Path, int]]:
+    """Finish or undo what an operation killed half-way left (its name is INTENT, read from the journal)."""
+    from . import leftovers
+
+    if intent.split()[0] == "destroy":
+        _stop_locked(layout, veid, fast=True, timeout=DEFAULT_STOP_TIMEOUT)
+    removed = leftovers.recover_files(layout, veid, intent)
+    leftovers.clear_intent(fd)
+    return removed
 
 
 def _cgroups():
@@ -104,9 +162,10 @@ def running_init(layout: Layout, veid: str) -> state.InitRecord | None:
         return rec
     try:
         cg = _cgroups()
-        if not cg.exists(veid):
+        name = layout.cgroup_name(veid)
+        if not cg.exists(name):
             return None
-        return state.adopt_init(layout, veid, cg.pids(veid))
+        return state.adopt_init(layout, veid, cg.pids(name))
     except VEError:
         return None
 
@@ -168,7 +227,7 @@ def load_conf_cached(layout: Layout, veid: str) -> _ConfView:
     except (OSError, ValueError, UnicodeError):
         pass
     conf = load_conf(layout, veid)
-    conf.validate()  # a hand-edited config with a bad value is refused here, naming file, line and key
+    conf.validate_ve()  # a hand-edited config with a bad value is refused here, naming file, line and key
     view = _ConfView(conf.to_dict(), _limits_from_conf(conf))
     out = [key]
     for k, v in view.values.items():
@@ -192,8 +251,18 @@ def _conf_params(conf) -> tuple[bool, int, str, str]:
     return privileged, id_shift, conf.get("LAYOUT") or "overlay", conf.get("TEMPLATE_SHA256") or ""
 
 
-def _template_of(layout: Layout, conf) -> Path:
+_HEX = frozenset("0123456789abcdef")
+
+
+def _template_of(layout: Layout, veid: str, conf) -> Path:
     _, id_shift, _, sha = _conf_params(conf)
+    if len(sha) != 64 or not set(sha) <= _HEX:
+        # with "" the lower layer would be the whole template area: refuse (conf.template_sha256_problem says
+        # why, in full; imported only here, off the hot path)
+        from .conf import template_sha256_problem
+
+        raise ConfigError(template_sha256_problem(conf.get("TEMPLATE_SHA256"), str(layout.conf(veid)))
+                          or f"{layout.conf(veid)}: TEMPLATE_SHA256 is invalid")
     return layout.template(sha, id_shift)
 
 
@@ -221,11 +290,13 @@ def create(
         raise VEError(f"id shift {id_shift}: must be 1..{2**32 - ID_RANGE} (host uid of the VE's root)")
     if hostname:
         validate_value("HOSTNAME", hostname)
-    for d in (layout.conf_dir, layout.lock_dir, layout.template_dir, layout.private_dir, layout.mount_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    with _Lock(layout, veid):
+    layout.secure_areas()
+    with VELock(layout, veid) as lock:
         if layout.conf(veid).exists():
             raise VEStateError(f"VE {veid} already exists ({layout.conf(veid)}): pick another VEID or destroy it")
+        if os.path.lexists(layout.private(veid)):
+            raise VEStateError(f"VE {veid} has a private area {layout.private(veid)} but no config: restore "
+                               f"{layout.conf(veid)}, or remove the private area, or pick another VEID")
         conf = VEConfig.load(sample_path(sample or "basic"))
         kind = layout_kind or conf.get("LAYOUT") or "overlay"
         if kind not in ("overlay", "copy"):
@@ -234,7 +305,8 @@ def create(
         shift = 0 if privileged else id_shift
         # Shared hold on the template area until the config naming the template is saved: `vzpkg clean
         # --templates` cannot remove a generation between its unpacking and its first user.
-        with storage.templates_lock(layout, exclusive=False):
+        lock.begin("create")  # a SIGKILL from here on: the next command on the VE removes what was made
+        with _done(lock), storage.templates_lock(layout, exclusive=False):
             sha, template = storage.ensure_template(layout, Path(cache_dir), ostemplate, shift)
             storage.create_private(layout, veid, template, kind, shift)
             try:
@@ -253,19 +325,37 @@ def create(
                 conf.save(layout.conf(veid))
             except BaseException:
                 storage.remove_private(layout, veid)
+                try:
+                    layout.ve_root(veid).rmdir()
+                except OSError:
+                    pass
                 raise
+
+
+class _done:  # noqa: N801 (a context manager, like open)
+    """Empty the journal when the block ends, however it ends (a Python-level failure undoes its own work)."""
+
+    def __init__(self, lock: VELock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.done()
 
 
 def mount(layout: Layout, veid: str) -> None:
     veid = check_veid(veid)
-    with _Lock(layout, veid):
+    layout.secure_areas()
+    with VELock(layout, veid):
         conf = load_conf(layout, veid)
-        storage.mount_root(layout, veid, _template_of(layout, conf), _conf_params(conf)[2])
+        storage.mount_root(layout, veid, _template_of(layout, veid, conf), _conf_params(conf)[2])
 
 
 def umount(layout: Layout, veid: str) -> None:
     veid = check_veid(veid)
-    with _Lock(layout, veid):
+    with VELock(layout, veid):
         load_conf(layout, veid)
         if running_init(layout, veid):
             raise VEStateError(f"VE {veid} is running: stop it first ('vzctl stop {veid}')")
@@ -274,23 +364,28 @@ def umount(layout: Layout, veid: str) -> None:
 
 def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
     veid = check_veid(veid)
-    with _Lock(layout, veid):
-        exists = layout.conf(veid).exists() or layout.private(veid).exists()
-        if not exists:
+    with VELock(layout, veid) as lock:
+        if not exists(layout, veid):
+            if lock.recovered:
+                return  # the leftovers of an interrupted create or destroy of it were just removed
             raise VENotFoundError(f"VE {veid} does not exist")
         if running_init(layout, veid):
             if not force:
                 raise VEStateError(f"VE {veid} is running: stop it first, or use 'vzctl destroy {veid} --force'")
         _stop_locked(layout, veid, fast=True, timeout=DEFAULT_STOP_TIMEOUT)
+        # the point of no return: from here a SIGKILL leaves a journal entry and the next command on the VE (or
+        # `vzpkg clean --ves`) finishes the destroy; the config goes first, so a half-destroyed VE never looks
+        # like one that exists
+        lock.begin("destroy")
+        layout.conf(veid).unlink(missing_ok=True)
+        (layout.run_dir / f"{veid}.conf-cache").unlink(missing_ok=True)
         storage.remove_private(layout, veid)
         for p in (layout.ve_root(veid), layout.dump(veid)):
             if p.is_dir():
                 import shutil
 
                 shutil.rmtree(p, ignore_errors=True)
-        layout.conf(veid).unlink(missing_ok=True)
-        (layout.run_dir / f"{veid}.conf-cache").unlink(missing_ok=True)
-        layout.lock(veid).unlink(missing_ok=True)
+        lock.done()  # (the lock file itself goes on the way out: the VE no longer exists)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,13 +405,15 @@ def _limits_from_conf(conf) -> dict:
 def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
     """Start the VE; returns the host pid of its init."""
     veid = check_veid(veid)
-    with _Lock(layout, veid):
+    layout.secure_areas()
+    with VELock(layout, veid):
         conf = load_conf_cached(layout, veid)
         if running_init(layout, veid):
             raise VEStateError(f"VE {veid} is already running")
         # whatever a crashed start or a dead VE left behind
         _cleanup(layout, veid, keep_mount=True)
         privileged, id_shift, kind, _ = _conf_params(conf)
+        template = _template_of(layout, veid, conf)  # before anything is set up: a bad config changes nothing
         init_kind = conf.get("INIT") or "minimal"
         vzinit = None
         if init_kind != "distro":
@@ -325,16 +422,18 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
             path = init_mod.build(layout.lib_dir)
             vzinit = path.read_bytes() if path else None
         cg = _cgroups()
-        cg.create(veid)
+        cgname = layout.cgroup_name(veid)
+        cg.create(cgname)
         try:
-            cg.set_limits(veid, **conf.limits)
-            cg.setup_devices(veid, DEVICE_RULES)
-            root = storage.mount_root(layout, veid, _template_of(layout, conf), kind)
+            cg.set_limits(cgname, **conf.limits)
+            cg.setup_devices(cgname, DEVICE_RULES)
+            root = storage.mount_root(layout, veid, template, kind)
             pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit)
             if conf.get("IP_ADDRESS"):
                 from . import net
 
-                net.setup_veth(veid, pid, conf.get("IP_ADDRESS"), net.bridge_name(conf.get("BRIDGE")))
+                net.setup_veth(layout.real_root(), veid, pid, conf.get("IP_ADDRESS"),
+                               net.bridge_name(conf.get("BRIDGE")))
             return pid
         except BaseException:
             rec = state.read_record(layout, veid)
@@ -368,10 +467,7 @@ def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit
     if conf.get("HOSTNAME"):
         files["etc/hostname"] = f"{hostname}\n"
     if conf.get("NAMESERVER"):
-        lines = [f"nameserver {ns_}" for ns_ in (conf.get("NAMESERVER") or "").split()]
-        if conf.get("SEARCHDOMAIN"):
-            lines.append(f"search {conf.get('SEARCHDOMAIN')}")
-        files["etc/resolv.conf"] = "\n".join(lines) + "\n"
+        files["etc/resolv.conf"] = _resolv_conf(conf)
     init_path, init_argv = init_mod.argv_for(init_kind, vzinit)
     up_r, up_w = os.pipe2(os.O_CLOEXEC)
     down_r, down_w = os.pipe2(os.O_CLOEXEC)
@@ -382,7 +478,8 @@ def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit
     if pid == 0:
         os.close(up_r)
         os.close(down_w)
-        _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_argv, vzinit, files)
+        _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_argv, vzinit, files,
+               _tmpfs_sizes(conf.limits.get("ram")))
     os.close(up_w)
     os.close(down_r)
     init_pid = 0
@@ -395,7 +492,7 @@ def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit
         else:
             if not privileged:
                 ns.write_id_maps(pid, id_shift, ID_RANGE)
-            cg.attach(veid, pid)
+            cg.attach(layout.cgroup_name(veid), pid)
             os.write(down_w, b"G")
             for msg in msgs:
                 if msg.startswith("P"):
@@ -426,7 +523,7 @@ def _report(fd: int, exc: BaseException) -> None:
         pass
 
 
-def _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_argv, vzinit, files) -> None:
+def _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_argv, vzinit, files, tmpfs) -> None:
     """The middle process: makes the user namespace, then the others, then forks the VE's pid 1."""
     try:
         ns.set_pdeathsig(signal.SIGKILL)
@@ -451,7 +548,7 @@ def _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_arg
         pid = os.fork()
         if pid == 0:
             try:
-                _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit, files)
+                _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit, files, tmpfs)
             except BaseException as e:
                 _report(up_w, e)
             os._exit(1)
@@ -478,7 +575,20 @@ def _bind_ro(path: str) -> None:
     ns.mount(None, path, None, ns.MS_BIND | ns.MS_REMOUNT | ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)
 
 
-def _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit, files) -> None:
+RUN_SIZE_MAX = 64 << 20
+
+
+def _tmpfs_sizes(ram) -> tuple[str, str]:
+    """size= options of the VE's /dev/shm and /run. Their pages are charged to the VE's memory cgroup and cannot
+    be reclaimed without swap: unbounded, a full /dev/shm leaves no memory for processes and every later
+    command is OOM-killed. So /dev/shm gets half of RAM and /run an eighth (at most 64 MB); without a RAM limit,
+    /dev/shm keeps tmpfs's default (half of the host's memory) and /run 64 MB."""
+    if not isinstance(ram, int) or ram <= 0:
+        return "", f"size={RUN_SIZE_MAX >> 10}k"
+    return f"size={max(ram // 2 >> 10, 64)}k", f"size={max(min(ram // 8, RUN_SIZE_MAX) >> 10, 64)}k"
+
+
+def _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit, files, tmpfs) -> None:
     """VE pid 1 before exec: build the VE's world, pivot into it, exec the init."""
     os.setsid()
     r = "."  # the cwd is the VE root (see _child): every path below is relative to it
@@ -508,13 +618,14 @@ def _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit, fil
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{dev}/{link}")
     os.mkdir(f"{dev}/shm")
-    ns.mount("tmpfs", f"{dev}/shm", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=1777")
+    shm_size, run_size = tmpfs
+    ns.mount("tmpfs", f"{dev}/shm", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, ",".join(filter(None, ("mode=1777", shm_size))))
     os.mkdir(f"{dev}/mqueue")
     try:
         ns.mount("mqueue", f"{dev}/mqueue", "mqueue", nosuid_nodev_noexec)
     except OSError:
         pass
-    ns.mount("tmpfs", f"{r}/run", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=755,size=65536k")
+    ns.mount("tmpfs", f"{r}/run", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, f"mode=755,{run_size}")
     os.mkdir(f"{r}/run/lock", 0o1777)
     os.chmod(f"{r}/run/lock", 0o1777)
     # masks
@@ -540,14 +651,7 @@ def _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit, fil
     os.chdir("/")
     ns.sethostname(hostname)
     # only now, inside the VE's root: a symlink the VE planted resolves within the VE, never on the host
-    for rel, text in files.items():
-        try:
-            if os.path.islink(f"/{rel}"):
-                os.unlink(f"/{rel}")
-            with open(f"/{rel}", "w") as f:
-                f.write(text)
-        except OSError:
-            pass
+    _write_files(files)
     try:
         ns.bring_up_loopback()
     except OSError:
@@ -586,16 +690,32 @@ def _cleanup(layout: Layout, veid: str, *, keep_mount: bool = False) -> None:
         cg = cgmod.detect()
     except VEError:
         cg = None
-    if cg is not None and cg.exists(veid):
-        if cg.pids(veid):  # (kill_all freezes first: skip it when the pid namespace already emptied it)
-            cg.kill_all(veid)
-        cg.remove(veid)
+    name = layout.cgroup_name(veid)
+    if cg is not None and cg.exists(name):
+        if cg.pids(name):  # (kill_all freezes first: skip it when the pid namespace already emptied it)
+            cg.kill_all(name)
+        cg.remove(name)
     if not keep_mount:
         storage.umount_root(layout, veid)
     state.clear_record(layout, veid)
     from . import net
 
-    net.remove_veth(veid)
+    net.remove_veth(layout.real_root(), veid)
+
+
+STOP_TIMEOUT_MAX = 3600.0
+
+
+def _sane_timeout(timeout: float) -> float:
+    """Any number (nan, inf, negative, 1e300) -> seconds in 0..STOP_TIMEOUT_MAX (the CLI refuses such values;
+    the library never fails on them half-way through a stop)."""
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        return DEFAULT_STOP_TIMEOUT
+    if t != t:  # nan
+        return DEFAULT_STOP_TIMEOUT
+    return min(max(t, 0.0), STOP_TIMEOUT_MAX)
 
 
 def _wait_exit(pidfd: int, timeout: float) -> bool:
@@ -603,37 +723,40 @@ def _wait_exit(pidfd: int, timeout: float) -> bool:
 
     p = select.poll()
     p.register(pidfd, select.POLLIN)
-    return bool(p.poll(max(0, int(timeout * 1000))))
+    return bool(p.poll(int(_sane_timeout(timeout) * 1000)))
 
 
 def _stop_locked(layout: Layout, veid: str, *, fast: bool, timeout: float) -> bool:
     """Stop (if running) and clean up. Returns whether the VE was running."""
     rec = running_init(layout, veid)
     was_running = rec is not None
-    if rec is not None:
-        try:
-            pidfd = os.pidfd_open(rec.pid)
-        except ProcessLookupError:
-            pidfd = -1
-        if pidfd >= 0:
+    try:
+        if rec is not None:
             try:
-                # the pid may have been recycled between the check and pidfd_open: check again
-                if state.record_alive(rec):
-                    sig = signal.SIGKILL if fast else signal.SIGTERM
-                    signal.pidfd_send_signal(pidfd, sig)
-                    if not _wait_exit(pidfd, timeout) and not fast:
-                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                        _wait_exit(pidfd, 5.0)
-            finally:
-                os.close(pidfd)
-    _cleanup(layout, veid)
+                pidfd = os.pidfd_open(rec.pid)
+            except ProcessLookupError:
+                pidfd = -1
+            if pidfd >= 0:
+                try:
+                    # the pid may have been recycled between the check and pidfd_open: check again
+                    if state.record_alive(rec):
+                        sig = signal.SIGKILL if fast else signal.SIGTERM
+                        signal.pidfd_send_signal(pidfd, sig)
+                        if not _wait_exit(pidfd, timeout) and not fast:
+                            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                            _wait_exit(pidfd, 5.0)
+                finally:
+                    os.close(pidfd)
+    finally:
+        # whatever happened above (even Ctrl-C while waiting): never leave processes, mounts or cgroups behind
+        _cleanup(layout, veid)
     return was_running
 
 
 def stop(layout: Layout, veid: str, *, fast: bool = False, timeout: float = DEFAULT_STOP_TIMEOUT) -> bool:
     """Stop the VE and undo its mounts and cgroups. Returns False if it was not running (cleanup still done)."""
     veid = check_veid(veid)
-    with _Lock(layout, veid):
+    with VELock(layout, veid):
         if not layout.conf(veid).exists():
             raise VENotFoundError(f"VE {veid} does not exist")
         return _stop_locked(layout, veid, fast=fast, timeout=timeout)
@@ -657,12 +780,14 @@ def _cgroup_mounts() -> list[tuple[set[str], str]]:
     return mounts
 
 
-def join_cgroups_of(pid: int) -> None:
-    """Move ourselves into every cgroup PID is in (all hierarchies), so the VE's limits apply to us.
+def join_cgroups_of(pid: int) -> str | None:
+    """Move ourselves into every cgroup PID is in (all hierarchies), so the VE's limits apply to us. Returns
+    the directory of its memory cgroup (v1 memory hierarchy, or v2), or None.
 
     Done from /proc/PID/cgroup and mountinfo directly: no import of the cgroups module on the exec path.
     """
     mounts = None
+    memory = None
     me = str(os.getpid()).encode()
     with open(f"/proc/{pid}/cgroup") as f:
         lines = f.read().splitlines()
@@ -676,6 +801,8 @@ def join_cgroups_of(pid: int) -> None:
         point = next((p for opts, p in mounts if (want <= opts if want else not opts)), None)
         if point is None:
             continue
+        if "memory" in want or (not want and memory is None):
+            memory = f"{point}{path}"
         try:
             fd = os.open(f"{point}{path}/cgroup.procs", os.O_WRONLY)
             try:
@@ -685,9 +812,64 @@ def join_cgroups_of(pid: int) -> None:
         except OSError as e:
             if "/vzpkg/" in path:
                 raise VEError(f"cannot join the VE's cgroup {point}{path}: {e.strerror}") from None
+    return memory
 
 
-def _enter_namespaces(layout: Layout, veid: str):
+class _OomWatch:
+    """The VE's memory cgroup counters, opened on the host before entering the VE's mount namespace (after it the
+    cgroup file systems are out of sight): how many processes its OOM killer has killed, and its RAM limit."""
+
+    def __init__(self, memdir: str | None) -> None:
+        self.fds: dict[str, int] = {}
+        for name in ("memory.oom_control", "memory.events", "memory.limit_in_bytes", "memory.max"):
+            try:
+                self.fds[name] = os.open(f"{memdir}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            except (OSError, TypeError):
+                pass
+        self.before = self.oom_kills()
+
+    def _read(self, name: str) -> str | None:
+        fd = self.fds.get(name)
+        if fd is None:
+            return None
+        try:
+            return os.pread(fd, 4096, 0).decode()
+        except OSError:
+            return None
+
+    def oom_kills(self) -> int:
+        for name in ("memory.events", "memory.oom_control"):
+            for line in (self._read(name) or "").splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and value.strip().isdigit():
+                    return int(value)
+        return 0
+
+    def ram(self) -> int | None:
+        text = (self._read("memory.max") or self._read("memory.limit_in_bytes") or "max").strip()
+        return int(text) if text.isdigit() and int(text) < 1 << 62 else None
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _oom_message(veid: str, argv: list[str], ram: int | None, *, direct: bool) -> str:
+    what = " ".join(argv)
+    what = repr(what if len(what) <= 60 else what[:57] + "...")
+    victim = what if direct else f"a process started by {what}"
+    if ram is None:
+        return (f"{victim} was killed by the out-of-memory killer: VE {veid} has no RAM limit and the host ran out "
+                "of memory")
+    # (no import here: this runs inside the VE's mount namespace, where the host's module files are out of sight)
+    size = next((f"{ram >> k}{u}" for k, u in ((40, "T"), (30, "G"), (20, "M"), (10, "K")) if ram % (1 << k) == 0),
+                str(ram))
+    return (f"{victim} was killed by VE {veid}'s memory limit (RAM={size}): use less memory in the VE "
+            f"(files in /dev/shm and /run count too) or raise it: 'vzctl set {veid} --ram SIZE --save'")
+
+
+def _enter_namespaces(layout: Layout, veid: str, oom: list | None = None):
     """Join the running VE's cgroups and namespaces (all but pid take effect at once; pid for children)."""
     rec = running_init(layout, veid)
     if rec is None:
@@ -702,7 +884,9 @@ def _enter_namespaces(layout: Layout, veid: str):
             fds.append((os.open(f"/proc/{rec.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag))
         if not state.record_alive(rec):
             raise VEStateError(f"VE {veid} stopped while entering it")
-        join_cgroups_of(rec.pid)
+        memdir = join_cgroups_of(rec.pid)
+        if oom is not None:
+            oom.append(_OomWatch(memdir))
         for fd, flag in fds:
             ns.setns(fd, flag)
             if flag == ns.CLONE_NEWUSER:
@@ -729,7 +913,8 @@ def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] |
     veid = check_veid(veid)
     if not argv:
         raise VEError("vzctl exec: no command given")
-    rec = _enter_namespaces(layout, veid)
+    watch: list[_OomWatch] = []
+    rec = _enter_namespaces(layout, veid, watch)
     environ = dict(VE_ENV)
     if os.environ.get("TERM"):
         environ["TERM"] = os.environ["TERM"]
@@ -757,6 +942,12 @@ def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] |
         except InterruptedError:
             continue
     code = os.waitstatus_to_exitcode(status)
+    if watch and code in (-signal.SIGKILL, 128 + signal.SIGKILL) and watch[0].oom_kills() > watch[0].before:
+        # the OOM killer took the command (or, status 137 from a shell, a process it ran): say so instead of
+        # a silent "Killed"
+        if code < 0:
+            raise VEOutOfMemoryError(_oom_message(veid, argv, watch[0].ram(), direct=True))
+        print(f"vzctl: note: {_oom_message(veid, argv, watch[0].ram(), direct=False)}", file=sys.stderr)
     return 128 - code if code < 0 else code
 
 
@@ -849,47 +1040,104 @@ def enter(layout: Layout, veid: str, shell: list[str] | None = None) -> int:
 
 SETTABLE = ("RAM", "SWAP", "CPUUNITS", "CPULIMIT", "CPUS", "NUMPROC", "DISKSPACE", "DISKINODES", "HOSTNAME",
             "IP_ADDRESS", "NAMESERVER", "ONBOOT", "INIT")
+# what `set` changes in a running VE at once; the rest is read only when the VE starts (or at host boot)
+LIVE = frozenset({"RAM", "SWAP", "CPUUNITS", "CPULIMIT", "CPUS", "NUMPROC", "HOSTNAME", "IP_ADDRESS", "NAMESERVER",
+                  "SEARCHDOMAIN"})
+_LIMIT_ARGS = {"ram": "RAM", "swap": "SWAP", "cpuunits": "CPUUNITS", "cpulimit": "CPULIMIT", "cpus": "CPUS",
+               "numproc": "NUMPROC"}
 
 
-def set_params(layout: Layout, veid: str, changes: dict[str, str], *, save: bool) -> tuple[bool, bool]:
-    """Validate and apply CHANGES (config keys -> values). Returns (applied to a running VE, saved)."""
+def set_params(layout: Layout, veid: str, changes: dict[str, str], *, save: bool) -> tuple[bool, bool, list[str]]:
+    """Validate and apply CHANGES (config keys -> values).
+
+    Returns (applied to a running VE, saved, the changed keys that take effect only at the next start). A change
+    that would change nothing — the VE is not running, or a key only read at start, and no --save — is refused
+    (UsageError) before anything is applied."""
+    from vzpkg.errors import UsageError
+
     veid = check_veid(veid)
-    with _Lock(layout, veid):
+    with VELock(layout, veid) as lock:
         conf = load_conf(layout, veid)
         for key, value in changes.items():
             conf.set(key, value)
         rec = running_init(layout, veid)
+        later = [k for k in changes if rec is None or k not in LIVE]
+        if later and not save:
+            if rec is None:
+                raise UsageError(f"VE {veid} is not running and --save was not given: nothing would change; add "
+                                 "--save to store the change in its config")
+            raise UsageError(f"{', '.join(later)} cannot change in a running VE (read at its next start): add "
+                             "--save to store it for then")
         if rec is not None:
-            limit_keys = {"RAM", "SWAP", "CPUUNITS", "CPULIMIT", "CPUS", "NUMPROC"}
-            if limit_keys & set(changes):
-                limits = _limits_from_conf(conf)
-                wanted = {
-                    "ram": "RAM", "swap": "SWAP", "cpuunits": "CPUUNITS", "cpulimit": "CPULIMIT", "cpus": "CPUS",
-                    "numproc": "NUMPROC",
-                }
-                _cgroups().set_limits(veid, **{k: limits[k] for k, key in wanted.items() if key in changes
-                                               and k in limits})
-            if "HOSTNAME" in changes:
-                _set_hostname(rec, changes["HOSTNAME"])
+            _apply_live(layout, veid, rec, conf, changes)
         if save:
-            conf.save(layout.conf(veid))
-        return rec is not None, save
+            lock.begin("save")  # a SIGKILL in save leaves a temporary file that the next holder removes
+            with _done(lock):
+                conf.save(layout.conf(veid))
+        return rec is not None and bool(LIVE & set(changes)), save, later if rec is not None else []
 
 
-def _set_hostname(rec: state.InitRecord, hostname: str) -> None:
+def _apply_live(layout: Layout, veid: str, rec: state.InitRecord, conf, changes: dict[str, str]) -> None:
+    if {"RAM", "SWAP", "CPUUNITS", "CPULIMIT", "CPUS", "NUMPROC"} & set(changes):
+        limits = _limits_from_conf(conf)
+        _cgroups().set_limits(layout.cgroup_name(veid), **{k: limits[k] for k, key in _LIMIT_ARGS.items()
+                                                          if key in changes and k in limits})
+    files = {}
+    if {"NAMESERVER", "SEARCHDOMAIN"} & set(changes) and conf.get("NAMESERVER"):
+        files["etc/resolv.conf"] = _resolv_conf(conf)
+    if "HOSTNAME" in changes or files:
+        _in_ve(rec, changes.get("HOSTNAME"), files)
+    if "IP_ADDRESS" in changes:
+        from . import net
+
+        net.apply_addresses(layout.real_root(), veid, rec.pid, conf.get("IP_ADDRESS") or "",
+                            net.bridge_name(conf.get("BRIDGE")))
+
+
+def _resolv_conf(conf) -> str:
+    lines = [f"nameserver {ns_}" for ns_ in (conf.get("NAMESERVER") or "").split()]
+    if conf.get("SEARCHDOMAIN"):
+        lines.append(f"search {conf.get('SEARCHDOMAIN')}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_files(files: dict[str, str]) -> None:
+    """Write FILES (paths relative to /) as the VE's root, from inside the VE's mount namespace: a symlink the VE
+    planted resolves within the VE, never on the host; the last component is never followed (O_NOFOLLOW)."""
+    for rel, text in files.items():
+        path = f"/{rel}"
+        try:
+            if os.path.islink(path):
+                os.unlink(path)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+
+def _in_ve(rec: state.InitRecord, hostname: str | None, files: dict[str, str]) -> None:
+    """In a child that joins the running VE's user, uts and mount namespaces: set the hostname, write FILES."""
     pid = os.fork()
     if pid == 0:
         try:
             if not rec.privileged:
                 ns.setns(os.open(f"/proc/{rec.pid}/ns/user", os.O_RDONLY), ns.CLONE_NEWUSER)
+                ns.setresid(0, 0)
             ns.setns(os.open(f"/proc/{rec.pid}/ns/uts", os.O_RDONLY), ns.CLONE_NEWUTS)
-            ns.sethostname(hostname)
+            # joining the mount namespace makes its root (the VE's root) our root and cwd
+            ns.setns(os.open(f"/proc/{rec.pid}/ns/mnt", os.O_RDONLY), ns.CLONE_NEWNS)
+            if hostname:
+                ns.sethostname(hostname)
+            _write_files(files)
             os._exit(0)
         except BaseException:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     if status != 0:
-        raise VEError(f"could not set the hostname {hostname!r} in the running VE")
+        raise VEError(f"could not apply {'the hostname' if hostname else 'the resolver settings'} in the running VE")
 
 
 def status(layout: Layout, veid: str, *, beancounters: bool = False) -> dict:
@@ -907,7 +1155,8 @@ def status(layout: Layout, veid: str, *, beancounters: bool = False) -> dict:
     if beancounters:
         try:
             cg = _cgroups()
-            out["beancounters"] = cg.counters(veid) if cg.exists(veid) else {}
+            name = layout.cgroup_name(veid)
+            out["beancounters"] = cg.counters(name) if cg.exists(name) else {}
         except VEError:
             out["beancounters"] = {}
     return out
@@ -928,10 +1177,11 @@ def list_ves(layout: Layout, veids: list[str] | None = None, *, disk: bool = Tru
     rows = []
     for veid in veids or layout.veids():
         veid = check_veid(veid)
+        if veids and not layout.conf(veid).exists():
+            # asked for by name: an unknown VE is an error, as in vzctl (not an empty, successful list)
+            raise VENotFoundError(f"VE {veid} does not exist (no {layout.conf(veid)})")
         try:
             conf = VEConfig.load(layout.conf(veid), strict=False)
-        except VEError:
-            conf = None
         except Exception:
             conf = None
         if conf is None and not layout.conf(veid).exists():
@@ -952,7 +1202,7 @@ def list_ves(layout: Layout, veids: list[str] | None = None, *, disk: bool = Tru
         if rec is not None:
             try:
                 cg = cg or _cgroups()
-                counters = cg.counters(veid)
+                counters = cg.counters(layout.cgroup_name(veid))
                 row["numproc"] = (counters.get("numproc") or {}).get("held")
                 row["memory"] = (counters.get("memory") or {}).get("held")
             except VEError:

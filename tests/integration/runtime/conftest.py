@@ -19,14 +19,22 @@ PROBE_SRC = Path(__file__).with_name("probe.c")
 _counter = itertools.count(1)
 
 
-def cgroup_dirs(veid: str) -> list[Path]:
-    """Every cgroup directory named vzpkg/<veid> in any mounted hierarchy."""
+def cgroup_name(root: Path, veid: str) -> str:
+    """A VE's cgroup name below vzpkg/: <crc32 of the VZ root's real path>-<VEID> (computed here independently of
+    the runtime's layout.cgroup_name, so that a change of the scheme shows up in the tests)."""
+    import zlib
+
+    return f"{zlib.crc32(os.fsencode(os.path.realpath(root))):08x}-{veid}"
+
+
+def cgroup_dirs(name: str) -> list[Path]:
+    """Every cgroup directory named vzpkg/<name> in any mounted hierarchy (NAME: see cgroup_name)."""
     found = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             pre, _, post = line.partition(" - ")
             if post.split()[:1] in (["cgroup"], ["cgroup2"]):
-                d = Path(pre.split()[4]) / "vzpkg" / veid
+                d = Path(pre.split()[4]) / "vzpkg" / name
                 if d.is_dir():
                     found.append(d)
     return found
@@ -75,6 +83,9 @@ class Runtime:
            ) -> subprocess.CompletedProcess[str]:
         return self.vzctl("exec", veid, "/bin/sh", "-c", script, check=check, timeout=timeout)
 
+    def cgroup_dirs(self, veid: str) -> list[Path]:
+        return cgroup_dirs(cgroup_name(self.root, veid))
+
     def private(self, veid: str) -> Path:
         return self.root / "private" / veid
 
@@ -92,7 +103,7 @@ class Runtime:
                 p = self.vzctl("destroy", veid, "--force", check=False)
                 if p.returncode != 0:
                     problems.append(f"destroy {veid}: {p.stderr}")
-            left = cgroup_dirs(veid) + [Path(m) for m in mounts_below(self.ve_root(veid))]
+            left = self.cgroup_dirs(veid) + [Path(m) for m in mounts_below(self.ve_root(veid))]
             if left:
                 problems.append(f"{veid} left {left}")
         self.created.clear()
@@ -130,6 +141,38 @@ def vz_root(tmp_path_factory, debian12_cache):
 def rt(vz_root, debian12_cache):
     cache_dir, name = debian12_cache
     runtime = Runtime(vz_root, cache_dir, name)
+    try:
+        yield runtime
+    finally:
+        runtime.cleanup()
+
+
+@pytest.fixture(scope="session")
+def open_root(debian12_cache):
+    """A second VZ root that other host users could reach if the runtime let them: under /var/tmp with mode 0755
+    all the way (pytest's own temporary directories are 0700, which would hide everything)."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="vzpkg-open-root-", dir="/var/tmp"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        from vzpkg.runtime import ve
+        from vzpkg.runtime.layout import Layout
+
+        for veid in Layout(root).veids():
+            try:
+                ve.destroy(Layout(root), veid, force=True)
+            except Exception:
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def open_rt(open_root, debian12_cache):
+    cache_dir, name = debian12_cache
+    runtime = Runtime(open_root, cache_dir, name)
     try:
         yield runtime
     finally:

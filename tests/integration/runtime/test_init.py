@@ -57,9 +57,7 @@ def test_distro_init_missing_is_a_clean_error(rt):
     p = rt.vzctl("start", veid, check=False)
     assert p.returncode == 30 and "/sbin/init" in p.stderr, p.stderr
     assert rt.vzctl("status", veid).stdout.strip().endswith("unmounted down")
-    from .conftest import cgroup_dirs
-
-    assert cgroup_dirs(veid) == []
+    assert rt.cgroup_dirs(veid) == []
 
 
 def test_template_with_distro_init(seeded_cache_dir, tmp_path):

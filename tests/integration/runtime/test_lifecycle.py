@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from .conftest import Runtime, cgroup_dirs, mounts_below
+from .conftest import Runtime, mounts_below
 
 pytestmark = pytest.mark.root
 
@@ -56,7 +56,7 @@ def test_restart_and_destroy_refuses_running(rt):
     assert rt.init_pid(veid) != pid1
     assert rt.vzctl("exec", veid, "true").returncode == 0
     rt.vzctl("destroy", veid, "--force")
-    assert not cgroup_dirs(veid)
+    assert not rt.cgroup_dirs(veid)
 
 
 def test_start_twice_and_unknown_ve(rt):

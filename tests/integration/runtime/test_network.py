@@ -7,6 +7,8 @@ import subprocess
 
 import pytest
 
+from vzpkg.runtime import net
+
 pytestmark = pytest.mark.root
 
 
@@ -36,15 +38,14 @@ def test_veth_on_bridge(rt, bridge):
     p = rt.vzctl("exec", a, "bash", "-c", "(exec 3<>/dev/tcp/10.199.77.3/9) 2>&1", check=False, timeout=20)
     assert "refused" in p.stdout, p.stdout
     # the host end is on the bridge; the VE sees only lo and eth0
-    host_if = f"veth{a}.0" if len(f"veth{a}.0") <= 15 else None
-    if host_if:
-        assert os.path.realpath(f"/sys/class/net/{host_if}/master").endswith(bridge)
+    host_if = net.host_ifname(os.path.realpath(rt.root), a)
+    assert os.path.realpath(f"/sys/class/net/{host_if}/master").endswith(bridge)
+    assert open(f"/sys/class/net/{host_if}/ifalias").read().strip() == f"vzpkg {os.path.realpath(rt.root)} {a}"
     links = rt.vzctl("exec", b, "ip", "-o", "link").stdout
     assert len(links.strip().splitlines()) == 2
     # stop removes the pair
     rt.vzctl("stop", a)
-    if host_if:
-        assert not os.path.exists(f"/sys/class/net/{host_if}")
+    assert not os.path.exists(f"/sys/class/net/{host_if}")
     p = rt.vzctl("exec", b, "timeout", "2", "bash", "-c", "(exec 3<>/dev/tcp/10.199.77.2/9) 2>&1", check=False,
                  timeout=20)
     assert "refused" not in p.stdout
@@ -54,3 +55,59 @@ def test_bad_ip_refused(rt, bridge):
     veid = rt.create(start=False)
     p = rt.vzctl("set", veid, "--ipadd", "10.1.2.300", "--save", check=False)
     assert p.returncode == 13 and "IP_ADDRESS" in p.stderr
+
+
+def test_set_ipadd_on_a_running_ve_applies_at_once(rt, bridge):
+    """A VE started without an address gets eth0 on the bridge at `set --ipadd`; a second `set --ipadd` replaces
+    the address; without --save the config is unchanged."""
+    veid = rt.create(start=False)
+    conf = rt.root / "conf" / f"{veid}.conf"
+    conf.write_text(conf.read_text() + f'BRIDGE="{bridge}"\n')
+    rt.vzctl("start", veid)
+    before = conf.read_text()
+    p = rt.vzctl("set", veid, "--ipadd", "10.199.78.2/24")
+    assert "applied" in p.stdout
+    addrs = rt.vzctl("exec", veid, "ip", "-o", "addr", "show", "eth0").stdout
+    assert "10.199.78.2/24" in addrs
+    host_if = net.host_ifname(os.path.realpath(rt.root), veid)
+    assert os.path.realpath(f"/sys/class/net/{host_if}/master").endswith(bridge)
+    rt.vzctl("set", veid, "--ipadd", "10.199.78.3/24 fd00:199::3")
+    addrs = rt.vzctl("exec", veid, "ip", "-o", "addr", "show", "eth0").stdout
+    assert "10.199.78.3/24" in addrs and "fd00:199::3/128" in addrs and "10.199.78.2/" not in addrs
+    assert "default dev eth0" in rt.vzctl("exec", veid, "ip", "route").stdout
+    assert conf.read_text() == before
+    # reachable from a second VE on the bridge
+    other = _with_ip(rt, bridge, "10.199.78.4/24")
+    p = rt.vzctl("exec", other, "bash", "-c", "(exec 3<>/dev/tcp/10.199.78.3/9) 2>&1", check=False, timeout=20)
+    assert "refused" in p.stdout, p.stdout
+
+
+def test_set_nameserver_on_a_running_ve_writes_inside_it_only(rt, tmp_path):
+    """`set --nameserver` rewrites the running VE's resolv.conf through the VE's own mount namespace: a symlink
+    the VE planted towards a host path is replaced, never followed to the host file."""
+    veid = rt.create()
+    victim = tmp_path / "host-file"
+    victim.write_text("host\n")
+    rt.vzctl("exec", veid, "ln", "-sf", str(victim), "/etc/resolv.conf")
+    p = rt.vzctl("set", veid, "--nameserver", "10.199.0.53 fd00::53")
+    assert "applied" in p.stdout
+    assert victim.read_text() == "host\n"
+    out = rt.sh(veid, "test -L /etc/resolv.conf && echo link; cat /etc/resolv.conf", check=True).stdout
+    assert out == "nameserver 10.199.0.53\nnameserver fd00::53\n"
+    assert os.stat(rt.private(veid) / "upper/etc/resolv.conf").st_uid == 100000  # written as the VE's root
+
+
+def test_set_of_what_applies_only_at_start(rt):
+    """Keys read only at start: refused on a running VE without --save (exit 2, one line), saved with a note with
+    it; on a stopped VE, set without --save is refused (it would change nothing)."""
+    veid = rt.create()
+    conf = rt.root / "conf" / f"{veid}.conf"
+    before = conf.read_text()
+    p = rt.vzctl("set", veid, "--diskspace", "5G", check=False)
+    assert p.returncode == 2 and "DISKSPACE" in p.stderr and "--save" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and conf.read_text() == before
+    p = rt.vzctl("set", veid, "--diskspace", "5G", "--ram", "300M", "--save")
+    assert "DISKSPACE takes effect at the next start" in p.stdout and 'DISKSPACE="5G"' in conf.read_text()
+    rt.vzctl("stop", veid)
+    p = rt.vzctl("set", veid, "--ram", "400M", check=False)
+    assert p.returncode == 2 and "not running" in p.stderr and 'RAM="300M"' in conf.read_text()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .conftest import PROJECT, VZCTL, cgroup_dirs
+from .conftest import PROJECT, VZCTL
 
 pytestmark = pytest.mark.root
 
@@ -62,8 +62,8 @@ def test_set_on_running_ve_takes_effect(rt):
     assert p.returncode == 13 and "CPUUNITS" in p.stderr
 
 
-def _freeze_and_kill_all_but_init(veid: str, init_pid: int) -> None:
-    freezer = [d for d in cgroup_dirs(veid) if (d / "freezer.state").exists()]
+def _freeze_and_kill_all_but_init(rt, veid: str, init_pid: int) -> None:
+    freezer = [d for d in rt.cgroup_dirs(veid) if (d / "freezer.state").exists()]
     if not freezer:
         pytest.skip("needs the v1 freezer to clean up after the fork bomb")
     state = freezer[0] / "freezer.state"
@@ -94,7 +94,7 @@ def test_numproc_contains_fork_bomb(rt):
         # the host is unaffected
         assert subprocess.run(["sh", "-c", "for i in 1 2 3 4 5; do true & done; wait"], timeout=10).returncode == 0
     finally:
-        _freeze_and_kill_all_but_init(veid, rt.init_pid(veid))
+        _freeze_and_kill_all_but_init(rt, veid, rt.init_pid(veid))
         bomb.kill()
         bomb.wait()
     # afterwards the VE still answers
@@ -104,11 +104,11 @@ def test_numproc_contains_fork_bomb(rt):
         time.sleep(0.2)
 
 
-def _usage_ns(veid: str) -> int:
-    acct = [d for d in cgroup_dirs(veid) if (d / "cpuacct.usage").exists()]
+def _usage_ns(rt, veid: str) -> int:
+    acct = [d for d in rt.cgroup_dirs(veid) if (d / "cpuacct.usage").exists()]
     if acct:
         return int((acct[0] / "cpuacct.usage").read_text())
-    for d in cgroup_dirs(veid):
+    for d in rt.cgroup_dirs(veid):
         if (d / "cpu.stat").exists():
             stat = dict(line.split() for line in (d / "cpu.stat").read_text().splitlines())
             return int(stat["usage_usec"]) * 1000
@@ -120,12 +120,12 @@ def _burn(rt, veid):
                             cwd=PROJECT)
 
 
-def _measure(veids, seconds):
-    start = [_usage_ns(v) for v in veids]
+def _measure(rt, veids, seconds):
+    start = [_usage_ns(rt, v) for v in veids]
     t0 = time.monotonic()
     time.sleep(seconds)
     wall = time.monotonic() - t0
-    return [(_usage_ns(v) - s) / 1e9 for v, s in zip(veids, start, strict=True)], wall
+    return [(_usage_ns(rt, v) - s) / 1e9 for v, s in zip(veids, start, strict=True)], wall
 
 
 def test_cpuunits_share_one_core_1_to_3(rt):
@@ -138,7 +138,7 @@ def test_cpuunits_share_one_core_1_to_3(rt):
     burners = [_burn(rt, a), _burn(rt, b)]
     try:
         time.sleep(0.5)
-        (ua, ub), _ = _measure([a, b], 4.0)
+        (ua, ub), _ = _measure(rt, [a, b], 4.0)
     finally:
         for p in burners:
             p.terminate()
@@ -154,7 +154,7 @@ def test_cpulimit_25_percent(rt):
     burner = _burn(rt, veid)
     try:
         time.sleep(0.5)
-        (used,), wall = _measure([veid], 4.0)
+        (used,), wall = _measure(rt, [veid], 4.0)
     finally:
         burner.terminate()
         burner.wait()
@@ -167,3 +167,43 @@ def test_beancounters_text(rt):
     out = rt.vzctl("status", veid, "--beancounters").stdout
     assert out.splitlines()[0] == f"VEID {veid} exist mounted running"
     assert "memory" in out and "numproc" in out and "failcnt" in out
+
+
+def _df_kib(rt, veid, path):
+    return int(rt.vzctl("exec", veid, "df", "-k", "--output=size", path).stdout.split()[-1])
+
+
+def test_tmpfs_in_the_ve_are_sized_from_its_ram(rt):
+    """/dev/shm gets half of RAM and /run an eighth: filling both leaves memory for the VE's processes, and
+    exec still works (unbounded, a full /dev/shm got every later command OOM-killed)."""
+    veid = rt.create(start=False)
+    rt.vzctl("set", veid, "--ram", "128M", "--swap", "0", "--save")
+    rt.vzctl("start", veid)
+    assert _df_kib(rt, veid, "/dev/shm") == 64 * 1024
+    assert _df_kib(rt, veid, "/run") == 16 * 1024
+    p = rt.sh(veid, "dd if=/dev/zero of=/dev/shm/fill bs=1M count=1000; dd if=/dev/zero of=/run/fill bs=1M count=1000")
+    assert p.stderr.count("No space left on device") == 2, p.stderr
+    for _ in range(3):
+        p = rt.vzctl("exec", veid, "sh", "-c", "head -c 20M /dev/zero | tail -c 1 | wc -c")
+        assert p.stdout.strip() == "1"
+    # without a RAM limit /run keeps its 64 MB bound
+    other = rt.create("--config", "unlimited")
+    assert _df_kib(rt, other, "/run") == 64 * 1024
+
+
+def test_exec_killed_by_the_memory_limit_says_so(rt):
+    """A command the VE's OOM killer kills: one line naming the memory limit, exit 33 — not a silent 137."""
+    veid = rt.create(start=False)
+    rt.vzctl("set", veid, "--ram", "64M", "--swap", "0", "--save")
+    rt.vzctl("start", veid)
+    p = rt.vzctl("exec", veid, "tail", "-n1", "/dev/zero", check=False)  # holds an endless line in memory
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 33, p.stderr
+    assert len(lines) == 1 and lines[0].startswith("vzctl: error: 'tail -n1 /dev/zero' was killed by VE")
+    assert "memory limit (RAM=64M)" in lines[0] and "--ram" in lines[0]
+    # a process the command started was killed: the command's own status, and a note
+    p = rt.sh(veid, GROW.format(mb=300))
+    assert p.returncode == 137 and "vzctl: note: a process started by" in p.stderr and "RAM=64M" in p.stderr
+    # a command killed by SIGKILL from elsewhere is not blamed on memory
+    p = rt.vzctl("exec", veid, "sh", "-c", "kill -9 $$", check=False)
+    assert p.returncode == 137 and "memory" not in p.stderr

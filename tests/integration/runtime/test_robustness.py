@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .conftest import PROJECT, VZCTL, cgroup_dirs, mounts_below
+from .conftest import PROJECT, VZCTL, mounts_below
 
 pytestmark = pytest.mark.root
 
@@ -29,7 +29,7 @@ def processes_in_pidns(ns_link: str) -> list[int]:
 
 
 def assert_nothing_left(rt, veid, pidns: str | None = None):
-    assert cgroup_dirs(veid) == []
+    assert rt.cgroup_dirs(veid) == []
     assert mounts_below(rt.ve_root(veid)) == []
     assert not (rt.root / "run" / f"{veid}.state").exists()
     if pidns:
