@@ -5,11 +5,12 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -43,6 +44,19 @@ def os_error(e: OSError) -> VzError | None:
     return None
 
 
+def _unexpected(prog: str, e: Exception) -> NoReturn:
+    """An error no handler knows (a bug, or an OSError nobody expected): one line and exit 1, the traceback only
+    with VZPKG_DEBUG=1."""
+    if os.environ.get("VZPKG_DEBUG"):
+        raise e
+    if isinstance(e, OSError) and e.strerror:
+        what = e.strerror + (f": {e.filename}" if e.filename else "")
+    else:
+        what = f"internal error: {type(e).__name__}: {e}"
+    click.echo(f"{prog}: error: {what} (rerun with VZPKG_DEBUG=1 for details)", err=True)
+    sys.exit(VzError.exit_code)
+
+
 def handle_errors(prog: str) -> Callable[[F], F]:
     """Turn VzError into `prog: error: message` and its exit code; Ctrl-C and SIGTERM into exit 130; a full
     or read-only filesystem into its one line."""
@@ -62,9 +76,13 @@ def handle_errors(prog: str) -> Callable[[F], F]:
             except OSError as e:
                 known = os_error(e)
                 if known is None:
-                    raise
+                    _unexpected(prog, e)
                 click.echo(f"{prog}: error: {known.message}", err=True)
                 sys.exit(known.exit_code)
+            except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+                raise
+            except Exception as e:  # a bug: still one line, never a traceback
+                _unexpected(prog, e)
 
         return inner  # type: ignore[return-value]
 
