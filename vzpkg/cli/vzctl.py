@@ -205,12 +205,12 @@ def run(argv: list[str]) -> int:
             from vzpkg.config import load_settings
 
             cache_dir = load_settings().cache_dir
-        if args.privileged:
-            print("vzctl: WARNING: a --privileged VE runs as host root without a user namespace; on a stock "
-                  "kernel its root can take the host over. Use it only for trusted workloads.", file=sys.stderr)
         ve.create(layout, args.veid, args.ostemplate, cache_dir=cache_dir, hostname=args.hostname,
                   sample=args.config, layout_kind=args.layout, privileged=args.privileged,
                   id_shift=args.id_shift, idmap=args.idmap)
+        if args.privileged:
+            print("vzctl: WARNING: a --privileged VE runs as host root without a user namespace; on a stock "
+                  "kernel its root can take the host over. Use it only for trusted workloads.", file=sys.stderr)
         _say(args, f"VE {args.veid} created from {args.ostemplate}")
     elif cmd == "start":
         pid = ve.start(layout, args.veid)

@@ -123,7 +123,7 @@ class reserve:  # noqa: N801 (a context manager, used like open)
             fcntl.flock(lock, fcntl.LOCK_EX)
             # reservations before configs: a create finishing in between is seen in one or the other
             used = self._reserved() + configured_ranges(self.layout) + host_subid_ranges(self.subid_files)
-            shift = lowest_free(used)
+            shift = lowest_free(used, POOL_START, POOL_END)
             if shift is None:
                 raise VEError(f"no free id range left in {POOL_START}..{POOL_END - 1} for VE {self.veid}: "
                               "destroy unused VEs, or create it with --idmap shared")
