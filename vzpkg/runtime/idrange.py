@@ -49,19 +49,28 @@ def lowest_free(used: list[tuple[int, int]], start: int = POOL_START, end: int =
 
 
 def configured_ranges(layout: Layout) -> list[tuple[int, int]]:
-    """[ID_SHIFT, ID_SHIFT + ID_RANGE) of every VE config under LAYOUT (read as text: no conf.py import)."""
+    """[ID_SHIFT, ID_SHIFT + ID_RANGE) of every VE config under LAYOUT (read as bytes, no conf.py import: this
+    runs on every create, over every VE's config)."""
     out = []
-    for veid in layout.veids():
+    try:
+        names = os.listdir(layout.conf_dir)
+    except FileNotFoundError:
+        return out
+    conf_dir = os.fsencode(layout.conf_dir)
+    for name in names:
+        if not name.endswith(".conf") or name.startswith("."):
+            continue
         try:
-            text = layout.conf(veid).read_text()
+            with open(conf_dir + b"/" + os.fsencode(name), "rb") as f:
+                data = b"\n" + f.read()
         except OSError:
             continue
-        for line in text.splitlines():
-            line = line.strip()
-            if line.startswith("ID_SHIFT="):
-                value = line[len("ID_SHIFT="):].split("#", 1)[0].strip().strip("\"'")
-                if value.isdigit():
-                    out.append((int(value), int(value) + ID_RANGE))
+        at = data.rfind(b"\nID_SHIFT=")  # the last assignment wins, as when the config is loaded
+        if at < 0:
+            continue
+        value = data[at + 10:].split(b"\n", 1)[0].split(b"#", 1)[0].strip().strip(b"\"'")
+        if value.isdigit():
+            out.append((int(value), int(value) + ID_RANGE))
     return out
 
 
