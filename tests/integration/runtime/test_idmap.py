@@ -153,3 +153,20 @@ def test_bad_idmap_options(rt, args, message):
     assert "Traceback" not in p.stderr
     assert not (rt.root / "conf" / f"{veid}.conf").exists() and not rt.private(veid).exists()
     assert time.monotonic() - start < 30
+
+
+def test_an_attachment_left_by_a_crash_is_removed(rt):
+    """A start killed between attaching the idmapped template and detaching it leaves a mount on
+    private/<id>/lower: start copes with it, and stop and destroy remove it (never deleting through it)."""
+    veid = rt.create(start=False)
+    lower = rt.private(veid) / "lower"
+    lower.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "leftover", str(lower)], check=True)
+    (lower / "precious").write_text("x")
+    rt.vzctl("start", veid)
+    assert rt.vzctl("exec", veid, "cat", "/etc/debian_version").stdout.startswith("12")
+    rt.vzctl("stop", veid)
+    assert mounts_below(rt.private(veid)) == [] and mounts_below(rt.ve_root(veid)) == []
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "leftover", str(lower)], check=True)
+    rt.vzctl("destroy", veid)
+    assert mounts_below(rt.root / "private") == [] and not rt.private(veid).exists()
