@@ -231,15 +231,36 @@ class _MountAttr(ctypes.Structure):
                 ("userns_fd", ctypes.c_uint64)]
 
 
+# the clone children of idmap_userns not reaped yet, with the stacks they run on (kept alive until then)
+_helpers: list[tuple[int, ctypes.Array]] = []
+
+
+def reap_helpers(block: bool = True) -> None:
+    """Reap idmap_userns's children (at exit, or before making another: they only exist until scheduled once)."""
+    for item in list(_helpers):
+        try:
+            done, _ = os.waitpid(item[0], 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            done = item[0]
+        if done:
+            _helpers.remove(item)
+
+
 def idmap_userns(inside: int, outside: int, count: int) -> int:
     """An fd of a new user namespace whose uids and gids INSIDE.. map to host OUTSIDE.. (COUNT of each).
 
     The namespace needs a process only while its maps are written. That process is made with clone(CLONE_VM),
-    so no page table is copied (a fork of vzctl costs 1.5-5 ms, this 0.1 ms), and it runs libc's getpid on a
-    stack of its own and exits at once, touching neither our stack nor our thread's TLS. Its maps are written
-    and its namespace opened while it is a zombie (its credentials, which hold the namespace, live until it is
-    reaped).
+    so no page table is copied (a fork of vzctl costs 1.5-5 ms, this 0.1 ms); it runs libc's getpid on a stack
+    of its own and exits, touching neither our stack nor our thread's TLS. Its maps can be written and its
+    namespace opened before it runs or after it exits (a zombie's credentials, which hold the namespace, live
+    until it is reaped). It is not waited for here: on a busy machine it may not be scheduled for milliseconds.
+    It is reaped by the next call or at exit; its stack stays referenced until then.
     """
+    if not _helpers:
+        import atexit
+
+        atexit.register(reap_helpers)
+    reap_helpers(block=False)
     lc = libc()
     clone = lc.clone
     clone.restype = ctypes.c_int
@@ -248,18 +269,15 @@ def idmap_userns(inside: int, outside: int, count: int) -> int:
     top = (ctypes.addressof(stack) + len(stack) - 64) & ~15
     fn = ctypes.cast(lc.getpid, ctypes.c_void_p).value
     pid = _check(clone(fn, top, CLONE_NEWUSER | CLONE_VM | 17, None), "clone(CLONE_NEWUSER)")  # 17 = SIGCHLD
-    try:
-        line = f"{inside} {outside} {count}\n".encode()
-        for name in ("uid_map", "gid_map"):
-            fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    finally:
-        os.waitpid(pid, 0)
-        del stack  # (kept alive until the child is gone)
+    _helpers.append((pid, stack))
+    line = f"{inside} {outside} {count}\n".encode()
+    for name in ("uid_map", "gid_map"):
+        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def open_tree_idmapped(source, userns_fd: int, *, readonly: bool = True) -> int:
