@@ -8,6 +8,8 @@ Cases, each timed as the wall time of the commands a user would type (Python sta
             start    vzctl start ID, then vzctl exec ID /bin/true until it succeeds (start to first exec)
             stop     vzctl stop ID
             destroy  vzctl destroy ID
+            (each VE with a private id range: the template through an idmapped mount, the default)
+  vzpkg-shared       the same with `vzctl create --idmap shared` (one id range for all VEs, no idmapped mount)
   floor     start    unshare -pmuin --fork chroot ROOT /bin/true (ROOT: the unpacked template)
   lxc       create   lxc-copy -s -B overlayfs (snapshot of a base container made from the same rootfs)
             start    lxc-start -d, then lxc-attach -- /bin/true until it succeeds
@@ -77,8 +79,11 @@ def summary(values: list[float]) -> dict:
 class Vzpkg:
     name = "vzpkg"
 
-    def __init__(self, work: Path, cache_dir: Path, template: str) -> None:
-        self.root = work / "vz"
+    def __init__(self, work: Path, cache_dir: Path, template: str, *, name: str = "vzpkg",
+                 create_opts: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.create_opts = create_opts
+        self.root = work / ("vz" if name == "vzpkg" else name)
         self.env = {**os.environ, "VZ_ROOT": str(self.root), "VZPKG_CACHE_DIR": str(cache_dir)}
         # measure what users get: bytecode cached (some sandboxes set this variable)
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -87,18 +92,22 @@ class Vzpkg:
         self.vzctl = vzctl_cmd()
         self.n = 0
         # warm up: unpack the template and compile the init (not timed)
-        run([*self.vzctl, "create", "warm", "--ostemplate", template, "-q"], env=self.env)
-        run([*self.vzctl, "start", "warm", "-q"], env=self.env)
-        run([*self.vzctl, "destroy", "warm", "--force", "-q"], env=self.env)
+        # (VEIDs differ between the runners: cgroup names are host-wide)
+        self.prefix = "b" if name == "vzpkg" else "s"
+        warm = f"{self.prefix}warm"
+        run([*self.vzctl, "create", warm, "--ostemplate", template, *create_opts, "-q"], env=self.env)
+        run([*self.vzctl, "start", warm, "-q"], env=self.env)
+        run([*self.vzctl, "destroy", warm, "--force", "-q"], env=self.env)
 
     def template_root(self) -> Path:
         return next(p for p in (self.root / "template").iterdir() if not p.name.startswith("."))
 
     def cycle(self) -> dict[str, float]:
         self.n += 1
-        veid = f"b{self.n}"
+        veid = f"{self.prefix}{self.n}"
         v, e = self.vzctl, self.env
-        out = {"create": timed(lambda: run([*v, "create", veid, "--ostemplate", self.template, "-q"], env=e))}
+        out = {"create": timed(lambda: run([*v, "create", veid, "--ostemplate", self.template, *self.create_opts,
+                                            "-q"], env=e))}
         out["start"] = timed(lambda: (run([*v, "start", veid, "-q"], env=e),
                                       until_ok([*v, "exec", veid, "/bin/true"], env=e)))
         out["stop"] = timed(lambda: run([*v, "stop", veid, "-q"], env=e))
@@ -224,7 +233,7 @@ def main() -> int:
     ap.add_argument("--idle", type=int, default=100, help="VEs for the idle memory figure (0 to skip)")
     ap.add_argument("--cache-dir", default=os.environ.get("VZPKG_CACHE_DIR", "/var/tmp/vzpkg-test-cache"))
     ap.add_argument("--template", default="debian-12-x86_64")
-    ap.add_argument("--cases", default="vzpkg,floor,lxc,podman")
+    ap.add_argument("--cases", default="vzpkg,vzpkg-shared,floor,lxc,podman")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -240,6 +249,9 @@ def main() -> int:
         vz = Vzpkg(work, Path(args.cache_dir), args.template)
         runners.append(vz)
         rootfs = vz.template_root()
+        if "vzpkg-shared" in cases:
+            runners.append(Vzpkg(work, Path(args.cache_dir), args.template, name="vzpkg-shared",
+                                 create_opts=("--idmap", "shared")))
         if "floor" in cases:
             runners.append(Floor(rootfs))
         if "lxc" in cases:
@@ -290,7 +302,7 @@ def main() -> int:
         for op, s in ops.items():
             print(f"{name:<8} {op:<8} {s['median']:>10.1f} {s['min']:>8.1f} {s['max']:>8.1f}")
     vzc = results["cases"].get("vzpkg", {})
-    for other in ("floor", "lxc", "podman"):
+    for other in ("vzpkg-shared", "floor", "lxc", "podman"):
         oc = results["cases"].get(other, {})
         if "error" in oc or not oc:
             continue

@@ -86,9 +86,12 @@ def _parser(only: str | None = None):
     c.add_argument("--layout", choices=("overlay", "copy"))
     c.add_argument("--privileged", action="store_true", help="no user namespace: UNSAFE, host root in the VE")
     c.add_argument("--cache-dir", help="where the caches are (default $VZPKG_CACHE_DIR or the config)")
+    c.add_argument("--idmap", choices=("private", "shared"), default=None,
+                   help="private (default): 65536 host ids of the VE's own, the template seen through an idmapped "
+                        "mount; shared: the range 100000..165535 that every shared VE has")
     c.add_argument("--id-shift", type=int, default=None,
-                   help="host uid/gid of the VE's root (default 100000, shared by all VEs); a range of its own "
-                        "costs one more unpack of the template")
+                   help="host uid/gid of the VE's root (default: the lowest free private range from 524288; "
+                        "100000 with --idmap shared, where another value costs one more unpack of the template)")
 
     for name, helptext in (("start", "start a VE"), ("mount", "mount a VE's root"), ("umount", "unmount it"),
                            ("enter", "interactive shell in a running VE")):
@@ -189,11 +192,11 @@ _FAST = {
     "destroy": {"--force": ("force", False)},
     "create": {"--ostemplate": ("ostemplate", True), "--hostname": ("hostname", True), "--config": ("config", True),
                "--layout": ("layout", True), "--privileged": ("privileged", False), "--cache-dir": ("cache_dir", True),
-               "--id-shift": ("id_shift", True)},
+               "--id-shift": ("id_shift", True), "--idmap": ("idmap", True)},
 }
 _FAST_DEFAULTS = {"quiet": False, "fast": False, "timeout": 10.0, "json": False, "beancounters": False, "force": False,
                   "ostemplate": None, "hostname": None, "config": None, "layout": None, "privileged": False,
-                  "cache_dir": None, "id_shift": None}
+                  "cache_dir": None, "id_shift": None, "idmap": None}
 
 
 def _fast_parse(argv: list[str]) -> _Args | None:
@@ -235,7 +238,8 @@ def _fast_parse(argv: list[str]) -> _Args | None:
     if pos[0] == "exec" and (not kw.get("cmd") or kw["cmd"][0] in ("-h", "--help")):
         return None
     if pos[0] == "create":
-        if kw["ostemplate"] is None or (kw["layout"] not in (None, "overlay", "copy")):
+        if kw["ostemplate"] is None or (kw["layout"] not in (None, "overlay", "copy")) or (
+                kw["idmap"] not in (None, "private", "shared")):
             return None
         if kw["id_shift"] is not None:
             if not kw["id_shift"].isdigit():
@@ -257,16 +261,16 @@ def run(argv: list[str]) -> int:
             from vzpkg.config import load_settings
 
             cache_dir = load_settings().cache_dir
-        if args.privileged:
-            print("vzctl: WARNING: a --privileged VE runs as host root without a user namespace; on a stock "
-                  "kernel its root can take the host over. Use it only for trusted workloads.", file=sys.stderr)
         if "/" in args.ostemplate:  # a registry reference: pull it into the cache directory first
             from vzpkg.registry.transfer import pull_for_create
 
             args.ostemplate = pull_for_create(args.ostemplate, cache_dir)
         ve.create(layout, args.veid, args.ostemplate, cache_dir=cache_dir, hostname=args.hostname,
                   sample=args.config, layout_kind=args.layout, privileged=args.privileged,
-                  **({"id_shift": args.id_shift} if args.id_shift is not None else {}))
+                  id_shift=args.id_shift, idmap=args.idmap)
+        if args.privileged:
+            print("vzctl: WARNING: a --privileged VE runs as host root without a user namespace; on a stock "
+                  "kernel its root can take the host over. Use it only for trusted workloads.", file=sys.stderr)
         _say(args, f"VE {args.veid} created from {args.ostemplate}")
     elif cmd == "start":
         pid = ve.start(layout, args.veid)

@@ -255,6 +255,7 @@ KNOWN_KEYS: dict[str, KeySpec] = {
     "PRIVILEGED": KeySpec(_choice("yes", "no"), "yes or no"),
     "LAYOUT": KeySpec(_choice("overlay", "copy"), "overlay or copy"),
     "ID_SHIFT": KeySpec(_int_range(0, 2**32 - 65536), "an integer 0..4294901760 (host uid of the VE's root)"),
+    "IDMAP": KeySpec(_choice("private", "shared"), "private or shared"),
     "TEMPLATE_SHA256": KeySpec(_sha256, "64 lowercase hex digits"),
     "NAME": KeySpec(_name, "letters, digits, '.', '_', '-' (at most 64, not all digits)"),
 }

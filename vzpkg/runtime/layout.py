@@ -1,14 +1,18 @@
 """Where things live under a VZ root (default /var/lib/vz; --root or $VZ_ROOT).
 
-    template/<sha256>/        a cache unpacked once, ownership shifted for user-namespaced VEs (read-only)
-    template/<sha256>-<shift> the same for another id shift (0 for --privileged VEs)
+    template/<sha256>/        a cache unpacked once, ownership shifted by 100000 (read-only); VEs with a
+                              private id range see it through an idmapped mount
+    template/<sha256>-<shift> the same for another id shift (0 for --privileged VEs, N for --idmap shared
+                              --id-shift N)
     template/.tmp-*           unpacks in progress; template/.<key>.lock their locks
-    private/<id>/             a VE's own data: upper/ + work/ (overlay layout) or root/ (copy layout)
+    private/<id>/             a VE's own data: upper/ + work/ (overlay layout) or root/ (copy layout);
+                              lower/, where the idmapped template is attached while the overlay is mounted
     private/.tmp-<id>-*       creates in progress
     root/<id>/                the VE's root mount point
     conf/<id>.conf            its config (OpenVZ KEY="value")
     dump/<id>/                checkpoint images
     lock/<id>.lock            one vzctl at a time per VE
+    lock/idrange/             id range allocation: .lock, and <id> reservations of creates in progress
     run/<id>.state            the running VE's init (pid, start time), written by start
     lib/                      the compiled minimal init
 """
@@ -23,6 +27,14 @@ from vzpkg.errors import UsageError
 DEFAULT_ID_SHIFT = 100000
 ID_RANGE = 65536
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def template_shift(privileged: bool, id_shift: int, idmap: str | None) -> int:
+    """The id shift of the unpacked template a VE uses: a private range (IDMAP="private") sees the shared
+    generation (DEFAULT_ID_SHIFT) through an idmapped mount; otherwise the generation is unpacked at ID_SHIFT."""
+    if privileged:
+        return 0
+    return DEFAULT_ID_SHIFT if idmap == "private" else id_shift
 
 
 VEID_MAX = 2**31 - 1  # OpenVZ's ids are C ints; 0 is the host
@@ -196,14 +208,20 @@ def templates_in_use(layout: Layout) -> set[str]:
             text = layout.conf(veid).read_text()
         except OSError:
             continue
-        sha = shift = None
+        sha = shift = idmap = None
+        privileged = False
         for line in text.splitlines():
-            m = re.match(r'^\s*(TEMPLATE_SHA256|ID_SHIFT)="?([0-9a-f]+)"?', line)
+            m = re.match(r'^\s*(TEMPLATE_SHA256|ID_SHIFT|IDMAP|PRIVILEGED)="?([0-9a-z]+)"?', line)
             if m:
                 if m.group(1) == "TEMPLATE_SHA256":
                     sha = m.group(2)
-                else:
+                elif m.group(1) == "IDMAP":
+                    idmap = m.group(2)
+                elif m.group(1) == "PRIVILEGED":
+                    privileged = m.group(2) == "yes"
+                elif m.group(2).isdigit():
                     shift = int(m.group(2))
         if sha:
-            used.add(layout.template(sha, DEFAULT_ID_SHIFT if shift is None else shift).name)
+            used.add(layout.template(sha, template_shift(privileged, DEFAULT_ID_SHIFT if shift is None else shift,
+                                                         idmap)).name)
     return used

@@ -7,6 +7,12 @@ VEs made from it keep it, even after the cache is rebuilt (a new sha256 gets a n
 Private area, per layout:
   overlay   private/<id>/upper + private/<id>/work; root/<id> is an overlay whose lower layer is the template
   copy      private/<id>/root, an independent copy (cp -a --reflink=auto); root/<id> is a bind mount of it
+
+A VE with a private id range (IDMAP="private") uses the template generation unpacked with the shared shift
+(100000) through an idmapped mount: a read-only clone of the template's mount whose ids 100000.. appear as the
+VE's ID_SHIFT.., attached at private/<id>/lower only while the overlay is mounted on it (overlayfs keeps a
+private clone of each layer, so the attachment is detached right after and no mount is left to clean up), or
+while the copy layout copies from it. No second unpack, and about 0.3 ms per mount.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from pathlib import Path
 from vzpkg.errors import CacheNotFoundError, VEError
 
 from . import ns
-from .layout import Layout
+from .layout import DEFAULT_ID_SHIFT, ID_RANGE, Layout
 
 TMP_PREFIX = ".tmp-"
+LOWER = "lower"  # private/<id>/lower: where the idmapped template is attached while it is used
 
 
 def _flock(path: Path, exclusive: bool = True) -> int:
@@ -148,8 +155,46 @@ def ensure_template(layout: Layout, cache_dir: Path, name: str, id_shift: int) -
         os.close(lock_fd)
 
 
-def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, id_shift: int) -> Path:
-    """Build private/<id> under a temporary name and rename it into place. Returns the private dir."""
+def _idmapped_tree(template: Path, id_shift: int) -> int:
+    """A detached read-only clone of TEMPLATE's mount (owned by DEFAULT_ID_SHIFT..) with ids shown as ID_SHIFT.."""
+    try:
+        userns = ns.idmap_userns(DEFAULT_ID_SHIFT, id_shift, ID_RANGE)
+        try:
+            return ns.open_tree_idmapped(template, userns)
+        finally:
+            os.close(userns)
+    except OSError as e:
+        raise VEError(f"cannot make an idmapped mount of the template {template} ({e.strerror}): this needs "
+                      "Linux >= 5.19 and a file system with idmapped mounts (ext4, xfs, btrfs, ...); use "
+                      "'vzctl create --idmap shared' on this host") from None
+
+
+def check_idmap(template: Path, id_shift: int) -> None:
+    """Fail at create, not at every start, where idmapped mounts do not work."""
+    os.close(_idmapped_tree(template, id_shift))
+
+
+def attach_idmapped(template: Path, at: Path, id_shift: int) -> None:
+    """Attach TEMPLATE at AT, read-only, its ids DEFAULT_ID_SHIFT.. seen as ID_SHIFT.."""
+    tree = _idmapped_tree(template, id_shift)
+    try:
+        ns.move_mount_fd(tree, at)
+    finally:
+        os.close(tree)
+
+
+def detach(path: Path) -> None:
+    """Lazily unmount everything mounted on PATH (an attached template left by a crash)."""
+    while is_mounted(path):
+        ns.umount(path, ns.MNT_DETACH)
+
+
+def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, id_shift: int, *,
+                   idmapped: bool = False) -> Path:
+    """Build private/<id> under a temporary name and rename it into place. Returns the private dir.
+
+    IDMAPPED: TEMPLATE is owned by DEFAULT_ID_SHIFT.. and the VE's range is ID_SHIFT.. (a copy is made through
+    an idmapped mount, so it is owned by the VE's range with setuid bits and file capabilities intact)."""
     final = layout.private(veid)
     if final.exists():
         raise VEError(f"private area {final} already exists: destroy VE {veid} first or remove it by hand")
@@ -165,8 +210,18 @@ def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, 
         elif layout_kind == "copy":
             import subprocess
 
-            proc = subprocess.run(["cp", "-a", "--reflink=auto", str(template), str(tmp / "root")],
-                                  capture_output=True, text=True)
+            source = template
+            if idmapped:
+                source = tmp / LOWER
+                source.mkdir(mode=0o700)
+                attach_idmapped(template, source, id_shift)
+            try:
+                proc = subprocess.run(["cp", "-a", "--reflink=auto", str(source), str(tmp / "root")],
+                                      capture_output=True, text=True)
+            finally:
+                if idmapped:
+                    detach(source)
+                    source.rmdir()
             if proc.returncode != 0:
                 raise VEError(f"copying {template} for VE {veid} failed: {proc.stderr.strip()}")
         else:
@@ -192,7 +247,10 @@ def is_mounted(path: Path) -> bool:
     return False
 
 
-def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str) -> Path:
+def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str, idmap_shift: int | None = None
+               ) -> Path:
+    """Mount root/<id>. IDMAP_SHIFT (overlay layout): the lower layer is TEMPLATE seen through an idmapped
+    mount with its ids DEFAULT_ID_SHIFT.. shown as IDMAP_SHIFT.."""
     target = layout.ve_root(veid)
     target.mkdir(parents=True, exist_ok=True)
     if is_mounted(target):
@@ -205,8 +263,19 @@ def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str) -> P
     else:
         if not template.is_dir():
             raise VEError(f"VE {veid}: its template generation {template} is gone (removed by 'vzpkg clean'?)")
-        opts = f"lowerdir={template},upperdir={private / 'upper'},workdir={private / 'work'},xino=off"
-        ns.mount("overlay", target, "overlay", 0, opts)
+        lower = template
+        if idmap_shift is not None:
+            lower = private / LOWER
+            # (a mount left here by a start killed at the wrong moment is only covered: umount_root removes it)
+            lower.mkdir(mode=0o700, exist_ok=True)
+            attach_idmapped(template, lower, idmap_shift)
+        try:
+            opts = f"lowerdir={lower},upperdir={private / 'upper'},workdir={private / 'work'},xino=off"
+            ns.mount("overlay", target, "overlay", 0, opts)
+        finally:
+            if idmap_shift is not None:
+                # the overlay holds its own clone of the layer: the attachment is not needed any more
+                ns.umount(lower, ns.MNT_DETACH)
     # the VE root must never propagate mounts made inside it back to the host, nor receive the host's
     try:
         ns.mount(None, target, None, ns.MS_PRIVATE)
@@ -222,6 +291,7 @@ def umount_root(layout: Layout, veid: str) -> None:
             ns.umount(target)
         except OSError:
             ns.umount(target, ns.MNT_DETACH)
+    detach(layout.private(veid) / LOWER)
 
 
 def remove_private(layout: Layout, veid: str) -> None:
@@ -230,6 +300,7 @@ def remove_private(layout: Layout, veid: str) -> None:
     private = layout.private(veid)
     if not private.exists():
         return
+    detach(private / LOWER)  # never delete through an attached template (read-only anyway)
     # rename first so a crash half-way leaves a .tmp- leftover, never a half-deleted VE that looks intact
     doomed = layout.private_dir / f"{TMP_PREFIX}{veid}-destroy-{os.getpid()}"
     os.rename(private, doomed)

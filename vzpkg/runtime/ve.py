@@ -33,7 +33,7 @@ from pathlib import Path
 from vzpkg.errors import ConfigError, VEError, VENotFoundError, VEOutOfMemoryError, VEStateError
 
 from . import ns, state, storage
-from .layout import DEFAULT_ID_SHIFT, ID_RANGE, Layout, check_veid
+from .layout import DEFAULT_ID_SHIFT, ID_RANGE, Layout, check_veid, template_shift
 
 DEFAULT_STOP_TIMEOUT = 10.0
 # (name in /dev, type, major, minor): what a VE's /dev holds; the device cgroup allows just these and ptys
@@ -255,7 +255,7 @@ _HEX = frozenset("0123456789abcdef")
 
 
 def _template_of(layout: Layout, veid: str, conf) -> Path:
-    _, id_shift, _, sha = _conf_params(conf)
+    privileged, id_shift, _, sha = _conf_params(conf)
     if len(sha) != 64 or not set(sha) <= _HEX:
         # with "" the lower layer would be the whole template area: refuse (conf.template_sha256_problem says
         # why, in full; imported only here, off the hot path)
@@ -263,7 +263,16 @@ def _template_of(layout: Layout, veid: str, conf) -> Path:
 
         raise ConfigError(template_sha256_problem(conf.get("TEMPLATE_SHA256"), str(layout.conf(veid)))
                           or f"{layout.conf(veid)}: TEMPLATE_SHA256 is invalid")
-    return layout.template(sha, id_shift)
+    return layout.template(sha, template_shift(privileged, id_shift, conf.get("IDMAP")))
+
+
+def _idmap_shift(conf) -> int | None:
+    """The VE's private range when its root is mounted through an idmapped template (overlay layout), else None.
+    A config without IDMAP (made before it existed) is shared: its template was unpacked at its ID_SHIFT."""
+    privileged, id_shift, kind, _ = _conf_params(conf)
+    if privileged or conf.get("IDMAP") != "private" or kind != "overlay":
+        return None
+    return id_shift
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,14 +289,22 @@ def create(
     sample: str | None = None,
     layout_kind: str | None = None,
     privileged: bool = False,
-    id_shift: int = DEFAULT_ID_SHIFT,
+    id_shift: int | None = None,
+    idmap: str | None = None,
 ) -> None:
+    """IDMAP "private" (default): the VE gets a range of its own (ID_SHIFT; allocated unless given) and sees the
+    shared template through an idmapped mount. "shared": ID_SHIFT (default 100000, the range every shared VE
+    has) is the shift of the template generation it uses. A privileged VE has shift 0 and no range."""
+    from vzpkg.errors import UsageError
+
     from .conf import VEConfig, sample_path, validate_value
 
     veid = check_veid(veid)
     validate_value("OSTEMPLATE", ostemplate)
-    if not 0 < id_shift <= 2**32 - ID_RANGE and not privileged:
+    if id_shift is not None and not 0 < id_shift <= 2**32 - ID_RANGE and not privileged:
         raise VEError(f"id shift {id_shift}: must be 1..{2**32 - ID_RANGE} (host uid of the VE's root)")
+    if idmap not in (None, "private", "shared"):
+        raise UsageError(f"--idmap {idmap!r}: use private or shared")
     if hostname:
         validate_value("HOSTNAME", hostname)
     layout.secure_areas()
@@ -302,34 +319,65 @@ def create(
         if kind not in ("overlay", "copy"):
             raise VEError(f"unknown layout {kind!r}: use overlay or copy")
         privileged = privileged or conf.get("PRIVILEGED") == "yes"
-        shift = 0 if privileged else id_shift
+        if privileged:
+            if idmap == "private":
+                raise UsageError("a --privileged VE has no id range of its own (it runs as host root): "
+                                 "drop --idmap private")
+            mode, shift = "shared", 0
+        else:
+            mode = idmap or conf.get("IDMAP") or ("shared" if id_shift == DEFAULT_ID_SHIFT else "private")
+            if mode == "private" and id_shift == DEFAULT_ID_SHIFT:
+                raise UsageError(f"id shift {DEFAULT_ID_SHIFT} is the range shared VEs have, not a private one: "
+                                 "use --idmap shared, or another --id-shift")
+            shift = DEFAULT_ID_SHIFT if mode == "shared" and id_shift is None else id_shift
         # Shared hold on the template area until the config naming the template is saved: `vzpkg clean
         # --templates` cannot remove a generation between its unpacking and its first user.
         lock.begin("create")  # a SIGKILL from here on: the next command on the VE removes what was made
         with _done(lock), storage.templates_lock(layout, exclusive=False):
-            sha, template = storage.ensure_template(layout, Path(cache_dir), ostemplate, shift)
-            storage.create_private(layout, veid, template, kind, shift)
-            try:
-                conf.set("OSTEMPLATE", ostemplate)
-                conf.set("TEMPLATE_SHA256", sha)
-                conf.set("LAYOUT", kind)
-                conf.set("PRIVILEGED", "yes" if privileged else "no")
-                conf.set("ID_SHIFT", str(shift))
-                conf.set("VE_ROOT", str(layout.ve_root(veid)))
-                conf.set("VE_PRIVATE", str(layout.private(veid)))
-                if hostname:
-                    conf.set("HOSTNAME", hostname)
-                if conf.get("INIT") is None:
-                    conf.set("INIT", storage.cache_init(Path(cache_dir), ostemplate))
-                layout.ve_root(veid).mkdir(exist_ok=True)
-                conf.save(layout.conf(veid))
-            except BaseException:
-                storage.remove_private(layout, veid)
-                try:
-                    layout.ve_root(veid).rmdir()
-                except OSError:
-                    pass
-                raise
+            unpacked_at = template_shift(privileged, DEFAULT_ID_SHIFT if shift is None else shift, mode)
+            sha, template = storage.ensure_template(layout, Path(cache_dir), ostemplate, unpacked_at)
+            if shift is None:  # a private range to allocate: reserved until the config recording it is saved
+                from .idrange import reserve
+
+                allocation = reserve(layout, veid)
+            else:
+                from contextlib import nullcontext
+
+                allocation = nullcontext(shift)
+            with allocation as shift:
+                _create_locked(layout, veid, conf, template, ostemplate, sha, kind, privileged, mode, shift,
+                               hostname, Path(cache_dir))
+
+
+def _create_locked(layout: Layout, veid: str, conf, template: Path, ostemplate: str, sha: str, kind: str,
+                   privileged: bool, mode: str, shift: int, hostname: str | None, cache_dir: Path) -> None:
+    """The private area and the config, under the VE's lock and the template area's shared lock."""
+    idmapped = mode == "private"
+    if idmapped and kind == "overlay":
+        storage.check_idmap(template, shift)
+    storage.create_private(layout, veid, template, kind, shift, idmapped=idmapped)
+    try:
+        conf.set("OSTEMPLATE", ostemplate)
+        conf.set("TEMPLATE_SHA256", sha)
+        conf.set("LAYOUT", kind)
+        conf.set("PRIVILEGED", "yes" if privileged else "no")
+        conf.set("ID_SHIFT", str(shift))
+        conf.set("IDMAP", mode)
+        conf.set("VE_ROOT", str(layout.ve_root(veid)))
+        conf.set("VE_PRIVATE", str(layout.private(veid)))
+        if hostname:
+            conf.set("HOSTNAME", hostname)
+        if conf.get("INIT") is None:
+            conf.set("INIT", storage.cache_init(cache_dir, ostemplate))
+        layout.ve_root(veid).mkdir(exist_ok=True)
+        conf.save(layout.conf(veid))
+    except BaseException:
+        storage.remove_private(layout, veid)
+        try:
+            layout.ve_root(veid).rmdir()
+        except OSError:
+            pass
+        raise
 
 
 class _done:  # noqa: N801 (a context manager, like open)
@@ -350,7 +398,7 @@ def mount(layout: Layout, veid: str) -> None:
     layout.secure_areas()
     with VELock(layout, veid):
         conf = load_conf(layout, veid)
-        storage.mount_root(layout, veid, _template_of(layout, veid, conf), _conf_params(conf)[2])
+        storage.mount_root(layout, veid, _template_of(layout, veid, conf), _conf_params(conf)[2], _idmap_shift(conf))
 
 
 def umount(layout: Layout, veid: str) -> None:
@@ -427,7 +475,7 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
         try:
             cg.set_limits(cgname, **conf.limits)
             cg.setup_devices(cgname, DEVICE_RULES)
-            root = storage.mount_root(layout, veid, template, kind)
+            root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
             pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit)
             if conf.get("IP_ADDRESS"):
                 from . import net
