@@ -189,6 +189,41 @@ def detach(path: Path) -> None:
         ns.umount(path, ns.MNT_DETACH)
 
 
+def mounts_below(path: Path) -> list[bytes]:
+    """Mount points at or below PATH in our mount namespace, deepest first (as /proc/self/mountinfo escapes them)."""
+    prefix = _mountinfo_escape(path)
+    found = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ", 5)
+            if len(fields) > 4 and (fields[4] == prefix or fields[4].startswith(prefix + b"/")):
+                found.append(fields[4])
+    return sorted(set(found), key=len, reverse=True)
+
+
+def detach_below(path: Path) -> None:
+    """Lazily unmount every mount at or below PATH before it is deleted: a tree removal must never descend into
+    a mount (an attached template, a VE root a crash left mounted) and delete what lies beyond it."""
+    for _ in range(100):  # stacked mounts: each round removes the top ones
+        points = mounts_below(path)
+        if not points:
+            return
+        for point in points:
+            unescaped = point.replace(b"\\040", b" ").replace(b"\\011", b"\t").replace(b"\\012", b"\n") \
+                .replace(b"\\134", b"\\")
+            try:
+                ns.umount(os.fsdecode(unescaped), ns.MNT_DETACH)
+            except OSError:
+                pass
+    raise VEError(f"cannot unmount what is mounted below {path}: see 'findmnt -R {path}'")
+
+
+def _die_with_parent() -> None:
+    import signal
+
+    ns.set_pdeathsig(signal.SIGKILL)
+
+
 def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, id_shift: int, *,
                    idmapped: bool = False) -> Path:
     """Build private/<id> under a temporary name and rename it into place. Returns the private dir.
@@ -216,8 +251,9 @@ def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, 
                 source.mkdir(mode=0o700)
                 attach_idmapped(template, source, id_shift)
             try:
+                # dies with vzctl: a killed create must not leave a cp filling the temporary area
                 proc = subprocess.run(["cp", "-a", "--reflink=auto", str(source), str(tmp / "root")],
-                                      capture_output=True, text=True)
+                                      capture_output=True, text=True, preexec_fn=_die_with_parent)
             finally:
                 if idmapped:
                     detach(source)
@@ -235,10 +271,14 @@ def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, 
     return final
 
 
+def _mountinfo_escape(path: Path) -> bytes:
+    return os.fsencode(path).replace(b"\\", b"\\134").replace(b" ", b"\\040").replace(b"\t", b"\\011") \
+        .replace(b"\n", b"\\012")
+
+
 def is_mounted(path: Path) -> bool:
     """Is PATH a mount point in our mount namespace? (reads /proc/self/mountinfo, no stat of the path)"""
-    target = os.fsencode(path)
-    escaped = target.replace(b"\\", b"\\134").replace(b" ", b"\\040").replace(b"\t", b"\\011").replace(b"\n", b"\\012")
+    escaped = _mountinfo_escape(path)
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split(b" ", 5)
@@ -300,7 +340,7 @@ def remove_private(layout: Layout, veid: str) -> None:
     private = layout.private(veid)
     if not private.exists():
         return
-    detach(private / LOWER)  # never delete through an attached template (read-only anyway)
+    detach_below(private)  # never delete through an attached template or a left-over mount
     # rename first so a crash half-way leaves a .tmp- leftover, never a half-deleted VE that looks intact
     doomed = layout.private_dir / f"{TMP_PREFIX}{veid}-destroy-{os.getpid()}"
     os.rename(private, doomed)
