@@ -89,12 +89,16 @@ def cache_init(cache_dir: Path, name: str) -> str:
     return init if init in ("minimal", "distro") else "minimal"
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def cache_sha256(cache_dir: Path, name: str) -> str:
     """The sha256 of the current cache NAME, from its manifest (<cache_dir>/<name>.json, see cache.CacheStore)."""
     data = _read_manifest(cache_dir, name)
     manifest = cache_dir / f"{name}.json"
     sha = data.get("sha256")
-    if not isinstance(sha, str) or len(sha) != 64:
+    # It names a directory under template/: anything but 64 hex digits ("/..", "../../x") would point elsewhere.
+    if not isinstance(sha, str) or len(sha) != 64 or not set(sha) <= _HEX:
         raise CacheNotFoundError(f"cache manifest {manifest} has no valid sha256: rebuild the cache")
     return sha
 

@@ -1,0 +1,63 @@
+"""Crafted inputs an attacker or a clumsy user could hand the runtime: each is one error line with its own exit
+code, and nothing outside the VZ root (a sentinel in a temporary directory stands for a host file) is touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import PROJECT, VZCTL
+
+
+def _crafted_cache(tmp_path: Path, rt, **fields) -> Path:
+    """A cache directory of its own: the shared cache's archive (a symlink, never modified) beside a copy of its
+    manifest with FIELDS changed."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    src = rt.cache_dir / f"{rt.template}.json"
+    manifest = json.loads(src.read_text())
+    manifest.update(fields)
+    (cache / f"{rt.template}.json").write_text(json.dumps(manifest))
+    os.symlink(os.path.realpath(rt.cache_dir / f"{rt.template}.tar.zst"), cache / f"{rt.template}.tar.zst")
+    return cache
+
+
+@pytest.fixture
+def request_cleanup():
+    todo: list = []
+    yield todo
+    for f in todo:
+        f()
+
+
+@pytest.mark.parametrize("layout", ["copy", "overlay"])
+def test_manifest_sha256_is_not_a_path(rt, tmp_path, layout, request_cleanup):
+    """A manifest whose "sha256" is 64 characters of path (leading '/', '..') must not make `vzctl create` use a
+    host directory as the VE's template (copy layout: copied into the VE; overlay: mounted as its lower layer)."""
+    import shutil
+    import tempfile
+
+    short = Path(tempfile.mkdtemp(prefix="vzs", dir="/tmp"))  # pytest's tmp_path is longer than 64 characters
+    request_cleanup.append(lambda: shutil.rmtree(short, ignore_errors=True))
+    sentinel = short / "hostdir"
+    sentinel.mkdir()
+    (sentinel / "secret").write_text("host data\n")
+    sha = str(sentinel)
+    sha = "/" * (64 - len(sha)) + sha  # an absolute path: template/<sha> is the sentinel itself
+    assert len(sha) == 64
+    cache = _crafted_cache(tmp_path, rt, sha256=sha)
+    veid = rt.new_id()
+    rt.created.append(veid)
+    env = {**rt.env, "VZPKG_CACHE_DIR": str(cache)}
+    p = subprocess.run([*VZCTL, "create", veid, "--ostemplate", rt.template, "--layout", layout], env=env,
+                       capture_output=True, text=True, timeout=60, cwd=PROJECT)
+    assert p.returncode == 5, (p.returncode, p.stderr)
+    assert p.stderr.startswith("vzctl: error: ") and "has no valid sha256" in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert sorted(os.listdir(sentinel)) == ["secret"]
+    assert not (rt.root / "template" / f".{sentinel.name}.lock").exists()
+    assert not rt.private(veid).exists() and not (rt.root / "conf" / f"{veid}.conf").exists()
