@@ -1,0 +1,33 @@
+"""vzctl and vzlist take options only by their full names: a prefix is a usage error (exit 2), never another
+option (`--name` was --nameserver, `--ip` was --ipadd)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _run(tmp_path: Path, prog: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"VZ_ROOT": str(tmp_path / "vz"), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT)}
+    return subprocess.run([sys.executable, "-m", f"vzpkg.cli.{prog}", *args], env=env, capture_output=True,
+                          text=True, timeout=30, cwd=PROJECT)
+
+
+@pytest.mark.parametrize(("prog", "args", "option"), [
+    ("vzctl", ["set", "101", "--name", "10.0.0.9", "--save"], "--name"),
+    ("vzctl", ["set", "101", "--ip", "10.0.0.5", "--save"], "--ip"),
+    ("vzctl", ["stop", "101", "--time", "5"], "--time"),
+    ("vzctl", ["create", "101", "--ostemplate", "x", "--priv"], "--priv"),
+    ("vzlist", ["--out", "veid"], "--out"),
+])
+def test_option_prefix_is_refused(tmp_path, prog, args, option):
+    p = _run(tmp_path, prog, *args)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert p.stderr.startswith(f"{prog}: error: unrecognized arguments: {option}"), p.stderr
+    assert p.stderr.count("\n") == 1
+    assert not (tmp_path / "vz").exists()  # refused before anything was made
