@@ -29,6 +29,7 @@ from typing import Any
 
 from .archive import iter_members, sha256_file
 from .errors import CacheNotFoundError, NotWritableError, VerifyError
+from .safeio import MANIFEST_MAX, NotRegularFileError, read_small_text
 from .space import disk_full_error, is_full
 
 ARCHIVE_SUFFIX = ".tar.zst"
@@ -116,9 +117,11 @@ class CacheStore:
             raise CacheNotFoundError(f"no cache for template {name!r} in {self.root}: run 'vzpkg create-cache {name}'")
         rebuild = f"rebuild it with 'vzpkg create-cache --force {name}'"
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_small_text(path, MANIFEST_MAX))
         except FileNotFoundError as e:
             raise VerifyError(f"cache {name!r} has no manifest {path}: {rebuild}") from e
+        except NotRegularFileError as e:
+            raise VerifyError(f"manifest {path} is {e.strerror}: {rebuild}") from e
         except (ValueError, UnicodeDecodeError) as e:
             raise VerifyError(f"manifest {path} is not valid JSON ({e}): {rebuild}") from e
         except OSError as e:

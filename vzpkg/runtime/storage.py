@@ -107,14 +107,18 @@ def _read_manifest(cache_dir: Path, name: str) -> dict:
     """Read directly (not through CacheStore) to keep `vzctl create` free of the archive module's imports."""
     import json
 
+    from vzpkg.safeio import MANIFEST_MAX, NotRegularFileError, read_small_text
+
     manifest = cache_dir / f"{name}.json"
     try:
-        data = json.loads(manifest.read_text())
+        data = json.loads(read_small_text(manifest, MANIFEST_MAX))
     except FileNotFoundError:
         raise CacheNotFoundError(
             f"no cache for template {name!r} in {cache_dir}: run 'vzpkg create-cache {name}' "
             "(or point --cache-dir / $VZPKG_CACHE_DIR at the right directory)"
         ) from None
+    except NotRegularFileError as e:
+        raise CacheNotFoundError(f"cache manifest {manifest} is {e.strerror}: rebuild the cache") from None
     except (OSError, ValueError) as e:
         raise CacheNotFoundError(f"cannot read cache manifest {manifest}: {e}") from None
     if not isinstance(data, dict):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,30 @@ def test_manifest_sha256_is_not_a_path(rt, tmp_path, layout, request_cleanup):
     assert sorted(os.listdir(sentinel)) == ["secret"]
     assert not (rt.root / "template" / f".{sentinel.name}.lock").exists()
     assert not rt.private(veid).exists() and not (rt.root / "conf" / f"{veid}.conf").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
+def test_manifest_not_a_regular_file(rt, tmp_path, kind):
+    """A manifest name that is a FIFO (open(2) blocked forever), /dev/zero (read forever) or a file far larger
+    than any manifest: `vzpkg info` exits 11 and `vzctl create` 5, at once, with one line."""
+    cache = _crafted_cache(tmp_path, rt)
+    manifest = cache / f"{rt.template}.json"
+    manifest.unlink()
+    if kind == "fifo":
+        os.mkfifo(manifest)
+    elif kind == "device":
+        manifest.symlink_to("/dev/zero")
+    else:
+        with open(manifest, "wb") as f:
+            f.truncate(65 << 20)  # sparse: 65 MiB of NULs, no disk used
+    env = {**rt.env, "VZPKG_CACHE_DIR": str(cache)}
+    veid = rt.new_id()
+    rt.created.append(veid)
+    for cmd, rc in (([sys.executable, "-m", "vzpkg.cli.vzpkg", "info", rt.template], 11),
+                    ([*VZCTL, "create", veid, "--ostemplate", rt.template], 5)):
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=20, cwd=PROJECT)
+        assert p.returncode == rc, (cmd, p.returncode, p.stderr)
+        what = "larger than" if kind == "huge" else "not a regular file"
+        assert what in p.stderr and str(manifest) in p.stderr, p.stderr
+        assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr and "Errno" not in p.stderr
+    assert not (rt.root / "conf" / f"{veid}.conf").exists()
