@@ -89,3 +89,21 @@ def test_manifest_not_a_regular_file(rt, tmp_path, kind):
         assert what in p.stderr and str(manifest) in p.stderr, p.stderr
         assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr and "Errno" not in p.stderr
     assert not (rt.root / "conf" / f"{veid}.conf").exists()
+
+
+def test_id_shift_zero_without_privileged_is_refused(rt):
+    """ID_SHIFT="0" in an unprivileged VE's config (vzctl create refuses --id-shift 0) would map the VE's root to
+    host root: start and mount refuse it (exit 13) before anything is set up; destroy still works."""
+    from .conftest import mounts_below
+
+    veid = rt.create(start=False)
+    conf = rt.root / "conf" / f"{veid}.conf"
+    with conf.open("a") as f:
+        f.write('ID_SHIFT="0"\n')
+    for cmd in ("start", "mount"):
+        p = rt.vzctl(cmd, veid, check=False)
+        assert p.returncode == 13, (cmd, p.returncode, p.stderr)
+        assert p.stderr.startswith(f"vzctl: error: {conf}: ID_SHIFT=\"0\" with PRIVILEGED=\"no\""), p.stderr
+        assert p.stderr.count("\n") == 1
+    assert not mounts_below(rt.ve_root(veid)) and not rt.cgroup_dirs(veid)
+    assert not (rt.root / "run" / f"{veid}.state").exists()
