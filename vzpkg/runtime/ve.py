@@ -272,6 +272,19 @@ def _template_of(layout: Layout, veid: str, conf) -> Path:
     return layout.template(sha, template_shift(privileged, id_shift, conf.get("IDMAP")))
 
 
+def _check_private_range(layout: Layout, veid: str, conf, id_shift: int) -> None:
+    """A private range shared with another VE (a hand-edited or copied config) is not private: the VEs' ids
+    would be the same host ids, each able to own the other's files. Refused before anything is set up."""
+    from .idrange import overlapping
+
+    others = overlapping(layout, veid, id_shift)
+    if others:
+        other, shift = others[0]
+        raise ConfigError(f'{conf.source}: ID_SHIFT="{id_shift}" overlaps the id range of VE {other} '
+                          f'(ID_SHIFT="{shift}"; a range is {ID_RANGE} ids): the two VEs would share host ids. '
+                          "Restore this VE's own ID_SHIFT, or recreate it (vzctl create picks a free range)")
+
+
 def _idmap_shift(conf) -> int | None:
     """The VE's private range when its root is mounted through an idmapped template (overlay layout), else None.
     A config without IDMAP (made before it existed) is shared: its template was unpacked at its ID_SHIFT."""
@@ -336,6 +349,14 @@ def create(
                 raise UsageError(f"id shift {DEFAULT_ID_SHIFT} is the range shared VEs have, not a private one: "
                                  "use --idmap shared, or another --id-shift")
             shift = DEFAULT_ID_SHIFT if mode == "shared" and id_shift is None else id_shift
+            if mode == "private" and shift is not None:
+                from .idrange import overlapping
+
+                others = overlapping(layout, veid, shift)
+                if others:
+                    raise UsageError(f"--id-shift {shift} overlaps the id range of VE {others[0][0]} "
+                                     f"(ID_SHIFT={others[0][1]}; a range is {ID_RANGE} ids): a private range is "
+                                     "the VE's alone; leave --id-shift out to get a free one")
         # Shared hold on the template area until the config naming the template is saved: `vzpkg clean
         # --templates` cannot remove a generation between its unpacking and its first user.
         lock.begin("create")  # a SIGKILL from here on: the next command on the VE removes what was made
@@ -468,6 +489,8 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
         _cleanup(layout, veid, keep_mount=True)
         privileged, id_shift, kind, _ = _conf_params(conf)
         template = _template_of(layout, veid, conf)  # before anything is set up: a bad config changes nothing
+        if conf.get("IDMAP") == "private" and not privileged:
+            _check_private_range(layout, veid, conf, id_shift)
         init_kind = conf.get("INIT") or "minimal"
         vzinit = None
         if init_kind != "distro":

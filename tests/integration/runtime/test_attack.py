@@ -107,3 +107,44 @@ def test_id_shift_zero_without_privileged_is_refused(rt):
         assert p.stderr.count("\n") == 1
     assert not mounts_below(rt.ve_root(veid)) and not rt.cgroup_dirs(veid)
     assert not (rt.root / "run" / f"{veid}.state").exists()
+
+
+def test_overlapping_private_ranges_are_refused(rt):
+    """A private VE whose hand-edited ID_SHIFT overlaps another VE's range would share host ids with it: start
+    refuses it (exit 13, naming the other VE) and starts it again once its own range is restored."""
+    from .conftest import mounts_below
+
+    a = rt.create(start=False)
+    b = rt.create(start=False)
+    conf_a, conf_b = (rt.root / "conf" / f"{v}.conf" for v in (a, b))
+
+    def shift(conf):
+        return int(next(ln for ln in reversed(conf.read_text().splitlines()) if ln.startswith("ID_SHIFT=")
+                        ).split("=", 1)[1].strip('"'))
+
+    own = shift(conf_b)
+    assert own != shift(conf_a)
+    with conf_b.open("a") as f:
+        f.write(f'ID_SHIFT="{shift(conf_a) + 12}"\n')
+    p = rt.vzctl("start", b, check=False)
+    assert p.returncode == 13, (p.returncode, p.stderr)
+    assert p.stderr.startswith(f"vzctl: error: {conf_b}: ID_SHIFT=") and f"VE {a} " in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1
+    assert not mounts_below(rt.ve_root(b)) and not rt.cgroup_dirs(b)
+    with conf_b.open("a") as f:
+        f.write(f'ID_SHIFT="{own}"\n')
+    rt.vzctl("start", b)
+    rt.vzctl("start", a)
+
+
+def test_create_refuses_an_id_shift_in_use(rt):
+    """`vzctl create --id-shift N` (private) where N's range overlaps an existing VE's: exit 2, nothing made."""
+    a = rt.create(start=False)
+    used = int(next(ln for ln in reversed((rt.root / "conf" / f"{a}.conf").read_text().splitlines())
+                    if ln.startswith("ID_SHIFT=")).split("=", 1)[1].strip('"'))
+    b = rt.new_id()
+    rt.created.append(b)
+    p = rt.vzctl("create", b, "--ostemplate", rt.template, "--id-shift", str(used + 65535), check=False)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert p.stderr.startswith(f"vzctl: error: --id-shift {used + 65535} overlaps the id range of VE {a} "), p.stderr
+    assert not (rt.root / "conf" / f"{b}.conf").exists() and not rt.private(b).exists()
