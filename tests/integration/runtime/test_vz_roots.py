@@ -85,7 +85,9 @@ def test_vz_root_areas_are_roots_only(open_rt):
                rt.ve_root(copy) / "etc/passwd", rt.root / "conf" / f"{overlay}.conf"]
     assert all(os.path.exists(t) for t in targets)
     assert _as(65534, "stat", str(rt.root)).returncode == 0, "the VZ root itself is reachable: the test means it"
-    for uid in (65534, 100000):
+    shifts = {int(ln.split("=", 1)[1].strip('"')) for v in (overlay, copy)
+              for ln in (rt.root / "conf" / f"{v}.conf").read_text().splitlines() if ln.startswith("ID_SHIFT=")}
+    for uid in (65534, 100000, *sorted(shifts)):
         for t in targets:
             p = _as(uid, "stat", str(t))
             assert p.returncode != 0 and "Permission denied" in p.stderr, (uid, t, p.stdout)
@@ -96,7 +98,10 @@ def test_vz_root_areas_are_roots_only(open_rt):
     # the VEs are unaffected: exec, a write (overlay copy-up, copy layout), enter-like namespace joins
     for veid in (overlay, copy):
         rt.sh(veid, "echo x > /etc/written && id -u", check=True)
-    assert (rt.private(overlay) / "upper/etc/written").stat().st_uid == 100000
+    # a private id range by default: the VE's root is its ID_SHIFT on the host (100000 only for shared VEs)
+    conf = (rt.root / "conf" / f"{overlay}.conf").read_text().splitlines()
+    shift = int(next(ln for ln in reversed(conf) if ln.startswith("ID_SHIFT=")).split("=", 1)[1].strip('"'))
+    assert (rt.private(overlay) / "upper/etc/written").stat().st_uid == shift
     # found wider (an admin's chmod): fixed at the next start
     for area in AREAS:
         os.chmod(rt.root / area, 0o755)
