@@ -113,6 +113,35 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _unescape(field: bytes) -> bytes:
+    # mountinfo writes space, tab, newline and backslash as \ooo
+    import re
+
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def detach_mounts_below(path: Path) -> None:
+    """Lazily unmount everything mounted at or below PATH, deepest first: the idmapped template a copy-layout
+    create attaches at private/.tmp-<id>-<pid>/lower stays mounted when that create is SIGKILLed, and rmtree
+    does not cross into it (the directory would be reported removed and stay, mount and all)."""
+    from . import ns
+
+    prefix = os.fsencode(path)
+    points = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ", 5)
+            if len(fields) > 4:
+                point = _unescape(fields[4])
+                if point == prefix or point.startswith(prefix + b"/"):
+                    points.append(point)
+    for point in sorted(set(points), key=len, reverse=True):
+        try:
+            ns.umount(Path(os.fsdecode(point)), ns.MNT_DETACH)
+        except OSError:
+            pass
+
+
 def remove_tree(path: Path) -> int:
     """Remove PATH (a directory tree or a file) without following symlinks or crossing mounts; return bytes freed.
     Processes still working in it (children of a killed vzctl) are killed first."""
@@ -124,6 +153,7 @@ def remove_tree(path: Path) -> int:
         return 0
     if os.path.isdir(path) and not os.path.islink(path):
         kill_writers(path)
+        detach_mounts_below(path)
     if not os.path.isdir(path) or os.path.islink(path):
         os.unlink(path)
         return st.st_blocks * 512
