@@ -1,5 +1,5 @@
-"""vzctl and vzlist take options only by their full names: a prefix is a usage error (exit 2), never another
-option (`--name` was --nameserver, `--ip` was --ipadd)."""
+"""vzctl and vzlist options: only by their full names (a prefix is a usage error, exit 2, never another
+option: `--name` was --nameserver, `--ip` was --ipadd), and values out of range are usage errors too."""
 
 from __future__ import annotations
 
@@ -31,3 +31,13 @@ def test_option_prefix_is_refused(tmp_path, prog, args, option):
     assert p.stderr.startswith(f"{prog}: error: unrecognized arguments: {option}"), p.stderr
     assert p.stderr.count("\n") == 1
     assert not (tmp_path / "vz").exists()  # refused before anything was made
+
+
+@pytest.mark.parametrize("shift", ["-5", "0", "4294901761", "99999999999999"])
+def test_id_shift_out_of_range_is_a_usage_error(tmp_path, shift):
+    """`vzctl create --id-shift` outside 1..4294901760 is wrong usage (exit 2, as every other out-of-range option
+    value), refused before the VZ root or the cache is looked at."""
+    p = _run(tmp_path, "vzctl", "create", "101", "--ostemplate", "debian-12-x86_64", f"--id-shift={shift}")
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert p.stderr == f"vzctl: error: --id-shift {int(shift)}: must be 1..4294901760 (host uid of the VE's root)\n"
+    assert not (tmp_path / "vz").exists()

@@ -321,7 +321,7 @@ def create(
     veid = check_veid(veid)
     validate_value("OSTEMPLATE", ostemplate)
     if id_shift is not None and not 0 < id_shift <= 2**32 - ID_RANGE and not privileged:
-        raise VEError(f"id shift {id_shift}: must be 1..{2**32 - ID_RANGE} (host uid of the VE's root)")
+        raise UsageError(f"--id-shift {id_shift}: must be 1..{2**32 - ID_RANGE} (host uid of the VE's root)")
     if idmap not in (None, "private", "shared"):
         raise UsageError(f"--idmap {idmap!r}: use private or shared")
     if hostname:
