@@ -167,10 +167,13 @@ class CacheStore:
         return found
 
     def _current_id(self, name: str) -> str | None:
+        """The generation `current` names: a plain name in .published/NAME/ (publish writes nothing else). A link
+        edited to point elsewhere ("/srv", "../..") is no generation: publish would rmtree it as the previous one."""
         try:
-            return os.readlink(self.published_dir(name) / CURRENT)
+            ident = os.readlink(self.published_dir(name) / CURRENT)
         except OSError:
             return None
+        return ident if ident not in ("", ".", "..") and "/" not in ident else None
 
     def _adopt_regular_files(self, name: str) -> None:
         """A pair of regular files (an older vzpkg, or copied by hand) becomes a published pair: hard links
