@@ -7,6 +7,8 @@ import stat
 
 # A cache manifest lists packages and checksums: a few hundred KB; far more is not a manifest.
 MANIFEST_MAX = 64 << 20
+# A VE config is a few dozen lines; a hand-edited one may carry long values, never megabytes of them.
+CONF_MAX = 16 << 20
 
 
 class NotRegularFileError(OSError):
@@ -14,10 +16,15 @@ class NotRegularFileError(OSError):
 
 
 def read_small_text(path: str | os.PathLike[str], limit: int) -> str:
-    """The text of the regular file PATH (symlinks followed), at most LIMIT bytes.
+    """The text of the regular file PATH (see read_small_bytes). UnicodeDecodeError as from read_text()."""
+    return read_small_bytes(path, limit).decode("utf-8")
+
+
+def read_small_bytes(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The content of the regular file PATH (symlinks followed), at most LIMIT bytes.
 
     Opened non-blocking so that a FIFO put in its place does not hang the command in open(2); anything but a
-    regular file, or a file over LIMIT, raises NotRegularFileError. UnicodeDecodeError as from read_text()."""
+    regular file, or a file over LIMIT, raises NotRegularFileError."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     try:
         st = os.fstat(fd)
@@ -31,4 +38,4 @@ def read_small_text(path: str | os.PathLike[str], limit: int) -> str:
         os.close(fd)
     if len(data) > limit:
         raise NotRegularFileError(0, f"larger than {limit} bytes", os.fspath(path))
-    return data.decode("utf-8")
+    return data

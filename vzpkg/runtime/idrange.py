@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from vzpkg.errors import VEError
+from vzpkg.safeio import CONF_MAX, read_small_bytes
 
 from .layout import ID_RANGE, Layout
 
@@ -61,8 +62,7 @@ def configured_shifts(layout: Layout) -> list[tuple[str, int]]:
         if not name.endswith(".conf") or name.startswith("."):
             continue
         try:
-            with open(conf_dir + b"/" + os.fsencode(name), "rb") as f:
-                data = b"\n" + f.read()
+            data = b"\n" + read_small_bytes(conf_dir + b"/" + os.fsencode(name), CONF_MAX)  # a FIFO: skipped
         except OSError:
             continue
         at = data.rfind(b"\nID_SHIFT=")  # the last assignment wins, as when the config is loaded

@@ -202,11 +202,13 @@ def templates_in_use(layout: Layout) -> set[str]:
     """Names of template/<...> directories some VE still uses (for `vzpkg clean`)."""
     import re
 
+    from vzpkg.safeio import CONF_MAX, read_small_text
+
     used = set()
     for veid in layout.veids():
         try:
-            text = layout.conf(veid).read_text()
-        except OSError:
+            text = read_small_text(layout.conf(veid), CONF_MAX)  # not open(): a FIFO there would block
+        except (OSError, UnicodeDecodeError):
             continue
         sha = shift = idmap = None
         privileged = False

@@ -148,3 +148,31 @@ def test_create_refuses_an_id_shift_in_use(rt):
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert p.stderr.startswith(f"vzctl: error: --id-shift {used + 65535} overlaps the id range of VE {a} "), p.stderr
     assert not (rt.root / "conf" / f"{b}.conf").exists() and not rt.private(b).exists()
+
+
+def test_config_that_is_a_fifo(rt):
+    """conf/<id>.conf replaced by a FIFO: nothing blocks on it (open(2) of a FIFO waits for a writer): vzlist
+    lists it, start and set --save exit 13 naming it, create of another VE (which reads every config for the id
+    ranges in use) works, destroy removes it."""
+    veid = rt.new_id()
+    rt.created.append(veid)
+    (rt.root / "conf").mkdir(exist_ok=True)
+    fifo = rt.root / "conf" / f"{veid}.conf"
+    os.mkfifo(fifo)
+    assert veid in rt_vzlist(rt)
+    for args in (["start", veid], ["set", veid, "--ram", "1G", "--save"]):
+        p = rt.vzctl(*args, check=False, timeout=20)
+        assert p.returncode == 13, (args, p.returncode, p.stderr)
+        assert p.stderr == (f"vzctl: error: {fifo}: cannot read config: it is not a regular file; a VE config is a "
+                            'regular file of KEY="value" lines\n')
+    other = rt.create(start=False)
+    assert rt.vzctl("status", other).stdout.split()[2] == "exist"
+    rt.vzctl("destroy", veid, timeout=20)
+    assert not os.path.lexists(fifo)
+
+
+def rt_vzlist(rt) -> str:
+    p = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzlist", "-a", "-H", "-o", "veid"], env=rt.env,
+                       capture_output=True, text=True, timeout=20, cwd=PROJECT)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
