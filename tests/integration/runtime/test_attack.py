@@ -176,3 +176,18 @@ def rt_vzlist(rt) -> str:
                        capture_output=True, text=True, timeout=20, cwd=PROJECT)
     assert p.returncode == 0, p.stderr
     return p.stdout
+
+
+def test_exec_and_enter_at_the_process_limit(rt):
+    """`vzctl set --numproc 1` on a running VE (its init is the one process): exec and enter cannot fork into
+    it. One line naming NUMPROC, exit 30 (it was a traceback: EAGAIN, then an import failing inside the VE's
+    mount namespace). Raised again, exec works."""
+    veid = rt.create()
+    rt.vzctl("set", veid, "--numproc", "1")
+    for args in (["exec", veid, "true"], ["enter", veid]):
+        p = rt.vzctl(*args, check=False, input="")
+        assert p.returncode == 30, (args, p.returncode, p.stderr)
+        assert p.stderr.startswith(f"vzctl: error: VE {veid} is at its process limit (NUMPROC)"), p.stderr
+        assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    rt.vzctl("set", veid, "--numproc", "64")
+    assert rt.vzctl("exec", veid, "true").returncode == 0
