@@ -95,6 +95,34 @@ def check_writable(directory: Path, what: str = "cache directory") -> None:
                                f"or use another one (--cache-dir / $VZPKG_CACHE_DIR)")
 
 
+# The fields vzpkg reads back from a manifest, with the JSON type each must have (a hand-edited or crafted
+# manifest with another type made `vzpkg info`/`status` fail with an internal error).
+# Scalars may be null (an older vzpkg wrote some as null; the readers cope); containers may not.
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "sha256": str, **dict.fromkeys(("name", "archive", "created", "init", "architecture", "distribution",
+                                    "release", "template_digest"), (str, type(None))),
+    **dict.fromkeys(("packed_size", "unpacked_size", "package_count"), (int, type(None))),
+    "durations": dict, "mirrors": dict, "packages": list, "repositories": list, "template_packages": list,
+}
+
+
+def manifest_problem(data: dict[str, Any]) -> str | None:
+    """What makes the manifest DATA unusable (a field of the wrong type), or None."""
+    for key, kind in _MANIFEST_TYPES.items():
+        if key in data and not isinstance(data[key], kind):
+            want = kind.__name__ if isinstance(kind, type) else kind[0].__name__
+            return f'"{key}" is {type(data[key]).__name__}, not {want}'
+    for i, pkg in enumerate(data.get("packages", [])):
+        if not (isinstance(pkg, dict) and isinstance(pkg.get("name"), str)):
+            return f'"packages"[{i}] is not an object with a "name" string'
+    for i, repo in enumerate(data.get("repositories", [])):
+        if not isinstance(repo, dict):
+            return f'"repositories"[{i}] is not an object'
+    if not all(isinstance(v, (int, float)) for v in data.get("durations", {}).values()):
+        return '"durations" has a value that is not a number'
+    return None
+
+
 @dataclass
 class CacheStore:
     root: Path
@@ -128,6 +156,9 @@ class CacheStore:
             raise VerifyError(f"manifest {path} cannot be read ({e.strerror}): {rebuild}") from e
         if not isinstance(data, dict):
             raise VerifyError(f"manifest {path} is not a JSON object (it is {type(data).__name__}): {rebuild}")
+        problem = manifest_problem(data)
+        if problem:
+            raise VerifyError(f"manifest {path}: {problem}: {rebuild}")
         return data
 
     def manifest_or_none(self, name: str) -> dict[str, Any] | None:
