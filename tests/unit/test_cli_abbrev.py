@@ -41,3 +41,16 @@ def test_id_shift_out_of_range_is_a_usage_error(tmp_path, shift):
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert p.stderr == f"vzctl: error: --id-shift {int(shift)}: must be 1..4294901760 (host uid of the VE's root)\n"
     assert not (tmp_path / "vz").exists()
+
+
+@pytest.mark.parametrize("name", ["vz,root", "vz:root"])
+def test_vz_root_with_an_overlay_separator_is_refused(tmp_path, name):
+    """A VZ root whose path has ',' or ':' let create succeed and every start fail (overlayfs splits its options
+    and layers there): refused up front, exit 2, nothing made."""
+    root = tmp_path / name
+    for prog, args in (("vzctl", ["--root", str(root), "create", "101", "--ostemplate", "debian-12-x86_64"]),
+                       ("vzlist", ["-a", "--root", str(root)])):
+        p = _run(tmp_path, prog, *args)
+        assert p.returncode == 2, (p.returncode, p.stderr)
+        assert p.stderr.startswith(f"{prog}: error: VZ root '{root}': its path must not contain"), p.stderr
+        assert not root.exists()

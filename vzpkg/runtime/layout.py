@@ -73,13 +73,23 @@ def valid_veid(veid: str) -> bool:
 def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
     """--root, else $VZ_ROOT, else the settings (config file) default."""
     if root is not None:
-        return Path(root).absolute()
+        return _usable_root(Path(root).absolute())
     env = os.environ.get("VZ_ROOT")
     if env:
-        return Path(env).absolute()
+        return _usable_root(Path(env).absolute())
     from vzpkg.config import load_settings
 
-    return load_settings().vz_root
+    return _usable_root(load_settings().vz_root)
+
+
+def _usable_root(path: Path) -> Path:
+    # overlayfs's mount options separate layers with ':' and options with ',': such a root made every start fail
+    # with a bare ENOENT (and a crafted one could add mount options)
+    bad = sorted({c for c in str(path) if c in ",:\n"})
+    if bad:
+        raise UsageError(f"VZ root {str(path)!r}: its path must not contain {' or '.join(map(repr, bad))} "
+                         "(overlay mount options cannot carry them): use another directory")
+    return path
 
 
 class Layout:
