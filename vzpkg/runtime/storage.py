@@ -260,6 +260,10 @@ def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str, idma
     """Mount root/<id>. IDMAP_SHIFT (overlay layout): the lower layer is TEMPLATE seen through an idmapped
     mount with its ids DEFAULT_ID_SHIFT.. shown as IDMAP_SHIFT.."""
     target = layout.ve_root(veid)
+    if os.path.islink(target):
+        # mount(2) follows it: the VE's root would be mounted over whatever host directory it names, and stop
+        # (which unmounts root/<id>) would leave it there. It is only our mount point: replace it.
+        os.unlink(target)
     target.mkdir(parents=True, exist_ok=True)
     if is_mounted(target):
         return target

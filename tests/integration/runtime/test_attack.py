@@ -191,3 +191,22 @@ def test_exec_and_enter_at_the_process_limit(rt):
         assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
     rt.vzctl("set", veid, "--numproc", "64")
     assert rt.vzctl("exec", veid, "true").returncode == 0
+
+
+@pytest.mark.parametrize("cmd", ["start", "mount"])
+def test_mount_point_replaced_by_a_symlink(rt, tmp_path, cmd):
+    """root/<id> replaced by a symlink to a host directory: the VE's root was mounted over that directory (and
+    stop left it there). The link is replaced by the mount point it stands for; the host directory is untouched."""
+    from .conftest import mounts_below
+
+    host = tmp_path / "hostdir"
+    host.mkdir()
+    (host / "file").write_text("host\n")
+    veid = rt.create(start=False)
+    rt.ve_root(veid).rmdir()
+    rt.ve_root(veid).symlink_to(host)
+    rt.vzctl(cmd, veid)
+    assert not mounts_below(host)
+    assert not rt.ve_root(veid).is_symlink() and (rt.ve_root(veid) / "etc/os-release").exists()
+    rt.vzctl("stop" if cmd == "start" else "umount", veid)
+    assert not mounts_below(host) and sorted(os.listdir(host)) == ["file"]
