@@ -1,5 +1,6 @@
 """vzctl and vzlist options: only by their full names (a prefix is a usage error, exit 2, never another
-option: `--name` was --nameserver, `--ip` was --ipadd), and values out of range are usage errors too."""
+option: `--name` was --nameserver, `--ip` was --ipadd); values out of range and VZ roots that cannot work are
+usage errors too."""
 
 from __future__ import annotations
 
@@ -54,3 +55,32 @@ def test_vz_root_with_an_overlay_separator_is_refused(tmp_path, name):
         assert p.returncode == 2, (p.returncode, p.stderr)
         assert p.stderr.startswith(f"{prog}: error: VZ root '{root}': its path must not contain"), p.stderr
         assert not root.exists()
+
+
+def test_system_directory_as_vz_root_is_refused(tmp_path):
+    """`--root /` (or /var, /usr, ...): its run/, root/, lock/ are the host's; start would have made /run root-only
+    0700. Refused before anything is looked at, exit 2 (status too, which was "deleted", exit 0)."""
+    for root in ("/", "/var", "/usr/", "/var/lib/../tmp"):
+        p = _run(tmp_path, "vzctl", "--root", root, "status", "101")
+        assert p.returncode == 2, (root, p.returncode, p.stderr)
+        assert "is a system directory" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_secure_areas_do_not_follow_symlinks(tmp_path):
+    """A VZ root whose run/ and lock/ are symlinks (as /var/run and /var/lock are: `--root` pointing at a copy of
+    /var): start must not chown/chmod what they point to."""
+    import os
+    import stat
+
+    root = tmp_path / "fakevar"
+    target = tmp_path / "shared-run"
+    target.mkdir()
+    target.chmod(0o755)
+    os.chown(target, 1000, 1000)
+    root.mkdir()
+    (root / "run").symlink_to(target)
+    (root / "lock").symlink_to(target)
+    p = _run(tmp_path, "vzctl", "--root", str(root), "start", "101")
+    assert p.returncode == 31, (p.returncode, p.stderr)  # no such VE: but the areas were "secured" first
+    st = os.stat(target)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 1000, 1000)

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from vzpkg.errors import UsageError
@@ -82,7 +83,17 @@ def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
     return _usable_root(load_settings().vz_root)
 
 
+# Directories of the host that a clumsy --root may name: their run/, root/, lock/ ... are the host's, and start
+# would make them root-only 0700 (--root / would lock every other user out of /run).
+_SYSTEM_DIRS = frozenset(("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/media", "/mnt", "/opt",
+                          "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/local", "/var",
+                          "/var/lib", "/var/tmp", "/var/cache", "/var/local", "/var/opt"))
+
+
 def _usable_root(path: Path) -> Path:
+    if os.path.realpath(path) in _SYSTEM_DIRS:
+        raise UsageError(f"VZ root {str(path)!r} is a system directory: its run/, root/, lock/ ... are the host's; "
+                         "use a directory of its own (the default is /var/lib/vz)")
     # overlayfs's mount options separate layers with ':' and options with ',': such a root made every start fail
     # with a bare ENOENT (and a crafted one could add mount options)
     bad = sorted({c for c in str(path) if c in ",:\n"})
@@ -192,7 +203,10 @@ class Layout:
                 continue
             except FileExistsError:
                 pass
-            st = os.stat(path)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                # not followed: `--root /var` would otherwise make /var/run (-> /run) and /var/lock root-only
+                continue
             if st.st_mode & 0o077 or st.st_uid != os.geteuid():
                 if st.st_uid != os.geteuid():
                     os.chown(path, os.geteuid(), os.getegid())
