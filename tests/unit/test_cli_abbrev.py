@@ -84,3 +84,16 @@ def test_secure_areas_do_not_follow_symlinks(tmp_path):
     assert p.returncode == 31, (p.returncode, p.stderr)  # no such VE: but the areas were "secured" first
     st = os.stat(target)
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 1000, 1000)
+
+
+def test_clean_ves_refuses_a_system_directory(tmp_path):
+    """`vzpkg clean --ves --root /` swept the host's /run (dead-pid temporary files), /lock and /root as if they
+    were the VZ root's: exit 2 now, as vzctl. (Not run against the unfixed code: it would touch the host.)"""
+    env = {"VZPKG_CACHE_DIR": str(tmp_path / "cache"), "VZPKG_CONFIG": "/nonexistent", "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(PROJECT)}
+    for root in ("/", "/var"):
+        p = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzpkg", "clean", "--ves", "--root", root], env=env,
+                           capture_output=True, text=True, timeout=30, cwd=PROJECT)
+        assert p.returncode == 2, (root, p.returncode, p.stderr)
+        assert p.stderr == (f"vzpkg: error: VZ root '{root}' is a system directory: its run/, root/, lock/ ... are "
+                            "the host's; use a directory of its own (the default is /var/lib/vz)\n")

@@ -74,13 +74,13 @@ def valid_veid(veid: str) -> bool:
 def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
     """--root, else $VZ_ROOT, else the settings (config file) default."""
     if root is not None:
-        return _usable_root(Path(root).absolute())
+        return usable_root(Path(root).absolute())
     env = os.environ.get("VZ_ROOT")
     if env:
-        return _usable_root(Path(env).absolute())
+        return usable_root(Path(env).absolute())
     from vzpkg.config import load_settings
 
-    return _usable_root(load_settings().vz_root)
+    return usable_root(load_settings().vz_root)
 
 
 # Directories of the host that a clumsy --root may name: their run/, root/, lock/ ... are the host's, and start
@@ -90,7 +90,7 @@ _SYSTEM_DIRS = frozenset(("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib",
                           "/var/lib", "/var/tmp", "/var/cache", "/var/local", "/var/opt"))
 
 
-def _usable_root(path: Path) -> Path:
+def usable_root(path: Path) -> Path:
     if os.path.realpath(path) in _SYSTEM_DIRS:
         raise UsageError(f"VZ root {str(path)!r} is a system directory: its run/, root/, lock/ ... are the host's; "
                          "use a directory of its own (the default is /var/lib/vz)")
