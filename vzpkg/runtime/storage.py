@@ -89,12 +89,16 @@ def cache_init(cache_dir: Path, name: str) -> str:
     return init if init in ("minimal", "distro") else "minimal"
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def cache_sha256(cache_dir: Path, name: str) -> str:
     """The sha256 of the current cache NAME, from its manifest (<cache_dir>/<name>.json, see cache.CacheStore)."""
     data = _read_manifest(cache_dir, name)
     manifest = cache_dir / f"{name}.json"
     sha = data.get("sha256")
-    if not isinstance(sha, str) or len(sha) != 64:
+    # It names a directory under template/: anything but 64 hex digits ("/..", "../../x") would point elsewhere.
+    if not isinstance(sha, str) or len(sha) != 64 or not set(sha) <= _HEX:
         raise CacheNotFoundError(f"cache manifest {manifest} has no valid sha256: rebuild the cache")
     return sha
 
@@ -103,14 +107,18 @@ def _read_manifest(cache_dir: Path, name: str) -> dict:
     """Read directly (not through CacheStore) to keep `vzctl create` free of the archive module's imports."""
     import json
 
+    from vzpkg.safeio import MANIFEST_MAX, NotRegularFileError, read_small_text
+
     manifest = cache_dir / f"{name}.json"
     try:
-        data = json.loads(manifest.read_text())
+        data = json.loads(read_small_text(manifest, MANIFEST_MAX))
     except FileNotFoundError:
         raise CacheNotFoundError(
             f"no cache for template {name!r} in {cache_dir}: run 'vzpkg create-cache {name}' "
             "(or point --cache-dir / $VZPKG_CACHE_DIR at the right directory)"
         ) from None
+    except NotRegularFileError as e:
+        raise CacheNotFoundError(f"cache manifest {manifest} is {e.strerror}: rebuild the cache") from None
     except (OSError, ValueError) as e:
         raise CacheNotFoundError(f"cannot read cache manifest {manifest}: {e}") from None
     if not isinstance(data, dict):
@@ -292,6 +300,10 @@ def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str, idma
     """Mount root/<id>. IDMAP_SHIFT (overlay layout): the lower layer is TEMPLATE seen through an idmapped
     mount with its ids DEFAULT_ID_SHIFT.. shown as IDMAP_SHIFT.."""
     target = layout.ve_root(veid)
+    if os.path.islink(target):
+        # mount(2) follows it: the VE's root would be mounted over whatever host directory it names, and stop
+        # (which unmounts root/<id>) would leave it there. It is only our mount point: replace it.
+        os.unlink(target)
     target.mkdir(parents=True, exist_ok=True)
     if is_mounted(target):
         return target

@@ -182,9 +182,10 @@ def load_conf(layout: Layout, veid: str):
 class _ConfView:
     """The parts of a validated VE config that start needs, read from a cache (see load_conf_cached)."""
 
-    def __init__(self, values: dict[str, str], limits: dict) -> None:
+    def __init__(self, values: dict[str, str], limits: dict, source: str) -> None:
         self.values = values
         self.limits = limits
+        self.source = source  # the config file, for messages (as VEConfig.source)
 
     def get(self, key: str, default: str | None = None) -> str | None:
         return self.values.get(key, default)
@@ -223,12 +224,12 @@ def load_conf_cached(layout: Layout, veid: str) -> _ConfView:
                     values[name] = value
                 elif kind == "L":
                     limits[name] = int(value) if value.isdigit() else value
-            return _ConfView(values, limits)
+            return _ConfView(values, limits, str(path))
     except (OSError, ValueError, UnicodeError):
         pass
     conf = load_conf(layout, veid)
     conf.validate_ve()  # a hand-edited config with a bad value is refused here, naming file, line and key
-    view = _ConfView(conf.to_dict(), _limits_from_conf(conf))
+    view = _ConfView(conf.to_dict(), _limits_from_conf(conf), str(path))
     out = [key]
     for k, v in view.values.items():
         out.append(f"V\t{k}\t{v.encode('unicode_escape').decode()}")
@@ -248,6 +249,11 @@ def _conf_params(conf) -> tuple[bool, int, str, str]:
     privileged = conf.get("PRIVILEGED") == "yes"
     shift_text = conf.get("ID_SHIFT")
     id_shift = 0 if privileged else int(shift_text) if shift_text else DEFAULT_ID_SHIFT
+    if id_shift == 0 and not privileged:
+        # The VE's root would be host root (uid_map 0 0): a privileged VE that its config does not call one.
+        raise ConfigError(f'{conf.source}: ID_SHIFT="0" with PRIVILEGED="no" would run the VE as host root: set '
+                          'ID_SHIFT to the VE\'s own range (vzctl create chooses one), or PRIVILEGED="yes" if that is '
+                          'really meant')
     return privileged, id_shift, conf.get("LAYOUT") or "overlay", conf.get("TEMPLATE_SHA256") or ""
 
 
@@ -264,6 +270,19 @@ def _template_of(layout: Layout, veid: str, conf) -> Path:
         raise ConfigError(template_sha256_problem(conf.get("TEMPLATE_SHA256"), str(layout.conf(veid)))
                           or f"{layout.conf(veid)}: TEMPLATE_SHA256 is invalid")
     return layout.template(sha, template_shift(privileged, id_shift, conf.get("IDMAP")))
+
+
+def _check_private_range(layout: Layout, veid: str, conf, id_shift: int) -> None:
+    """A private range shared with another VE (a hand-edited or copied config) is not private: the VEs' ids
+    would be the same host ids, each able to own the other's files. Refused before anything is set up."""
+    from .idrange import overlapping
+
+    others = overlapping(layout, veid, id_shift)
+    if others:
+        other, shift = others[0]
+        raise ConfigError(f'{conf.source}: ID_SHIFT="{id_shift}" overlaps the id range of VE {other} '
+                          f'(ID_SHIFT="{shift}"; a range is {ID_RANGE} ids): the two VEs would share host ids. '
+                          "Restore this VE's own ID_SHIFT, or recreate it (vzctl create picks a free range)")
 
 
 def _idmap_shift(conf) -> int | None:
@@ -302,7 +321,7 @@ def create(
     veid = check_veid(veid)
     validate_value("OSTEMPLATE", ostemplate)
     if id_shift is not None and not 0 < id_shift <= 2**32 - ID_RANGE and not privileged:
-        raise VEError(f"id shift {id_shift}: must be 1..{2**32 - ID_RANGE} (host uid of the VE's root)")
+        raise UsageError(f"--id-shift {id_shift}: must be 1..{2**32 - ID_RANGE} (host uid of the VE's root)")
     if idmap not in (None, "private", "shared"):
         raise UsageError(f"--idmap {idmap!r}: use private or shared")
     if hostname:
@@ -330,6 +349,14 @@ def create(
                 raise UsageError(f"id shift {DEFAULT_ID_SHIFT} is the range shared VEs have, not a private one: "
                                  "use --idmap shared, or another --id-shift")
             shift = DEFAULT_ID_SHIFT if mode == "shared" and id_shift is None else id_shift
+            if mode == "private" and shift is not None:
+                from .idrange import overlapping
+
+                others = overlapping(layout, veid, shift)
+                if others:
+                    raise UsageError(f"--id-shift {shift} overlaps the id range of VE {others[0][0]} "
+                                     f"(ID_SHIFT={others[0][1]}; a range is {ID_RANGE} ids): a private range is "
+                                     "the VE's alone; leave --id-shift out to get a free one")
         # Shared hold on the template area until the config naming the template is saved: `vzpkg clean
         # --templates` cannot remove a generation between its unpacking and its first user.
         lock.begin("create")  # a SIGKILL from here on: the next command on the VE removes what was made
@@ -462,6 +489,8 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
         _cleanup(layout, veid, keep_mount=True)
         privileged, id_shift, kind, _ = _conf_params(conf)
         template = _template_of(layout, veid, conf)  # before anything is set up: a bad config changes nothing
+        if conf.get("IDMAP") == "private" and not privileged:
+            _check_private_range(layout, veid, conf, id_shift)
         init_kind = conf.get("INIT") or "minimal"
         vzinit = None
         if init_kind != "distro":
@@ -956,6 +985,15 @@ def _forward_signals(pid: int) -> None:
         signal.signal(s, fwd)
 
 
+def _fork_in_ve(veid: str, what: str) -> int:
+    """os.fork() after joining the VE's cgroups: at its pids.max (NUMPROC) the fork fails with EAGAIN."""
+    try:
+        return os.fork()
+    except BlockingIOError:
+        raise VEError(f"VE {veid} is at its process limit (NUMPROC): cannot start {what}; stop some of its "
+                      f"processes or raise it: vzctl set {veid} --numproc N [--save]") from None
+
+
 def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] | None = None) -> int:
     """Run ARGV inside the VE with our stdin/stdout/stderr; returns its exit status (128+N if killed by N)."""
     veid = check_veid(veid)
@@ -970,7 +1008,7 @@ def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] |
         environ.update(env)
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    pid = _fork_in_ve(veid, repr(' '.join(argv)))
     if pid == 0:
         try:
             os.closerange(3, 1 << 20)
@@ -1024,7 +1062,7 @@ def enter(layout: Layout, veid: str, shell: list[str] | None = None) -> int:
             fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
         except OSError:
             pass
-    pid = os.fork()
+    pid = _fork_in_ve(veid, f"a shell ({' '.join(shell)})")
     if pid == 0:
         try:
             os.setsid()

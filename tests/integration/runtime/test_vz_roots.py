@@ -85,7 +85,7 @@ def test_vz_root_areas_are_roots_only(open_rt):
                rt.ve_root(copy) / "etc/passwd", rt.root / "conf" / f"{overlay}.conf"]
     assert all(os.path.exists(t) for t in targets)
     assert _as(65534, "stat", str(rt.root)).returncode == 0, "the VZ root itself is reachable: the test means it"
-    for uid in (65534, 100000, rt.id_shift(overlay)):
+    for uid in (65534, 100000, rt.id_shift(overlay), rt.id_shift(copy)):
         for t in targets:
             p = _as(uid, "stat", str(t))
             assert p.returncode != 0 and "Permission denied" in p.stderr, (uid, t, p.stdout)
