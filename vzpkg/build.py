@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import signal
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from .config import Settings
 from .distro import get_distribution
 from .errors import BuildError, CacheExistsError
 from .inroot import inside, remove_matches
+from .interrupt import signals_raise
 from .lock import locked
 from .pkgmgr import BuildContext, PackageManager, get_backend
 from .stage import StageStore
@@ -75,21 +75,6 @@ class StepTimer:
         seconds = time.monotonic() - start
         self.durations[name] = round(seconds, 3)
         self.reporter.step(name, seconds, detail() if detail else "")
-
-
-@contextmanager
-def signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so the clean-up in `finally` blocks runs."""
-
-    def _raise(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def source_date_epoch() -> int | None:

@@ -36,13 +36,13 @@ from .build import (
     prepare_context,
     render_files,
     run_template_scripts,
-    signals_raise,
     source_date_epoch,
 )
 from .cache import PUBLISHED_DIR, TMP_PREFIX, CacheStore, check_writable, fsync_dir, write_json_atomic
 from .chroot import prepare_build_root, remove_work_dir
 from .config import Settings
 from .errors import CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
+from .interrupt import signals_raise
 from .lock import locked
 from .pkgmgr import get_backend
 from .stage import StageStore

@@ -6,7 +6,6 @@ import errno
 import functools
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -15,20 +14,10 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from ..errors import NotWritableError, VzError
+from ..interrupt import terminate_like_interrupt
 from ..space import disk_full_error, is_full
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def terminate_like_interrupt() -> None:
-    """SIGTERM and SIGHUP unwind like Ctrl-C (KeyboardInterrupt) for the whole command, so every `finally`
-    clean-up runs and the user gets one line and exit 130, whatever phase the command is in."""
-
-    def _raise(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise)
 
 
 def os_error(e: OSError) -> VzError | None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import click
 
+from ..interrupt import signals_raise
 from .common import handle_errors, human_size, print_json
 
 _cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False),
@@ -58,21 +56,6 @@ class ProgressBar:
             sys.stderr.write("\r" + " " * 100 + "\r")
             sys.stderr.flush()
             self._drawn = False
-
-
-@contextmanager
-def signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so a pull's clean-up runs (as in build.py, without its imports)."""
-
-    def _raise(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _settings(cache_dir: str | None):
