@@ -24,6 +24,7 @@ cgroups, the root mount, the cgroups) whether or not the VE is running.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -31,6 +32,7 @@ import sys
 from pathlib import Path
 
 from vzpkg.errors import ConfigError, VEError, VENotFoundError, VEOutOfMemoryError, VEStateError
+from vzpkg.flock import open_lockfile, take
 
 from . import ns, state, storage
 from .layout import DEFAULT_ID_SHIFT, ID_RANGE, Layout, check_veid, template_shift
@@ -87,18 +89,10 @@ class VELock:
 
     def __enter__(self) -> VELock:
         while True:
+            fd = open_lockfile(self.path, dir_mode=0o700)
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_CREAT, 0o600)
-            except FileNotFoundError:
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                continue
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if not self.wait:
-                        raise
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+                if not take(fd, wait=self.wait):
+                    raise BlockingIOError(errno.EWOULDBLOCK, f"{self.path} is locked")
                 st, now = os.fstat(fd), os.stat(self.path)
                 if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
                     break
