@@ -1,5 +1,7 @@
 """VE lifecycle: create, mount, start, exec, enter, set, stop, umount, destroy, status.
 
+The config cache is in confcache.py; vzlist's rows in listing.py.
+
 Start, in one picture (no subprocess, only fork and system calls through ctypes):
 
     vzctl (host root)                 child                              grandchild = VE pid 1
@@ -31,10 +33,11 @@ import signal
 import sys
 from pathlib import Path
 
-from vzpkg.errors import ConfigError, VEError, VENotFoundError, VEOutOfMemoryError, VEStateError
+from vzpkg.errors import VEError, VENotFoundError, VEOutOfMemoryError, VEStateError
 from vzpkg.flock import open_lockfile, take
 
 from . import ns, state, storage
+from .confcache import _conf_params, _idmap_shift, _limits_from_conf, _template_of, load_conf, load_conf_cached
 from .layout import DEFAULT_ID_SHIFT, ID_RANGE, Layout, check_veid, template_shift
 
 DEFAULT_STOP_TIMEOUT = 10.0
@@ -162,111 +165,6 @@ def running_init(layout: Layout, veid: str) -> state.InitRecord | None:
         return state.adopt_init(layout, veid, cg.pids(name))
     except VEError:
         return None
-
-
-def load_conf(layout: Layout, veid: str):
-    from .conf import VEConfig
-
-    path = layout.conf(veid)
-    if not path.exists():
-        raise VENotFoundError(f"VE {veid} does not exist (no {path}): create it with 'vzctl create {veid} --ostemplate NAME'")
-    return VEConfig.load(path, strict=False)
-
-
-class _ConfView:
-    """The parts of a validated VE config that start needs, read from a cache (see load_conf_cached)."""
-
-    def __init__(self, values: dict[str, str], limits: dict) -> None:
-        self.values = values
-        self.limits = limits
-
-    def get(self, key: str, default: str | None = None) -> str | None:
-        return self.values.get(key, default)
-
-
-def _cache_key(path: Path) -> str:
-    st = os.stat(path)
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def load_conf_cached(layout: Layout, veid: str) -> _ConfView:
-    """The VE's config, validated, for start.
-
-    Parsing and validating a config means importing conf.py (~15 ms with its dependencies, most of the
-    start-up budget); so the validated values and the derived limits are cached in run/<id>.conf-cache, keyed
-    by the config file's inode, size and mtime. Any edit of the file (vzctl set --save, an editor) misses the
-    cache and the file is validated again.
-    """
-    path = layout.conf(veid)
-    try:
-        key = _cache_key(path)
-    except FileNotFoundError:
-        raise VENotFoundError(f"VE {veid} does not exist (no {path}): create it with 'vzctl create {veid} "
-                              "--ostemplate NAME'") from None
-    cache = layout.run_dir / f"{veid}.conf-cache"
-    try:
-        lines = cache.read_text().split("\n")
-        if lines[0] == key:
-            values: dict[str, str] = {}
-            limits: dict = {}
-            for line in lines[1:]:
-                kind, _, rest = line.partition("\t")
-                name, _, raw = rest.partition("\t")
-                value = raw.encode().decode("unicode_escape")
-                if kind == "V":
-                    values[name] = value
-                elif kind == "L":
-                    limits[name] = int(value) if value.isdigit() else value
-            return _ConfView(values, limits)
-    except (OSError, ValueError, UnicodeError):
-        pass
-    conf = load_conf(layout, veid)
-    conf.validate_ve()  # a hand-edited config with a bad value is refused here, naming file, line and key
-    view = _ConfView(conf.to_dict(), _limits_from_conf(conf))
-    out = [key]
-    for k, v in view.values.items():
-        out.append(f"V\t{k}\t{v.encode('unicode_escape').decode()}")
-    for k, v in view.limits.items():
-        out.append(f"L\t{k}\t{v}")
-    try:
-        layout.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_text("\n".join(out))
-        os.rename(tmp, cache)
-    except OSError:
-        pass
-    return view
-
-
-def _conf_params(conf) -> tuple[bool, int, str, str]:
-    privileged = conf.get("PRIVILEGED") == "yes"
-    shift_text = conf.get("ID_SHIFT")
-    id_shift = 0 if privileged else int(shift_text) if shift_text else DEFAULT_ID_SHIFT
-    return privileged, id_shift, conf.get("LAYOUT") or "overlay", conf.get("TEMPLATE_SHA256") or ""
-
-
-_HEX = frozenset("0123456789abcdef")
-
-
-def _template_of(layout: Layout, veid: str, conf) -> Path:
-    privileged, id_shift, _, sha = _conf_params(conf)
-    if len(sha) != 64 or not set(sha) <= _HEX:
-        # with "" the lower layer would be the whole template area: refuse (conf.template_sha256_problem says
-        # why, in full; imported only here, off the hot path)
-        from .conf import template_sha256_problem
-
-        raise ConfigError(template_sha256_problem(conf.get("TEMPLATE_SHA256"), str(layout.conf(veid)))
-                          or f"{layout.conf(veid)}: TEMPLATE_SHA256 is invalid")
-    return layout.template(sha, template_shift(privileged, id_shift, conf.get("IDMAP")))
-
-
-def _idmap_shift(conf) -> int | None:
-    """The VE's private range when its root is mounted through an idmapped template (overlay layout), else None.
-    A config without IDMAP (made before it existed) is shared: its template was unpacked at its ID_SHIFT."""
-    privileged, id_shift, kind, _ = _conf_params(conf)
-    if privileged or conf.get("IDMAP") != "private" or kind != "overlay":
-        return None
-    return id_shift
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -432,16 +330,6 @@ def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # start
-
-
-def _limits_from_conf(conf) -> dict:
-    limits: dict = {"cpuunits": conf.cpuunits, "cpulimit": conf.cpulimit, "cpus": conf.cpus}
-    ram, swap, numproc = conf.ram_bytes, conf.swap_bytes, conf.numproc
-    limits["ram"] = "unlimited" if ram is None else ram
-    if conf.get("SWAP"):
-        limits["swap"] = "unlimited" if swap is None else swap
-    limits["numproc"] = "unlimited" if numproc is None else numproc
-    return limits
 
 
 def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
@@ -1209,47 +1097,3 @@ def status_line(st: dict) -> str:
              "running" if st["running"] else "down"]
     return f"VEID {st['veid']} {' '.join(words)}"
 
-
-def list_ves(layout: Layout, veids: list[str] | None = None, *, disk: bool = True) -> list[dict]:
-    """One dict per VE for vzlist: veid, status, hostname, ip, numproc, memory (bytes used), disk (bytes
-    in its private area), ostemplate, layout, init_pid."""
-    from .conf import VEConfig
-
-    cg = None
-    rows = []
-    for veid in veids or layout.veids():
-        veid = check_veid(veid)
-        if veids and not layout.conf(veid).exists():
-            # asked for by name: an unknown VE is an error, as in vzctl (not an empty, successful list)
-            raise VENotFoundError(f"VE {veid} does not exist (no {layout.conf(veid)})")
-        try:
-            conf = VEConfig.load(layout.conf(veid), strict=False)
-        except Exception:
-            conf = None
-        if conf is None and not layout.conf(veid).exists():
-            continue
-        rec = running_init(layout, veid)
-        row: dict = {
-            "veid": veid,
-            "status": "running" if rec else ("mounted" if storage.is_mounted(layout.ve_root(veid)) else "stopped"),
-            "hostname": conf.get("HOSTNAME") if conf else None,
-            "ip": conf.get("IP_ADDRESS") if conf else None,
-            "ostemplate": conf.get("OSTEMPLATE") if conf else None,
-            "layout": conf.get("LAYOUT") if conf else None,
-            "init_pid": rec.pid if rec else None,
-            "numproc": None,
-            "memory": None,
-            "disk": None,
-        }
-        if rec is not None:
-            try:
-                cg = cg or _cgroups()
-                counters = cg.counters(layout.cgroup_name(veid))
-                row["numproc"] = (counters.get("numproc") or {}).get("held")
-                row["memory"] = (counters.get("memory") or {}).get("held")
-            except VEError:
-                pass
-        if disk:
-            row["disk"] = storage.disk_usage(layout.private(veid))
-        rows.append(row)
-    return rows
