@@ -182,9 +182,9 @@ def test_stop_timeouts():
 
 
 def test_tmpfs_sizes_follow_ram():
-    from vzpkg.runtime import ve
+    from vzpkg.runtime import spawn
 
-    assert ve._tmpfs_sizes(512 << 20) == ("size=262144k", "size=65536k")
-    assert ve._tmpfs_sizes(128 << 20) == ("size=65536k", "size=16384k")
-    assert ve._tmpfs_sizes(16 << 20) == ("size=8192k", "size=2048k")
-    assert ve._tmpfs_sizes("unlimited") == ("", "size=65536k")
+    assert spawn._tmpfs_sizes(512 << 20) == ("size=262144k", "size=65536k")
+    assert spawn._tmpfs_sizes(128 << 20) == ("size=65536k", "size=16384k")
+    assert spawn._tmpfs_sizes(16 << 20) == ("size=8192k", "size=2048k")
+    assert spawn._tmpfs_sizes("unlimited") == ("", "size=65536k")
