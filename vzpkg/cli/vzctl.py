@@ -1,4 +1,4 @@
-"""vzctl: manage VEs (OpenVZ's command set). Parsing and printing only; the work is in vzpkg.runtime.ve.
+"""vzctl: manage VEs (OpenVZ's command set). Parsing and printing only; the work is in vzpkg.runtime (ve, attach).
 
 argparse rather than click: `vzctl start` and `vzctl exec` are on the start-to-first-exec path, where
 click's ~15 ms of imports would be a sixth of the budget.
@@ -300,9 +300,13 @@ def run(argv: list[str]) -> int:
             raise UsageError("vzctl exec VEID COMMAND [ARG...]: no command given")
         if len(cmd_argv) == 1 and " " in cmd_argv[0]:
             cmd_argv = ["/bin/sh", "-c", cmd_argv[0]]  # OpenVZ: a single string is a shell command line
-        return ve.exec_in(layout, args.veid, cmd_argv)
+        from vzpkg.runtime import attach
+
+        return attach.exec_in(layout, args.veid, cmd_argv)
     elif cmd == "enter":
-        return ve.enter(layout, args.veid)
+        from vzpkg.runtime import attach
+
+        return attach.enter(layout, args.veid)
     elif cmd == "set":
         changes = {key: getattr(args, opt) for opt, key in SET_OPTIONS.items() if getattr(args, opt) is not None}
         if not changes:
