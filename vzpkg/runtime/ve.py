@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from contextlib import ExitStack
 from pathlib import Path
 
 from vzpkg.errors import VEError, VENotFoundError, VEStateError
@@ -204,7 +205,9 @@ def _create_locked(layout: Layout, veid: str, conf, template: Path, ostemplate: 
     if idmapped and kind == "overlay":
         storage.check_idmap(template, shift)
     storage.create_private(layout, veid, template, kind, shift, idmapped=idmapped)
-    try:
+    with ExitStack() as undo:  # a failure before the config is saved removes what was made (last in, first out)
+        undo.callback(_rmdir_quiet, layout.ve_root(veid))
+        undo.callback(storage.remove_private, layout, veid)
         conf.set("OSTEMPLATE", ostemplate)
         conf.set("TEMPLATE_SHA256", sha)
         conf.set("LAYOUT", kind)
@@ -219,13 +222,14 @@ def _create_locked(layout: Layout, veid: str, conf, template: Path, ostemplate: 
             conf.set("INIT", storage.cache_init(cache_dir, ostemplate))
         layout.ve_root(veid).mkdir(exist_ok=True)
         conf.save(layout.conf(veid))
-    except BaseException:
-        storage.remove_private(layout, veid)
-        try:
-            layout.ve_root(veid).rmdir()
-        except OSError:
-            pass
-        raise
+        undo.pop_all()  # created: keep it
+
+
+def _rmdir_quiet(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 class _done:  # noqa: N801 (a context manager, like open)
@@ -312,7 +316,9 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
         cg = _cgroups()
         cgname = layout.cgroup_name(veid)
         cg.create(cgname)
-        try:
+        with ExitStack() as undo:  # a failure from here on undoes it all (last in, first out)
+            undo.callback(_cleanup, layout, veid)  # processes in its cgroups, cgroups, root mount, record, veth
+            undo.callback(_kill_recorded_init, layout, veid)
             cg.set_limits(cgname, **conf.limits)
             cg.setup_devices(cgname, DEVICE_RULES)
             root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
@@ -322,13 +328,14 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
 
                 net.setup_veth(layout.real_root(), veid, pid, conf.get("IP_ADDRESS"),
                                net.bridge_name(conf.get("BRIDGE")))
+            undo.pop_all()  # started: keep it
             return pid
-        except BaseException:
-            rec = state.read_record(layout, veid)
-            if rec is not None and state.record_alive(rec):
-                os.kill(rec.pid, signal.SIGKILL)
-            _cleanup(layout, veid)
-            raise
+
+
+def _kill_recorded_init(layout: Layout, veid: str) -> None:
+    rec = state.read_record(layout, veid)
+    if rec is not None and state.record_alive(rec):
+        os.kill(rec.pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------------------
