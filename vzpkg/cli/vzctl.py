@@ -313,7 +313,9 @@ def run(argv: list[str]) -> int:
             from vzpkg.errors import UsageError
 
             raise UsageError("vzctl set: nothing to set (see vzctl set --help)")
-        applied, saved, later = ve.set_params(layout, args.veid, changes, save=args.save)
+        from vzpkg.runtime import live
+
+        applied, saved, later = live.set_params(layout, args.veid, changes, save=args.save)
         done = " and ".join(w for w, yes in (("applied", applied), ("saved", saved)) if yes)
         if later:  # (only for a running VE)
             done += f"; {', '.join(later)} take{'s' if len(later) == 1 else ''} effect at the next start"
