@@ -29,6 +29,7 @@ from typing import Any
 
 from .archive import iter_members, sha256_file
 from .errors import CacheNotFoundError, NotWritableError, VerifyError
+from .safeio import MANIFEST_MAX, NotRegularFileError, read_small_text
 from .space import disk_full_error, is_full
 
 ARCHIVE_SUFFIX = ".tar.zst"
@@ -94,6 +95,34 @@ def check_writable(directory: Path, what: str = "cache directory") -> None:
                                f"or use another one (--cache-dir / $VZPKG_CACHE_DIR)")
 
 
+# The fields vzpkg reads back from a manifest, with the JSON type each must have (a hand-edited or crafted
+# manifest with another type made `vzpkg info`/`status` fail with an internal error).
+# Scalars may be null (an older vzpkg wrote some as null; the readers cope); containers may not.
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "sha256": str, **dict.fromkeys(("name", "archive", "created", "init", "architecture", "distribution",
+                                    "release", "template_digest"), (str, type(None))),
+    **dict.fromkeys(("packed_size", "unpacked_size", "package_count"), (int, type(None))),
+    "durations": dict, "mirrors": dict, "packages": list, "repositories": list, "template_packages": list,
+}
+
+
+def manifest_problem(data: dict[str, Any]) -> str | None:
+    """What makes the manifest DATA unusable (a field of the wrong type), or None."""
+    for key, kind in _MANIFEST_TYPES.items():
+        if key in data and not isinstance(data[key], kind):
+            want = kind.__name__ if isinstance(kind, type) else kind[0].__name__
+            return f'"{key}" is {type(data[key]).__name__}, not {want}'
+    for i, pkg in enumerate(data.get("packages", [])):
+        if not (isinstance(pkg, dict) and isinstance(pkg.get("name"), str)):
+            return f'"packages"[{i}] is not an object with a "name" string'
+    for i, repo in enumerate(data.get("repositories", [])):
+        if not isinstance(repo, dict):
+            return f'"repositories"[{i}] is not an object'
+    if not all(isinstance(v, (int, float)) for v in data.get("durations", {}).values()):
+        return '"durations" has a value that is not a number'
+    return None
+
+
 @dataclass
 class CacheStore:
     root: Path
@@ -116,15 +145,20 @@ class CacheStore:
             raise CacheNotFoundError(f"no cache for template {name!r} in {self.root}: run 'vzpkg create-cache {name}'")
         rebuild = f"rebuild it with 'vzpkg create-cache --force {name}'"
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_small_text(path, MANIFEST_MAX))
         except FileNotFoundError as e:
             raise VerifyError(f"cache {name!r} has no manifest {path}: {rebuild}") from e
+        except NotRegularFileError as e:
+            raise VerifyError(f"manifest {path} is {e.strerror}: {rebuild}") from e
         except (ValueError, UnicodeDecodeError) as e:
             raise VerifyError(f"manifest {path} is not valid JSON ({e}): {rebuild}") from e
         except OSError as e:
             raise VerifyError(f"manifest {path} cannot be read ({e.strerror}): {rebuild}") from e
         if not isinstance(data, dict):
             raise VerifyError(f"manifest {path} is not a JSON object (it is {type(data).__name__}): {rebuild}")
+        problem = manifest_problem(data)
+        if problem:
+            raise VerifyError(f"manifest {path}: {problem}: {rebuild}")
         return data
 
     def manifest_or_none(self, name: str) -> dict[str, Any] | None:
@@ -164,10 +198,13 @@ class CacheStore:
         return found
 
     def _current_id(self, name: str) -> str | None:
+        """The generation `current` names: a plain name in .published/NAME/ (publish writes nothing else). A link
+        edited to point elsewhere ("/srv", "../..") is no generation: publish would rmtree it as the previous one."""
         try:
-            return os.readlink(self.published_dir(name) / CURRENT)
+            ident = os.readlink(self.published_dir(name) / CURRENT)
         except OSError:
             return None
+        return ident if ident not in ("", ".", "..") and "/" not in ident else None
 
     def _adopt_regular_files(self, name: str) -> None:
         """A pair of regular files (an older vzpkg, or copied by hand) becomes a published pair: hard links

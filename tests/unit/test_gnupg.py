@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,17 @@ def _start_agent(home: Path) -> None:
                    stderr=subprocess.DEVNULL, timeout=30)
 
 
-def test_agents_homed_below_a_path_are_stopped_and_no_others(tmp_path: Path) -> None:
+@pytest.fixture
+def short_tmp():
+    """A short temporary directory: without /run/user (a host with no login manager) gpg-agent puts its sockets
+    in the home, and a socket path must fit in 108 bytes (pytest's tmp_path is too deep for that)."""
+    path = Path(tempfile.mkdtemp(prefix="vzg", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_agents_homed_below_a_path_are_stopped_and_no_others(short_tmp: Path) -> None:
+    tmp_path = short_tmp
     build = tmp_path / "build/root/var/cache/dnf/repo-1234/pubring"
     other = tmp_path / "other/pubring"
     _start_agent(build)

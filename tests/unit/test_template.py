@@ -308,3 +308,42 @@ def test_binary_definition_gives_one_line(tmp_path: Path, content: bytes) -> Non
 def test_template_names_are_not_paths(name: str) -> None:
     with pytest.raises(TemplateError, match="is not a template name"):
         TemplateRepository([PROJECT_DIR / "templates"]).load(name)
+
+
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        ("cycler.__init__.__globals__.os.system('touch {sentinel}')", "unsafe"),
+        ("''.__class__.__mro__[1].__subclasses__()", "unsafe"),
+        ("range(10**9) | list | length", "Range too big"),
+        ("'a' * 10**10", "too large for a template"),
+        ("2 ** 100000000", "too large for a template"),
+    ],
+)
+def test_jinja_is_sandboxed(tmp_path: Path, expr: str, expected: str) -> None:
+    """A crafted template is data: rendering it (vzpkg validate, a build) cannot run host code nor exhaust the
+    host's memory or time; each attempt is one TemplateError. (Unsandboxed, the first created the sentinel.)"""
+    sentinel = tmp_path / "SENTINEL"
+    expr = expr.replace("{sentinel}", str(sentinel))
+    for where in ("repositories", "files"):
+        tdir = tmp_path / where
+        if where == "repositories":
+            d = write(tdir, "j-12-x86_64", BASE.replace("{{ suite }} main", "{{ " + expr + " }} main"))
+        else:
+            d = write(tdir, "j-12-x86_64", BASE)
+            (d / "files").mkdir()
+            (d / "files/motd.j2").write_text("{{ " + expr + " }}\n")
+        with pytest.raises(TemplateError) as err:
+            TemplateRepository([tdir]).load("j-12-x86_64")
+        assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+        assert not sentinel.exists()
+
+
+def test_jinja_sandbox_keeps_ordinary_expressions(tmp_path: Path) -> None:
+    d = write(tmp_path, "j-12-x86_64", BASE)
+    (d / "files").mkdir()
+    (d / "files/motd.j2").write_text("{{ '-' * 40 }} {{ 2 ** 10 }} {{ suite | upper }} {{ [1, 2] * 3 }}\n")
+    TemplateRepository([tmp_path]).load("j-12-x86_64")
+    from vzpkg.template import render_file
+
+    assert render_file(d / "files/motd.j2", {"suite": "bookworm"}) == f"{'-' * 40} 1024 BOOKWORM [1, 2, 1, 2, 1, 2]\n"

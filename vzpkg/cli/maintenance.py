@@ -170,9 +170,10 @@ def register(group: click.Group) -> None:
                           names=list(names) or None, reporter=reporter)
         if templates or ves:
             from ..config import load_settings
-            from ..runtime.layout import Layout
+            from ..runtime.layout import Layout, usable_root
 
-            layout = Layout(load_settings(cache_dir=cache_dir, vz_root=vz_root).vz_root)
+            # as vzctl: `--root /` would sweep the host's /run, /lock and /root as if they were the VZ root's
+            layout = Layout(usable_root(load_settings(cache_dir=cache_dir, vz_root=vz_root).vz_root))
             found: list = []
             if ves:
                 from ..runtime.leftovers import sweep

@@ -37,6 +37,12 @@ def one_line_parser(argparse, **kw):
     block: every error of these commands is one line."""
 
     class Parser(argparse.ArgumentParser):
+        def __init__(self, *a, **k) -> None:
+            # No prefix matching: `vzctl set 101 --name web1` (OpenVZ's --name) must not be taken as
+            # --nameserver, nor `--ip` as --ipadd; an option added later would change what a prefix means.
+            k.setdefault("allow_abbrev", False)
+            super().__init__(*a, **k)
+
         def error(self, message: str):  # type: ignore[override]
             from vzpkg.errors import UsageError
 

@@ -163,6 +163,15 @@ def _forward_signals(pid: int) -> None:
         signal.signal(s, fwd)
 
 
+def _fork_in_ve(veid: str, what: str) -> int:
+    """os.fork() after joining the VE's cgroups: at its pids.max (NUMPROC) the fork fails with EAGAIN."""
+    try:
+        return os.fork()
+    except BlockingIOError:
+        raise VEError(f"VE {veid} is at its process limit (NUMPROC): cannot start {what}; stop some of its "
+                      f"processes or raise it: vzctl set {veid} --numproc N [--save]") from None
+
+
 def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] | None = None) -> int:
     """Run ARGV inside the VE with our stdin/stdout/stderr; returns its exit status (128+N if killed by N)."""
     veid = check_veid(veid)
@@ -177,7 +186,7 @@ def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] |
         environ.update(env)
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    pid = _fork_in_ve(veid, repr(' '.join(argv)))
     if pid == 0:
         try:
             os.closerange(3, 1 << 20)
@@ -231,7 +240,7 @@ def enter(layout: Layout, veid: str, shell: list[str] | None = None) -> int:
             fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
         except OSError:
             pass
-    pid = os.fork()
+    pid = _fork_in_ve(veid, f"a shell ({' '.join(shell)})")
     if pid == 0:
         try:
             os.setsid()

@@ -362,11 +362,16 @@ class VEConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, strict: bool = True) -> VEConfig:
+        from vzpkg.safeio import CONF_MAX, NotRegularFileError, read_small_text
+
         p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
+            text = read_small_text(p, CONF_MAX)  # a FIFO in its place would block open(2) for ever
         except FileNotFoundError:
             raise ConfigError(f"{p}: config file not found") from None
+        except NotRegularFileError as e:
+            raise ConfigError(f"{p}: cannot read config: it is {e.strerror}; a VE config is a regular file of "
+                              'KEY="value" lines') from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: cannot read config: {e}") from None
         return cls.parse(text, str(p), strict=strict)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vzpkg.errors import ConfigError, VENotFoundError
 
-from .layout import DEFAULT_ID_SHIFT, Layout, template_shift
+from .layout import DEFAULT_ID_SHIFT, ID_RANGE, Layout, template_shift
 
 
 def load_conf(layout: Layout, veid: str):
@@ -27,9 +27,10 @@ def load_conf(layout: Layout, veid: str):
 class _ConfView:
     """The parts of a validated VE config that start needs, read from a cache (see load_conf_cached)."""
 
-    def __init__(self, values: dict[str, str], limits: dict) -> None:
+    def __init__(self, values: dict[str, str], limits: dict, source: str) -> None:
         self.values = values
         self.limits = limits
+        self.source = source  # the config file, for messages (as VEConfig.source)
 
     def get(self, key: str, default: str | None = None) -> str | None:
         return self.values.get(key, default)
@@ -68,12 +69,12 @@ def load_conf_cached(layout: Layout, veid: str) -> _ConfView:
                     values[name] = value
                 elif kind == "L":
                     limits[name] = int(value) if value.isdigit() else value
-            return _ConfView(values, limits)
+            return _ConfView(values, limits, str(path))
     except (OSError, ValueError, UnicodeError):
         pass
     conf = load_conf(layout, veid)
     conf.validate_ve()  # a hand-edited config with a bad value is refused here, naming file, line and key
-    view = _ConfView(conf.to_dict(), _limits_from_conf(conf))
+    view = _ConfView(conf.to_dict(), _limits_from_conf(conf), str(path))
     out = [key]
     for k, v in view.values.items():
         out.append(f"V\t{k}\t{v.encode('unicode_escape').decode()}")
@@ -93,6 +94,11 @@ def _conf_params(conf) -> tuple[bool, int, str, str]:
     privileged = conf.get("PRIVILEGED") == "yes"
     shift_text = conf.get("ID_SHIFT")
     id_shift = 0 if privileged else int(shift_text) if shift_text else DEFAULT_ID_SHIFT
+    if id_shift == 0 and not privileged:
+        # The VE's root would be host root (uid_map 0 0): a privileged VE that its config does not call one.
+        raise ConfigError(f'{conf.source}: ID_SHIFT="0" with PRIVILEGED="no" would run the VE as host root: set '
+                          'ID_SHIFT to the VE\'s own range (vzctl create chooses one), or PRIVILEGED="yes" if that is '
+                          'really meant')
     return privileged, id_shift, conf.get("LAYOUT") or "overlay", conf.get("TEMPLATE_SHA256") or ""
 
 
@@ -109,6 +115,19 @@ def _template_of(layout: Layout, veid: str, conf) -> Path:
         raise ConfigError(template_sha256_problem(conf.get("TEMPLATE_SHA256"), str(layout.conf(veid)))
                           or f"{layout.conf(veid)}: TEMPLATE_SHA256 is invalid")
     return layout.template(sha, template_shift(privileged, id_shift, conf.get("IDMAP")))
+
+
+def _check_private_range(layout: Layout, veid: str, conf, id_shift: int) -> None:
+    """A private range shared with another VE (a hand-edited or copied config) is not private: the VEs' ids
+    would be the same host ids, each able to own the other's files. Refused before anything is set up."""
+    from .idrange import overlapping
+
+    others = overlapping(layout, veid, id_shift)
+    if others:
+        other, shift = others[0]
+        raise ConfigError(f'{conf.source}: ID_SHIFT="{id_shift}" overlaps the id range of VE {other} '
+                          f'(ID_SHIFT="{shift}"; a range is {ID_RANGE} ids): the two VEs would share host ids. '
+                          "Restore this VE's own ID_SHIFT, or recreate it (vzctl create picks a free range)")
 
 
 def _idmap_shift(conf) -> int | None:

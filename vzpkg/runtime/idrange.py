@@ -23,6 +23,7 @@ from pathlib import Path
 
 from vzpkg.errors import VEError
 from vzpkg.flock import lock_file, take
+from vzpkg.safeio import CONF_MAX, read_small_bytes
 
 from .layout import ID_RANGE, Layout
 
@@ -48,10 +49,10 @@ def lowest_free(used: list[tuple[int, int]], start: int = POOL_START, end: int =
     return base if base + ID_RANGE <= end else None
 
 
-def configured_ranges(layout: Layout) -> list[tuple[int, int]]:
-    """[ID_SHIFT, ID_SHIFT + ID_RANGE) of every VE config under LAYOUT (read as bytes, no conf.py import: this
-    runs on every create, over every VE's config)."""
-    out = []
+def configured_shifts(layout: Layout) -> list[tuple[str, int]]:
+    """(VEID, ID_SHIFT) of every VE config under LAYOUT that has one (read as bytes, no conf.py import: this
+    runs on every create and start, over every VE's config)."""
+    out: list[tuple[str, int]] = []
     try:
         names = os.listdir(layout.conf_dir)
     except FileNotFoundError:
@@ -61,8 +62,7 @@ def configured_ranges(layout: Layout) -> list[tuple[int, int]]:
         if not name.endswith(".conf") or name.startswith("."):
             continue
         try:
-            with open(conf_dir + b"/" + os.fsencode(name), "rb") as f:
-                data = b"\n" + f.read()
+            data = b"\n" + read_small_bytes(conf_dir + b"/" + os.fsencode(name), CONF_MAX)  # a FIFO: skipped
         except OSError:
             continue
         at = data.rfind(b"\nID_SHIFT=")  # the last assignment wins, as when the config is loaded
@@ -70,8 +70,19 @@ def configured_ranges(layout: Layout) -> list[tuple[int, int]]:
             continue
         value = data[at + 10:].split(b"\n", 1)[0].split(b"#", 1)[0].strip().strip(b"\"'")
         if value.isdigit():
-            out.append((int(value), int(value) + ID_RANGE))
+            out.append((name[: -len(".conf")], int(value)))
     return out
+
+
+def configured_ranges(layout: Layout) -> list[tuple[int, int]]:
+    """[ID_SHIFT, ID_SHIFT + ID_RANGE) of every VE config under LAYOUT."""
+    return [(shift, shift + ID_RANGE) for _, shift in configured_shifts(layout)]
+
+
+def overlapping(layout: Layout, veid: str, shift: int) -> list[tuple[str, int]]:
+    """The other VEs of LAYOUT whose id range overlaps [SHIFT, SHIFT + ID_RANGE): (VEID, ID_SHIFT) pairs."""
+    return [(other, s) for other, s in configured_shifts(layout)
+            if other != veid and s < shift + ID_RANGE and shift < s + ID_RANGE]
 
 
 def host_subid_ranges(files: tuple[Path, ...] = SUBID_FILES) -> list[tuple[int, int]]:

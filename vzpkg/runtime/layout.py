@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from vzpkg.errors import UsageError
@@ -73,13 +74,33 @@ def valid_veid(veid: str) -> bool:
 def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
     """--root, else $VZ_ROOT, else the settings (config file) default."""
     if root is not None:
-        return Path(root).absolute()
+        return usable_root(Path(root).absolute())
     env = os.environ.get("VZ_ROOT")
     if env:
-        return Path(env).absolute()
+        return usable_root(Path(env).absolute())
     from vzpkg.config import load_settings
 
-    return load_settings().vz_root
+    return usable_root(load_settings().vz_root)
+
+
+# Directories of the host that a clumsy --root may name: their run/, root/, lock/ ... are the host's, and start
+# would make them root-only 0700 (--root / would lock every other user out of /run).
+_SYSTEM_DIRS = frozenset(("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/media", "/mnt", "/opt",
+                          "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/local", "/var",
+                          "/var/lib", "/var/tmp", "/var/cache", "/var/local", "/var/opt"))
+
+
+def usable_root(path: Path) -> Path:
+    if os.path.realpath(path) in _SYSTEM_DIRS:
+        raise UsageError(f"VZ root {str(path)!r} is a system directory: its run/, root/, lock/ ... are the host's; "
+                         "use a directory of its own (the default is /var/lib/vz)")
+    # overlayfs's mount options separate layers with ':' and options with ',': such a root made every start fail
+    # with a bare ENOENT (and a crafted one could add mount options)
+    bad = sorted({c for c in str(path) if c in ",:\n"})
+    if bad:
+        raise UsageError(f"VZ root {str(path)!r}: its path must not contain {' or '.join(map(repr, bad))} "
+                         "(overlay mount options cannot carry them): use another directory")
+    return path
 
 
 class Layout:
@@ -182,7 +203,10 @@ class Layout:
                 continue
             except FileExistsError:
                 pass
-            st = os.stat(path)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                # not followed: `--root /var` would otherwise make /var/run (-> /run) and /var/lock root-only
+                continue
             if st.st_mode & 0o077 or st.st_uid != os.geteuid():
                 if st.st_uid != os.geteuid():
                     os.chown(path, os.geteuid(), os.getegid())
@@ -202,11 +226,13 @@ def templates_in_use(layout: Layout) -> set[str]:
     """Names of template/<...> directories some VE still uses (for `vzpkg clean`)."""
     import re
 
+    from vzpkg.safeio import CONF_MAX, read_small_text
+
     used = set()
     for veid in layout.veids():
         try:
-            text = layout.conf(veid).read_text()
-        except OSError:
+            text = read_small_text(layout.conf(veid), CONF_MAX)  # not open(): a FIFO there would block
+        except (OSError, UnicodeDecodeError):
             continue
         sha = shift = idmap = None
         privileged = False

@@ -124,6 +124,9 @@ def remove_tree(path: Path) -> int:
         return 0
     if os.path.isdir(path) and not os.path.islink(path):
         kill_writers(path)
+        from .storage import detach_below
+
+        detach_below(path)  # e.g. the template a killed copy-layout create had attached at .tmp-<id>-*/lower
     if not os.path.isdir(path) or os.path.islink(path):
         os.unlink(path)
         return st.st_blocks * 512

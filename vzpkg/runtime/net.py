@@ -63,6 +63,10 @@ def _ip(*args: str, netns_pid: int | None = None, check: bool = True):
 
 
 def ensure_bridge(bridge: str) -> None:
+    if os.path.isdir(f"/sys/class/net/{bridge}") and not os.path.isdir(f"/sys/class/net/{bridge}/bridge"):
+        # BRIDGE="eth0" (or any host interface that is no bridge): it would be set up, then fail to take the VE
+        raise ConfigError(f'BRIDGE="{bridge}": host interface {bridge} exists and is not a bridge: name a bridge '
+                          "(created if missing), or leave BRIDGE out for the default")
     if not os.path.isdir(f"/sys/class/net/{bridge}"):
         proc = _ip("link", "add", bridge, "type", "bridge", check=False)
         if proc.returncode != 0 and not os.path.isdir(f"/sys/class/net/{bridge}"):

@@ -81,12 +81,16 @@ def cache_init(cache_dir: Path, name: str) -> str:
     return init if init in ("minimal", "distro") else "minimal"
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def cache_sha256(cache_dir: Path, name: str) -> str:
     """The sha256 of the current cache NAME, from its manifest (<cache_dir>/<name>.json, see cache.CacheStore)."""
     data = _read_manifest(cache_dir, name)
     manifest = cache_dir / f"{name}.json"
     sha = data.get("sha256")
-    if not isinstance(sha, str) or len(sha) != 64:
+    # It names a directory under template/: anything but 64 hex digits ("/..", "../../x") would point elsewhere.
+    if not isinstance(sha, str) or len(sha) != 64 or not set(sha) <= _HEX:
         raise CacheNotFoundError(f"cache manifest {manifest} has no valid sha256: rebuild the cache")
     return sha
 
@@ -95,14 +99,18 @@ def _read_manifest(cache_dir: Path, name: str) -> dict:
     """Read directly (not through CacheStore) to keep `vzctl create` free of the archive module's imports."""
     import json
 
+    from vzpkg.safeio import MANIFEST_MAX, NotRegularFileError, read_small_text
+
     manifest = cache_dir / f"{name}.json"
     try:
-        data = json.loads(manifest.read_text())
+        data = json.loads(read_small_text(manifest, MANIFEST_MAX))
     except FileNotFoundError:
         raise CacheNotFoundError(
             f"no cache for template {name!r} in {cache_dir}: run 'vzpkg create-cache {name}' "
             "(or point --cache-dir / $VZPKG_CACHE_DIR at the right directory)"
         ) from None
+    except NotRegularFileError as e:
+        raise CacheNotFoundError(f"cache manifest {manifest} is {e.strerror}: rebuild the cache") from None
     except (OSError, ValueError) as e:
         raise CacheNotFoundError(f"cannot read cache manifest {manifest}: {e}") from None
     if not isinstance(data, dict):
@@ -181,6 +189,41 @@ def detach(path: Path) -> None:
         ns.umount(path, ns.MNT_DETACH)
 
 
+def mounts_below(path: Path) -> list[bytes]:
+    """Mount points at or below PATH in our mount namespace, deepest first (as /proc/self/mountinfo escapes them)."""
+    prefix = _mountinfo_escape(path)
+    found = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split(b" ", 5)
+            if len(fields) > 4 and (fields[4] == prefix or fields[4].startswith(prefix + b"/")):
+                found.append(fields[4])
+    return sorted(set(found), key=len, reverse=True)
+
+
+def detach_below(path: Path) -> None:
+    """Lazily unmount every mount at or below PATH before it is deleted: a tree removal must never descend into
+    a mount (an attached template, a VE root a crash left mounted) and delete what lies beyond it."""
+    for _ in range(100):  # stacked mounts: each round removes the top ones
+        points = mounts_below(path)
+        if not points:
+            return
+        for point in points:
+            unescaped = point.replace(b"\\040", b" ").replace(b"\\011", b"\t").replace(b"\\012", b"\n") \
+                .replace(b"\\134", b"\\")
+            try:
+                ns.umount(os.fsdecode(unescaped), ns.MNT_DETACH)
+            except OSError:
+                pass
+    raise VEError(f"cannot unmount what is mounted below {path}: see 'findmnt -R {path}'")
+
+
+def _die_with_parent() -> None:
+    import signal
+
+    ns.set_pdeathsig(signal.SIGKILL)
+
+
 def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, id_shift: int, *,
                    idmapped: bool = False) -> Path:
     """Build private/<id> under a temporary name and rename it into place. Returns the private dir.
@@ -208,8 +251,9 @@ def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, 
                 source.mkdir(mode=0o700)
                 attach_idmapped(template, source, id_shift)
             try:
+                # dies with vzctl: a killed create must not leave a cp filling the temporary area
                 proc = subprocess.run(["cp", "-a", "--reflink=auto", str(source), str(tmp / "root")],
-                                      capture_output=True, text=True)
+                                      capture_output=True, text=True, preexec_fn=_die_with_parent)
             finally:
                 if idmapped:
                     detach(source)
@@ -227,10 +271,14 @@ def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, 
     return final
 
 
+def _mountinfo_escape(path: Path) -> bytes:
+    return os.fsencode(path).replace(b"\\", b"\\134").replace(b" ", b"\\040").replace(b"\t", b"\\011") \
+        .replace(b"\n", b"\\012")
+
+
 def is_mounted(path: Path) -> bool:
     """Is PATH a mount point in our mount namespace? (reads /proc/self/mountinfo, no stat of the path)"""
-    target = os.fsencode(path)
-    escaped = target.replace(b"\\", b"\\134").replace(b" ", b"\\040").replace(b"\t", b"\\011").replace(b"\n", b"\\012")
+    escaped = _mountinfo_escape(path)
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split(b" ", 5)
@@ -244,6 +292,10 @@ def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str, idma
     """Mount root/<id>. IDMAP_SHIFT (overlay layout): the lower layer is TEMPLATE seen through an idmapped
     mount with its ids DEFAULT_ID_SHIFT.. shown as IDMAP_SHIFT.."""
     target = layout.ve_root(veid)
+    if os.path.islink(target):
+        # mount(2) follows it: the VE's root would be mounted over whatever host directory it names, and stop
+        # (which unmounts root/<id>) would leave it there. It is only our mount point: replace it.
+        os.unlink(target)
     target.mkdir(parents=True, exist_ok=True)
     if is_mounted(target):
         return target
@@ -292,7 +344,7 @@ def remove_private(layout: Layout, veid: str) -> None:
     private = layout.private(veid)
     if not private.exists():
         return
-    detach(private / LOWER)  # never delete through an attached template (read-only anyway)
+    detach_below(private)  # never delete through an attached template or a left-over mount
     # rename first so a crash half-way leaves a .tmp- leftover, never a half-deleted VE that looks intact
     doomed = layout.private_dir / f"{TMP_PREFIX}{veid}-destroy-{os.getpid()}"
     os.rename(private, doomed)

@@ -20,7 +20,7 @@ from vzpkg.errors import VEError, VENotFoundError, VEStateError
 from vzpkg.flock import open_lockfile, take
 
 from . import state, storage
-from .confcache import _conf_params, _idmap_shift, _template_of, load_conf, load_conf_cached
+from .confcache import _check_private_range, _conf_params, _idmap_shift, _template_of, load_conf, load_conf_cached
 from .layout import DEFAULT_ID_SHIFT, ID_RANGE, Layout, check_veid, template_shift
 
 DEFAULT_STOP_TIMEOUT = 10.0
@@ -151,7 +151,7 @@ def create(
     veid = check_veid(veid)
     validate_value("OSTEMPLATE", ostemplate)
     if id_shift is not None and not 0 < id_shift <= 2**32 - ID_RANGE and not privileged:
-        raise VEError(f"id shift {id_shift}: must be 1..{2**32 - ID_RANGE} (host uid of the VE's root)")
+        raise UsageError(f"--id-shift {id_shift}: must be 1..{2**32 - ID_RANGE} (host uid of the VE's root)")
     if idmap not in (None, "private", "shared"):
         raise UsageError(f"--idmap {idmap!r}: use private or shared")
     if hostname:
@@ -179,6 +179,14 @@ def create(
                 raise UsageError(f"id shift {DEFAULT_ID_SHIFT} is the range shared VEs have, not a private one: "
                                  "use --idmap shared, or another --id-shift")
             shift = DEFAULT_ID_SHIFT if mode == "shared" and id_shift is None else id_shift
+            if mode == "private" and shift is not None:
+                from .idrange import overlapping
+
+                others = overlapping(layout, veid, shift)
+                if others:
+                    raise UsageError(f"--id-shift {shift} overlaps the id range of VE {others[0][0]} "
+                                     f"(ID_SHIFT={others[0][1]}; a range is {ID_RANGE} ids): a private range is "
+                                     "the VE's alone; leave --id-shift out to get a free one")
         # Shared hold on the template area until the config naming the template is saved: `vzpkg clean
         # --templates` cannot remove a generation between its unpacking and its first user.
         lock.begin("create")  # a SIGKILL from here on: the next command on the VE removes what was made
@@ -306,6 +314,8 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
         _cleanup(layout, veid, keep_mount=True)
         privileged, id_shift, kind, _ = _conf_params(conf)
         template = _template_of(layout, veid, conf)  # before anything is set up: a bad config changes nothing
+        if conf.get("IDMAP") == "private" and not privileged:
+            _check_private_range(layout, veid, conf, id_shift)
         init_kind = conf.get("INIT") or "minimal"
         vzinit = None
         if init_kind != "distro":

@@ -86,6 +86,11 @@ class Runtime:
     def cgroup_dirs(self, veid: str) -> list[Path]:
         return cgroup_dirs(cgroup_name(self.root, veid))
 
+    def id_shift(self, veid: str) -> int:
+        """The host uid of the VE's root (its ID_SHIFT: a range of its own unless created with --idmap shared)."""
+        conf = (self.root / "conf" / f"{veid}.conf").read_text()
+        return int(next(x for x in conf.splitlines() if x.startswith("ID_SHIFT=")).split('"')[1])
+
     def private(self, veid: str) -> Path:
         return self.root / "private" / veid
 

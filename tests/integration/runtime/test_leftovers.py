@@ -27,6 +27,12 @@ def _leftovers(rt, veid: str) -> list[str]:
     return found
 
 
+def _mounts_of(rt, veid: str) -> list[str]:
+    """Mount points in the VZ root's private area that belong to VEID (its own or a temporary of its create)."""
+    return [m for m in mounts_below(rt.root / "private")
+            if m.split("/private/", 1)[1].split("/")[0] == veid or f"/.tmp-{veid}-" in m]
+
+
 def _kill_when(rt, args: list[str], ready) -> None:
     """Run vzctl ARGS, SIGKILL it as soon as READY() is true (polled every ms), wait for it."""
     proc = subprocess.Popen([*VZCTL, *args], env=rt.env, cwd=PROJECT, stdout=subprocess.DEVNULL,
@@ -83,6 +89,7 @@ def test_create_killed_is_undone_by_the_next_command(rt, moment):
     assert rt.vzctl("exec", veid, "true").returncode == 0
     rt.vzctl("destroy", veid, "--force")
     assert _leftovers(rt, veid) == [] and not (rt.root / "lock" / f"{veid}.lock").exists()
+    assert not _mounts_of(rt, veid), "the idmapped template attached for the killed copy is still mounted"
     assert not [p for p in subprocess.run(["pgrep", "-f", f"tmp-{veid}-"], capture_output=True,
                                           text=True).stdout.split()], "a cp of the killed create still runs"
 
@@ -99,6 +106,7 @@ def test_create_killed_is_removed_by_clean(rt):
     report = _clean_ves(rt)
     assert any(f".tmp-{veid}-" in p for p in report["removed"]) and report["freed"] > 0
     assert _leftovers(rt, veid) == [] and not (rt.root / "lock" / f"{veid}.lock").exists()
+    assert not _mounts_of(rt, veid), "the idmapped template attached for the killed copy is still mounted"
 
 
 @pytest.mark.parametrize("finisher", ["next-command", "clean"])

@@ -94,7 +94,7 @@ def test_set_nameserver_on_a_running_ve_writes_inside_it_only(rt, tmp_path):
     assert victim.read_text() == "host\n"
     out = rt.sh(veid, "test -L /etc/resolv.conf && echo link; cat /etc/resolv.conf", check=True).stdout
     assert out == "nameserver 10.199.0.53\nnameserver fd00::53\n"
-    assert os.stat(rt.private(veid) / "upper/etc/resolv.conf").st_uid == 100000  # written as the VE's root
+    assert os.stat(rt.private(veid) / "upper/etc/resolv.conf").st_uid == rt.id_shift(veid)  # as the VE's root
 
 
 def test_set_of_what_applies_only_at_start(rt):
@@ -111,3 +111,26 @@ def test_set_of_what_applies_only_at_start(rt):
     rt.vzctl("stop", veid)
     p = rt.vzctl("set", veid, "--ram", "400M", check=False)
     assert p.returncode == 2 and "not running" in p.stderr and 'RAM="300M"' in conf.read_text()
+
+
+def test_bridge_that_is_not_a_bridge(rt):
+    """BRIDGE naming a host interface that is no bridge (a clumsy BRIDGE="eth0"): start refuses it (exit 13)
+    before touching it — the interface, down here, stays down — and leaves nothing of the VE set up."""
+    name = f"vzd{os.getpid() % 100000}"
+    # a veth pair (no dummy module on every kernel): a host interface, down, that is not a bridge
+    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True,
+                   capture_output=True)
+    try:
+        veid = rt.create(start=False)
+        conf = rt.root / "conf" / f"{veid}.conf"
+        conf.write_text(conf.read_text() + f'IP_ADDRESS="10.199.78.2/24"\nBRIDGE="{name}"\n')
+        p = rt.vzctl("start", veid, check=False)
+        assert p.returncode == 13, (p.returncode, p.stderr)
+        assert p.stderr == (f'vzctl: error: BRIDGE="{name}": host interface {name} exists and is not a bridge: '
+                            "name a bridge (created if missing), or leave BRIDGE out for the default\n")
+        flags = subprocess.run(["ip", "-o", "link", "show", name], capture_output=True, text=True).stdout
+        assert ",UP" not in flags and "<UP" not in flags, flags
+        assert rt.vzctl("status", veid).stdout.split()[4] == "down"
+        assert not rt.cgroup_dirs(veid)
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True)

@@ -69,7 +69,7 @@ def _as(uid: int, *cmd: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_vz_root_areas_are_roots_only(open_rt):
-    """Other host users — nobody, and uid 100000, which owns the VEs' files on the host — can neither stat nor
+    """Other host users — nobody, uid 100000 (the template's owner) and the VE's own range — can neither stat nor
     execute anything under template/, private/ or root/<id>; the VEs (overlay and copy) still work."""
     rt = open_rt
     overlay = rt.create()
@@ -85,7 +85,7 @@ def test_vz_root_areas_are_roots_only(open_rt):
                rt.ve_root(copy) / "etc/passwd", rt.root / "conf" / f"{overlay}.conf"]
     assert all(os.path.exists(t) for t in targets)
     assert _as(65534, "stat", str(rt.root)).returncode == 0, "the VZ root itself is reachable: the test means it"
-    for uid in (65534, 100000):
+    for uid in (65534, 100000, rt.id_shift(overlay), rt.id_shift(copy)):
         for t in targets:
             p = _as(uid, "stat", str(t))
             assert p.returncode != 0 and "Permission denied" in p.stderr, (uid, t, p.stdout)
@@ -96,7 +96,7 @@ def test_vz_root_areas_are_roots_only(open_rt):
     # the VEs are unaffected: exec, a write (overlay copy-up, copy layout), enter-like namespace joins
     for veid in (overlay, copy):
         rt.sh(veid, "echo x > /etc/written && id -u", check=True)
-    assert (rt.private(overlay) / "upper/etc/written").stat().st_uid == 100000
+    assert (rt.private(overlay) / "upper/etc/written").stat().st_uid == rt.id_shift(overlay)
     # found wider (an admin's chmod): fixed at the next start
     for area in AREAS:
         os.chmod(rt.root / area, 0o755)
