@@ -159,7 +159,7 @@ def test_apply_again_replaces_the_program(cgroup: Path, tmp_path: Path) -> None:
 
 def test_v2driver_setup_devices(tmp_path: Path) -> None:
     """Through the driver, with the runtime's own rules, on a V2Driver rooted at the cgroup2 mount."""
-    from vzpkg.runtime.ve import DEVICE_RULES
+    from vzpkg.runtime.spawn import DEVICE_RULES
 
     assert MNT is not None
     base = f"vzpkg-test-{os.getpid()}-{next(_ids)}"

@@ -157,7 +157,7 @@ def test_no_rules_denies_everything_and_a_allows_everything() -> None:
 
 
 def test_ve_device_rules_compile() -> None:
-    from vzpkg.runtime.ve import DEVICE_RULES
+    from vzpkg.runtime.spawn import DEVICE_RULES
 
     code = assemble(program(DEVICE_RULES))
     assert run(code, CHAR, READ | WRITE, 1, 3) == 1  # /dev/null

@@ -182,9 +182,22 @@ def test_stop_timeouts():
 
 
 def test_tmpfs_sizes_follow_ram():
-    from vzpkg.runtime import ve
+    from vzpkg.runtime import spawn
 
-    assert ve._tmpfs_sizes(512 << 20) == ("size=262144k", "size=65536k")
-    assert ve._tmpfs_sizes(128 << 20) == ("size=65536k", "size=16384k")
-    assert ve._tmpfs_sizes(16 << 20) == ("size=8192k", "size=2048k")
-    assert ve._tmpfs_sizes("unlimited") == ("", "size=65536k")
+    assert spawn._tmpfs_sizes(512 << 20) == ("size=262144k", "size=65536k")
+    assert spawn._tmpfs_sizes(128 << 20) == ("size=65536k", "size=16384k")
+    assert spawn._tmpfs_sizes(16 << 20) == ("size=8192k", "size=2048k")
+    assert spawn._tmpfs_sizes("unlimited") == ("", "size=65536k")
+
+
+def test_init_spec_is_frozen():
+    from pathlib import Path
+
+    from vzpkg.runtime.spawn import InitSpec
+
+    spec = InitSpec(False, Path("/vz/root/1"), "h", "/run/vzinit", ["vzinit"], b"", {}, ("", "size=65536k"))
+    assert (spec.privileged, spec.hostname, spec.tmpfs) == (False, "h", ("", "size=65536k"))
+    with pytest.raises(AttributeError):
+        spec.root = Path("/")
+    with pytest.raises(AttributeError):
+        spec.extra = 1

@@ -1,4 +1,4 @@
-"""vzctl: manage VEs (OpenVZ's command set). Parsing and printing only; the work is in vzpkg.runtime.ve.
+"""vzctl: manage VEs (OpenVZ's command set). Parsing and printing only; the work is in vzpkg.runtime (ve, attach).
 
 argparse rather than click: `vzctl start` and `vzctl exec` are on the start-to-first-exec path, where
 click's ~15 ms of imports would be a sixth of the budget.
@@ -306,16 +306,22 @@ def run(argv: list[str]) -> int:
             raise UsageError("vzctl exec VEID COMMAND [ARG...]: no command given")
         if len(cmd_argv) == 1 and " " in cmd_argv[0]:
             cmd_argv = ["/bin/sh", "-c", cmd_argv[0]]  # OpenVZ: a single string is a shell command line
-        return ve.exec_in(layout, args.veid, cmd_argv)
+        from vzpkg.runtime import attach
+
+        return attach.exec_in(layout, args.veid, cmd_argv)
     elif cmd == "enter":
-        return ve.enter(layout, args.veid)
+        from vzpkg.runtime import attach
+
+        return attach.enter(layout, args.veid)
     elif cmd == "set":
         changes = {key: getattr(args, opt) for opt, key in SET_OPTIONS.items() if getattr(args, opt) is not None}
         if not changes:
             from vzpkg.errors import UsageError
 
             raise UsageError("vzctl set: nothing to set (see vzctl set --help)")
-        applied, saved, later = ve.set_params(layout, args.veid, changes, save=args.save)
+        from vzpkg.runtime import live
+
+        applied, saved, later = live.set_params(layout, args.veid, changes, save=args.save)
         done = " and ".join(w for w, yes in (("applied", applied), ("saved", saved)) if yes)
         if later:  # (only for a running VE)
             done += f"; {', '.join(later)} take{'s' if len(later) == 1 else ''} effect at the next start"

@@ -39,7 +39,7 @@ def _human(n: int | None) -> str:
 def run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from vzpkg.errors import UsageError
-    from vzpkg.runtime import ve
+    from vzpkg.runtime import listing
     from vzpkg.runtime.layout import Layout
 
     fields = tuple(f.strip().lower() for f in args.output.split(",")) if args.output else DEFAULT_FIELDS
@@ -48,7 +48,7 @@ def run(argv: list[str]) -> int:
         raise UsageError(f"unknown field {bad[0]!r}; known: {', '.join(FIELDS)}")
     layout = Layout.at(args.root)
     want_disk = "disk" in fields or args.json
-    rows = ve.list_ves(layout, args.veids or None, disk=want_disk)
+    rows = listing.list_ves(layout, args.veids or None, disk=want_disk)
     if args.stopped:
         rows = [r for r in rows if r["status"] != "running"]
     elif not args.all and not args.veids:

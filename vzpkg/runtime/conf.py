@@ -200,7 +200,7 @@ def template_sha256_problem(value: str | None, source: str) -> str | None:
     """Why a VE config's TEMPLATE_SHA256 cannot name its template generation, or None.
 
     Without it the VE's lower layer would be layout.template("") — the whole template area, every
-    generation at once — so start and mount refuse it (no import of this module needed: ve.py has a copy of
+    generation at once — so start and mount refuse it (no import of this module needed: confcache.py has a copy of
     the check on its hot path, tested to agree)."""
     if not value:
         what = "is missing" if value is None else "is empty"

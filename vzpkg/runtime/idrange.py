@@ -18,11 +18,11 @@ while choosing; the reservation then keeps the block until the config naming it 
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
 from vzpkg.errors import VEError
+from vzpkg.flock import lock_file, take
 from vzpkg.safeio import CONF_MAX, read_small_bytes
 
 from .layout import ID_RANGE, Layout
@@ -124,9 +124,7 @@ class reserve:  # noqa: N801 (a context manager, used like open)
             except FileNotFoundError:
                 continue  # its create finished (its config is read after this)
             try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:
+                if not take(fd, shared=True, wait=False):
                     value = os.read(fd, 32).decode(errors="replace").strip()
                     if value.isdigit():
                         out.append((int(value), int(value) + ID_RANGE))
@@ -138,17 +136,15 @@ class reserve:  # noqa: N801 (a context manager, used like open)
 
     def __enter__(self) -> int:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock = lock_file(self.dir / ".lock")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
             # reservations before configs: a create finishing in between is seen in one or the other
             used = self._reserved() + configured_ranges(self.layout) + host_subid_ranges(self.subid_files)
             shift = lowest_free(used, POOL_START, POOL_END)
             if shift is None:
                 raise VEError(f"no free id range left in {POOL_START}..{POOL_END - 1} for VE {self.veid}: "
                               "destroy unused VEs, or create it with --idmap shared")
-            fd = os.open(self.dir / self.veid, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = lock_file(self.dir / self.veid, flags=os.O_RDWR | os.O_TRUNC)
             os.write(fd, f"{shift}\n".encode())
             self.fd = fd
             return shift

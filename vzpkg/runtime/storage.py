@@ -21,21 +21,13 @@ import os
 from pathlib import Path
 
 from vzpkg.errors import CacheNotFoundError, VEError
+from vzpkg.flock import lock_file
 
 from . import ns
 from .layout import DEFAULT_ID_SHIFT, ID_RANGE, Layout
 
 TMP_PREFIX = ".tmp-"
 LOWER = "lower"  # private/<id>/lower: where the idmapped template is attached while it is used
-
-
-def _flock(path: Path, exclusive: bool = True) -> int:
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-    return fd
 
 
 class templates_lock:  # noqa: N801 (used as a context manager, like open)
@@ -48,7 +40,7 @@ class templates_lock:  # noqa: N801 (used as a context manager, like open)
         self.fd = -1
 
     def __enter__(self) -> templates_lock:
-        self.fd = _flock(self.path, self.exclusive)
+        self.fd = lock_file(self.path, shared=not self.exclusive)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -132,7 +124,7 @@ def ensure_template(layout: Layout, cache_dir: Path, name: str, id_shift: int) -
     target = layout.template(sha, id_shift)
     if target.is_dir():
         return sha, target
-    lock_fd = _flock(layout.template_dir / f".{target.name}.lock")
+    lock_fd = lock_file(layout.template_dir / f".{target.name}.lock")
     try:
         if target.is_dir():
             return sha, target

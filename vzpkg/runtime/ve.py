@@ -1,21 +1,7 @@
-"""VE lifecycle: create, mount, start, exec, enter, set, stop, umount, destroy, status.
+"""VE lifecycle verbs (create, mount, start, stop, umount, destroy, status) and the VE lock.
 
-Start, in one picture (no subprocess, only fork and system calls through ctypes):
-
-    vzctl (host root)                 child                              grandchild = VE pid 1
-    ─────────────────                 ─────                              ─────────────────────
-    cgroups: create, limits, devices
-    mount root/<id> (overlay/bind)
-    fork ───────────────────────────► unshare(USER)  ── "U" ──►
-    write uid_map/gid_map
-    attach child to the VE cgroups ── "G" ──►
-                                      setresuid(0) (= host 100000)
-                                      unshare(MNT UTS IPC NET CGROUP PID)
-                                      fork ─────────────────────────────► setsid; rprivate; bind root/<id>
-                                      ◄── "P<host pid>" ── exit           proc, ro sys, tmpfs dev (+ devpts,
-    record pid + start time                                               shm), run, masks; pivot_root;
-    read until EOF (or "E<error>")                                        hostname; lo up; close fds;
-                                                                          seccomp; exec init (pipe closes)
+The start path (namespaces, mounts, the exec of init) is in spawn.py, with its picture; exec and enter in
+attach.py; set in live.py; the config cache in confcache.py; vzlist's rows in listing.py.
 
 A VE is running iff its recorded init is alive with the recorded start time (see state.py); so `status`,
 `stop` and `destroy` work after any crash, and stop undoes everything it finds (processes in the VE's
@@ -24,44 +10,20 @@ cgroups, the root mount, the cgroups) whether or not the VE is running.
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import os
 import signal
-import sys
+from contextlib import ExitStack
 from pathlib import Path
 
-from vzpkg.errors import ConfigError, VEError, VENotFoundError, VEOutOfMemoryError, VEStateError
+from vzpkg.errors import VEError, VENotFoundError, VEStateError
+from vzpkg.flock import open_lockfile, take
 
-from . import ns, state, storage
+from . import state, storage
+from .confcache import _check_private_range, _conf_params, _idmap_shift, _template_of, load_conf, load_conf_cached
 from .layout import DEFAULT_ID_SHIFT, ID_RANGE, Layout, check_veid, template_shift
 
 DEFAULT_STOP_TIMEOUT = 10.0
-# (name in /dev, type, major, minor): what a VE's /dev holds; the device cgroup allows just these and ptys
-DEVICES = (
-    ("null", "c", 1, 3), ("zero", "c", 1, 5), ("full", "c", 1, 7), ("random", "c", 1, 8),
-    ("urandom", "c", 1, 9), ("tty", "c", 5, 0),
-)
-DEVICE_RULES = [(t, ma, mi, "rwm") for _, t, ma, mi in DEVICES] + [
-    ("c", 5, 1, "rwm"),  # /dev/console
-    ("c", 5, 2, "rwm"),  # /dev/ptmx
-    ("c", 136, -1, "rwm"),  # /dev/pts/*
-]
-# /proc entries that show or change host-wide state: files hidden behind /dev/null, directories behind an
-# empty read-only tmpfs, and what stays visible but read-only (the user namespace already makes the kernel
-# refuse writes to host-owned sysctls: this is defence in depth)
-MASKED_FILES = ("proc/kcore", "proc/keys", "proc/timer_list", "proc/sched_debug", "proc/latency_stats",
-                "proc/kallsyms", "proc/kmsg")
-MASKED_DIRS = ("proc/acpi", "proc/scsi", "proc/driver", "sys/firmware", "sys/kernel/debug", "sys/kernel/security")
-READONLY = ("proc/sys", "proc/sysrq-trigger", "proc/irq", "proc/bus", "proc/fs")
-WRITABLE_AGAIN = ("proc/sys/net",)  # owned by the VE's network namespace
-# the capabilities a --privileged VE keeps (Docker's default set): no SYS_ADMIN, SYS_MODULE, SYS_RAWIO, ...
-PRIVILEGED_CAPS = {0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31}
-VE_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": "/root",
-    "TERM": "linux",
-    "container": "vzpkg",
-}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -87,18 +49,10 @@ class VELock:
 
     def __enter__(self) -> VELock:
         while True:
+            fd = open_lockfile(self.path, dir_mode=0o700)
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_CREAT, 0o600)
-            except FileNotFoundError:
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                continue
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if not self.wait:
-                        raise
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+                if not take(fd, wait=self.wait):
+                    raise BlockingIOError(errno.EWOULDBLOCK, f"{self.path} is locked")
                 st, now = os.fstat(fd), os.stat(self.path)
                 if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
                     break
@@ -168,130 +122,6 @@ def running_init(layout: Layout, veid: str) -> state.InitRecord | None:
         return state.adopt_init(layout, veid, cg.pids(name))
     except VEError:
         return None
-
-
-def load_conf(layout: Layout, veid: str):
-    from .conf import VEConfig
-
-    path = layout.conf(veid)
-    if not path.exists():
-        raise VENotFoundError(f"VE {veid} does not exist (no {path}): create it with 'vzctl create {veid} --ostemplate NAME'")
-    return VEConfig.load(path, strict=False)
-
-
-class _ConfView:
-    """The parts of a validated VE config that start needs, read from a cache (see load_conf_cached)."""
-
-    def __init__(self, values: dict[str, str], limits: dict, source: str) -> None:
-        self.values = values
-        self.limits = limits
-        self.source = source  # the config file, for messages (as VEConfig.source)
-
-    def get(self, key: str, default: str | None = None) -> str | None:
-        return self.values.get(key, default)
-
-
-def _cache_key(path: Path) -> str:
-    st = os.stat(path)
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def load_conf_cached(layout: Layout, veid: str) -> _ConfView:
-    """The VE's config, validated, for start.
-
-    Parsing and validating a config means importing conf.py (~15 ms with its dependencies, most of the
-    start-up budget); so the validated values and the derived limits are cached in run/<id>.conf-cache, keyed
-    by the config file's inode, size and mtime. Any edit of the file (vzctl set --save, an editor) misses the
-    cache and the file is validated again.
-    """
-    path = layout.conf(veid)
-    try:
-        key = _cache_key(path)
-    except FileNotFoundError:
-        raise VENotFoundError(f"VE {veid} does not exist (no {path}): create it with 'vzctl create {veid} "
-                              "--ostemplate NAME'") from None
-    cache = layout.run_dir / f"{veid}.conf-cache"
-    try:
-        lines = cache.read_text().split("\n")
-        if lines[0] == key:
-            values: dict[str, str] = {}
-            limits: dict = {}
-            for line in lines[1:]:
-                kind, _, rest = line.partition("\t")
-                name, _, raw = rest.partition("\t")
-                value = raw.encode().decode("unicode_escape")
-                if kind == "V":
-                    values[name] = value
-                elif kind == "L":
-                    limits[name] = int(value) if value.isdigit() else value
-            return _ConfView(values, limits, str(path))
-    except (OSError, ValueError, UnicodeError):
-        pass
-    conf = load_conf(layout, veid)
-    conf.validate_ve()  # a hand-edited config with a bad value is refused here, naming file, line and key
-    view = _ConfView(conf.to_dict(), _limits_from_conf(conf), str(path))
-    out = [key]
-    for k, v in view.values.items():
-        out.append(f"V\t{k}\t{v.encode('unicode_escape').decode()}")
-    for k, v in view.limits.items():
-        out.append(f"L\t{k}\t{v}")
-    try:
-        layout.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_text("\n".join(out))
-        os.rename(tmp, cache)
-    except OSError:
-        pass
-    return view
-
-
-def _conf_params(conf) -> tuple[bool, int, str, str]:
-    privileged = conf.get("PRIVILEGED") == "yes"
-    shift_text = conf.get("ID_SHIFT")
-    id_shift = 0 if privileged else int(shift_text) if shift_text else DEFAULT_ID_SHIFT
-    if id_shift == 0 and not privileged:
-        # The VE's root would be host root (uid_map 0 0): a privileged VE that its config does not call one.
-        raise ConfigError(f'{conf.source}: ID_SHIFT="0" with PRIVILEGED="no" would run the VE as host root: set '
-                          'ID_SHIFT to the VE\'s own range (vzctl create chooses one), or PRIVILEGED="yes" if that is '
-                          'really meant')
-    return privileged, id_shift, conf.get("LAYOUT") or "overlay", conf.get("TEMPLATE_SHA256") or ""
-
-
-_HEX = frozenset("0123456789abcdef")
-
-
-def _template_of(layout: Layout, veid: str, conf) -> Path:
-    privileged, id_shift, _, sha = _conf_params(conf)
-    if len(sha) != 64 or not set(sha) <= _HEX:
-        # with "" the lower layer would be the whole template area: refuse (conf.template_sha256_problem says
-        # why, in full; imported only here, off the hot path)
-        from .conf import template_sha256_problem
-
-        raise ConfigError(template_sha256_problem(conf.get("TEMPLATE_SHA256"), str(layout.conf(veid)))
-                          or f"{layout.conf(veid)}: TEMPLATE_SHA256 is invalid")
-    return layout.template(sha, template_shift(privileged, id_shift, conf.get("IDMAP")))
-
-
-def _check_private_range(layout: Layout, veid: str, conf, id_shift: int) -> None:
-    """A private range shared with another VE (a hand-edited or copied config) is not private: the VEs' ids
-    would be the same host ids, each able to own the other's files. Refused before anything is set up."""
-    from .idrange import overlapping
-
-    others = overlapping(layout, veid, id_shift)
-    if others:
-        other, shift = others[0]
-        raise ConfigError(f'{conf.source}: ID_SHIFT="{id_shift}" overlaps the id range of VE {other} '
-                          f'(ID_SHIFT="{shift}"; a range is {ID_RANGE} ids): the two VEs would share host ids. '
-                          "Restore this VE's own ID_SHIFT, or recreate it (vzctl create picks a free range)")
-
-
-def _idmap_shift(conf) -> int | None:
-    """The VE's private range when its root is mounted through an idmapped template (overlay layout), else None.
-    A config without IDMAP (made before it existed) is shared: its template was unpacked at its ID_SHIFT."""
-    privileged, id_shift, kind, _ = _conf_params(conf)
-    if privileged or conf.get("IDMAP") != "private" or kind != "overlay":
-        return None
-    return id_shift
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,7 +213,9 @@ def _create_locked(layout: Layout, veid: str, conf, template: Path, ostemplate: 
     if idmapped and kind == "overlay":
         storage.check_idmap(template, shift)
     storage.create_private(layout, veid, template, kind, shift, idmapped=idmapped)
-    try:
+    with ExitStack() as undo:  # a failure before the config is saved removes what was made (last in, first out)
+        undo.callback(_rmdir_quiet, layout.ve_root(veid))
+        undo.callback(storage.remove_private, layout, veid)
         conf.set("OSTEMPLATE", ostemplate)
         conf.set("TEMPLATE_SHA256", sha)
         conf.set("LAYOUT", kind)
@@ -398,13 +230,14 @@ def _create_locked(layout: Layout, veid: str, conf, template: Path, ostemplate: 
             conf.set("INIT", storage.cache_init(cache_dir, ostemplate))
         layout.ve_root(veid).mkdir(exist_ok=True)
         conf.save(layout.conf(veid))
-    except BaseException:
-        storage.remove_private(layout, veid)
-        try:
-            layout.ve_root(veid).rmdir()
-        except OSError:
-            pass
-        raise
+        undo.pop_all()  # created: keep it
+
+
+def _rmdir_quiet(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 class _done:  # noqa: N801 (a context manager, like open)
@@ -467,18 +300,10 @@ def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
 # start
 
 
-def _limits_from_conf(conf) -> dict:
-    limits: dict = {"cpuunits": conf.cpuunits, "cpulimit": conf.cpulimit, "cpus": conf.cpus}
-    ram, swap, numproc = conf.ram_bytes, conf.swap_bytes, conf.numproc
-    limits["ram"] = "unlimited" if ram is None else ram
-    if conf.get("SWAP"):
-        limits["swap"] = "unlimited" if swap is None else swap
-    limits["numproc"] = "unlimited" if numproc is None else numproc
-    return limits
-
-
 def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
     """Start the VE; returns the host pid of its init."""
+    from .spawn import DEVICE_RULES, _spawn
+
     veid = check_veid(veid)
     layout.secure_areas()
     with VELock(layout, veid):
@@ -501,7 +326,9 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
         cg = _cgroups()
         cgname = layout.cgroup_name(veid)
         cg.create(cgname)
-        try:
+        with ExitStack() as undo:  # a failure from here on undoes it all (last in, first out)
+            undo.callback(_cleanup, layout, veid)  # processes in its cgroups, cgroups, root mount, record, veth
+            undo.callback(_kill_recorded_init, layout, veid)
             cg.set_limits(cgname, **conf.limits)
             cg.setup_devices(cgname, DEVICE_RULES)
             root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
@@ -511,248 +338,14 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
 
                 net.setup_veth(layout.real_root(), veid, pid, conf.get("IP_ADDRESS"),
                                net.bridge_name(conf.get("BRIDGE")))
+            undo.pop_all()  # started: keep it
             return pid
-        except BaseException:
-            rec = state.read_record(layout, veid)
-            if rec is not None and state.record_alive(rec):
-                os.kill(rec.pid, signal.SIGKILL)
-            _cleanup(layout, veid)
-            raise
 
 
-def _read_msgs(fd: int):
-    """Yield the lines the children write to the status pipe, until every writer has gone."""
-    buf = b""
-    while True:
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            if buf:
-                yield buf.decode(errors="replace")
-            return
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            yield line.decode(errors="replace")
-
-
-def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit) -> int:
-    from . import init as init_mod
-
-    hostname = conf.get("HOSTNAME") or veid
-    # files the VE's pid 1 writes into its tree before pivot_root (as the VE's root, so owned by it)
-    files = {}
-    if conf.get("HOSTNAME"):
-        files["etc/hostname"] = f"{hostname}\n"
-    if conf.get("NAMESERVER"):
-        files["etc/resolv.conf"] = _resolv_conf(conf)
-    init_path, init_argv = init_mod.argv_for(init_kind, vzinit)
-    up_r, up_w = os.pipe2(os.O_CLOEXEC)
-    down_r, down_w = os.pipe2(os.O_CLOEXEC)
-    parent = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        os.close(up_r)
-        os.close(down_w)
-        _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_argv, vzinit, files,
-               _tmpfs_sizes(conf.limits.get("ram")))
-    os.close(up_w)
-    os.close(down_r)
-    init_pid = 0
-    error = None
-    try:
-        msgs = _read_msgs(up_r)
-        first = next(msgs, None)
-        if first != "U":
-            error = first[1:] if first and first.startswith("E") else "the VE's first process died"
-        else:
-            if not privileged:
-                ns.write_id_maps(pid, id_shift, ID_RANGE)
-            cg.attach(layout.cgroup_name(veid), pid)
-            os.write(down_w, b"G")
-            for msg in msgs:
-                if msg.startswith("P"):
-                    init_pid = int(msg[1:])
-                    st = state.proc_stat(init_pid)
-                    if st is not None:
-                        state.write_record(layout, veid, state.InitRecord(init_pid, st[1], privileged))
-                elif msg.startswith("E") and error is None:
-                    error = msg[1:]
-    finally:
-        os.close(up_r)
-        os.close(down_w)
-        os.waitpid(pid, 0)
-    if error is None and init_pid == 0:
-        error = "the VE's init was not started"
-    if error is None and not running_init(layout, veid):
-        error = "the VE's init exited at once"
-    if error is not None:
-        raise VEError(f"VE {veid}: start failed: {error}")
-    return init_pid
-
-
-def _report(fd: int, exc: BaseException) -> None:
-    msg = f"{exc}".replace("\n", " ") or type(exc).__name__
-    try:
-        os.write(fd, f"E{msg}\n".encode())
-    except OSError:
-        pass
-
-
-def _child(parent, up_w, down_r, privileged, root, hostname, init_path, init_argv, vzinit, files, tmpfs) -> None:
-    """The middle process: makes the user namespace, then the others, then forks the VE's pid 1."""
-    try:
-        ns.set_pdeathsig(signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-        if not privileged:
-            ns.unshare(ns.CLONE_NEWUSER)
-        os.write(up_w, b"U\n")
-        if os.read(down_r, 1) != b"G":
-            os._exit(1)
-        os.close(down_r)
-        ns.unshare(ns.CLONE_NEWNS | ns.CLONE_NEWUTS | ns.CLONE_NEWIPC | ns.CLONE_NEWNET | ns.CLONE_NEWCGROUP
-                   | ns.CLONE_NEWPID)
-        # Still with the host's uid 0 (unmapped in the new user namespace, but the owner of the VZ root's
-        # directories, which may be 0700): take hold of the VE root now. The bind makes it a mount of this
-        # namespace (copied mounts are locked and pivot_root refuses them); the VE's pid 1 inherits the cwd.
-        ns.mount(None, "/", None, ns.MS_REC | ns.MS_PRIVATE)
-        ns.mount(root, root, None, ns.MS_BIND | ns.MS_REC)
-        os.chdir(root)
-        if not privileged:
-            ns.setresid(0, 0)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit, files, tmpfs)
-            except BaseException as e:
-                _report(up_w, e)
-            os._exit(1)
-        os.write(up_w, f"P{pid}\n".encode())
-        os._exit(0)
-    except BaseException as e:
-        _report(up_w, e)
-        os._exit(1)
-
-
-def _touch(path: str) -> None:
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
-
-
-def _mkdirs(path: str, mode: int = 0o755) -> None:
-    try:
-        os.makedirs(path, mode)
-    except FileExistsError:
-        pass
-
-
-def _bind_ro(path: str) -> None:
-    ns.mount(path, path, None, ns.MS_BIND | ns.MS_REC)
-    ns.mount(None, path, None, ns.MS_BIND | ns.MS_REMOUNT | ns.MS_RDONLY | ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)
-
-
-RUN_SIZE_MAX = 64 << 20
-
-
-def _tmpfs_sizes(ram) -> tuple[str, str]:
-    """size= options of the VE's /dev/shm and /run. Their pages are charged to the VE's memory cgroup and cannot
-    be reclaimed without swap: unbounded, a full /dev/shm leaves no memory for processes and every later
-    command is OOM-killed. So /dev/shm gets half of RAM and /run an eighth (at most 64 MB); without a RAM limit,
-    /dev/shm keeps tmpfs's default (half of the host's memory) and /run 64 MB."""
-    if not isinstance(ram, int) or ram <= 0:
-        return "", f"size={RUN_SIZE_MAX >> 10}k"
-    return f"size={max(ram // 2 >> 10, 64)}k", f"size={max(min(ram // 8, RUN_SIZE_MAX) >> 10, 64)}k"
-
-
-def _ve_init(up_w, privileged, root, hostname, init_path, init_argv, vzinit, files, tmpfs) -> None:
-    """VE pid 1 before exec: build the VE's world, pivot into it, exec the init."""
-    os.setsid()
-    r = "."  # the cwd is the VE root (see _child): every path below is relative to it
-    nosuid_nodev_noexec = ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC
-    for d in ("proc", "sys", "dev", "run"):
-        _mkdirs(f"{r}/{d}")
-    ns.mount("proc", f"{r}/proc", "proc", nosuid_nodev_noexec)
-    try:
-        ns.mount("sysfs", f"{r}/sys", "sysfs", nosuid_nodev_noexec | ns.MS_RDONLY)
-    except OSError:
-        # the kernel refuses a new sysfs when the host's is partly covered: show the host's, read-only
-        ns.mount("/sys", f"{r}/sys", None, ns.MS_BIND | ns.MS_REC)
-        ns.mount(None, f"{r}/sys", None, ns.MS_BIND | ns.MS_REMOUNT | ns.MS_RDONLY | nosuid_nodev_noexec)
-    dev = f"{r}/dev"
-    ns.mount("tmpfs", dev, "tmpfs", ns.MS_NOSUID | ns.MS_NOEXEC, "mode=755,size=64k,nr_inodes=256")
-    for name, _, _, _ in DEVICES:
-        _touch(f"{dev}/{name}")
-        ns.mount(f"/dev/{name}", f"{dev}/{name}", None, ns.MS_BIND)
-    # console output is discarded: /dev/console is the VE's null device
-    _touch(f"{dev}/console")
-    ns.mount(f"{dev}/null", f"{dev}/console", None, ns.MS_BIND)
-    os.mkdir(f"{dev}/pts", 0o755)
-    ns.mount("devpts", f"{dev}/pts", "devpts", ns.MS_NOSUID | ns.MS_NOEXEC,
-             "newinstance,ptmxmode=0666,mode=0620,gid=5")
-    os.symlink("pts/ptmx", f"{dev}/ptmx")
-    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, f"{dev}/{link}")
-    os.mkdir(f"{dev}/shm")
-    shm_size, run_size = tmpfs
-    ns.mount("tmpfs", f"{dev}/shm", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, ",".join(filter(None, ("mode=1777", shm_size))))
-    os.mkdir(f"{dev}/mqueue")
-    try:
-        ns.mount("mqueue", f"{dev}/mqueue", "mqueue", nosuid_nodev_noexec)
-    except OSError:
-        pass
-    ns.mount("tmpfs", f"{r}/run", "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, f"mode=755,{run_size}")
-    os.mkdir(f"{r}/run/lock", 0o1777)
-    os.chmod(f"{r}/run/lock", 0o1777)
-    # masks
-    for p in MASKED_FILES:
-        if os.path.exists(f"{r}/{p}"):
-            ns.mount(f"{dev}/null", f"{r}/{p}", None, ns.MS_BIND)
-    for p in MASKED_DIRS:
-        if os.path.isdir(f"{r}/{p}"):
-            try:
-                ns.mount("tmpfs", f"{r}/{p}", "tmpfs", ns.MS_RDONLY | nosuid_nodev_noexec, "size=0,mode=555")
-            except OSError:
-                pass
-    for p in READONLY:
-        if os.path.exists(f"{r}/{p}"):
-            _bind_ro(f"{r}/{p}")
-    for p in WRITABLE_AGAIN:
-        if os.path.isdir(f"{r}/{p}"):
-            ns.mount(f"{r}/{p}", f"{r}/{p}", None, ns.MS_BIND)
-            ns.mount(None, f"{r}/{p}", None, ns.MS_BIND | ns.MS_REMOUNT | nosuid_nodev_noexec)
-    # into the VE
-    ns.pivot_root(".", ".")
-    ns.umount(".", ns.MNT_DETACH)
-    os.chdir("/")
-    ns.sethostname(hostname)
-    # only now, inside the VE's root: a symlink the VE planted resolves within the VE, never on the host
-    _write_files(files)
-    try:
-        ns.bring_up_loopback()
-    except OSError:
-        pass
-    if vzinit is not None and init_path == "/run/vzinit":
-        fd = os.open(init_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o755)
-        os.write(fd, vzinit)
-        os.close(fd)
-    null = os.open("/dev/null", os.O_RDWR)
-    for i in (0, 1, 2):
-        os.dup2(null, i)
-    if null > 2:
-        os.close(null)
-    # no host file descriptor survives into the VE (the status pipe is close-on-exec)
-    os.closerange(3, up_w)
-    os.closerange(up_w + 1, 1 << 20)
-    _harden(privileged)
-    os.execve(init_path, init_argv, VE_ENV)
-
-
-def _harden(privileged: bool) -> None:
-    if privileged:
-        ns.drop_bounding_caps(PRIVILEGED_CAPS)
-    ns.install_seccomp_denylist()
+def _kill_recorded_init(layout: Layout, veid: str) -> None:
+    rec = state.read_record(layout, veid)
+    if rec is not None and state.record_alive(rec):
+        os.kill(rec.pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -840,390 +433,7 @@ def stop(layout: Layout, veid: str, *, fast: bool = False, timeout: float = DEFA
 
 
 # ---------------------------------------------------------------------------------------------------------
-# exec / enter
-
-
-def _cgroup_mounts() -> list[tuple[set[str], str]]:
-    """[(super options, mount point)] of every cgroup mount (v2 gets an empty set)."""
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            tail = post.split()
-            if len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
-                continue
-            opts = set(tail[2].split(",")) if tail[0] == "cgroup" else set()
-            mounts.append((opts, pre.split()[4]))
-    return mounts
-
-
-def join_cgroups_of(pid: int) -> str | None:
-    """Move ourselves into every cgroup PID is in (all hierarchies), so the VE's limits apply to us. Returns
-    the directory of its memory cgroup (v1 memory hierarchy, or v2), or None.
-
-    Done from /proc/PID/cgroup and mountinfo directly: no import of the cgroups module on the exec path.
-    """
-    mounts = None
-    memory = None
-    me = str(os.getpid()).encode()
-    with open(f"/proc/{pid}/cgroup") as f:
-        lines = f.read().splitlines()
-    for line in lines:
-        _, ctrls, path = line.split(":", 2)
-        if path == "/":
-            continue
-        if mounts is None:
-            mounts = _cgroup_mounts()
-        want = set(ctrls.split(",")) if ctrls else set()
-        point = next((p for opts, p in mounts if (want <= opts if want else not opts)), None)
-        if point is None:
-            continue
-        if "memory" in want or (not want and memory is None):
-            memory = f"{point}{path}"
-        try:
-            fd = os.open(f"{point}{path}/cgroup.procs", os.O_WRONLY)
-            try:
-                os.write(fd, me)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            if "/vzpkg/" in path:
-                raise VEError(f"cannot join the VE's cgroup {point}{path}: {e.strerror}") from None
-    return memory
-
-
-class _OomWatch:
-    """The VE's memory cgroup counters, opened on the host before entering the VE's mount namespace (after it the
-    cgroup file systems are out of sight): how many processes its OOM killer has killed, and its RAM limit."""
-
-    def __init__(self, memdir: str | None) -> None:
-        self.fds: dict[str, int] = {}
-        for name in ("memory.oom_control", "memory.events", "memory.limit_in_bytes", "memory.max"):
-            try:
-                self.fds[name] = os.open(f"{memdir}/{name}", os.O_RDONLY | os.O_CLOEXEC)
-            except (OSError, TypeError):
-                pass
-        self.before = self.oom_kills()
-
-    def _read(self, name: str) -> str | None:
-        fd = self.fds.get(name)
-        if fd is None:
-            return None
-        try:
-            return os.pread(fd, 4096, 0).decode()
-        except OSError:
-            return None
-
-    def oom_kills(self) -> int:
-        for name in ("memory.events", "memory.oom_control"):
-            for line in (self._read(name) or "").splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill" and value.strip().isdigit():
-                    return int(value)
-        return 0
-
-    def ram(self) -> int | None:
-        text = (self._read("memory.max") or self._read("memory.limit_in_bytes") or "max").strip()
-        return int(text) if text.isdigit() and int(text) < 1 << 62 else None
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-def _oom_message(veid: str, argv: list[str], ram: int | None, *, direct: bool) -> str:
-    what = " ".join(argv)
-    what = repr(what if len(what) <= 60 else what[:57] + "...")
-    victim = what if direct else f"a process started by {what}"
-    if ram is None:
-        return (f"{victim} was killed by the out-of-memory killer: VE {veid} has no RAM limit and the host ran out "
-                "of memory")
-    # (no import here: this runs inside the VE's mount namespace, where the host's module files are out of sight)
-    size = next((f"{ram >> k}{u}" for k, u in ((40, "T"), (30, "G"), (20, "M"), (10, "K")) if ram % (1 << k) == 0),
-                str(ram))
-    return (f"{victim} was killed by VE {veid}'s memory limit (RAM={size}): use less memory in the VE "
-            f"(files in /dev/shm and /run count too) or raise it: 'vzctl set {veid} --ram SIZE --save'")
-
-
-def _enter_namespaces(layout: Layout, veid: str, oom: list | None = None):
-    """Join the running VE's cgroups and namespaces (all but pid take effect at once; pid for children)."""
-    rec = running_init(layout, veid)
-    if rec is None:
-        if not layout.conf(veid).exists():
-            raise VENotFoundError(f"VE {veid} does not exist")
-        raise VEStateError(f"VE {veid} is not running: start it with 'vzctl start {veid}'")
-    fds = []
-    try:
-        for name, flag in ns.NS_ORDER:
-            if name == "user" and rec.privileged:
-                continue
-            fds.append((os.open(f"/proc/{rec.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag))
-        if not state.record_alive(rec):
-            raise VEStateError(f"VE {veid} stopped while entering it")
-        memdir = join_cgroups_of(rec.pid)
-        if oom is not None:
-            oom.append(_OomWatch(memdir))
-        for fd, flag in fds:
-            ns.setns(fd, flag)
-            if flag == ns.CLONE_NEWUSER:
-                ns.setresid(0, 0)
-    finally:
-        for fd, _ in fds:
-            os.close(fd)
-    return rec
-
-
-def _forward_signals(pid: int) -> None:
-    def fwd(sig, _frame):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(s, fwd)
-
-
-def _fork_in_ve(veid: str, what: str) -> int:
-    """os.fork() after joining the VE's cgroups: at its pids.max (NUMPROC) the fork fails with EAGAIN."""
-    try:
-        return os.fork()
-    except BlockingIOError:
-        raise VEError(f"VE {veid} is at its process limit (NUMPROC): cannot start {what}; stop some of its "
-                      f"processes or raise it: vzctl set {veid} --numproc N [--save]") from None
-
-
-def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] | None = None) -> int:
-    """Run ARGV inside the VE with our stdin/stdout/stderr; returns its exit status (128+N if killed by N)."""
-    veid = check_veid(veid)
-    if not argv:
-        raise VEError("vzctl exec: no command given")
-    watch: list[_OomWatch] = []
-    rec = _enter_namespaces(layout, veid, watch)
-    environ = dict(VE_ENV)
-    if os.environ.get("TERM"):
-        environ["TERM"] = os.environ["TERM"]
-    if env:
-        environ.update(env)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = _fork_in_ve(veid, repr(' '.join(argv)))
-    if pid == 0:
-        try:
-            os.closerange(3, 1 << 20)
-            _harden(rec.privileged)
-            os.execvpe(argv[0], argv, environ)
-        except FileNotFoundError:
-            os.write(2, f"vzctl exec: {argv[0]}: command not found\n".encode())
-            os._exit(127)
-        except BaseException as e:
-            os.write(2, f"vzctl exec: {argv[0]}: {e}\n".encode())
-            os._exit(126)
-    _forward_signals(pid)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-    code = os.waitstatus_to_exitcode(status)
-    if watch and code in (-signal.SIGKILL, 128 + signal.SIGKILL) and watch[0].oom_kills() > watch[0].before:
-        # the OOM killer took the command (or, status 137 from a shell, a process it ran): say so instead of
-        # a silent "Killed"
-        if code < 0:
-            raise VEOutOfMemoryError(_oom_message(veid, argv, watch[0].ram(), direct=True))
-        print(f"vzctl: note: {_oom_message(veid, argv, watch[0].ram(), direct=False)}", file=sys.stderr)
-    return 128 - code if code < 0 else code
-
-
-def enter(layout: Layout, veid: str, shell: list[str] | None = None) -> int:
-    """An interactive shell in the VE on a pty of the VE's own devpts."""
-    import select
-    import termios
-    import tty
-
-    veid = check_veid(veid)
-    rec = _enter_namespaces(layout, veid)
-    # we are now in the VE's mount namespace: /dev/ptmx is its devpts
-    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    import ctypes
-
-    libc = ns.libc()
-    if libc.grantpt(master) != 0 or libc.unlockpt(master) != 0:
-        raise VEError("cannot set up a pty in the VE")
-    libc.ptsname.restype = ctypes.c_char_p
-    slave_name = libc.ptsname(master).decode()
-    if not shell:
-        shell = ["/bin/bash", "-l"] if os.path.exists("/bin/bash") else ["/bin/sh", "-l"]
-    stdin_tty = os.isatty(0)
-    if stdin_tty:
-        try:
-            fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
-        except OSError:
-            pass
-    pid = _fork_in_ve(veid, f"a shell ({' '.join(shell)})")
-    if pid == 0:
-        try:
-            os.setsid()
-            slave = os.open(slave_name, os.O_RDWR)
-            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
-            for i in (0, 1, 2):
-                os.dup2(slave, i)
-            os.closerange(3, 1 << 20)
-            _harden(rec.privileged)
-            env = dict(VE_ENV)
-            env["TERM"] = os.environ.get("TERM", "linux")
-            os.execve(shell[0], shell, env)
-        except BaseException as e:
-            os.write(2, f"vzctl enter: {e}\n".encode())
-            os._exit(126)
-    old = termios.tcgetattr(0) if stdin_tty else None
-    if stdin_tty:
-        tty.setraw(0)
-
-    def winch(_s, _f):
-        try:
-            fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
-        except OSError:
-            pass
-
-    signal.signal(signal.SIGWINCH, winch)
-    try:
-        fds = [master, 0]
-        while True:
-            try:
-                ready, _, _ = select.select(fds, [], [])
-            except InterruptedError:
-                continue
-            if master in ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    break
-                os.write(1, data)
-            if 0 in ready:
-                data = os.read(0, 65536)
-                if not data:
-                    fds.remove(0)
-                    os.write(master, b"\x04")
-                else:
-                    os.write(master, data)
-    finally:
-        if old is not None:
-            termios.tcsetattr(0, termios.TCSAFLUSH, old)
-        os.close(master)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
-
-
-# ---------------------------------------------------------------------------------------------------------
-# set / status
-
-
-SETTABLE = ("RAM", "SWAP", "CPUUNITS", "CPULIMIT", "CPUS", "NUMPROC", "DISKSPACE", "DISKINODES", "HOSTNAME",
-            "IP_ADDRESS", "NAMESERVER", "ONBOOT", "INIT")
-# what `set` changes in a running VE at once; the rest is read only when the VE starts (or at host boot)
-LIVE = frozenset({"RAM", "SWAP", "CPUUNITS", "CPULIMIT", "CPUS", "NUMPROC", "HOSTNAME", "IP_ADDRESS", "NAMESERVER",
-                  "SEARCHDOMAIN"})
-_LIMIT_ARGS = {"ram": "RAM", "swap": "SWAP", "cpuunits": "CPUUNITS", "cpulimit": "CPULIMIT", "cpus": "CPUS",
-               "numproc": "NUMPROC"}
-
-
-def set_params(layout: Layout, veid: str, changes: dict[str, str], *, save: bool) -> tuple[bool, bool, list[str]]:
-    """Validate and apply CHANGES (config keys -> values).
-
-    Returns (applied to a running VE, saved, the changed keys that take effect only at the next start). A change
-    that would change nothing — the VE is not running, or a key only read at start, and no --save — is refused
-    (UsageError) before anything is applied."""
-    from vzpkg.errors import UsageError
-
-    veid = check_veid(veid)
-    with VELock(layout, veid) as lock:
-        conf = load_conf(layout, veid)
-        for key, value in changes.items():
-            conf.set(key, value)
-        rec = running_init(layout, veid)
-        later = [k for k in changes if rec is None or k not in LIVE]
-        if later and not save:
-            if rec is None:
-                raise UsageError(f"VE {veid} is not running and --save was not given: nothing would change; add "
-                                 "--save to store the change in its config")
-            raise UsageError(f"{', '.join(later)} cannot change in a running VE (read at its next start): add "
-                             "--save to store it for then")
-        if rec is not None:
-            _apply_live(layout, veid, rec, conf, changes)
-        if save:
-            lock.begin("save")  # a SIGKILL in save leaves a temporary file that the next holder removes
-            with _done(lock):
-                conf.save(layout.conf(veid))
-        return rec is not None and bool(LIVE & set(changes)), save, later if rec is not None else []
-
-
-def _apply_live(layout: Layout, veid: str, rec: state.InitRecord, conf, changes: dict[str, str]) -> None:
-    if {"RAM", "SWAP", "CPUUNITS", "CPULIMIT", "CPUS", "NUMPROC"} & set(changes):
-        limits = _limits_from_conf(conf)
-        _cgroups().set_limits(layout.cgroup_name(veid), **{k: limits[k] for k, key in _LIMIT_ARGS.items()
-                                                          if key in changes and k in limits})
-    files = {}
-    if {"NAMESERVER", "SEARCHDOMAIN"} & set(changes) and conf.get("NAMESERVER"):
-        files["etc/resolv.conf"] = _resolv_conf(conf)
-    if "HOSTNAME" in changes or files:
-        _in_ve(rec, changes.get("HOSTNAME"), files)
-    if "IP_ADDRESS" in changes:
-        from . import net
-
-        net.apply_addresses(layout.real_root(), veid, rec.pid, conf.get("IP_ADDRESS") or "",
-                            net.bridge_name(conf.get("BRIDGE")))
-
-
-def _resolv_conf(conf) -> str:
-    lines = [f"nameserver {ns_}" for ns_ in (conf.get("NAMESERVER") or "").split()]
-    if conf.get("SEARCHDOMAIN"):
-        lines.append(f"search {conf.get('SEARCHDOMAIN')}")
-    return "\n".join(lines) + "\n"
-
-
-def _write_files(files: dict[str, str]) -> None:
-    """Write FILES (paths relative to /) as the VE's root, from inside the VE's mount namespace: a symlink the VE
-    planted resolves within the VE, never on the host; the last component is never followed (O_NOFOLLOW)."""
-    for rel, text in files.items():
-        path = f"/{rel}"
-        try:
-            if os.path.islink(path):
-                os.unlink(path)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-
-
-def _in_ve(rec: state.InitRecord, hostname: str | None, files: dict[str, str]) -> None:
-    """In a child that joins the running VE's user, uts and mount namespaces: set the hostname, write FILES."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            if not rec.privileged:
-                ns.setns(os.open(f"/proc/{rec.pid}/ns/user", os.O_RDONLY), ns.CLONE_NEWUSER)
-                ns.setresid(0, 0)
-            ns.setns(os.open(f"/proc/{rec.pid}/ns/uts", os.O_RDONLY), ns.CLONE_NEWUTS)
-            # joining the mount namespace makes its root (the VE's root) our root and cwd
-            ns.setns(os.open(f"/proc/{rec.pid}/ns/mnt", os.O_RDONLY), ns.CLONE_NEWNS)
-            if hostname:
-                ns.sethostname(hostname)
-            _write_files(files)
-            os._exit(0)
-        except BaseException:
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    if status != 0:
-        raise VEError(f"could not apply {'the hostname' if hostname else 'the resolver settings'} in the running VE")
+# status
 
 
 def status(layout: Layout, veid: str, *, beancounters: bool = False) -> dict:
@@ -1253,47 +463,3 @@ def status_line(st: dict) -> str:
              "running" if st["running"] else "down"]
     return f"VEID {st['veid']} {' '.join(words)}"
 
-
-def list_ves(layout: Layout, veids: list[str] | None = None, *, disk: bool = True) -> list[dict]:
-    """One dict per VE for vzlist: veid, status, hostname, ip, numproc, memory (bytes used), disk (bytes
-    in its private area), ostemplate, layout, init_pid."""
-    from .conf import VEConfig
-
-    cg = None
-    rows = []
-    for veid in veids or layout.veids():
-        veid = check_veid(veid)
-        if veids and not layout.conf(veid).exists():
-            # asked for by name: an unknown VE is an error, as in vzctl (not an empty, successful list)
-            raise VENotFoundError(f"VE {veid} does not exist (no {layout.conf(veid)})")
-        try:
-            conf = VEConfig.load(layout.conf(veid), strict=False)
-        except Exception:
-            conf = None
-        if conf is None and not layout.conf(veid).exists():
-            continue
-        rec = running_init(layout, veid)
-        row: dict = {
-            "veid": veid,
-            "status": "running" if rec else ("mounted" if storage.is_mounted(layout.ve_root(veid)) else "stopped"),
-            "hostname": conf.get("HOSTNAME") if conf else None,
-            "ip": conf.get("IP_ADDRESS") if conf else None,
-            "ostemplate": conf.get("OSTEMPLATE") if conf else None,
-            "layout": conf.get("LAYOUT") if conf else None,
-            "init_pid": rec.pid if rec else None,
-            "numproc": None,
-            "memory": None,
-            "disk": None,
-        }
-        if rec is not None:
-            try:
-                cg = cg or _cgroups()
-                counters = cg.counters(layout.cgroup_name(veid))
-                row["numproc"] = (counters.get("numproc") or {}).get("held")
-                row["memory"] = (counters.get("memory") or {}).get("held")
-            except VEError:
-                pass
-        if disk:
-            row["disk"] = storage.disk_usage(layout.private(veid))
-        rows.append(row)
-    return rows

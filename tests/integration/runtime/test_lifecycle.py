@@ -90,6 +90,22 @@ def test_failed_create_leaves_nothing(rt, tmp_path):
     assert rt.vzctl("create", "../x", "--ostemplate", rt.template, check=False).returncode == 2
 
 
+def test_create_failing_after_its_private_area_removes_it(rt):
+    """A failure between making the private area and saving the config (here root/<id> is a file, so the mount
+    point cannot be made) undoes the private area and the id range reservation; the next create succeeds."""
+    veid = rt.new_id()
+    rt.ve_root(veid).parent.mkdir(parents=True, exist_ok=True)
+    rt.ve_root(veid).write_text("in the way\n")
+    p = rt.vzctl("create", veid, "--ostemplate", rt.template, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and str(rt.ve_root(veid)) in p.stderr, p.stderr
+    assert not (rt.root / "conf" / f"{veid}.conf").exists()
+    assert not rt.private(veid).exists() and not [x for x in (rt.root / "private").iterdir() if veid in x.name]
+    assert not (rt.root / "lock" / "idrange" / veid).exists()
+    assert rt.ve_root(veid).read_text() == "in the way\n"  # not ours: left alone
+    rt.ve_root(veid).unlink()
+    rt.create(veid=veid, start=False)
+
+
 def test_create_existing_refused(rt):
     veid = rt.create(start=False)
     p = rt.vzctl("create", veid, "--ostemplate", rt.template, check=False)

@@ -1,0 +1,55 @@
+"""vzlist's rows: one dict per VE, read from its config, its init record, its cgroups and its private area."""
+
+from __future__ import annotations
+
+from vzpkg.errors import VEError, VENotFoundError
+
+from . import storage
+from .layout import Layout, check_veid
+from .ve import _cgroups, running_init
+
+
+def list_ves(layout: Layout, veids: list[str] | None = None, *, disk: bool = True) -> list[dict]:
+    """One dict per VE for vzlist: veid, status, hostname, ip, numproc, memory (bytes used), disk (bytes
+    in its private area), ostemplate, layout, init_pid."""
+    from .conf import VEConfig
+
+    cg = None
+    rows = []
+    for veid in veids or layout.veids():
+        veid = check_veid(veid)
+        if veids and not layout.conf(veid).exists():
+            # asked for by name: an unknown VE is an error, as in vzctl (not an empty, successful list)
+            raise VENotFoundError(f"VE {veid} does not exist (no {layout.conf(veid)})")
+        try:
+            conf = VEConfig.load(layout.conf(veid), strict=False)
+        except Exception:
+            conf = None
+        if conf is None and not layout.conf(veid).exists():
+            continue
+        rec = running_init(layout, veid)
+        row: dict = {
+            "veid": veid,
+            "status": "running" if rec else ("mounted" if storage.is_mounted(layout.ve_root(veid)) else "stopped"),
+            "hostname": conf.get("HOSTNAME") if conf else None,
+            "ip": conf.get("IP_ADDRESS") if conf else None,
+            "ostemplate": conf.get("OSTEMPLATE") if conf else None,
+            "layout": conf.get("LAYOUT") if conf else None,
+            "init_pid": rec.pid if rec else None,
+            "numproc": None,
+            "memory": None,
+            "disk": None,
+        }
+        if rec is not None:
+            try:
+                cg = cg or _cgroups()
+                counters = cg.counters(layout.cgroup_name(veid))
+                row["numproc"] = (counters.get("numproc") or {}).get("held")
+                row["memory"] = (counters.get("memory") or {}).get("held")
+            except VEError:
+                pass
+        if disk:
+            row["disk"] = storage.disk_usage(layout.private(veid))
+        rows.append(row)
+    return rows
+
