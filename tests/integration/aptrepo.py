@@ -11,6 +11,7 @@ Needs dpkg-deb, apt-ftparchive (apt-utils) and gpg.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gzip
 import http.server
@@ -45,6 +46,9 @@ class AptTestRepo:
         self.pool.mkdir(parents=True, exist_ok=True)
         self.gnupghome = base / "gnupg"
         self.gnupghome.mkdir(mode=0o700, exist_ok=True)
+        # gpg starts an agent for this home that outlives the test run unless stopped
+        atexit.register(subprocess.run, ["gpgconf", "--homedir", str(self.gnupghome), "--kill", "gpg-agent"],
+                        capture_output=True)
         self.keys: dict[str, str] = {}
         self.signing_key = self.new_key("vzpkg test repository")
         self.server: http.server.ThreadingHTTPServer | None = None
