@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 
-from ..interrupt import signals_raise
 from .common import handle_errors, human_size, print_json
 
 _cache_dir = click.option("--cache-dir", type=click.Path(file_okay=False),
@@ -121,17 +120,16 @@ def register(group: click.Group) -> None:
             raise CacheNotFoundError(f"no caches in {store.root} to push")
         bar = ProgressBar(not quiet and not as_json and sys.stderr.isatty())
         results: list[dict[str, Any]] = []
-        with signals_raise():
-            for cache_name, cache_ref in jobs:
-                r = push_cache(store, str(cache_name), cache_ref, Connection(insecure, ca_file), bar, delta=delta)
-                bar.end()
-                results.append(r)
-                if not as_json and not quiet:
-                    click.echo(f"pushed {r['name']} to {r['reference']} ({r['digest'][:19]}...): "
-                               f"{r['blobs_uploaded']} blobs uploaded ({human_size(r['bytes_uploaded'])}), "
-                               f"{r['blobs_skipped']} already there, {r['seconds']:.1f} s"
-                               + (f"; patch from {r['delta']['from_sha256'][:12]}... ({human_size(r['delta']['patch_bytes'])}) "
-                                  f"as {r['delta']['tag']}" if r.get("delta") else ""))
+        for cache_name, cache_ref in jobs:
+            r = push_cache(store, str(cache_name), cache_ref, Connection(insecure, ca_file), bar, delta=delta)
+            bar.end()
+            results.append(r)
+            if not as_json and not quiet:
+                click.echo(f"pushed {r['name']} to {r['reference']} ({r['digest'][:19]}...): "
+                           f"{r['blobs_uploaded']} blobs uploaded ({human_size(r['bytes_uploaded'])}), "
+                           f"{r['blobs_skipped']} already there, {r['seconds']:.1f} s"
+                           + (f"; patch from {r['delta']['from_sha256'][:12]}... ({human_size(r['delta']['patch_bytes'])}) "
+                              f"as {r['delta']['tag']}" if r.get("delta") else ""))
         if as_json:
             print_json(results if push_all else results[0])
 
@@ -158,13 +156,12 @@ def register(group: click.Group) -> None:
         settings = _settings(cache_dir)
         store = CacheStore(settings.cache_dir)
         bar = ProgressBar(not quiet and not as_json and sys.stderr.isatty())
-        with signals_raise():
-            try:
-                r = pull_cache(store, parse_reference(ref), Connection(insecure, ca_file), lock_dir=settings.lock_dir,
-                               name=name, lock_timeout=timeout, progress=bar, delta=not no_delta,
-                               note=lambda m: None if quiet or as_json else click.echo(m, err=True))
-            finally:
-                bar.end()
+        try:
+            r = pull_cache(store, parse_reference(ref), Connection(insecure, ca_file), lock_dir=settings.lock_dir,
+                           name=name, lock_timeout=timeout, progress=bar, delta=not no_delta,
+                           note=lambda m: None if quiet or as_json else click.echo(m, err=True))
+        finally:
+            bar.end()
         if as_json:
             print_json(r)
         elif not quiet:
