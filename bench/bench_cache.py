@@ -45,10 +45,10 @@ if str(REPO_DIR) not in sys.path:
 
 try:
     from vzpkg import __version__ as VZPKG_VERSION
-    from vzpkg.cache import CacheStore
-    from vzpkg.chroot import unmount_below
+    from vzpkg.build.chroot import unmount_below
     from vzpkg.config import load_settings
     from vzpkg.distro import get_distribution
+    from vzpkg.store.cache import CacheStore
     from vzpkg.template import TemplateRepository
 except ImportError as exc:  # pragma: no cover - environment problem
     sys.exit(f"bench_cache: cannot import vzpkg ({exc}): run it with {REPO_DIR}/.venv/bin/python (make bench)")

@@ -151,9 +151,9 @@ def next_generation(shared: Path, name: str, dest: Path) -> dict[str, int]:
     import io
     import tarfile
 
-    from vzpkg.cache import CacheStore
+    from vzpkg.build.update import save_generation
     from vzpkg.registry.delta import compress_like_pack, decompress
-    from vzpkg.update import save_generation
+    from vzpkg.store.cache import CacheStore
 
     dest.mkdir()
     os.link(shared / f"{name}.tar.zst", dest / f"{name}.tar.zst")

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .build.template_files import check_scripts, files_entries, files_tree, read_regular, walk
 from .errors import TemplateError
-from .template_files import check_scripts, files_entries, files_tree, read_regular, walk
 
 DEFINITION_FILE = "template.toml"
 SCRIPT_NAMES = ("pre-cache", "post-install", "post-cache", "pre-update", "post-update")

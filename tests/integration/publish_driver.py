@@ -12,8 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from vzpkg.cache import CacheStore
 from vzpkg.errors import VzError
+from vzpkg.store.cache import CacheStore
 
 
 def main() -> int:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT, VZPKG, copy_cache, run_vzpkg
 
-from vzpkg.archive import pack
 from vzpkg.errors import DiskFullError, NotWritableError, VerifyError
+from vzpkg.store.archive import pack
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="mounts file systems: needs root")]
 NAME = "debian-12-x86_64"

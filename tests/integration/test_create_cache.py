@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from conftest import VZPKG, copy_cache, default_sigint, run_vzpkg
 
-from vzpkg.archive import safe_unpack
 from vzpkg.errors import (
     CacheExistsError,
     LockTimeoutError,
@@ -24,6 +23,7 @@ from vzpkg.errors import (
     SignatureError,
     VerifyError,
 )
+from vzpkg.store.archive import safe_unpack
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 NAME = "debian-12-x86_64"

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import rpmrepo
 
-from vzpkg.archive import open_decompressed
+from vzpkg.store.archive import open_decompressed
 
 pytestmark = [
     pytest.mark.root,

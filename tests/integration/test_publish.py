@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import run_vzpkg
 
-from vzpkg.archive import pack
-from vzpkg.cache import PUBLISHED_DIR, CacheStore
 from vzpkg.errors import DiskFullError
 from vzpkg.runtime.storage import cache_sha256
+from vzpkg.store.archive import pack
+from vzpkg.store.cache import PUBLISHED_DIR, CacheStore
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")]
 

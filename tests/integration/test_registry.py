@@ -23,8 +23,8 @@ import zstandard
 from conftest import PROJECT, VZPKG, run_vzpkg
 from registry_server import REGISTRY_BIN, Registry
 
-from vzpkg.cache import CacheStore
 from vzpkg.registry.delta import compress_like_pack
+from vzpkg.store.cache import CacheStore
 
 pytestmark = pytest.mark.skipif(not Path(REGISTRY_BIN).exists(), reason="docker-registry is not installed (make setup)")
 
@@ -163,7 +163,7 @@ def test_push_all_and_pull_with_name(plain_registry, tmp_path):
 def test_delta_from_previous_generation(plain_registry, tmp_path):
     """push --delta stores a patch from the previous generation; a puller that has it downloads only the patch
     and rebuilds the identical archive; a broken patch falls back to the whole layer."""
-    from vzpkg.update import save_generation
+    from vzpkg.build.update import save_generation
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     old = make_cache(src, noise=3 << 20, seed="gen", like_pack=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vzpkg.chroot import mounts_below
+from vzpkg.build.chroot import mounts_below
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")]
 PROJECT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_sigkilled_vzpkg_takes_its_tool_and_mounts_along(tmp_path: Path) -> None
 def test_build_mounts_exist_only_in_the_tools_namespace(tmp_path: Path) -> None:
     """Inside `build_mounts`, a tool sees /proc (of its own pid namespace), /sys and /dev in the root; vzpkg's
     mount namespace never has them, so nothing is left to unmount whatever happens to vzpkg."""
-    from vzpkg.chroot import build_mounts, run_tool
+    from vzpkg.build.chroot import build_mounts, run_tool
 
     root = tmp_path / "root"
     root.mkdir()

@@ -19,7 +19,7 @@ import pytest
 from aptrepo import DEBIAN_KEYRING, AptTestRepo, missing_tools
 from badmirror import BadMirror
 
-from vzpkg.archive import open_decompressed
+from vzpkg.store.archive import open_decompressed
 
 NAME = "debian-12-x86_64-u5test"
 PKG = "vzpkg-hello"

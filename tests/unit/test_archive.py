@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from vzpkg.archive import pack, safe_unpack, sha256_file
 from vzpkg.errors import UnsafeArchiveError
+from vzpkg.store.archive import pack, safe_unpack, sha256_file
 
 
 def make_tree(root: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vzpkg.cache import CacheStore
+from vzpkg.store.cache import CacheStore
 
 NAME = "foo-1-x86_64"
 
@@ -72,7 +72,7 @@ def test_manifest_with_fields_of_the_wrong_type(tmp_path: Path, change: dict, pr
 def test_manifest_of_the_shipped_form_is_accepted(tmp_path: Path) -> None:
     import json
 
-    from vzpkg.cache import manifest_problem
+    from vzpkg.store.cache import manifest_problem
 
     shared = Path("/var/tmp/vzpkg-test-cache/debian-12-x86_64.json")
     if shared.exists():

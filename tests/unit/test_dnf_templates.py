@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vzpkg.build import Reporter, prepare_context
+from vzpkg.build.pipeline import Reporter, prepare_context
 from vzpkg.config import PROJECT_DIR, load_settings
 from vzpkg.distro import get_distribution, known_distributions
 from vzpkg.errors import TemplateError

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from extract_support import M, make_archive, make_sandbox, snapshot
 
-from vzpkg import extract
 from vzpkg.errors import UnsafeArchiveError, VerifyError
-from vzpkg.extract import open_beneath, safe_unpack
+from vzpkg.store import extract
+from vzpkg.store.extract import open_beneath, safe_unpack
 
 pytestmark = pytest.mark.root  # chown, and the user namespace of id_shift
 
@@ -275,7 +275,7 @@ def test_the_user_namespace_child_dies_with_its_parent(tmp_path: Path) -> None:
     fifo, target = tmp_path / "blocked.tar.zst", tmp_path / "target"
     os.mkfifo(fifo)
     target.mkdir()
-    code = ("import sys; from pathlib import Path; from vzpkg.extract import safe_unpack; "
+    code = ("import sys; from pathlib import Path; from vzpkg.store.extract import safe_unpack; "
             "safe_unpack(Path(sys.argv[1]), Path(sys.argv[2]), id_shift=100000)")
     parent = subprocess.Popen([sys.executable, "-c", code, str(fifo), str(target)])
     child = None

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from vzpkg.errors import UnsafeArchiveError
-from vzpkg.extract import safe_unpack
+from vzpkg.store.extract import safe_unpack
 
 pytestmark = pytest.mark.root
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vzpkg.stage import stage_key
+from vzpkg.build.stage import stage_key
 
 TEMPLATE = {"distribution": "debian", "release": "12", "suite": "bookworm", "architecture": "x86_64",
             "package_manager": "apt", "packages": ["procps"], "summary": "s", "description": "d"}

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from vzpkg import status as status_mod
-from vzpkg import update
-from vzpkg.cache import CacheStore
+from vzpkg.build import status as status_mod
+from vzpkg.build import update
 from vzpkg.config import load_settings
 from vzpkg.errors import CacheNotFoundError, VerifyError
 from vzpkg.lock import locked
 from vzpkg.repo.apt import ReleaseInfo
+from vzpkg.store.cache import CacheStore
 from vzpkg.template import TemplateRepository
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -201,7 +201,7 @@ def test_a_broken_cache_is_not_kept_and_the_last_good_generation_survives(settin
     the good generation 1 (which rollback-cache can still restore)."""
     import hashlib
 
-    from vzpkg.build import Reporter
+    from vzpkg.build.pipeline import Reporter
 
     store = CacheStore(settings.cache_dir)
     _publish(store, NAME, b"one", "t1")

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from vzpkg import status as status_mod
-from vzpkg import status_rpm
+from vzpkg.build import status as status_mod
+from vzpkg.build import status_rpm
+from vzpkg.build.update import _package_changes
 from vzpkg.config import load_settings
 from vzpkg.errors import MirrorError, SignatureError
 from vzpkg.repo import metadata_cache as mc
 from vzpkg.repo import rpm as rpmrepo
 from vzpkg.template import TemplateRepository
-from vzpkg.update import _package_changes
 
 PROJECT = Path(__file__).resolve().parents[2]
 NAME = "almalinux-9-x86_64"

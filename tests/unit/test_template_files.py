@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vzpkg.build import render_files
+from vzpkg.build.pipeline import render_files
 from vzpkg.errors import BuildError, TemplateError
 from vzpkg.template import TemplateRepository
 
@@ -265,7 +265,7 @@ def test_unusable_scripts_are_refused(tdir: Path, make: str) -> None:
 def test_without_openat2_a_symlink_on_the_way_is_refused(tdir: Path, host: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Kernels before 5.6 have no openat2: the fallback walk refuses symlinks instead of resolving them."""
-    from vzpkg import inroot
+    from vzpkg.build import inroot
 
     monkeypatch.setattr(inroot, "_have_openat2", False)
     (tdir / "files/etc").mkdir()
@@ -282,7 +282,7 @@ def test_without_openat2_a_symlink_on_the_way_is_refused(tdir: Path, host: Path,
 
 
 def test_clean_root_leaves_the_host_alone(host: Path, tmp_path: Path) -> None:
-    from vzpkg.build import clean_root
+    from vzpkg.build.pipeline import clean_root
 
     (host / "machine-id").write_text("host-id\n")
     (host / "syslog.log").write_text("host log\n")
@@ -304,7 +304,7 @@ def test_clean_root_leaves_the_host_alone(host: Path, tmp_path: Path) -> None:
 
 
 def test_build_mounts_refuse_a_root_symlink_leading_out(tmp_path: Path) -> None:
-    from vzpkg.chroot import build_mounts, mounts_below
+    from vzpkg.build.chroot import build_mounts, mounts_below
 
     outside = tmp_path / "outside-proc"
     outside.mkdir()

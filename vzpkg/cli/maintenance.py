@@ -21,7 +21,7 @@ def _settings(cache_dir: str | None = None, mirror: str | None = None):
 
 
 def _print_status(report: dict[str, Any]) -> None:
-    from ..status import repository_label
+    from ..build.status import repository_label
 
     name = report["name"]
     if report["current"]:
@@ -60,8 +60,8 @@ def register(group: click.Group) -> None:
         repositories, and whether the template definition changed.
 
         Exit status 0 when every cache is current, 20 when updates are available."""
+        from ..build.status import check_status
         from ..errors import UpdatesAvailable
-        from ..status import check_status
 
         settings = _settings(cache_dir, mirror)
         reports = [check_status(name, settings, refresh=refresh) for name in names]
@@ -90,10 +90,10 @@ def register(group: click.Group) -> None:
         """Bring each cache up to date: upgrade its packages and apply template changes, in place.
 
         Nothing is unpacked when nothing changed. The previous cache is kept as a generation."""
-        from ..cache import CacheStore
+        from ..build.update import UpdateOptions
+        from ..build.update import update_cache as update
         from ..errors import UsageError
-        from ..update import UpdateOptions
-        from ..update import update_cache as update
+        from ..store.cache import CacheStore
 
         settings = _settings(cache_dir, mirror)
         if all_ and names:
@@ -131,7 +131,7 @@ def register(group: click.Group) -> None:
     @handle_errors("vzpkg")
     def rollback_cache(name: str, generation: int | None, timeout: float, cache_dir: str | None, as_json: bool) -> None:
         """Put the previous cache of NAME (kept by update-cache) back in place; the current one is dropped."""
-        from ..update import rollback_cache as rollback
+        from ..build.update import rollback_cache as rollback
 
         manifest = rollback(name, _settings(cache_dir), generation=generation, lock_timeout=timeout)
         if as_json:
@@ -160,7 +160,7 @@ def register(group: click.Group) -> None:
               templates: bool, ves: bool, vz_root: str | None, cache_dir: str | None, as_json: bool) -> None:
         """Free space. Without options: downloaded packages and repository metadata. Work files of interrupted
         runs are always removed (those of runs still going are left alone)."""
-        from ..update import clean as do_clean
+        from ..build.update import clean as do_clean
 
         if not (packages or metadata or generations or stages or templates or ves):
             packages = metadata = True

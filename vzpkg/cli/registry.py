@@ -105,10 +105,10 @@ def register(group: click.Group) -> None:
              cache_dir: str | None, as_json: bool) -> None:
         """Upload cache NAME to the registry as the OCI image REF (HOST[:PORT]/PATH/NAME[:TAG], tag default
         `latest`). Blobs the registry already has are not uploaded again."""
-        from ..cache import CacheStore
         from ..errors import CacheNotFoundError, UsageError
         from ..registry.reference import parse_reference
         from ..registry.transfer import Connection, push_cache
+        from ..store.cache import CacheStore
 
         if len(args) != (1 if push_all else 2):
             raise UsageError("give NAME and REF, or --all and REF")
@@ -149,9 +149,9 @@ def register(group: click.Group) -> None:
              cache_dir: str | None, as_json: bool) -> None:
         """Download the cache image REF, verify every digest and the archive against its manifest, and publish
         it into the cache directory atomically (a failed pull leaves the previous cache in place)."""
-        from ..cache import CacheStore
         from ..registry.reference import parse_reference
         from ..registry.transfer import Connection, pull_cache
+        from ..store.cache import CacheStore
 
         settings = _settings(cache_dir)
         store = CacheStore(settings.cache_dir)

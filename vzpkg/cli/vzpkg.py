@@ -48,8 +48,8 @@ def main() -> None:
 def create_cache(names: tuple[str, ...], force: bool, mirror: str | None, timeout: float, no_stage_cache: bool,
                  quiet: bool, verbose: bool, cache_dir: str | None, as_json: bool) -> None:
     """Bootstrap, install, pack and publish the cache of each template NAME."""
-    from ..build import BuildOptions
-    from ..build import create_cache as build
+    from ..build.pipeline import BuildOptions
+    from ..build.pipeline import create_cache as build
 
     settings = _settings(cache_dir, mirror)
     manifests = []
@@ -70,7 +70,7 @@ def create_cache(names: tuple[str, ...], force: bool, mirror: str | None, timeou
 @handle_errors("vzpkg")
 def list_(cache_dir: str | None, as_json: bool) -> None:
     """Every template, whether it is cached, and the cache's size and age."""
-    from ..cache import CacheStore
+    from ..store.cache import CacheStore
     from ..template import TemplateRepository
 
     settings = _settings(cache_dir)
@@ -103,8 +103,8 @@ def list_(cache_dir: str | None, as_json: bool) -> None:
 @handle_errors("vzpkg")
 def info(name: str, show_packages: bool, cache_dir: str | None, as_json: bool) -> None:
     """The template's fields and its cache's manifest."""
-    from ..cache import CacheStore
     from ..errors import TemplateError
+    from ..store.cache import CacheStore
     from ..template import TemplateRepository
 
     settings = _settings(cache_dir)
@@ -118,7 +118,7 @@ def info(name: str, show_packages: bool, cache_dir: str | None, as_json: bool) -
 
         print_cache_only_info(name, manifest, show_packages, as_json)
         return
-    from ..update import list_generations
+    from ..build.update import list_generations
 
     generations = list_generations(CacheStore(settings.cache_dir), name)
     if as_json:
@@ -169,10 +169,10 @@ def info(name: str, show_packages: bool, cache_dir: str | None, as_json: bool) -
 @handle_errors("vzpkg")
 def remove_cache(names: tuple[str, ...], cache_dir: str | None) -> None:
     """Remove the cache (archive and manifest) of each template NAME."""
-    from ..cache import CacheStore, check_writable
+    from ..build.stage import StageStore
     from ..errors import CacheNotFoundError
     from ..lock import locked
-    from ..stage import StageStore
+    from ..store.cache import CacheStore, check_writable
 
     settings = _settings(cache_dir)
     store = CacheStore(settings.cache_dir)
@@ -193,7 +193,7 @@ def remove_cache(names: tuple[str, ...], cache_dir: str | None) -> None:
 @handle_errors("vzpkg")
 def verify_cache(names: tuple[str, ...], cache_dir: str | None, as_json: bool) -> None:
     """Recompute each cache's sha256 and read the whole archive; exit non-zero on any mismatch."""
-    from ..cache import CacheStore
+    from ..store.cache import CacheStore
 
     store = CacheStore(_settings(cache_dir).cache_dir)
     results = [store.verify(name) for name in names]

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..chroot import POLICY_RC_D, build_mounts, host_resolver, no_daemons, run_tool
+from ..build.chroot import POLICY_RC_D, build_mounts, host_resolver, no_daemons, run_tool
+from ..build.inroot import inside, remove_matches, require_inside
 from ..config import Settings
 from ..errors import MissingToolError, SignatureError
-from ..inroot import inside, remove_matches, require_inside
 from . import apt_cache, apt_errors
 from .base import BuildContext, PackageManager
 

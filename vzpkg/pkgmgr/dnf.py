@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..chroot import build_mounts, run_tool, unmount_below
+from ..build.chroot import build_mounts, run_tool, unmount_below
+from ..build.inroot import remove_matches, require_inside
 from ..errors import BuildError, MirrorError, MissingToolError, SignatureError, TemplateError
-from ..inroot import remove_matches, require_inside
 from ..template import DEFINITION_FILE, render_string
 from . import gnupg
 from .base import BuildContext, PackageManager

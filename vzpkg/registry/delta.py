@@ -46,7 +46,7 @@ def _window_log(size: int) -> int:
 def decompress(archive: Path, dest: Path) -> int:
     import zstandard
 
-    from ..archive import MAX_WINDOW_SIZE
+    from ..store.archive import MAX_WINDOW_SIZE
 
     size = 0
     dobj = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE).decompressobj()
@@ -62,7 +62,7 @@ def compress_like_pack(tar: Path, dest: Path, level: int) -> str:
     """Compress TAR with archive.pack's parameters; return the sha256 of DEST."""
     import zstandard
 
-    from ..archive import _WINDOW_LOG
+    from ..store.archive import _WINDOW_LOG
 
     params = zstandard.ZstdCompressionParameters.from_level(level, threads=-1, enable_ldm=True, window_log=_WINDOW_LOG)
     chunker = zstandard.ZstdCompressor(compression_params=params).chunker(chunk_size=_CHUNK)

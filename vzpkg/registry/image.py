@@ -32,7 +32,7 @@ def layer_digests(f: IO[bytes]) -> LayerDigests:
     """Hash the archive and, in the same read, the tar inside it."""
     import zstandard
 
-    from ..archive import MAX_WINDOW_SIZE
+    from ..store.archive import MAX_WINDOW_SIZE
 
     packed, unpacked = hashlib.sha256(), hashlib.sha256()
     size = 0

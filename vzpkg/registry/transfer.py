@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import CacheStore
 from ..errors import RegistryError, UsageError, VerifyError, VzError
 from ..lock import locked
+from ..store.cache import CacheStore
 from .client import Progress, RegistryClient
 from .delta import ANNOTATION_FROM, ANNOTATION_TAG, PATCH_CONFIG_MEDIA_TYPE, PATCH_MEDIA_TYPE, apply_patch, make_patch
 from .image import (
@@ -170,7 +170,7 @@ def push_cache(store: CacheStore, name: str, ref: Reference, conn: Connection,
 
 def _push_delta(store: CacheStore, name: str, sha: str, client: RegistryClient, tag: str) -> dict[str, Any] | None:
     """Patch from the newest earlier generation of NAME to the cache, pushed as the artifact TAG.delta."""
-    from ..update import list_generations
+    from ..build.update import list_generations
 
     previous = next((g for g in list_generations(store, name) if g.get("sha256") and g["sha256"] != sha), None)
     if previous is None:

@@ -130,7 +130,7 @@ def ensure_template(layout: Layout, cache_dir: Path, name: str, id_shift: int) -
             return sha, target
         import shutil
 
-        from vzpkg.archive import safe_unpack, sha256_file
+        from vzpkg.store.archive import safe_unpack, sha256_file
 
         archive = cache_dir / f"{name}.tar.zst"
         if not archive.is_file():

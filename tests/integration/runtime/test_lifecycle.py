@@ -150,7 +150,7 @@ def test_template_generation_is_kept(rt, tmp_path):
         # "rebuild" the cache: a zstd skippable frame appended changes the digest, not the content
         with open(cache2 / f"{rt.template}.tar.zst", "ab") as f:
             f.write(b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"gen2")
-        from vzpkg.archive import sha256_file
+        from vzpkg.store.archive import sha256_file
 
         manifest["sha256"] = sha256_file(cache2 / f"{rt.template}.tar.zst")
         (cache2 / f"{rt.template}.json").write_text(json.dumps(manifest))
@@ -287,7 +287,7 @@ def test_clean_removes_only_unused_template_generations(debian12_cache, tmp_path
     """`vzpkg clean --templates` removes an unpacked generation once no VE uses it, and no other."""
     from conftest import run_vzpkg
 
-    from vzpkg.archive import sha256_file
+    from vzpkg.store.archive import sha256_file
 
     cache_dir, name = debian12_cache
     cache2 = tmp_path / "cache"

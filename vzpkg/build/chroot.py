@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import BuildError, ScriptError
+from ..errors import BuildError, ScriptError
 from .inroot import require_inside
 
 _MNT_DETACH = 2

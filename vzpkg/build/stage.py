@@ -20,10 +20,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .archive import open_decompressed, pack
-from .cache import TMP_PREFIX, fsync_dir
-from .errors import BuildError
+from .. import __version__
+from ..errors import BuildError
+from ..store.archive import open_decompressed, pack
+from ..store.cache import TMP_PREFIX, fsync_dir
 
 STAGE_LEVEL = 1  # the stage is read back once or twice: favour packing speed over size
 _INPUT_KEYS = ("distribution", "release", "suite", "architecture", "package_manager", "variant", "merged_usr",

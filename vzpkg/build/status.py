@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cache import CacheStore
-from .config import Settings
-from .distro import get_distribution
-from .errors import SignatureError, UsageError
-from .repo.apt import AptRepository, compare_versions
-from .repo.metadata_cache import MetadataCache
-from .template import Template, TemplateRepository
+from ..config import Settings
+from ..distro import get_distribution
+from ..errors import SignatureError, UsageError
+from ..repo.apt import AptRepository, compare_versions
+from ..repo.metadata_cache import MetadataCache
+from ..store.cache import CacheStore
+from ..template import Template, TemplateRepository
 
 
 @dataclass

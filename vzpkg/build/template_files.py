@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import TemplateError
+from ..errors import TemplateError
 
 #: scripts run on the host (with the root as $1): they must be executable themselves
 HOST_SCRIPTS = ("pre-cache", "post-cache", "pre-update")

@@ -21,7 +21,7 @@ import shutil
 import stat
 from pathlib import Path, PurePosixPath
 
-from .errors import BuildError
+from ..errors import BuildError
 
 _SYS_OPENAT2 = 437  # the same number on every architecture (added after the syscall tables were unified)
 _RESOLVE_NO_MAGICLINKS = 0x02

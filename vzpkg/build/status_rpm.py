@@ -17,11 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import Settings
-from .distro import get_distribution
-from .errors import UsageError
-from .repo.rpm import compare_evr
-from .template import Template
+from ..config import Settings
+from ..distro import get_distribution
+from ..errors import UsageError
+from ..repo.rpm import compare_evr
+from ..template import Template
 
 RPM_MANAGERS = ("dnf", "yum")
 
@@ -88,8 +88,8 @@ def find_updates(installed: list[dict[str, Any]], offered: dict[str, list[Candid
 def rpm_context(template: Template, settings: Settings, work_dir: Path):
     """(backend, ctx): the dnf backend and a build context for reading the template's repositories (nothing
     is built; WORK_DIR only receives downloaded keys)."""
-    from .pkgmgr import get_backend
-    from .pkgmgr.base import BuildContext
+    from ..pkgmgr import get_backend
+    from ..pkgmgr.base import BuildContext
 
     distro = get_distribution(template["distribution"])
     mirrors = distro.mirrors(settings)
@@ -104,9 +104,9 @@ def rpm_context(template: Template, settings: Settings, work_dir: Path):
 def compare_rpm(template: Template, manifest: dict[str, Any], settings: Settings, *,
                 refresh: bool = False) -> dict[str, Any]:
     """The status report of a dnf template's cache (the same shape as status.compare's)."""
-    from .pkgmgr.dnf import expand_repository, verify_repomd_signature
-    from .repo.metadata_cache import RpmMetadataCache
-    from .repo.rpm import resolve_baseurl
+    from ..pkgmgr.dnf import expand_repository, verify_repomd_signature
+    from ..repo.metadata_cache import RpmMetadataCache
+    from ..repo.rpm import resolve_baseurl
     from .status import status_report
 
     if template["package_manager"] not in RPM_MANAGERS:

@@ -25,9 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .archive import safe_unpack, sha256_file
-from .build import (
+from .. import __version__
+from ..config import Settings
+from ..errors import CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
+from ..interrupt import signals_raise
+from ..lock import locked
+from ..pkgmgr import get_backend
+from ..store.archive import safe_unpack, sha256_file
+from ..store.cache import PUBLISHED_DIR, TMP_PREFIX, CacheStore, check_writable, fsync_dir, write_json_atomic
+from ..template import Template, TemplateRepository
+from .chroot import prepare_build_root, remove_work_dir
+from .pipeline import (
     DEFAULT_LOCK_TIMEOUT,
     Reporter,
     StepTimer,
@@ -38,16 +46,8 @@ from .build import (
     run_template_scripts,
     source_date_epoch,
 )
-from .cache import PUBLISHED_DIR, TMP_PREFIX, CacheStore, check_writable, fsync_dir, write_json_atomic
-from .chroot import prepare_build_root, remove_work_dir
-from .config import Settings
-from .errors import CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
-from .interrupt import signals_raise
-from .lock import locked
-from .pkgmgr import get_backend
 from .stage import StageStore
 from .status import compare, repository_label, template_changes
-from .template import Template, TemplateRepository
 
 GENERATIONS_DIR = ".generations"
 

@@ -1,7 +1,7 @@
 """Cache archives: reproducible tar + zstandard packing and reading.
 
 Packing streams GNU tar (fast, and it records xattrs, hard links and sparse files) into a multithreaded
-zstandard compressor. Unpacking is vzpkg/extract.py's job (safe_unpack is re-exported here for its callers).
+zstandard compressor. Unpacking is vzpkg/store/extract.py's job (safe_unpack is re-exported here for its callers).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import BuildError, MissingToolError
+from ..errors import BuildError, MissingToolError
 from .extract import safe_unpack  # noqa: F401 - re-exported for its callers
 
 DEFAULT_LEVEL = 6  # measured on a Debian minbase: level 9 is 3 % smaller and 35 % slower
@@ -110,7 +110,7 @@ def pack(
 @contextmanager
 def _removed_when_full(dest: Path, written: Callable[[], int]) -> Iterator[None]:
     """Out of space while packing: remove the partial archive and say which filesystem is full."""
-    from .space import disk_full_error, is_full
+    from ..space import disk_full_error, is_full
 
     try:
         yield

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import CacheNotFoundError, NotWritableError, VerifyError
+from ..safeio import MANIFEST_MAX, NotRegularFileError, read_small_text
+from ..space import disk_full_error, is_full
 from .archive import iter_members, sha256_file
-from .errors import CacheNotFoundError, NotWritableError, VerifyError
-from .safeio import MANIFEST_MAX, NotRegularFileError, read_small_text
-from .space import disk_full_error, is_full
 
 ARCHIVE_SUFFIX = ".tar.zst"
 MANIFEST_SUFFIX = ".json"
@@ -317,7 +317,7 @@ class CacheStore:
 
     def clean_leftovers(self, name: str) -> list[Path]:
         """Remove work in progress of an earlier, interrupted run (call with the template's lock held)."""
-        from .chroot import remove_work_dir
+        from ..build.chroot import remove_work_dir
 
         removed = []
         for path in self.leftovers(name):

@@ -17,9 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, stage
-from .archive import PackResult, pack
-from .cache import CacheStore, check_writable
+from .. import __version__
+from ..config import Settings
+from ..distro import get_distribution
+from ..errors import BuildError, CacheExistsError
+from ..interrupt import signals_raise
+from ..lock import locked
+from ..pkgmgr import BuildContext, PackageManager, get_backend
+from ..store.archive import PackResult, pack
+from ..store.cache import CacheStore, check_writable
+from ..template import Template, TemplateRepository
+from . import stage
 from .chroot import (
     build_mounts,
     host_resolver,
@@ -29,15 +37,8 @@ from .chroot import (
     remove_work_dir,
     run_script,
 )
-from .config import Settings
-from .distro import get_distribution
-from .errors import BuildError, CacheExistsError
 from .inroot import inside, remove_matches
-from .interrupt import signals_raise
-from .lock import locked
-from .pkgmgr import BuildContext, PackageManager, get_backend
 from .stage import StageStore
-from .template import Template, TemplateRepository
 
 DEFAULT_LOCK_TIMEOUT = 600.0
 
@@ -99,8 +100,8 @@ def render_files(template: Template, root: Path, context: dict[str, Any]) -> int
     Symlinks are copied as symlinks, never followed (a link to a host file copies the link, not the file). Paths
     are resolved inside ROOT (vzpkg.inroot): a symlink the packages put in the root cannot lead a write out of it,
     and one at a file's own name is replaced, not written through."""
+    from ..template import render_file
     from .inroot import RootWriter
-    from .template import render_file
     from .template_files import files_entries, open_regular
 
     count = 0

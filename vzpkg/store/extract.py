@@ -40,8 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from . import errors
-from .errors import UnsafeArchiveError, VerifyError, VzError
+from .. import errors
+from ..errors import UnsafeArchiveError, VerifyError, VzError
 
 _CHUNK = 1 << 20
 _NS_SIZE = 65536  # ids a VE's user namespace maps
@@ -78,7 +78,7 @@ def open_beneath(dirfd: int, path: str, flags: int) -> int:
     """Open PATH (relative, normalised) below DIRFD without following a symlink at any step."""
     global _openat2_works
     if _openat2_works:
-        from .runtime.ns import libc
+        from ..runtime.ns import libc
 
         how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE)
         fd = libc().syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), os.fsencode(path),
@@ -452,8 +452,8 @@ def safe_unpack(archive: Path, target: Path, *, id_shift: int = 0, note: Callabl
 
 def _run_in_userns(archive: Path, target: Path, id_shift: int) -> dict[str, Any]:
     """Fork a child that unpacks as root of a new user namespace mapped onto id_shift..id_shift+65535."""
+    from ..runtime import ns
     from .archive import open_decompressed
-    from .runtime import ns
 
     res_r, res_w = os.pipe()
     go_r, go_w = os.pipe()

@@ -1,0 +1,1 @@
+"""The build side: templates -> bootstrapped, scripted, cleaned roots -> packed caches; status and updates."""

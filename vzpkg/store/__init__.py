@@ -1,0 +1,1 @@
+"""The store side: published caches, archives (pack and the safe unpack)."""
