@@ -98,7 +98,7 @@ def render_files(template: Template, root: Path, context: dict[str, Any]) -> int
     """Copy each `files/` tree of the template chain into ROOT; `*.j2` files are rendered with jinja2.
 
     Symlinks are copied as symlinks, never followed (a link to a host file copies the link, not the file). Paths
-    are resolved inside ROOT (vzpkg.inroot): a symlink the packages put in the root cannot lead a write out of it,
+    are resolved inside ROOT (vzpkg.build.inroot): a symlink the packages put in the root cannot lead a write out of it,
     and one at a file's own name is replaced, not written through."""
     from ..template import render_file
     from .inroot import RootWriter
