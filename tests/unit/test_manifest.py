@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from vzpkg import manifest as mf
+from vzpkg import manifest as reader
 from vzpkg.errors import CacheNotFoundError, VerifyError
+from vzpkg.manifest import model as mf
 from vzpkg.runtime.storage import cache_init, cache_sha256
 from vzpkg.store.cache import CacheStore
 
@@ -101,9 +104,17 @@ def test_reader_errors(tmp_path: Path, content: str | bytes | None, kind: str) -
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
-    with pytest.raises(mf.ManifestReadError) as err:
+    with pytest.raises(reader.ManifestReadError) as err:
         mf.load(path)
     assert err.value.kind == kind and err.value.path == path
+
+
+def test_the_reader_loads_no_dataclasses() -> None:
+    """`vzctl create` reads the manifest through vzpkg.manifest on its hot path: dataclasses (inspect, ast) stay
+    unloaded there."""
+    code = ("import sys, vzpkg.manifest, vzpkg.runtime.storage; "
+            "sys.exit('dataclasses' in sys.modules or 'vzpkg.manifest.model' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_store_and_runtime_read_with_the_one_reader_and_keep_their_messages(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from vzpkg.build import update
 from vzpkg.config import load_settings
 from vzpkg.errors import CacheNotFoundError, VerifyError
 from vzpkg.lock import locked
-from vzpkg.manifest import Manifest, PackageEntry
+from vzpkg.manifest.model import Manifest, PackageEntry
 from vzpkg.pkgmgr import apt_status
 from vzpkg.pkgmgr.base import PackageChange
 from vzpkg.repo.apt import ReleaseInfo

@@ -15,7 +15,7 @@ from vzpkg.build import status as status_mod
 from vzpkg.build.update import _package_changes
 from vzpkg.config import load_settings
 from vzpkg.errors import MirrorError, SignatureError
-from vzpkg.manifest import Manifest, PackageEntry
+from vzpkg.manifest.model import Manifest, PackageEntry
 from vzpkg.pkgmgr import dnf_status as status_rpm
 from vzpkg.pkgmgr.dnf_repos import DnfRepo
 from vzpkg.repo import metadata_cache as mc

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Settings
-from ..manifest import Manifest
+from ..manifest.model import Manifest
 from ..pkgmgr import get_backend
 from ..pkgmgr.base import PackageChange
 from ..store.cache import CacheStore

@@ -30,7 +30,7 @@ from ..config import Settings
 from ..errors import CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
 from ..interrupt import signals_raise
 from ..lock import locked
-from ..manifest import Manifest
+from ..manifest.model import Manifest
 from ..pkgmgr import get_backend
 from ..store.archive import sha256_file
 from ..store.cache import PUBLISHED_DIR, TMP_PREFIX, CacheStore, check_writable, fsync_dir, write_json_atomic

@@ -13,7 +13,7 @@ from ..build.chroot import POLICY_RC_D, build_mounts, host_resolver, no_daemons,
 from ..build.inroot import inside, remove_matches, require_inside
 from ..config import Settings
 from ..errors import MissingToolError, SignatureError
-from ..manifest import Manifest
+from ..manifest.model import Manifest
 from ..template import Template
 from . import apt_cache, apt_errors
 from .base import AvailableUpdates, BuildContext, PackageManager

@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..build.sources import template_sources
 from ..config import Settings
 from ..errors import SignatureError, UsageError
-from ..manifest import Manifest
+from ..manifest.model import Manifest
 from ..repo.apt import AptRepository, compare_versions
 from ..repo.metadata_cache import MetadataCache
 from ..template import Template

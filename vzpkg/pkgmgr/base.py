@@ -11,7 +11,7 @@ from typing import Any
 from ..build.sources import Sources
 from ..config import Settings
 from ..errors import UsageError
-from ..manifest import Manifest
+from ..manifest.model import Manifest
 from ..template import Template
 from .names import package_name_problem
 

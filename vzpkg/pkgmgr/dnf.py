@@ -21,7 +21,7 @@ from ..build.chroot import build_mounts, run_tool, unmount_below
 from ..build.inroot import remove_matches, require_inside
 from ..config import Settings
 from ..errors import BuildError, MirrorError, MissingToolError, SignatureError, TemplateError
-from ..manifest import Manifest
+from ..manifest.model import Manifest
 from ..template import DEFINITION_FILE, Template, render_string
 from . import gnupg
 from .base import AvailableUpdates, BuildContext, PackageManager

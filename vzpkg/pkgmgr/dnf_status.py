@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings
-from ..manifest import Manifest, PackageEntry
+from ..manifest.model import Manifest, PackageEntry
 from ..repo.metadata_cache import RpmMetadataCache
 from ..repo.rpm import compare_evr, resolve_baseurl
 from ..template import DEFINITION_FILE, Template

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CacheNotFoundError, NotWritableError, VerifyError
-from ..manifest import Manifest, ManifestReadError, read_data, write_json
+from ..manifest import ManifestReadError, read_data, write_json
 from ..manifest import problem as manifest_problem
+from ..manifest.model import Manifest
 from ..space import disk_full_error, is_full
 from .archive import iter_members, sha256_file
 
