@@ -190,3 +190,15 @@ def test_bad_repository_values(tmp_path):
 def test_yum_templates_validate(tmp_path):
     tdir = _write(tmp_path, "alma-9-x86_64", HEAD.replace('"dnf"', '"yum"') + 'repositories = ["http://h/"]\n')
     assert TemplateRepository([tdir]).load("alma-9-x86_64")["package_manager"] == "yum"
+
+
+def test_the_docs_list_the_repository_keys_and_package_managers():
+    """The docs are written by hand: they must name exactly the keys and package managers the code knows."""
+    from vzpkg.pkgmgr.names import PACKAGE_MANAGERS
+
+    rpm_md = " ".join((PROJECT_DIR / "docs/rpm.md").read_text().split())
+    keys = rpm_md.split("Repository tables accept `", 1)[1].split("`", 1)[0].split()
+    assert sorted(keys) == sorted(REPO_KEYS)
+    templates_md = (PROJECT_DIR / "docs/templates.md").read_text()
+    row = next(ln for ln in templates_md.splitlines() if ln.startswith("| `package_manager` |"))
+    assert row.split("|")[4].replace(",", " ").replace(" or ", " ").replace("`", "").split() == list(PACKAGE_MANAGERS)
