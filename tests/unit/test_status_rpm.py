@@ -16,7 +16,7 @@ from vzpkg.build.update import _package_changes
 from vzpkg.config import load_settings
 from vzpkg.errors import MirrorError, SignatureError
 from vzpkg.manifest.model import Manifest, PackageEntry
-from vzpkg.pkgmgr import dnf_status as status_rpm
+from vzpkg.pkgmgr import dnf_status
 from vzpkg.pkgmgr.dnf_repos import DnfRepo
 from vzpkg.repo import metadata_cache as mc
 from vzpkg.repo import rpm as rpmrepo
@@ -59,41 +59,41 @@ def _offer(evr: str, arch: str = "x86_64", label: str = "baseos") -> tuple[str, 
     ("2.0-1.el9", ["2.0-1.el9_2", "2.0-1.el9_1"], "2.0-1.el9_2"),  # the highest of several
 ])
 def test_find_updates_uses_rpm_order(cached, offered, expected) -> None:
-    updates = status_rpm.find_updates(_entries(_pkg("p", cached)), {"p": [_offer(o) for o in offered]}, "x86_64")
+    updates = dnf_status.find_updates(_entries(_pkg("p", cached)), {"p": [_offer(o) for o in offered]}, "x86_64")
     assert [(u.cached, u.available) for u in updates] == ([(cached, expected)] if expected else [])
 
 
 def test_find_updates_architecture_rules() -> None:
     installed = [_pkg("lib", "1.0-1", "i686"), _pkg("lib", "1.0-1", "x86_64"), _pkg("data", "1.0-1", "noarch")]
     offered = {"lib": [_offer("1.1-1", "x86_64")], "data": [_offer("1.1-1", "x86_64"), _offer("1.2-1", "aarch64")]}
-    updates = [u.to_dict() for u in status_rpm.find_updates(_entries(*installed), offered, "x86_64")]
+    updates = [u.to_dict() for u in dnf_status.find_updates(_entries(*installed), offered, "x86_64")]
     # the x86_64 build is no update of the i686 one (multilib); noarch → native arch is; aarch64 never
     assert [(u["name"], u["architecture"], u["available"], u["available_architecture"]) for u in updates] == [
         ("lib", "x86_64", "1.1-1", "x86_64"), ("data", "noarch", "1.1-1", "x86_64")]
-    assert status_rpm.arch_matches("x86_64", "noarch", "x86_64")
-    assert not status_rpm.arch_matches("x86_64", "i686", "x86_64")
+    assert dnf_status.arch_matches("x86_64", "noarch", "x86_64")
+    assert not dnf_status.arch_matches("x86_64", "i686", "x86_64")
 
 
 def test_find_updates_without_evr_field_and_with_missing_packages() -> None:
     pkg = {"name": "p", "epoch": 3, "version": "1", "release": "2", "arch": "noarch"}
-    updates = status_rpm.find_updates(_entries(pkg, _pkg("gone", "1-1")), {"p": [_offer("3:1-3", "noarch", "r")]},
+    updates = dnf_status.find_updates(_entries(pkg, _pkg("gone", "1-1")), {"p": [_offer("3:1-3", "noarch", "r")]},
                                       "x86_64")
     assert [u.to_dict() for u in updates] == [{"name": "p", "architecture": "noarch", "cached": "3:1-2", "available": "3:1-3",
                         "available_architecture": "noarch", "repository": "r"}]
 
 
 def test_evr_string() -> None:
-    assert status_rpm.evr_string("0", "1.0", "1") == "1.0-1"
-    assert status_rpm.evr_string(None, "1.0", "1") == "1.0-1"
-    assert status_rpm.evr_string(2, "1.0", "1.el9") == "2:1.0-1.el9"
+    assert dnf_status.evr_string("0", "1.0", "1") == "1.0-1"
+    assert dnf_status.evr_string(None, "1.0", "1") == "1.0-1"
+    assert dnf_status.evr_string(2, "1.0", "1.el9") == "2:1.0-1.el9"
 
 
 def test_repo_filter_exclude_and_includepkgs() -> None:
-    allowed = status_rpm.repo_filter(DnfRepo(exclude="kernel* glibc,foo"))
+    allowed = dnf_status.repo_filter(DnfRepo(exclude="kernel* glibc,foo"))
     assert not allowed("kernel-core") and not allowed("glibc") and not allowed("foo") and allowed("bash")
-    allowed = status_rpm.repo_filter(DnfRepo(includepkgs=("vzt-*",), exclude=("vzt-b",)))
+    allowed = dnf_status.repo_filter(DnfRepo(includepkgs=("vzt-*",), exclude=("vzt-b",)))
     assert allowed("vzt-a") and not allowed("vzt-b") and not allowed("bash")
-    assert status_rpm.repo_filter(DnfRepo())("anything")
+    assert dnf_status.repo_filter(DnfRepo())("anything")
 
 
 def test_package_changes_use_evr_for_rpm_and_version_for_apt() -> None:
