@@ -21,6 +21,8 @@ from typing import Any
 
 from .build.template_files import check_scripts, files_entries, files_tree, read_regular, walk
 from .errors import TemplateError
+from .pkgmgr.dnf_repos import check_repository_keys
+from .pkgmgr.names import APT, PACKAGE_MANAGERS, RPM_MANAGERS, package_name_problem
 
 DEFINITION_FILE = "template.toml"
 SCRIPT_NAMES = ("pre-cache", "post-install", "post-cache", "pre-update", "post-update")
@@ -58,11 +60,6 @@ SCHEMA: dict[str, Key] = {
     "environment": Key((dict,), merge="merge", doc="variables for scripts and package installation"),
     "init": Key((str,), doc="default init for VEs: minimal or distro"),
 }
-PACKAGE_MANAGERS = ("apt", "dnf", "yum")
-#: keys of a dnf/yum repository table (`id` names the section; the others are dnf's repository options)
-DNF_REPOSITORY_KEYS = ("id", "name", "baseurl", "mirrorlist", "metalink", "gpgcheck", "repo_gpgcheck", "gpgkey",
-                       "enabled", "priority", "cost", "exclude", "includepkgs", "module_hotfixes", "sslverify",
-                       "skip_if_unavailable", "metadata_expire", "countme")
 INITS = ("minimal", "distro")
 
 
@@ -342,17 +339,12 @@ def validate(template: Template) -> None:
         raise TemplateError(f"{file}: distribution: unknown distribution {short(distro)} (known: {', '.join(known_distributions())})")
     if pm not in get_distribution(distro).package_managers:
         raise TemplateError(f"{file}: package_manager: {distro} is not built with {pm!r}")
-    if pm == "apt" and "suite" not in template.data:
+    if pm == APT and "suite" not in template.data:
         raise TemplateError(f"{file}: suite: missing required key for apt templates (the codename, e.g. bookworm)")
-    if pm in ("dnf", "yum"):
+    if pm in RPM_MANAGERS:
         for i, repo in enumerate(template.data.get("repositories", [])):
             if isinstance(repo, dict):
-                for key in repo:
-                    if key not in DNF_REPOSITORY_KEYS:
-                        raise TemplateError(f"{file}: repositories[{i}].{key}: unknown dnf repository key "
-                                            f"(known: {', '.join(sorted(DNF_REPOSITORY_KEYS))})")
-                if not any(repo.get(k) for k in ("baseurl", "mirrorlist", "metalink")):
-                    raise TemplateError(f"{file}: repositories[{i}]: needs one of baseurl, mirrorlist or metalink")
+                check_repository_keys(repo, f"{file}: repositories[{i}]")
     init = template.data.get("init", "minimal")
     if init not in INITS:
         raise TemplateError(f"{file}: init: {short(init)} is not one of {', '.join(INITS)}")
@@ -366,13 +358,10 @@ def validate(template: Template) -> None:
 def _check_package_names(template: Template, pm: str) -> None:
     """Every package name has the package manager's syntax (the backend knows it): a name is never an option
     or a shell word by the time it reaches mmdebstrap, apt-get or dnf."""
-    from .pkgmgr import get_backend
-
-    backend = get_backend(pm)
     for file, data in template.sources or [(template.path / DEFINITION_FILE, template.data)]:
         for key in ("packages", "remove_packages"):
             for i, name in enumerate(data.get(key, [])):
-                problem = backend.package_name_problem(name)
+                problem = package_name_problem(pm, name)
                 if problem:
                     raise TemplateError(f"{file}: {key}[{i}]: {short(name)} {problem}")
 

@@ -19,6 +19,7 @@ import pytest
 
 from vzpkg.errors import VEError
 from vzpkg.runtime.cgroups import CgroupDriver, V1Driver, detect
+from vzpkg.runtime.limits import Limits
 
 pytestmark = [
     pytest.mark.root,
@@ -50,7 +51,7 @@ class Harness:
         self.ves.append(ve_id)
         self.driver.create(ve_id)
         if limits:
-            self.driver.set_limits(ve_id, **limits)  # type: ignore[arg-type]
+            self.driver.set_limits(ve_id, Limits(**limits))  # type: ignore[arg-type]
         return ve_id
 
     def spawn(self, ve_id: str, argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
@@ -126,7 +127,7 @@ def test_limits_read_back(h: Harness) -> None:
         if memsw.exists():
             assert lim["swap"] == 16 << 20
         assert (h.driver.mounts["cpu"] / "vzpkg" / ve / "cpu.shares").read_text().strip() == "3072"
-    h.driver.set_limits(ve, ram="unlimited", swap="unlimited", cpulimit=0, cpus=0, numproc=0)
+    h.driver.set_limits(ve, Limits(ram="unlimited", swap="unlimited", cpulimit=0, cpus=0, numproc=0))
     lim = h.driver.limits(ve)
     assert (lim["ram"], lim["cpulimit"], lim["cpus"], lim["numproc"]) == (None, 0, 0, None)
 

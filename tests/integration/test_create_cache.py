@@ -23,7 +23,7 @@ from vzpkg.errors import (
     SignatureError,
     VerifyError,
 )
-from vzpkg.store.archive import safe_unpack
+from vzpkg.store.extract import safe_unpack
 
 pytestmark = [pytest.mark.root, pytest.mark.network]
 NAME = "debian-12-x86_64"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import rpmrepo
 
-from vzpkg.pkgmgr.dnf import find_rpmdb, read_rpmdb
+from vzpkg.pkgmgr.rpmdb import find_rpmdb, read_rpmdb
 
 pytestmark = [
     pytest.mark.root,

@@ -11,7 +11,8 @@ import pytest
 import zstandard
 
 from vzpkg.errors import UnsafeArchiveError
-from vzpkg.store.archive import pack, safe_unpack, sha256_file
+from vzpkg.store.archive import pack, sha256_file
+from vzpkg.store.extract import safe_unpack
 
 
 def make_tree(root: Path) -> None:

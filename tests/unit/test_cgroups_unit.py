@@ -26,6 +26,7 @@ from vzpkg.runtime.cgroups import (
     shares_to_cpuunits,
     weight_to_cpuunits,
 )
+from vzpkg.runtime.limits import Limits
 
 V1_UNLIMITED = "9223372036854771712"
 
@@ -166,7 +167,7 @@ def test_v2_create_delegates_controllers(v2: V2Driver) -> None:
 
 
 def test_v2_set_limits_writes_files(v2: V2Driver) -> None:
-    v2.set_limits("101", ram=64 << 20, swap=32 << 20, cpuunits=3000, cpulimit=25, cpus=2, numproc=20)
+    v2.set_limits("101", Limits(ram=64 << 20, swap=32 << 20, cpuunits=3000, cpulimit=25, cpus=2, numproc=20))
     d = v2.root / "vzpkg" / "101"
     assert read(d / "memory.max") == str(64 << 20)
     assert read(d / "memory.swap.max") == str(32 << 20)  # v2 swap is swap alone, like OpenVZ's SWAP
@@ -180,8 +181,8 @@ def test_v2_set_limits_writes_files(v2: V2Driver) -> None:
 
 
 def test_v2_none_leaves_values_alone(v2: V2Driver) -> None:
-    v2.set_limits("101", ram=64 << 20, numproc=20)
-    v2.set_limits("101", cpuunits=1000)
+    v2.set_limits("101", Limits(ram=64 << 20, numproc=20))
+    v2.set_limits("101", Limits(cpuunits=1000))
     d = v2.root / "vzpkg" / "101"
     assert read(d / "memory.max") == str(64 << 20)
     assert read(d / "pids.max") == "20"
@@ -189,14 +190,14 @@ def test_v2_none_leaves_values_alone(v2: V2Driver) -> None:
 
 
 def test_v2_unlimited(v2: V2Driver) -> None:
-    v2.set_limits("101", ram=0, swap="unlimited", cpulimit=0, cpus=0, numproc="unlimited")
+    v2.set_limits("101", Limits(ram=0, swap="unlimited", cpulimit=0, cpus=0, numproc="unlimited"))
     d = v2.root / "vzpkg" / "101"
     assert read(d / "memory.max") == "max"
     assert read(d / "memory.swap.max") == "max"
     assert read(d / "cpu.max") == "max 100000"
     assert read(d / "cpuset.cpus") == ""
     assert read(d / "pids.max") == "max"
-    v2.set_limits("101", swap=0)
+    v2.set_limits("101", Limits(swap=0))
     assert read(d / "memory.swap.max") == "0"  # SWAP=0 means no swap, not unlimited
 
 
@@ -213,7 +214,7 @@ def test_v2_unlimited(v2: V2Driver) -> None:
 )
 def test_v2_invalid_limits(v2: V2Driver, kwargs: dict[str, object], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
-        v2.set_limits("101", **kwargs)  # type: ignore[arg-type]
+        v2.set_limits("101", Limits(**kwargs))  # type: ignore[arg-type]
 
 
 def test_v2_counters(v2: V2Driver) -> None:
@@ -313,14 +314,14 @@ def test_v1_create_copies_cpuset_to_parent_and_child(v1: V1Driver) -> None:
 
 
 def test_v1_cpu_limits(v1: V1Driver) -> None:
-    v1.set_limits("101", cpuunits=3000, cpulimit=25, cpus=1, numproc=20)
+    v1.set_limits("101", Limits(cpuunits=3000, cpulimit=25, cpus=1, numproc=20))
     cpu = v1.mounts["cpu"] / "vzpkg" / "101"
     assert read(cpu / "cpu.shares") == "3072"
     assert read(cpu / "cpu.cfs_quota_us") == "25000"
     assert read(cpu / "cpu.cfs_period_us") == "100000"
     assert read(v1.mounts["cpuset"] / "vzpkg" / "101" / "cpuset.cpus") == "0"
     assert read(v1.mounts["pids"] / "vzpkg" / "101" / "pids.max") == "20"
-    v1.set_limits("101", cpulimit=0, cpus=0, numproc=0)
+    v1.set_limits("101", Limits(cpulimit=0, cpus=0, numproc=0))
     assert read(cpu / "cpu.cfs_quota_us") == "-1"
     assert read(v1.mounts["cpuset"] / "vzpkg" / "101" / "cpuset.cpus") == "0-3"
     assert read(v1.mounts["pids"] / "vzpkg" / "101" / "pids.max") == "max"
@@ -328,17 +329,17 @@ def test_v1_cpu_limits(v1: V1Driver) -> None:
 
 def test_v1_memsw_is_ram_plus_swap(v1: V1Driver) -> None:
     d = v1.mounts["memory"] / "vzpkg" / "101"
-    v1.set_limits("101", ram=64 << 20, swap=32 << 20)
+    v1.set_limits("101", Limits(ram=64 << 20, swap=32 << 20))
     assert read(d / "memory.limit_in_bytes") == str(64 << 20)
     assert read(d / "memory.memsw.limit_in_bytes") == str(96 << 20)
-    v1.set_limits("101", ram=128 << 20)  # the swap allowance stays 32M
+    v1.set_limits("101", Limits(ram=128 << 20))  # the swap allowance stays 32M
     assert read(d / "memory.memsw.limit_in_bytes") == str(160 << 20)
-    v1.set_limits("101", swap=0)  # no swap: memsw = RAM plus one page, so the memory counter binds first
+    v1.set_limits("101", Limits(swap=0))  # no swap: memsw = RAM plus one page, so the memory counter binds first
     assert read(d / "memory.memsw.limit_in_bytes") == str((128 << 20) + os.sysconf("SC_PAGE_SIZE"))
     assert v1.limits("101")["swap"] == 0
-    v1.set_limits("101", swap="unlimited")
+    v1.set_limits("101", Limits(swap="unlimited"))
     assert read(d / "memory.memsw.limit_in_bytes") == "-1"
-    v1.set_limits("101", ram="unlimited", swap=0)
+    v1.set_limits("101", Limits(ram="unlimited", swap=0))
     assert read(d / "memory.limit_in_bytes") == "-1"
     assert read(d / "memory.memsw.limit_in_bytes") == "-1"  # unlimited RAM cannot bound RAM+swap
 
@@ -347,7 +348,7 @@ def test_v1_without_swap_accounting(v1: V1Driver, caplog: pytest.LogCaptureFixtu
     caplog.set_level("INFO", logger="vzpkg.runtime.cgroups")
     d = v1.mounts["memory"] / "vzpkg" / "101"
     (d / "memory.memsw.limit_in_bytes").unlink()
-    v1.set_limits("101", ram=64 << 20, swap=0)
+    v1.set_limits("101", Limits(ram=64 << 20, swap=0))
     assert read(d / "memory.limit_in_bytes") == str(64 << 20)
     assert "SWAP is not enforced" in caplog.text
 
@@ -363,7 +364,7 @@ def test_v1_missing_controller_is_named(tmp_path: Path) -> None:
     drv = V1Driver({"memory": tmp_path})
     drv.create("101")
     with pytest.raises(VEError, match="'pids' is not mounted"):
-        drv.set_limits("101", numproc=5)
+        drv.set_limits("101", Limits(numproc=5))
 
 
 def test_pids_union_across_hierarchies(v1: V1Driver) -> None:
@@ -390,3 +391,14 @@ def test_attach_self_fn_in_forked_child(v1: V1Driver) -> None:
 def test_module_constants() -> None:
     assert cgroups.BASE == "vzpkg"
     assert cgroups.CFS_PERIOD_US == 100_000
+
+
+def test_limits_is_a_frozen_value() -> None:
+    limits = Limits(ram=64 << 20, numproc="unlimited")
+    assert limits == Limits(numproc="unlimited", ram=64 << 20) and limits != Limits(ram=64 << 20)
+    assert limits.swap is None and limits.as_dict()["numproc"] == "unlimited"
+    assert repr(limits) == "Limits(ram=67108864, numproc='unlimited')"
+    with pytest.raises(AttributeError):
+        limits.ram = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Limits(diskspace=1)  # type: ignore[call-arg]

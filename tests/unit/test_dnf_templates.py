@@ -12,8 +12,9 @@ from vzpkg.config import PROJECT_DIR, load_settings
 from vzpkg.distro import get_distribution, known_distributions
 from vzpkg.errors import TemplateError
 from vzpkg.pkgmgr import get_backend
-from vzpkg.pkgmgr.dnf import REPO_KEYS, DnfBackend, normalize_repositories, substitute
-from vzpkg.template import DNF_REPOSITORY_KEYS, TemplateRepository
+from vzpkg.pkgmgr.dnf import DnfBackend
+from vzpkg.pkgmgr.dnf_repos import REPO_KEYS, DnfRepo, normalize_repositories, render_config, substitute
+from vzpkg.template import DEFINITION_FILE, TemplateRepository
 
 RPM_TEMPLATES = {
     "almalinux-9-x86_64": ("almalinux", "https://repo.almalinux.org/almalinux", "/var/lib/rpm"),
@@ -57,8 +58,18 @@ def test_backend_by_name():
     assert isinstance(yum, DnfBackend) and yum.name == "yum"
 
 
-def test_template_and_backend_agree_on_repository_keys():
-    assert set(REPO_KEYS) == set(DNF_REPOSITORY_KEYS)
+def test_repository_keys_are_the_dataclass_fields():
+    """One list: template validation, normalization and dnf.conf all read DnfRepo's fields."""
+    assert set(REPO_KEYS) == {"id", "name", "baseurl", "mirrorlist", "metalink", "gpgcheck", "repo_gpgcheck",
+                              "gpgkey", "enabled", "priority", "cost", "exclude", "includepkgs", "module_hotfixes",
+                              "sslverify", "skip_if_unavailable", "metadata_expire", "countme"}
+    [repo] = normalize_repositories(Path("t.toml"), [{"id": "r", "baseurl": ["http://a", "http://b"],
+                                                      "priority": 0, "sslverify": False}], ["file:///k"])
+    assert repo == DnfRepo(id="r", name="r", baseurl=("http://a", "http://b"), gpgkey=("file:///k",), priority=0,
+                           sslverify=False)
+    section = render_config({}, [repo]).split("[r]\n")[1]
+    assert section.splitlines() == ["name=r", "baseurl=http://a http://b", "enabled=1", "gpgcheck=1",
+                                    "repo_gpgcheck=0", "gpgkey=file:///k", "priority=0", "sslverify=0"]
 
 
 @pytest.mark.parametrize("name", sorted(RPM_TEMPLATES))
@@ -167,7 +178,7 @@ def test_string_repositories_local_keys_and_weak_deps(tmp_path):
 
 def test_bad_repository_values(tmp_path):
     tdir = _write(tmp_path, "alma-9-x86_64", HEAD)
-    template = TemplateRepository([tdir]).load("alma-9-x86_64")
+    template = TemplateRepository([tdir]).load("alma-9-x86_64").path / DEFINITION_FILE
     with pytest.raises(TemplateError, match=r"repositories\[0\]\.priority"):
         normalize_repositories(template, [{"baseurl": "http://h", "priority": "high"}], [])
     with pytest.raises(TemplateError, match="used twice"):
@@ -179,3 +190,15 @@ def test_bad_repository_values(tmp_path):
 def test_yum_templates_validate(tmp_path):
     tdir = _write(tmp_path, "alma-9-x86_64", HEAD.replace('"dnf"', '"yum"') + 'repositories = ["http://h/"]\n')
     assert TemplateRepository([tdir]).load("alma-9-x86_64")["package_manager"] == "yum"
+
+
+def test_the_docs_list_the_repository_keys_and_package_managers():
+    """The docs are written by hand: they must name exactly the keys and package managers the code knows."""
+    from vzpkg.pkgmgr.names import PACKAGE_MANAGERS
+
+    rpm_md = " ".join((PROJECT_DIR / "docs/rpm.md").read_text().split())
+    keys = rpm_md.split("Repository tables accept `", 1)[1].split("`", 1)[0].split()
+    assert sorted(keys) == sorted(REPO_KEYS)
+    templates_md = (PROJECT_DIR / "docs/templates.md").read_text()
+    row = next(ln for ln in templates_md.splitlines() if ln.startswith("| `package_manager` |"))
+    assert row.split("|")[4].replace(",", " ").replace(" or ", " ").replace("`", "").split() == list(PACKAGE_MANAGERS)

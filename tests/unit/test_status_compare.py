@@ -13,6 +13,9 @@ from vzpkg.build import update
 from vzpkg.config import load_settings
 from vzpkg.errors import CacheNotFoundError, VerifyError
 from vzpkg.lock import locked
+from vzpkg.manifest.model import Manifest, PackageEntry
+from vzpkg.pkgmgr import apt_status
+from vzpkg.pkgmgr.base import PackageChange
 from vzpkg.repo.apt import ReleaseInfo
 from vzpkg.store.cache import CacheStore
 from vzpkg.template import TemplateRepository
@@ -52,26 +55,26 @@ def fake(monkeypatch: pytest.MonkeyPatch):
     FakeMetadata.releases = {"bookworm": "a", "bookworm-updates": "b", "bookworm-security": "c"}
     FakeMetadata.offered = {}
     FakeMetadata.read = []
-    monkeypatch.setattr(status_mod, "MetadataCache", FakeMetadata)
+    monkeypatch.setattr(apt_status, "MetadataCache", FakeMetadata)
     return FakeMetadata
 
 
-def _manifest(template, **over) -> dict:
+def _manifest(template, **over) -> Manifest:
     repos = [{"uri": "http://mirror.invalid/debian", "suite": "bookworm", "inrelease_sha256": "a"},
              {"uri": "http://mirror.invalid/debian", "suite": "bookworm-updates", "inrelease_sha256": "b"},
              {"uri": "http://mirror.invalid/debian-security", "suite": "bookworm-security", "inrelease_sha256": "c"}]
     packages = [{"name": "openssl", "version": "3.0.11-1~deb12u2", "architecture": "amd64"},
                 {"name": "tzdata", "version": "2024a-0+deb12u1", "architecture": "all"},
                 {"name": "less", "version": "590-2.1~deb12u2", "architecture": "amd64"}]
-    return {"template_digest": template.digest(), "repositories": repos, "packages": packages,
-            "created": "then", "sha256": "0" * 64, **over}
+    return Manifest.from_dict({"template_digest": template.digest(), "repositories": repos, "packages": packages,
+                               "created": "then", "sha256": "0" * 64, **over})
 
 
 def test_unchanged_repositories_are_not_read_and_cache_is_current(settings, fake) -> None:
     template = TemplateRepository(settings.template_dirs).load(NAME)
     report = status_mod.compare(template, _manifest(template), settings)
-    assert report["current"] is True and report["updates"] == [] and fake.read == []
-    assert [r["changed"] for r in report["repositories"]] == [False, False, False]
+    assert report.current is True and report.updates == [] and fake.read == []
+    assert [r["changed"] for r in report.repositories] == [False, False, False]
 
 
 def test_newer_versions_in_changed_repositories_are_listed(settings, fake) -> None:
@@ -83,10 +86,12 @@ def test_newer_versions_in_changed_repositories_are_listed(settings, fake) -> No
     }
     report = status_mod.compare(template, _manifest(template), settings)
     assert fake.read == ["bookworm-security"]
-    assert report["current"] is False
-    assert report["updates"] == [{"name": "openssl", "architecture": "amd64", "cached": "3.0.11-1~deb12u2",
-                                  "available": "3.0.15-1~deb12u1",
-                                  "repository": "http://mirror.invalid/debian-security bookworm-security"}]
+    assert report.current is False
+    assert report.updates == [PackageChange("openssl", "amd64", "3.0.11-1~deb12u2", "3.0.15-1~deb12u1",
+                                            "http://mirror.invalid/debian-security bookworm-security")]
+    assert report.to_dict()["updates"] == [{"name": "openssl", "architecture": "amd64", "cached": "3.0.11-1~deb12u2",
+                                            "available": "3.0.15-1~deb12u1",
+                                            "repository": "http://mirror.invalid/debian-security bookworm-security"}]
 
 
 def test_changed_repository_without_newer_versions_is_current(settings, fake) -> None:
@@ -94,17 +99,17 @@ def test_changed_repository_without_newer_versions_is_current(settings, fake) ->
     fake.releases["bookworm-updates"] = "b2"
     fake.offered["bookworm-updates"] = {"tzdata": [("2023c-5", "all")]}
     report = status_mod.compare(template, _manifest(template), settings)
-    assert report["current"] is True and report["repositories"][1]["changed"] is True
+    assert report.current is True and report.repositories[1]["changed"] is True
 
 
 def test_definition_change_and_package_plan(settings, fake) -> None:
     template = TemplateRepository(settings.template_dirs).load(NAME)
     manifest = _manifest(template, template_digest="old", template_packages=["less", "openssl", "gone"])
-    manifest["packages"].append({"name": "gone", "version": "1", "architecture": "amd64"})
+    manifest.packages.append(PackageEntry("gone", "1", "amd64"))
     report = status_mod.compare(template, manifest, settings)
-    assert report["template_changed"] is True and report["current"] is False
-    assert set(report["install"]) == {"procps", "iproute2", "ca-certificates", "netbase"}
-    assert report["remove"] == ["openssl", "gone"]
+    assert report.template_changed is True and report.current is False
+    assert set(report.install) == {"procps", "iproute2", "ca-certificates", "netbase"}
+    assert report.remove == ["openssl", "gone"]
 
 
 # ---- generations, rollback, clean ------------------------------------------------------------------

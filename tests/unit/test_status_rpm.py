@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from vzpkg.build import status as status_mod
-from vzpkg.build import status_rpm
 from vzpkg.build.update import _package_changes
 from vzpkg.config import load_settings
 from vzpkg.errors import MirrorError, SignatureError
+from vzpkg.manifest.model import Manifest, PackageEntry
+from vzpkg.pkgmgr import dnf_status
+from vzpkg.pkgmgr.dnf_repos import DnfRepo
 from vzpkg.repo import metadata_cache as mc
 from vzpkg.repo import rpm as rpmrepo
 from vzpkg.template import TemplateRepository
@@ -31,6 +33,10 @@ def _pkg(name: str, evr: str, arch: str = "x86_64") -> dict:
     epoch, version, release = rpmrepo.parse_evr(evr)
     return {"name": name, "epoch": int(epoch or 0), "version": version, "release": release, "arch": arch,
             "architecture": arch, "evr": evr}
+
+
+def _entries(*pkgs: dict) -> list[PackageEntry]:
+    return [PackageEntry.from_dict(p) for p in pkgs]
 
 
 def _offer(evr: str, arch: str = "x86_64", label: str = "baseos") -> tuple[str, str, str, str, str]:
@@ -53,40 +59,41 @@ def _offer(evr: str, arch: str = "x86_64", label: str = "baseos") -> tuple[str, 
     ("2.0-1.el9", ["2.0-1.el9_2", "2.0-1.el9_1"], "2.0-1.el9_2"),  # the highest of several
 ])
 def test_find_updates_uses_rpm_order(cached, offered, expected) -> None:
-    updates = status_rpm.find_updates([_pkg("p", cached)], {"p": [_offer(o) for o in offered]}, "x86_64")
-    assert [(u["cached"], u["available"]) for u in updates] == ([(cached, expected)] if expected else [])
+    updates = dnf_status.find_updates(_entries(_pkg("p", cached)), {"p": [_offer(o) for o in offered]}, "x86_64")
+    assert [(u.cached, u.available) for u in updates] == ([(cached, expected)] if expected else [])
 
 
 def test_find_updates_architecture_rules() -> None:
     installed = [_pkg("lib", "1.0-1", "i686"), _pkg("lib", "1.0-1", "x86_64"), _pkg("data", "1.0-1", "noarch")]
     offered = {"lib": [_offer("1.1-1", "x86_64")], "data": [_offer("1.1-1", "x86_64"), _offer("1.2-1", "aarch64")]}
-    updates = status_rpm.find_updates(installed, offered, "x86_64")
+    updates = [u.to_dict() for u in dnf_status.find_updates(_entries(*installed), offered, "x86_64")]
     # the x86_64 build is no update of the i686 one (multilib); noarch → native arch is; aarch64 never
     assert [(u["name"], u["architecture"], u["available"], u["available_architecture"]) for u in updates] == [
         ("lib", "x86_64", "1.1-1", "x86_64"), ("data", "noarch", "1.1-1", "x86_64")]
-    assert status_rpm.arch_matches("x86_64", "noarch", "x86_64")
-    assert not status_rpm.arch_matches("x86_64", "i686", "x86_64")
+    assert dnf_status.arch_matches("x86_64", "noarch", "x86_64")
+    assert not dnf_status.arch_matches("x86_64", "i686", "x86_64")
 
 
 def test_find_updates_without_evr_field_and_with_missing_packages() -> None:
     pkg = {"name": "p", "epoch": 3, "version": "1", "release": "2", "arch": "noarch"}
-    updates = status_rpm.find_updates([pkg, _pkg("gone", "1-1")], {"p": [_offer("3:1-3", "noarch", "r")]}, "x86_64")
-    assert updates == [{"name": "p", "architecture": "noarch", "cached": "3:1-2", "available": "3:1-3",
+    updates = dnf_status.find_updates(_entries(pkg, _pkg("gone", "1-1")), {"p": [_offer("3:1-3", "noarch", "r")]},
+                                      "x86_64")
+    assert [u.to_dict() for u in updates] == [{"name": "p", "architecture": "noarch", "cached": "3:1-2", "available": "3:1-3",
                         "available_architecture": "noarch", "repository": "r"}]
 
 
 def test_evr_string() -> None:
-    assert status_rpm.evr_string("0", "1.0", "1") == "1.0-1"
-    assert status_rpm.evr_string(None, "1.0", "1") == "1.0-1"
-    assert status_rpm.evr_string(2, "1.0", "1.el9") == "2:1.0-1.el9"
+    assert dnf_status.evr_string("0", "1.0", "1") == "1.0-1"
+    assert dnf_status.evr_string(None, "1.0", "1") == "1.0-1"
+    assert dnf_status.evr_string(2, "1.0", "1.el9") == "2:1.0-1.el9"
 
 
 def test_repo_filter_exclude_and_includepkgs() -> None:
-    allowed = status_rpm.repo_filter({"exclude": "kernel* glibc,foo"})
+    allowed = dnf_status.repo_filter(DnfRepo(exclude="kernel* glibc,foo"))
     assert not allowed("kernel-core") and not allowed("glibc") and not allowed("foo") and allowed("bash")
-    allowed = status_rpm.repo_filter({"includepkgs": ["vzt-*"], "exclude": ["vzt-b"]})
+    allowed = dnf_status.repo_filter(DnfRepo(includepkgs=("vzt-*",), exclude=("vzt-b",)))
     assert allowed("vzt-a") and not allowed("vzt-b") and not allowed("bash")
-    assert status_rpm.repo_filter({})("anything")
+    assert dnf_status.repo_filter(DnfRepo())("anything")
 
 
 def test_package_changes_use_evr_for_rpm_and_version_for_apt() -> None:
@@ -242,16 +249,16 @@ def settings(tmp_path: Path):
     return s
 
 
-def _manifest(template, served) -> dict:
+def _manifest(template, served) -> Manifest:
     def state(base: str) -> dict:
         md = rpmrepo.parse_repomd(served[f"{base.rstrip('/')}/repodata/repomd.xml"], base)
         return {"id": "baseos" if "BaseOS" in base else "appstream", **md.state(), "gpgcheck": True}
 
-    return {"template_digest": template.digest(), "created": "then", "sha256": "0" * 64,
-            "template_packages": template.packages,
-            "repositories": [state(BASEOS), state(APPSTREAM)],
-            "packages": [_pkg("bash", "5.1.8-9.el9"), _pkg("tzdata", "2024a-1.el9", "noarch"),
-                         _pkg("vim-minimal", "2:8.2.2637-20.el9_1")]}
+    return Manifest.from_dict({"template_digest": template.digest(), "created": "then", "sha256": "0" * 64,
+                               "template_packages": template.packages,
+                               "repositories": [state(BASEOS), state(APPSTREAM)],
+                               "packages": [_pkg("bash", "5.1.8-9.el9"), _pkg("tzdata", "2024a-1.el9", "noarch"),
+                                            _pkg("vim-minimal", "2:8.2.2637-20.el9_1")]})
 
 
 def test_compare_dnf_template(settings, mirror) -> None:
@@ -262,8 +269,8 @@ def test_compare_dnf_template(settings, mirror) -> None:
     manifest = _manifest(template, served)
 
     report = status_mod.compare(template, manifest, settings)
-    assert report["current"] is True and report["updates"] == []
-    assert [(r["id"], r["changed"]) for r in report["repositories"]] == [("baseos", False), ("appstream", False)]
+    assert report.current is True and report.updates == []
+    assert [(r["id"], r["changed"]) for r in report.repositories] == [("baseos", False), ("appstream", False)]
     assert not any("primary" in c for c in calls)  # unchanged repositories: primary not read
 
     # BaseOS publishes tzdata 2024b and a vim-minimal with a lower epoch
@@ -271,11 +278,11 @@ def test_compare_dnf_template(settings, mirror) -> None:
                                              b'<arch>x86_64</arch><version epoch="1" ver="9.0" rel="1.el9"/></package>'
                                              b"</metadata>"), revision="1700000200")
     report = status_mod.compare(template, manifest, settings, refresh=True)
-    assert report["current"] is False
-    assert [(r["id"], r["changed"]) for r in report["repositories"]] == [("baseos", True), ("appstream", False)]
-    assert [(u["name"], u["cached"], u["available"], u["repository"]) for u in report["updates"]] == [
+    assert report.current is False
+    assert [(r["id"], r["changed"]) for r in report.repositories] == [("baseos", True), ("appstream", False)]
+    assert [(u["name"], u["cached"], u["available"], u["repository"]) for u in report.to_dict()["updates"]] == [
         ("tzdata", "2024a-1.el9", "2024b-1.el9", f"baseos {BASEOS}")]
-    assert report["repositories"][0]["revision"] == "1700000200"
+    assert report.repositories[0]["revision"] == "1700000200"
 
 
 def test_compare_dnf_template_change(settings, mirror) -> None:
@@ -284,18 +291,18 @@ def test_compare_dnf_template_change(settings, mirror) -> None:
     _publish(served, APPSTREAM)
     template = TemplateRepository(settings.template_dirs).load(NAME)
     manifest = _manifest(template, served)
-    manifest["template_packages"] = [*template.packages, "nano"]
-    manifest["packages"].append(_pkg("nano", "5.6.1-5.el9"))
-    manifest["template_digest"] = "changed"
+    manifest.template_packages = [*template.packages, "nano"]
+    manifest.packages += _entries(_pkg("nano", "5.6.1-5.el9"))
+    manifest.template_digest = "changed"
     report = status_mod.compare(template, manifest, settings)
-    assert report["template_changed"] is True and report["current"] is False
-    assert report["remove"] == ["nano"] and "rpm" in report["install"]
+    assert report.template_changed is True and report.current is False
+    assert report.remove == ["nano"] and "rpm" in report.install
 
 
 def test_unreachable_repository_is_an_error(settings, mirror) -> None:
     template = TemplateRepository(settings.template_dirs).load(NAME)
     with pytest.raises(MirrorError, match="repomd.xml"):
-        status_mod.compare(template, {"packages": [], "repositories": []}, settings)
+        status_mod.compare(template, Manifest(), settings)
 
 
 def test_compare_resolves_a_mirrorlist_only_when_the_cached_repomd_is_stale(tmp_path: Path, mirror) -> None:
@@ -312,12 +319,12 @@ def test_compare_resolves_a_mirrorlist_only_when_the_cached_repomd_is_stale(tmp_
     s = load_settings(cache_dir=tmp_path / "cache", mirror=MIRROR, environ={})
     s.template_dirs = [tmp_path / "templates"]
     template = TemplateRepository(s.template_dirs).load("vzt-ml")
-    manifest = {"template_digest": template.digest(), "packages": [_pkg("bash", "5.1.0-1.el9"),
-                                                                   _pkg("tzdata", "2020a-1.el9", "noarch")]}
+    manifest = Manifest(template_digest=template.digest(),
+                        packages=_entries(_pkg("bash", "5.1.0-1.el9"), _pkg("tzdata", "2020a-1.el9", "noarch")))
     report = status_mod.compare(template, manifest, s)
-    [repo] = report["repositories"]
+    [repo] = report.repositories
     assert repo["baseurl"] == "http://m1.invalid/9/os" and repo["changed"] is True
-    assert [u["name"] for u in report["updates"]] == ["bash"]  # tzdata is excluded from this repository
+    assert [u["name"] for u in report.to_dict()["updates"]] == ["bash"]  # tzdata is excluded from this repository
     before = len(calls)
     status_mod.compare(template, manifest, s)  # fresh: neither the mirror list nor the mirror is asked
     assert len(calls) == before

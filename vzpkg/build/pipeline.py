@@ -19,11 +19,11 @@ from typing import Any
 
 from .. import __version__
 from ..config import Settings
-from ..distro import get_distribution
 from ..errors import BuildError, CacheExistsError
 from ..interrupt import signals_raise
 from ..lock import locked
-from ..pkgmgr import BuildContext, PackageManager, get_backend
+from ..pkgmgr import get_backend
+from ..pkgmgr.base import BuildContext, PackageManager
 from ..store.archive import PackResult, pack
 from ..store.cache import CacheStore, check_writable
 from ..template import Template, TemplateRepository
@@ -38,6 +38,7 @@ from .chroot import (
     run_script,
 )
 from .inroot import inside, remove_matches
+from .sources import template_sources
 from .stage import StageStore
 
 DEFAULT_LOCK_TIMEOUT = 600.0
@@ -169,17 +170,8 @@ def clean_for_packing(template: Template, backend: PackageManager, ctx: BuildCon
 
 def prepare_context(template: Template, settings: Settings, work_dir: Path, verbose: bool,
                     reporter: Reporter) -> BuildContext:
-    distro = get_distribution(template["distribution"])
-    mirrors = distro.mirrors(settings)
-    native_arch = distro.native_arch(template["architecture"])
-    context = template.render_context(mirrors, native_arch)
-    keyring = template.get("keyring") or distro.default_keyring()
-    return BuildContext(
-        template=template, settings=settings, root=work_dir / "root", work_dir=work_dir, mirrors=mirrors,
-        native_arch=native_arch, repositories=template.render_repositories(context),
-        keyring=Path(keyring) if keyring else None, package_cache=settings.package_cache_dir,
-        log=_fresh_log(settings, template.name), verbose=verbose, note=reporter.verbose,
-    )
+    return BuildContext.from_sources(template, settings, template_sources(template, settings), work_dir,
+                                     _fresh_log(settings, template.name), verbose=verbose, note=reporter.verbose)
 
 
 def _fresh_log(settings: Settings, name: str) -> Path:

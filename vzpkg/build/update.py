@@ -30,9 +30,11 @@ from ..config import Settings
 from ..errors import CacheNotFoundError, LockTimeoutError, UsageError, VerifyError
 from ..interrupt import signals_raise
 from ..lock import locked
+from ..manifest.model import Manifest
 from ..pkgmgr import get_backend
-from ..store.archive import safe_unpack, sha256_file
+from ..store.archive import sha256_file
 from ..store.cache import PUBLISHED_DIR, TMP_PREFIX, CacheStore, check_writable, fsync_dir, write_json_atomic
+from ..store.extract import safe_unpack
 from ..template import Template, TemplateRepository
 from .chroot import prepare_build_root, remove_work_dir
 from .pipeline import (
@@ -47,7 +49,7 @@ from .pipeline import (
     source_date_epoch,
 )
 from .stage import StageStore
-from .status import compare, repository_label, template_changes
+from .status import StatusReport, compare, template_changes
 
 GENERATIONS_DIR = ".generations"
 
@@ -244,9 +246,9 @@ def update_cache(name: str, settings: Settings, options: UpdateOptions | None = 
     store = CacheStore(settings.cache_dir)
     manifest = store.read_manifest(name)
     check_writable(settings.cache_dir)
-    status = compare(template, manifest, settings, refresh=options.refresh)
-    if status["current"]:
-        return {"name": name, "updated": False, "reason": _current_reason(status), "status": status,
+    status = compare(template, Manifest.from_dict(manifest), settings, refresh=options.refresh)
+    if status.current:
+        return {"name": name, "updated": False, "reason": _current_reason(status), "status": status.to_dict(),
                 "durations": {"total": round(time.monotonic() - started, 3)}}
 
     timer = StepTimer(reporter)
@@ -257,9 +259,10 @@ def update_cache(name: str, settings: Settings, options: UpdateOptions | None = 
         fresh = store.read_manifest(name)
         if fresh.get("sha256") != manifest.get("sha256"):  # another run published meanwhile: look again
             manifest = fresh
-            status = compare(template, manifest, settings, refresh=False)
-            if status["current"]:
-                return {"name": name, "updated": False, "reason": "another run just updated it", "status": status,
+            status = compare(template, Manifest.from_dict(manifest), settings, refresh=False)
+            if status.current:
+                return {"name": name, "updated": False, "reason": "another run just updated it",
+                        "status": status.to_dict(),
                         "durations": {"total": round(time.monotonic() - started, 3)}}
         work_dir = store.temp_path(name, "update")
         archive_tmp = store.temp_path(name, "archive")
@@ -275,7 +278,7 @@ def update_cache(name: str, settings: Settings, options: UpdateOptions | None = 
                               f"(vzpkg rollback-cache {name})")
             for number in pruned:
                 reporter.verbose(f"removed generation {number} (--keep {options.keep})")
-            return {"name": name, "updated": True, "reason": _change_reason(status), "status": status,
+            return {"name": name, "updated": True, "reason": _change_reason(status), "status": status.to_dict(),
                     "manifest": new_manifest, "changes": new_manifest["changes"], "generation": generation,
                     "durations": new_manifest["durations"]}
         finally:
@@ -283,19 +286,19 @@ def update_cache(name: str, settings: Settings, options: UpdateOptions | None = 
             archive_tmp.unlink(missing_ok=True)
 
 
-def _current_reason(status: dict[str, Any]) -> str:
-    changed = [repository_label(r) for r in status["repositories"] if r["changed"]]
+def _current_reason(status: StatusReport) -> str:
+    changed = status.changed_repositories()
     if changed:
         return (f"up to date: repository metadata changed ({', '.join(changed)}) but no installed package "
                 f"has a newer version; definition unchanged")
     return "up to date: repositories and template definition unchanged since the cache was built"
 
 
-def _change_reason(status: dict[str, Any]) -> str:
+def _change_reason(status: StatusReport) -> str:
     parts = []
-    if status["updates"]:
-        parts.append(f"{len(status['updates'])} package updates")
-    if status["template_changed"]:
+    if status.updates:
+        parts.append(f"{len(status.updates)} package updates")
+    if status.template_changed:
         parts.append("template definition changed")
     return ", ".join(parts)
 
@@ -312,7 +315,7 @@ def _update(template: Template, settings: Settings, options: UpdateOptions, repo
     with timer.step("unpack", lambda: f"{members} members"):
         members = safe_unpack(store.archive_path(template.name), ctx.root, note=reporter.verbose)
 
-    plan = template_changes(template, manifest)
+    plan = template_changes(template, Manifest.from_dict(manifest))
     definition_changed = manifest.get("template_digest") != template.digest()
     env = ctx.env()
     with timer.step("template-changes", lambda: f"{len(plan['remove'])} to purge" +

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from ..build.status import StatusReport
 
 from .common import PrintingReporter, handle_errors, human_size, print_json
 
@@ -20,29 +23,29 @@ def _settings(cache_dir: str | None = None, mirror: str | None = None):
     return load_settings(cache_dir=cache_dir, mirror=mirror)
 
 
-def _print_status(report: dict[str, Any]) -> None:
+def _print_status(report: StatusReport) -> None:
     from ..build.status import repository_label
 
-    name = report["name"]
-    if report["current"]:
-        click.echo(f"{name}: current (cache of {report['cache_created']})")
+    name = report.name
+    if report.current:
+        click.echo(f"{name}: current (cache of {report.cache_created})")
     else:
-        click.echo(f"{name}: updates available (cache of {report['cache_created']})")
-    if report["template_changed"]:
+        click.echo(f"{name}: updates available (cache of {report.cache_created})")
+    if report.template_changed:
         extra = []
-        if report["install"]:
-            extra.append(f"install {' '.join(report['install'])}")
-        if report["remove"]:
-            extra.append(f"purge {' '.join(report['remove'])}")
+        if report.install:
+            extra.append(f"install {' '.join(report.install)}")
+        if report.remove:
+            extra.append(f"purge {' '.join(report.remove)}")
         click.echo("  template definition changed since the cache was built" + (f" ({'; '.join(extra)})" if extra else ""))
-    for repo in report["repositories"]:
+    for repo in report.repositories:
         if repo["changed"]:
             when = repo.get("date") or (f"revision {repo['revision']}" if repo.get("revision") else "")
             click.echo(f"  repository changed: {repository_label(repo)}" + (f" ({when})" if when else ""))
-    if report["updates"]:
+    if report.updates:
         click.echo(f"  {'PACKAGE':<32} {'CACHED':<28} AVAILABLE")
-        for u in report["updates"]:
-            click.echo(f"  {u['name']:<32} {u['cached']:<28} {u['available']}")
+        for u in report.updates:
+            click.echo(f"  {u.name:<32} {u.cached:<28} {u.available}")
 
 
 def register(group: click.Group) -> None:
@@ -66,11 +69,11 @@ def register(group: click.Group) -> None:
         settings = _settings(cache_dir, mirror)
         reports = [check_status(name, settings, refresh=refresh) for name in names]
         if as_json:
-            print_json(reports[0] if len(reports) == 1 else reports)
+            print_json(reports[0].to_dict() if len(reports) == 1 else [r.to_dict() for r in reports])
         else:
             for report in reports:
                 _print_status(report)
-        if not all(r["current"] for r in reports):
+        if not all(r.current for r in reports):
             sys.exit(UpdatesAvailable.exit_code)
 
     @group.command("update-cache")

@@ -6,14 +6,9 @@ One axis of two: a Distribution knows *what* to install from; a package-manager 
 
 from __future__ import annotations
 
-from .base import Distribution
+from .base import _REGISTRY, Distribution, register
 
-_REGISTRY: dict[str, type[Distribution]] = {}
-
-
-def register(cls: type[Distribution]) -> type[Distribution]:
-    _REGISTRY[cls.name] = cls
-    return cls
+__all__ = ["Distribution", "get_distribution", "known_distributions", "register"]
 
 
 def get_distribution(name: str) -> Distribution:

@@ -28,3 +28,12 @@ class Distribution:
 
     def default_keyring(self) -> str | None:
         return None
+
+
+#: name -> class; the built-in distributions register themselves when vzpkg.distro loads them
+_REGISTRY: dict[str, type[Distribution]] = {}
+
+
+def register(cls: type[Distribution]) -> type[Distribution]:
+    _REGISTRY[cls.name] = cls
+    return cls

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..config import Settings
 from ..errors import ConfigError
-from . import register
-from .base import Distribution
+from ..pkgmgr.names import APT
+from .base import Distribution, register
 from .hostapt import host_sources
 
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "i386", "armv7l": "armhf"}
@@ -14,7 +14,7 @@ _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "i386", "armv7l": "armhf
 @register
 class Debian(Distribution):
     name = "debian"
-    package_managers = ("apt",)
+    package_managers = (APT,)
     mirror_names = ("debian", "debian-security")
     mirror_variables = ("mirror", "security_mirror")
     keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"

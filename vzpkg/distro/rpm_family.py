@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ..config import Settings
-from . import register
-from .base import Distribution
+from ..pkgmgr.names import RPM_MANAGERS
+from .base import Distribution, register
 
 
 class RpmDistribution(Distribution):
-    package_managers = ("dnf", "yum")
+    package_managers = RPM_MANAGERS
     #: the public mirror used when neither --mirror, VZPKG_MIRROR nor a configured mirror is given
     default_mirror: ClassVar[str] = ""
     #: where rpm inside the root keeps its database (the host's rpm must write it there)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import re
 import shlex
 import shutil
 import sys
@@ -14,15 +13,14 @@ from ..build.chroot import POLICY_RC_D, build_mounts, host_resolver, no_daemons,
 from ..build.inroot import inside, remove_matches, require_inside
 from ..config import Settings
 from ..errors import MissingToolError, SignatureError
+from ..manifest.model import Manifest
+from ..template import Template
 from . import apt_cache, apt_errors
-from .base import BuildContext, PackageManager
+from .base import AvailableUpdates, BuildContext, PackageManager
+from .names import APT
 
 MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 OUTPUT_LINES_KEPT = 400  # of a tool's output, for reading its errors (apt's come at the end)
-#: Debian Policy 5.6.1: lower-case letters, digits, + - . ; at least two characters, starting alphanumeric.
-#: Only plain names: the build, status and update-cache compare them with the installed packages' names, so
-#: apt's `:arch`, `=version` and `/release` suffixes are not taken.
-PACKAGE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 
 
 def apt_options(settings: Settings) -> list[tuple[str, str]]:
@@ -34,13 +32,7 @@ def apt_options(settings: Settings) -> list[tuple[str, str]]:
 
 
 class AptBackend(PackageManager):
-    name = "apt"
-
-    def package_name_problem(self, name: str) -> str | None:
-        if PACKAGE_NAME_RE.fullmatch(name):
-            return None
-        return ("is not a Debian package name (lower-case letters, digits, '+', '-' and '.', at least two "
-                "characters, starting with a letter or digit; no :arch, =version or /release suffix)")
+    name = APT
 
     # ---- host checks and repository metadata --------------------------------------------------
 
@@ -67,14 +59,14 @@ class AptBackend(PackageManager):
 
     def check_repositories(self, ctx: BuildContext) -> list[dict[str, Any]]:
         from ..repo.apt import fetch_release
+        from .apt_status import repository_state
 
         if ctx.keyring is None:
             raise SignatureError(f"template {ctx.template.name} names no keyring: repositories cannot be verified")
         state = []
         for repo in self._repositories(ctx):
             info = fetch_release(repo, ctx.keyring)
-            state.append({"uri": repo.uri, "suite": repo.suite, "components": list(repo.components),
-                          "date": info.date, "inrelease_sha256": info.sha256})
+            state.append(repository_state(repo, info.date, info.sha256))
         return state
 
     # ---- bootstrap ------------------------------------------------------------------------------
@@ -185,6 +177,12 @@ class AptBackend(PackageManager):
             remove_matches(root, pattern, keep=("lock",))
         if inside(root, root / "var/lib/apt/lists/partial"):
             (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+
+    def available_updates(self, template: Template, manifest: Manifest, settings: Settings, *,
+                          refresh: bool = False) -> AvailableUpdates:
+        from . import apt_status
+
+        return apt_status.available_updates(template, manifest, settings, refresh=refresh)
 
     def installed_packages(self, root: Path) -> list[dict[str, str]]:
         from debian.deb822 import Packages

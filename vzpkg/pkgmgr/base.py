@@ -8,8 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..build.sources import Sources
 from ..config import Settings
+from ..errors import UsageError
+from ..manifest.model import Manifest
 from ..template import Template
+from .names import package_name_problem
 
 
 @dataclass
@@ -27,6 +31,14 @@ class BuildContext:
     verbose: bool = False
     note: Callable[[str], None] = lambda _msg: None   # verbose-only remarks
     facts: dict[str, Any] = field(default_factory=dict)  # backend findings for the manifest
+
+    @classmethod
+    def from_sources(cls, template: Template, settings: Settings, sources: Sources, work_dir: Path, log: Path,
+                     **options: Any) -> BuildContext:
+        """A context for building TEMPLATE from SOURCES (vzpkg.build.sources) in WORK_DIR."""
+        return cls(template=template, settings=settings, root=work_dir / "root", work_dir=work_dir,
+                   mirrors=sources.mirrors, native_arch=sources.native_arch, repositories=sources.repositories,
+                   keyring=sources.keyring, package_cache=settings.package_cache_dir, log=log, **options)
 
     @property
     def quiet(self) -> bool:
@@ -50,6 +62,34 @@ class BuildContext:
         return base
 
 
+@dataclass(frozen=True)
+class PackageChange:
+    """A package of the cache with a newer version in the repositories (one entry of `vzpkg status`)."""
+
+    name: str
+    architecture: str
+    cached: str                                # the version in the cache (rpm: [E:]V-R)
+    available: str                             # the newest version offered
+    repository: str                            # where: 'URI SUITE' (apt) or 'ID BASEURL' (dnf)
+    available_architecture: str | None = None  # rpm only: noarch may replace an arch package and back
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"name": self.name, "architecture": self.architecture, "cached": self.cached,
+               "available": self.available, "repository": self.repository}
+        if self.available_architecture is not None:
+            out["available_architecture"] = self.available_architecture
+        return out
+
+
+@dataclass
+class AvailableUpdates:
+    """What a backend finds in the repositories' metadata against a manifest."""
+
+    updates: list[PackageChange]
+    #: each repository's state as the manifest records it, plus "changed" (its metadata differs from the build's)
+    repositories: list[dict[str, Any]]
+
+
 class PackageManager:
     """One backend per package manager. Steps run in this order by vzpkg.build."""
 
@@ -64,7 +104,7 @@ class PackageManager:
 
         Template validation asks this for every package a template names, so nothing that is not a package name
         (an option, a shell word) ever reaches the package manager's command line."""
-        return None
+        return package_name_problem(self.name, name)
 
     def check_host(self, ctx: BuildContext) -> None:
         """Raise MissingToolError when a host program the backend needs is absent."""
@@ -95,6 +135,13 @@ class PackageManager:
 
     def clean(self, ctx: BuildContext) -> None:
         """Remove the package manager's caches, lists, locks and logs from the root."""
+
+    def available_updates(self, template: Template, manifest: Manifest, settings: Settings, *,
+                          refresh: bool = False) -> AvailableUpdates:
+        """Compare the repositories' metadata (signature-checked, through the metadata cache; REFRESH asks the
+        mirrors even when it is fresh) with the packages of MANIFEST, without unpacking anything."""
+        raise UsageError(f"template {template.name}: status and update-cache support apt and dnf templates only "
+                         f"(package manager {self.name!r}); rebuild with 'vzpkg create-cache --force'")
 
     def installed_packages(self, root: Path) -> list[dict[str, str]]:
         """Every installed package: name, version, architecture (and epoch/release for rpm)."""

@@ -9,7 +9,6 @@ over the root's /var/cache/dnf while dnf runs.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -20,24 +19,16 @@ from typing import Any
 
 from ..build.chroot import build_mounts, run_tool, unmount_below
 from ..build.inroot import remove_matches, require_inside
+from ..config import Settings
 from ..errors import BuildError, MirrorError, MissingToolError, SignatureError, TemplateError
-from ..template import DEFINITION_FILE, render_string
+from ..manifest.model import Manifest
+from ..template import DEFINITION_FILE, Template, render_string
 from . import gnupg
-from .base import BuildContext, PackageManager
-
-#: repository-table keys a template may use; each becomes the dnf option of the same name (`id` names the section)
-REPO_KEYS = {
-    "id": str, "name": str, "baseurl": (str, list), "mirrorlist": str, "metalink": str, "gpgcheck": bool,
-    "repo_gpgcheck": bool, "gpgkey": (str, list), "enabled": bool, "priority": int, "cost": int,
-    "exclude": (str, list), "includepkgs": (str, list), "module_hotfixes": bool, "sslverify": bool,
-    "skip_if_unavailable": bool, "metadata_expire": (str, int), "countme": bool,
-}
-CACHE_IN_ROOT = "var/cache/dnf"
-RPMDB_CANDIDATES = ("/var/lib/rpm", "/usr/lib/sysimage/rpm")
-#: a plain RPM package name (Fedora's naming guidelines: ASCII letters, digits and - . _ +), not starting with
-#: - . or +; no version, arch, file path, provide or @group: status and update-cache compare names with the rpmdb's
-PACKAGE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
-_ID_RE = re.compile(r"[^A-Za-z0-9_.:-]+")
+from .base import AvailableUpdates, BuildContext, PackageManager
+from .dnf_keys import fetch_keys, verify_repomd_signature
+from .dnf_repos import CACHE_IN_ROOT, DnfRepo, expand_repository, main_options, normalize_repositories, render_config
+from .names import DNF, RPM_MANAGERS
+from .rpmdb import checkpoint_sqlite, find_rpmdb, read_rpmdb
 
 SIGNATURE_PATTERNS = ("is not signed", "GPG check FAILED", "Public key for", "signature", "Signature", "digest",
                       "Digest", "NOKEY", "BAD", "not trusted", "is not installed")
@@ -49,160 +40,19 @@ RESOLVE_PATTERNS = ("No match for argument", "Unable to find a match", "nothing 
                     "Problem:", "No package", "is filtered out")
 
 
-# ---- template → dnf configuration (pure functions, unit-tested) -------------------------------------------
-
-def _where(template: Any, i: int, key: str | None = None) -> str:
-    file = template.path / DEFINITION_FILE
-    return f"{file}: repositories[{i}]" + (f".{key}" if key else "")
-
-
-def normalize_repositories(template: Any, repositories: list[Any], gpg_keys: list[str]) -> list[dict[str, Any]]:
-    """The template's rendered repository entries as dnf repository sections, checked strictly.
-
-    A string entry is a base URL; a table uses the keys of REPO_KEYS. Repositories check package signatures
-    (gpgcheck) unless the entry turns it off, with the entry's gpgkey or else every key of the template's gpg_keys.
-    """
-    sections: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for i, entry in enumerate(repositories):
-        if isinstance(entry, str):
-            entry = {"baseurl": entry}
-        if not isinstance(entry, dict):
-            raise TemplateError(f"{_where(template, i)}: expected a URL or a table, got {type(entry).__name__}")
-        for key, value in entry.items():
-            if key not in REPO_KEYS:
-                raise TemplateError(f"{_where(template, i, key)}: unknown dnf repository key "
-                                    f"(known: {', '.join(sorted(REPO_KEYS))})")
-            want = REPO_KEYS[key]
-            if not isinstance(value, want) or (isinstance(value, bool) and want in (int, (str, int))):
-                raise TemplateError(f"{_where(template, i, key)}: unexpected value {value!r}")
-        if not any(entry.get(k) for k in ("baseurl", "mirrorlist", "metalink")):
-            raise TemplateError(f"{_where(template, i)}: needs one of baseurl, mirrorlist or metalink")
-        repo_id = entry.get("id") or _ID_RE.sub("-", entry.get("name", "")).strip("-").lower() or f"repo{i}"
-        if _ID_RE.search(repo_id):
-            raise TemplateError(f"{_where(template, i, 'id')}: {repo_id!r} is not a valid repository id")
-        if repo_id in seen:
-            raise TemplateError(f"{_where(template, i, 'id')}: repository id {repo_id!r} is used twice")
-        seen.add(repo_id)
-        section: dict[str, Any] = {"id": repo_id, "name": entry.get("name", repo_id)}
-        for key in ("baseurl", "mirrorlist", "metalink"):
-            if entry.get(key):
-                section[key] = entry[key]
-        section["enabled"] = entry.get("enabled", True)
-        section["gpgcheck"] = entry.get("gpgcheck", True)
-        section["repo_gpgcheck"] = entry.get("repo_gpgcheck", False)
-        keys = entry.get("gpgkey", gpg_keys)
-        section["gpgkey"] = [keys] if isinstance(keys, str) else list(keys)
-        for key, value in entry.items():
-            if key not in section:
-                section[key] = value
-        sections.append(section)
-    if not sections:
-        raise TemplateError(f"{template.path / DEFINITION_FILE}: repositories: a dnf template needs at least one")
-    return sections
-
-
-def _ini_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, list):
-        return " ".join(str(v) for v in value)
-    return str(value)
-
-
-def render_config(main: dict[str, Any], repos: list[dict[str, Any]]) -> str:
-    """dnf.conf text: [main] then one section per repository."""
-    lines = ["# written by vzpkg for one build; host configuration is not used", "[main]"]
-    lines += [f"{k}={_ini_value(v)}" for k, v in main.items()]
-    for repo in repos:
-        lines += ["", f"[{repo['id']}]"]
-        lines += [f"{k}={_ini_value(v)}" for k, v in repo.items() if k != "id" and v not in (None, [], "")]
-    return "\n".join(lines) + "\n"
-
-
-def main_options(*, weak_deps: bool, conf_dir: Path, module_platform_id: str | None) -> dict[str, Any]:
-    opts: dict[str, Any] = {
-        "cachedir": "/" + CACHE_IN_ROOT,      # dnf puts it below the installroot; the package cache is mounted there
-        "keepcache": True,
-        "install_weak_deps": weak_deps,
-        "gpgcheck": True,
-        "localpkg_gpgcheck": True,
-        "reposdir": str(conf_dir / "repos.d"),  # empty: only the repositories of this file
-        "varsdir": str(conf_dir / "vars"),
-        "plugins": False,
-        "skip_if_unavailable": False,
-        "best": True,
-        "metadata_expire": 0,                  # repomd.xml is checked each build; unchanged metadata is reused
-        "retries": 2,
-        "timeout": 15,
-        "diskspacecheck": False,
-        "clean_requirements_on_remove": True,
-        "debuglevel": 2,
-    }
-    if module_platform_id:
-        opts["module_platform_id"] = module_platform_id
-    return opts
-
-
-def substitute(text: str, variables: dict[str, str]) -> str:
-    """dnf's $var and ${var} substitution (for the URLs vzpkg fetches itself)."""
-    def repl(m: re.Match[str]) -> str:
-        name = m.group(1) or m.group(2)
-        return variables.get(name, m.group(0))
-
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", repl, text)
-
-
-def expand_repository(repo: dict[str, Any], variables: dict[str, str]) -> dict[str, Any]:
-    """A repository section with dnf's $variables substituted in its values (and in each base URL)."""
-    sub = {k: substitute(v, variables) if isinstance(v, str) else v for k, v in repo.items()}
-    if isinstance(sub.get("baseurl"), list):
-        sub["baseurl"] = [substitute(u, variables) for u in sub["baseurl"]]
-    return sub
-
-
-def verify_repomd_signature(repo: dict[str, Any], baseurl: str, data: bytes, asc: bytes, tmp_parent: Path) -> None:
-    """Check repomd.xml DATA against its detached signature ASC with the repository's keys (local file:// refs,
-    as _fetch_keys leaves them) in a throwaway GnuPG home; raise SignatureError when it does not verify."""
-    import tempfile
-
-    tmp_parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=tmp_parent) as home:
-        for ref in repo["gpgkey"]:
-            subprocess.run(["gpg", "--batch", "--homedir", home, "--import", ref[len("file://"):]],
-                           capture_output=True)
-        (Path(home) / "repomd.xml").write_bytes(data)
-        (Path(home) / "repomd.xml.asc").write_bytes(asc)
-        proc = subprocess.run(["gpg", "--batch", "--homedir", home, "--status-fd", "1", "--verify",
-                               str(Path(home) / "repomd.xml.asc"), str(Path(home) / "repomd.xml")],
-                              capture_output=True, text=True)
-        subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True)
-        # the home's socket directory (/run/user/0/gnupg/d.*, where /run/user/0 exists) goes with the home
-        subprocess.run(["gpgconf", "--homedir", home, "--remove-socketdir"], capture_output=True)
-    if proc.returncode != 0 or "[GNUPG:] VALIDSIG" not in proc.stdout:
-        raise SignatureError(f"{baseurl.rstrip('/')}/repodata/repomd.xml: signature check failed with the template's "
-                             f"keys (repo_gpgcheck on repository {repo['id']})")
-
-
 # ---- the backend -----------------------------------------------------------------------------------------------
 
 class DnfBackend(PackageManager):
-    def __init__(self, name: str = "dnf") -> None:
+    def __init__(self, name: str = DNF) -> None:
         self.name = name
         self._ctx: BuildContext | None = None
-        self._repos: list[dict[str, Any]] | None = None
-
-    def package_name_problem(self, name: str) -> str | None:
-        if PACKAGE_NAME_RE.fullmatch(name):
-            return None
-        return ("is not an RPM package name (letters, digits, '-', '.', '_' and '+', starting with a letter, digit "
-                "or '_'; no version, file path or @group)")
+        self._repos: list[DnfRepo] | None = None
 
     # ---- host ----
 
     def tool(self) -> str | None:
         """dnf when the host has it, else yum (also for templates that say yum: dnf is yum's successor)."""
-        for candidate in ("dnf", "yum"):
+        for candidate in RPM_MANAGERS:
             if shutil.which(candidate):
                 return candidate
         return None
@@ -253,9 +103,10 @@ class DnfBackend(PackageManager):
             refs.append(path.as_uri())
         return refs
 
-    def repositories(self, ctx: BuildContext) -> list[dict[str, Any]]:
+    def repositories(self, ctx: BuildContext) -> list[DnfRepo]:
         if self._repos is None:
-            self._repos = normalize_repositories(ctx.template, ctx.repositories, self.gpg_key_refs(ctx))
+            self._repos = normalize_repositories(ctx.template.path / DEFINITION_FILE, ctx.repositories,
+                                                 self.gpg_key_refs(ctx))
         return self._repos
 
     def conf_dir(self, ctx: BuildContext) -> Path:
@@ -284,62 +135,33 @@ class DnfBackend(PackageManager):
 
     # ---- repository metadata ----
 
-    def _fetch_keys(self, ctx: BuildContext) -> None:
-        """Download remote keys into the work dir (a key that cannot be had fails here, not inside dnf)."""
-        from ..repo.http import fetch
-
-        keydir = self.conf_dir(ctx) / "keys"
-        cache: dict[str, str] = {}
-        for repo in self.repositories(ctx):
-            local = []
-            for ref in repo["gpgkey"]:
-                ref = substitute(ref, self.variables(ctx))
-                if ref.startswith("file://"):
-                    path = Path(ref[len("file://"):])
-                    if not path.is_file():
-                        raise SignatureError(f"repository {repo['id']}: GPG key {path} does not exist "
-                                             f"(gpg_keys in {ctx.template.path / DEFINITION_FILE})")
-                    local.append(ref)
-                elif ref.startswith(("http://", "https://")):
-                    if ref not in cache:
-                        keydir.mkdir(parents=True, exist_ok=True)
-                        data = fetch(ref).content
-                        if b"PGP PUBLIC KEY" not in data:
-                            raise SignatureError(f"{ref}: not an armored OpenPGP public key")
-                        dest = keydir / f"{len(cache)}-{Path(ref).name or 'key'}"
-                        dest.write_bytes(data)
-                        cache[ref] = dest.as_uri()
-                    local.append(cache[ref])
-                else:
-                    raise SignatureError(f"repository {repo['id']}: unsupported GPG key location {ref!r}")
-            repo["gpgkey"] = local
-
     def check_repositories(self, ctx: BuildContext) -> list[dict[str, Any]]:
         from ..repo.rpm import fetch_repomd, resolve_baseurl
 
         self._ctx = ctx
         ctx.facts["rpmdb_path"] = self.dbpath(ctx)
         ctx.facts["releasever"] = self.releasever(ctx)
-        repos = self.repositories(ctx)
-        self._fetch_keys(ctx)
         variables = self.variables(ctx)
+        # remote keys become local files (dnf.conf names those); a key that cannot be had fails here
+        repos = self._repos = fetch_keys(self.repositories(ctx), variables, self.conf_dir(ctx) / "keys",
+                                         ctx.template.path / DEFINITION_FILE)
         state = []
         unchecked = []
         for repo in repos:
-            if not repo["enabled"]:
+            if not repo.enabled:
                 continue
-            if not repo["gpgcheck"]:
-                unchecked.append(repo["id"])
-            elif not repo["gpgkey"]:
-                raise SignatureError(f"repository {repo['id']} checks signatures (gpgcheck) but the template names "
+            if not repo.gpgcheck:
+                unchecked.append(repo.id)
+            elif not repo.gpgkey:
+                raise SignatureError(f"repository {repo.id} checks signatures (gpgcheck) but the template names "
                                      f"no key: add gpg_keys to {ctx.template.path / DEFINITION_FILE}, or the "
                                      f"repository's gpgkey")
-            baseurl = resolve_baseurl(expand_repository(repo, variables))
+            baseurl = resolve_baseurl(expand_repository(repo, variables).options())
             md = fetch_repomd(baseurl)
-            if repo["repo_gpgcheck"]:
+            if repo.repo_gpgcheck:
                 self._verify_repomd(ctx, repo, baseurl, md.raw)
-            state.append({"id": repo["id"], **md.state(), "gpgcheck": repo["gpgcheck"]})
-            ctx.note(f"repository {repo['id']}: {baseurl} revision {md.revision or '?'}")
+            state.append({"id": repo.id, **md.state(), "gpgcheck": repo.gpgcheck})
+            ctx.note(f"repository {repo.id}: {baseurl} revision {md.revision or '?'}")
         if unchecked:
             ctx.note(f"warning: package signatures are NOT checked for repositories {', '.join(unchecked)} "
                      f"(gpgcheck = false in the template)")
@@ -347,7 +169,7 @@ class DnfBackend(PackageManager):
         self.write_config(ctx)
         return state
 
-    def _verify_repomd(self, ctx: BuildContext, repo: dict[str, Any], baseurl: str, data: bytes) -> None:
+    def _verify_repomd(self, ctx: BuildContext, repo: DnfRepo, baseurl: str, data: bytes) -> None:
         from ..repo.http import fetch
 
         asc = fetch(f"{baseurl.rstrip('/')}/repodata/repomd.xml.asc").content
@@ -359,7 +181,7 @@ class DnfBackend(PackageManager):
         tool = self.tool() or self.name
         argv = [tool, f"--installroot={ctx.root}", f"--config={conf}", f"--releasever={self.releasever(ctx)}",
                 f"--setopt=reposdir={self.conf_dir(ctx) / 'repos.d'}", "--assumeyes", "--noplugins"]
-        if tool == "dnf":
+        if tool == DNF:
             argv.append(f"--forcearch={ctx.native_arch}")
         return argv
 
@@ -465,7 +287,21 @@ class DnfBackend(PackageManager):
                         "usr/lib/sysimage/rpm/*-shm", "usr/lib/sysimage/rpm/*-wal", "root/.rpmdb"):
             remove_matches(root, pattern)
 
-    # ---- the manifest ----
+    # ---- status and the manifest ----
+
+    def available_updates(self, template: Template, manifest: Manifest, settings: Settings, *,
+                          refresh: bool = False) -> AvailableUpdates:
+        import tempfile
+
+        from ..build.sources import template_sources
+        from . import dnf_status
+
+        with tempfile.TemporaryDirectory(prefix="vzpkg-status-") as tmp:  # downloaded keys, GnuPG homes
+            work = Path(tmp)
+            ctx = BuildContext.from_sources(template, settings, template_sources(template, settings), work,
+                                            work / "log")
+            return dnf_status.available_updates(self.repositories(ctx), self.variables(ctx), ctx.native_arch,
+                                                self.conf_dir(ctx), template, manifest, settings, refresh=refresh)
 
     def installed_packages(self, root: Path) -> list[dict[str, Any]]:
         ctx = self._ctx
@@ -476,89 +312,3 @@ class DnfBackend(PackageManager):
             ctx.note(f"rpmdb {dbpath} read with {'the rpm Python bindings' if reader == 'python-rpm' else 'the rpm command'}")
             self.clean(ctx)  # reading may leave lock or journal files behind
         return packages
-
-
-def checkpoint_sqlite(db: Path) -> None:
-    """Fold a SQLite write-ahead log into its database, so the cache carries no -wal/-shm files."""
-    import sqlite3
-
-    if not (db.with_name(db.name + "-wal").exists() or db.with_name(db.name + "-shm").exists()):
-        return
-    try:
-        con = sqlite3.connect(str(db))
-        try:
-            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            con.close()
-    except sqlite3.Error as e:
-        raise BuildError(f"cannot checkpoint {db}: {e}") from e
-    for suffix in ("-wal", "-shm"):
-        leftover = db.with_name(db.name + suffix)
-        if leftover.exists() and leftover.stat().st_size == 0:
-            leftover.unlink()
-
-
-def find_rpmdb(root: Path, preferred: str | None = None) -> str:
-    """The rpmdb directory of ROOT (as a path inside the root)."""
-    candidates = ([preferred] if preferred else []) + [c for c in RPMDB_CANDIDATES if c != preferred]
-    for c in candidates:
-        d = root / c.lstrip("/")
-        if any((d / f).exists() for f in ("rpmdb.sqlite", "Packages", "Packages.db")):
-            return c
-    raise BuildError(f"no rpm database found in {root} (looked in {', '.join(candidates)})")
-
-
-def _evr(epoch: Any, version: str, release: str) -> str:
-    return (f"{epoch}:" if epoch else "") + f"{version}-{release}"
-
-
-def _entry(name: str, epoch: Any, version: str, release: str, arch: str) -> dict[str, Any]:
-    e = int(epoch) if epoch not in (None, "", "(none)") else 0
-    return {"name": name, "epoch": e, "version": version, "release": release, "arch": arch,
-            "architecture": arch, "evr": _evr(e, version, release)}
-
-
-def read_rpmdb(root: Path, dbpath: str, force_command: bool = False) -> tuple[list[dict[str, Any]], str]:
-    """Installed packages from ROOT's rpmdb: with the rpm Python bindings, else `rpm --root -qa`.
-
-    Returns the packages (sorted by name, arch) and which reader was used: python-rpm or rpm-command."""
-    if not force_command and os.environ.get("VZPKG_RPMDB_READER") != "rpm-command":
-        try:
-            import rpm
-        except Exception:  # the PyPI shim raises ImportError (or worse) when python3-rpm is not installed
-            rpm = None
-        if rpm is not None:
-            try:
-                rpm.addMacro("_dbpath", dbpath)
-                try:
-                    ts = rpm.TransactionSet(str(root))
-                    ts.setVSFlags(-1)
-                    found = [_entry(_s(h["name"]), h["epoch"], _s(h["version"]), _s(h["release"]),
-                                    _s(h["arch"] or "")) for h in ts.dbMatch() if _s(h["name"]) != "gpg-pubkey"]
-                    ts.closeDB()
-                finally:
-                    rpm.delMacro("_dbpath")
-            except rpm.error:
-                pass  # an rpmdb these bindings cannot open: the rpm command says why, below
-            else:
-                return sorted(found, key=lambda p: (p["name"], p["arch"])), "python-rpm"
-    if shutil.which("rpm") is None:
-        raise MissingToolError("cannot read the rpmdb: neither the rpm Python bindings nor the rpm command is "
-                               "available: apt-get install rpm python3-rpm")
-    qf = "%{NAME}\\t%{EPOCH}\\t%{VERSION}\\t%{RELEASE}\\t%{ARCH}\\n"
-    proc = subprocess.run(["rpm", "--root", str(root), "--dbpath", dbpath, "-qa", "--qf", qf],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BuildError(f"rpm -qa in {root} failed: {proc.stderr.strip()}")
-    found = []
-    for line in proc.stdout.splitlines():
-        parts = line.split("\t")
-        if len(parts) == 5 and parts[0] != "gpg-pubkey":
-            found.append(_entry(parts[0], parts[1], parts[2], parts[3], "" if parts[4] == "(none)" else parts[4]))
-    return sorted(found, key=lambda p: (p["name"], p["arch"])), "rpm-command"
-
-
-def _s(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return "" if value is None else str(value)

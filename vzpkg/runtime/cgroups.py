@@ -21,6 +21,8 @@ from pathlib import Path
 
 from vzpkg.errors import ConfigError, VEError
 
+from .limits import Limit, Limits
+
 
 class _LazyLog:
     """logging costs ~3 ms to import, on vzctl's hot path; only the rare notes below need it."""
@@ -46,7 +48,6 @@ _V1_UNLIMITED_FLOOR = 1 << 62
 _UNLIMITED = "unlimited"
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
-Limit = int | str | None
 Counters = dict[str, dict[str, int | None]]
 
 
@@ -291,17 +292,8 @@ class CgroupDriver:
     def create(self, ve_id: str) -> None:
         raise NotImplementedError
 
-    def set_limits(
-        self,
-        ve_id: str,
-        *,
-        ram: Limit = None,
-        swap: Limit = None,
-        cpuunits: int | None = None,
-        cpulimit: int | None = None,
-        cpus: int | None = None,
-        numproc: Limit = None,
-    ) -> None:
+    def set_limits(self, ve_id: str, limits: Limits) -> None:
+        """Apply LIMITS to the VE's cgroup; a None field is left as it is."""
         raise NotImplementedError
 
     def limits(self, ve_id: str) -> dict[str, int | str | None]:
@@ -456,17 +448,9 @@ class V1Driver(CgroupDriver):
 
     # -- limits --------------------------------------------------------------------------------------------------
 
-    def set_limits(
-        self,
-        ve_id: str,
-        *,
-        ram: Limit = None,
-        swap: Limit = None,
-        cpuunits: int | None = None,
-        cpulimit: int | None = None,
-        cpus: int | None = None,
-        numproc: Limit = None,
-    ) -> None:
+    def set_limits(self, ve_id: str, limits: Limits) -> None:
+        ram, swap, cpuunits, cpulimit, cpus, numproc = (limits.ram, limits.swap, limits.cpuunits, limits.cpulimit,
+                                                        limits.cpus, limits.numproc)
         if cpuunits is not None:
             _write(self._dir("cpu", ve_id) / "cpu.shares", cpuunits_to_shares(cpuunits))
         if cpulimit is not None:
@@ -636,17 +620,9 @@ class V2Driver(CgroupDriver):
 
     # -- limits --------------------------------------------------------------------------------------------------
 
-    def set_limits(
-        self,
-        ve_id: str,
-        *,
-        ram: Limit = None,
-        swap: Limit = None,
-        cpuunits: int | None = None,
-        cpulimit: int | None = None,
-        cpus: int | None = None,
-        numproc: Limit = None,
-    ) -> None:
+    def set_limits(self, ve_id: str, limits: Limits) -> None:
+        ram, swap, cpuunits, cpulimit, cpus, numproc = (limits.ram, limits.swap, limits.cpuunits, limits.cpulimit,
+                                                        limits.cpus, limits.numproc)
         d = self._dir(ve_id)
         if cpuunits is not None:
             _write(d / "cpu.weight", cpuunits_to_weight(cpuunits))

@@ -14,6 +14,7 @@ from vzpkg.errors import VEError
 from . import ns, state
 from .confcache import _limits_from_conf, load_conf
 from .layout import Layout, check_veid
+from .limits import Limits
 from .ve import VELock, _cgroups, _done, running_init
 
 SETTABLE = ("RAM", "SWAP", "CPUUNITS", "CPULIMIT", "CPUS", "NUMPROC", "DISKSPACE", "DISKINODES", "HOSTNAME",
@@ -64,8 +65,8 @@ def _apply_live(layout: Layout, veid: str, rec: state.InitRecord, conf, changes:
 
     if {"RAM", "SWAP", "CPUUNITS", "CPULIMIT", "CPUS", "NUMPROC"} & set(changes):
         limits = _limits_from_conf(conf)
-        _cgroups().set_limits(layout.cgroup_name(veid), **{k: limits[k] for k, key in _LIMIT_ARGS.items()
-                                                          if key in changes and k in limits})
+        _cgroups().set_limits(layout.cgroup_name(veid), Limits(**{k: limits[k] for k, key in _LIMIT_ARGS.items()
+                                                                 if key in changes and k in limits}))
     files = {}
     if {"NAMESERVER", "SEARCHDOMAIN"} & set(changes) and conf.get("NAMESERVER"):
         files["etc/resolv.conf"] = _resolv_conf(conf)

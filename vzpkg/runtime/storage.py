@@ -96,26 +96,23 @@ def cache_sha256(cache_dir: Path, name: str) -> str:
 
 
 def _read_manifest(cache_dir: Path, name: str) -> dict:
-    """Read directly (not through CacheStore) to keep `vzctl create` free of the archive module's imports."""
-    import json
-
-    from vzpkg.safeio import MANIFEST_MAX, NotRegularFileError, read_small_text
+    """The cache's manifest through vzpkg.manifest's reader (stdlib only: `vzctl create` loads no archive code)."""
+    from vzpkg.manifest import ManifestReadError, read_data
 
     manifest = cache_dir / f"{name}.json"
     try:
-        data = json.loads(read_small_text(manifest, MANIFEST_MAX))
-    except FileNotFoundError:
-        raise CacheNotFoundError(
-            f"no cache for template {name!r} in {cache_dir}: run 'vzpkg create-cache {name}' "
-            "(or point --cache-dir / $VZPKG_CACHE_DIR at the right directory)"
-        ) from None
-    except NotRegularFileError as e:
-        raise CacheNotFoundError(f"cache manifest {manifest} is {e.strerror}: rebuild the cache") from None
-    except (OSError, ValueError) as e:
-        raise CacheNotFoundError(f"cannot read cache manifest {manifest}: {e}") from None
-    if not isinstance(data, dict):
-        raise CacheNotFoundError(f"cache manifest {manifest} is not a JSON object: rebuild the cache")
-    return data
+        return read_data(manifest)
+    except ManifestReadError as e:
+        if e.kind == "missing":
+            raise CacheNotFoundError(
+                f"no cache for template {name!r} in {cache_dir}: run 'vzpkg create-cache {name}' "
+                "(or point --cache-dir / $VZPKG_CACHE_DIR at the right directory)"
+            ) from None
+        if e.kind == "not-regular":
+            raise CacheNotFoundError(f"cache manifest {manifest} is {e.detail}: rebuild the cache") from None
+        if e.kind == "not-object":
+            raise CacheNotFoundError(f"cache manifest {manifest} is not a JSON object: rebuild the cache") from None
+        raise CacheNotFoundError(f"cannot read cache manifest {manifest}: {e.cause}") from None
 
 
 def ensure_template(layout: Layout, cache_dir: Path, name: str, id_shift: int) -> tuple[str, Path]:
@@ -130,7 +127,8 @@ def ensure_template(layout: Layout, cache_dir: Path, name: str, id_shift: int) -
             return sha, target
         import shutil
 
-        from vzpkg.store.archive import safe_unpack, sha256_file
+        from vzpkg.store.archive import sha256_file
+        from vzpkg.store.extract import safe_unpack
 
         archive = cache_dir / f"{name}.tar.zst"
         if not archive.is_file():

@@ -22,6 +22,7 @@ from vzpkg.flock import open_lockfile, take
 from . import state, storage
 from .confcache import _check_private_range, _conf_params, _idmap_shift, _template_of, load_conf, load_conf_cached
 from .layout import DEFAULT_ID_SHIFT, ID_RANGE, Layout, check_veid, template_shift
+from .limits import Limits
 
 DEFAULT_STOP_TIMEOUT = 10.0
 
@@ -329,7 +330,7 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
         with ExitStack() as undo:  # a failure from here on undoes it all (last in, first out)
             undo.callback(_cleanup, layout, veid)  # processes in its cgroups, cgroups, root mount, record, veth
             undo.callback(_kill_recorded_init, layout, veid)
-            cg.set_limits(cgname, **conf.limits)
+            cg.set_limits(cgname, Limits(**conf.limits))
             cg.setup_devices(cgname, DEVICE_RULES)
             root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
             pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit)

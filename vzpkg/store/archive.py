@@ -1,7 +1,7 @@
 """Cache archives: reproducible tar + zstandard packing and reading.
 
 Packing streams GNU tar (fast, and it records xattrs, hard links and sparse files) into a multithreaded
-zstandard compressor. Unpacking is vzpkg/store/extract.py's job (safe_unpack is re-exported here for its callers).
+zstandard compressor. Unpacking is vzpkg/store/extract.py's job (safe_unpack).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import BuildError, MissingToolError
-from .extract import safe_unpack  # noqa: F401 - re-exported for its callers
 
 DEFAULT_LEVEL = 6  # measured on a Debian minbase: level 9 is 3 % smaller and 35 % slower
 _CHUNK = 1 << 20

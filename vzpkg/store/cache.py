@@ -17,7 +17,6 @@ symlinks. A pair published by an older vzpkg as two regular files is adopted (ha
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -28,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CacheNotFoundError, NotWritableError, VerifyError
-from ..safeio import MANIFEST_MAX, NotRegularFileError, read_small_text
+from ..manifest import ManifestReadError, read_data, write_json
+from ..manifest import problem as manifest_problem
+from ..manifest.model import Manifest
 from ..space import disk_full_error, is_full
 from .archive import iter_members, sha256_file
 
@@ -47,18 +48,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    with path.open("w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
-        _write_json(tmp, data)
+        write_json(tmp, data)
         os.rename(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -95,34 +88,6 @@ def check_writable(directory: Path, what: str = "cache directory") -> None:
                                f"or use another one (--cache-dir / $VZPKG_CACHE_DIR)")
 
 
-# The fields vzpkg reads back from a manifest, with the JSON type each must have (a hand-edited or crafted
-# manifest with another type made `vzpkg info`/`status` fail with an internal error).
-# Scalars may be null (an older vzpkg wrote some as null; the readers cope); containers may not.
-_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
-    "sha256": str, **dict.fromkeys(("name", "archive", "created", "init", "architecture", "distribution",
-                                    "release", "template_digest"), (str, type(None))),
-    **dict.fromkeys(("packed_size", "unpacked_size", "package_count"), (int, type(None))),
-    "durations": dict, "mirrors": dict, "packages": list, "repositories": list, "template_packages": list,
-}
-
-
-def manifest_problem(data: dict[str, Any]) -> str | None:
-    """What makes the manifest DATA unusable (a field of the wrong type), or None."""
-    for key, kind in _MANIFEST_TYPES.items():
-        if key in data and not isinstance(data[key], kind):
-            want = kind.__name__ if isinstance(kind, type) else kind[0].__name__
-            return f'"{key}" is {type(data[key]).__name__}, not {want}'
-    for i, pkg in enumerate(data.get("packages", [])):
-        if not (isinstance(pkg, dict) and isinstance(pkg.get("name"), str)):
-            return f'"packages"[{i}] is not an object with a "name" string'
-    for i, repo in enumerate(data.get("repositories", [])):
-        if not isinstance(repo, dict):
-            return f'"repositories"[{i}] is not an object'
-    if not all(isinstance(v, (int, float)) for v in data.get("durations", {}).values()):
-        return '"durations" has a value that is not a number'
-    return None
-
-
 @dataclass
 class CacheStore:
     root: Path
@@ -145,21 +110,26 @@ class CacheStore:
             raise CacheNotFoundError(f"no cache for template {name!r} in {self.root}: run 'vzpkg create-cache {name}'")
         rebuild = f"rebuild it with 'vzpkg create-cache --force {name}'"
         try:
-            data = json.loads(read_small_text(path, MANIFEST_MAX))
-        except FileNotFoundError as e:
-            raise VerifyError(f"cache {name!r} has no manifest {path}: {rebuild}") from e
-        except NotRegularFileError as e:
-            raise VerifyError(f"manifest {path} is {e.strerror}: {rebuild}") from e
-        except (ValueError, UnicodeDecodeError) as e:
-            raise VerifyError(f"manifest {path} is not valid JSON ({e}): {rebuild}") from e
-        except OSError as e:
-            raise VerifyError(f"manifest {path} cannot be read ({e.strerror}): {rebuild}") from e
-        if not isinstance(data, dict):
-            raise VerifyError(f"manifest {path} is not a JSON object (it is {type(data).__name__}): {rebuild}")
+            data = read_data(path)
+        except ManifestReadError as e:
+            cause = e.cause
+            if e.kind == "missing":
+                raise VerifyError(f"cache {name!r} has no manifest {path}: {rebuild}") from cause
+            if e.kind == "not-regular":
+                raise VerifyError(f"manifest {path} is {e.detail}: {rebuild}") from cause
+            if e.kind == "invalid":
+                raise VerifyError(f"manifest {path} is not valid JSON ({e.detail}): {rebuild}") from cause
+            if e.kind == "unreadable":
+                raise VerifyError(f"manifest {path} cannot be read ({e.detail}): {rebuild}") from cause
+            raise VerifyError(f"manifest {path} is not a JSON object (it is {e.detail}): {rebuild}") from e
         problem = manifest_problem(data)
         if problem:
             raise VerifyError(f"manifest {path}: {problem}: {rebuild}")
         return data
+
+    def load_manifest(self, name: str) -> Manifest:
+        """The manifest of NAME, typed (the errors of read_manifest)."""
+        return Manifest.from_dict(self.read_manifest(name))
 
     def manifest_or_none(self, name: str) -> dict[str, Any] | None:
         """The manifest, or None when there is no cache (a broken manifest is still an error)."""
@@ -253,7 +223,7 @@ class CacheStore:
             raise
         try:
             os.rename(archive_tmp, gen / self.archive_path(name).name)
-            _write_json(gen / self.manifest_path(name).name, manifest)
+            write_json(gen / self.manifest_path(name).name, manifest)
             fsync_dir(gen)
             _symlink_atomic(ident, pdir / CURRENT)  # the switch: from here on NAME is the new pair
         except BaseException as e:
