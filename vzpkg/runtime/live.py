@@ -1,7 +1,9 @@
 """`vzctl set`: validate changes, apply what can change in a running VE at once (cgroup limits, hostname, resolver,
 addresses), save the config.
 
-The hostname and the resolver are written from a child that joins the VE's user, uts and mount namespaces, so a
+--ipadd adds to and --ipdel removes from two lists: the running VE's live addresses (applied at once, with the
+host routes that follow them: net.apply_addresses) and, with --save, the config's IP_ADDRESS. /etc/hostname and
+/etc/resolv.conf are written from a child that joins the VE's user, uts and mount namespaces, so a
 symlink the VE planted resolves within the VE, never on the host.
 """
 
