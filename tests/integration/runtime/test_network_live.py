@@ -262,3 +262,27 @@ def test_hostname_and_resolver_at_once(rt):
     rt.vzctl("stop", veid)
     rt.vzctl("start", veid)
     assert "nameserver 10.199.0.54\n" in rt.vzctl("exec", veid, "cat", "/etc/resolv.conf").stdout
+
+
+def test_routes_of_a_ve_that_died(rt, bridge):
+    """A VE whose init died without vzctl (killed from outside): its veth went with its network namespace but
+    the host routes stay (routes on the bridge outlive it); `vzpkg clean --ves` removes them, and so would its
+    next start (which then sets them up afresh)."""
+    a = _with_ip(rt, bridge, "10.199.83.2/24")
+    b = _with_ip(rt, bridge, "10.199.83.3/24")
+    os.kill(rt.init_pid(a), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while rt.vzctl("status", a).stdout.split()[4] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "proto 199" in _host_routes("10.199.83.2")  # the leak this guards against
+    p = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzpkg", "clean", "--ves", "--root", str(rt.root),
+                        "--cache-dir", str(rt.cache_dir)], env=rt.env, cwd=PROJECT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert _host_routes("10.199.83.2") == ""
+    assert not os.path.exists(net.routes_file(os.path.realpath(rt.root), a))
+    assert "proto 199" in _host_routes("10.199.83.3")  # the running VE keeps its route
+    assert assert_every_running_ve_routed(rt, bridge) == 1
+    rt.vzctl("start", a)
+    assert assert_every_running_ve_routed(rt, bridge) == 2
+    assert b in _running_addresses(rt)
