@@ -141,37 +141,47 @@ def _route_cmd(verb: str, prefix: str, bridge: str) -> list[str]:
 def add_routes(root: str, veid: str, bridge: str, addrs: list) -> None:
     """Give the host a route to each of ADDRS through BRIDGE, and check that the host now sends traffic for it
     there (a local address of the host, or a policy rule, would win over the route)."""
+    added: list[str] = []
+    try:
+        for a in addrs:
+            _add_route(root, veid, bridge, a)
+            added.append(_host_prefix(a))
+    except BaseException:
+        remove_routes(root, veid, set(added))  # all or nothing: an address left unrouted is never set
+        raise
+
+
+def _add_route(root: str, veid: str, bridge: str, a) -> None:
     import json
 
     held = _read_routes(root, veid)
-    for a in addrs:
-        prefix = _host_prefix(a)
-        entry = (bridge, prefix)
-        if entry in held:  # ours already (a live change cut off half-way): take it again from scratch
-            _ip(*_route_cmd("del", prefix, bridge), check=False)
-        else:
-            held.append(entry)
-            _write_routes(root, veid, held)  # ahead of the route: whoever cleans up finds it
-        proc = _ip(*_route_cmd("add", prefix, bridge), check=False)
-        if proc.returncode != 0:
-            held.remove(entry)
-            _write_routes(root, veid, held)
-            if "File exists" in proc.stderr:
-                shown = _ip("route", "show", "exact", prefix, check=False).stdout.strip()
-                raise AddressInUseError(f"IP address {a.ip}: the host already has a route for it ({shown}): another "
-                                        "VE or the host uses it; pick another address, or if it is a VE's leftover, "
-                                        "run 'vzpkg clean --ves' or 'ip route del " + prefix + "'")
-            raise VEError(f"network setup failed: ip {' '.join(_route_cmd('add', prefix, bridge))}: "
-                          f"{proc.stderr.strip()}")
-        got = json.loads(_ip("-j", "route", "get", str(a.ip)).stdout or "[{}]")
-        dev = got[0].get("dev") if got else None
-        if dev != bridge or got[0].get("type", "unicast") != "unicast":
-            _ip(*_route_cmd("del", prefix, bridge), check=False)
-            held.remove(entry)
-            _write_routes(root, veid, held)
-            raise AddressInUseError(f"IP address {a.ip}: the host sends its traffic to {dev or 'nowhere'} "
-                                    f"({got[0].get('type', 'unicast')}), not to bridge {bridge}, even with a route: "
-                                    "it is an address of the host itself or a policy rule routes it; pick another")
+    prefix = _host_prefix(a)
+    entry = (bridge, prefix)
+    if entry in held:  # ours already (a live change cut off half-way): take it again from scratch
+        _ip(*_route_cmd("del", prefix, bridge), check=False)
+    else:
+        held.append(entry)
+        _write_routes(root, veid, held)  # ahead of the route: whoever cleans up finds it
+    proc = _ip(*_route_cmd("add", prefix, bridge), check=False)
+    if proc.returncode != 0:
+        held.remove(entry)
+        _write_routes(root, veid, held)
+        if "File exists" in proc.stderr:
+            shown = " ".join(_ip("route", "show", "exact", prefix, check=False).stdout.split())
+            raise AddressInUseError(f"IP address {a.ip}: the host already has a route for it ({shown}): another "
+                                    "VE or the host uses it; pick another address, or if it is a VE's leftover, "
+                                    "run 'vzpkg clean --ves' or 'ip route del " + prefix + "'")
+        raise VEError(f"network setup failed: ip {' '.join(_route_cmd('add', prefix, bridge))}: "
+                      f"{proc.stderr.strip()}")
+    got = json.loads(_ip("-j", "route", "get", str(a.ip)).stdout or "[{}]")
+    dev = got[0].get("dev") if got else None
+    if dev != bridge or got[0].get("type", "unicast") != "unicast":
+        _ip(*_route_cmd("del", prefix, bridge), check=False)
+        held.remove(entry)
+        _write_routes(root, veid, held)
+        raise AddressInUseError(f"IP address {a.ip}: the host sends its traffic to {dev or 'nowhere'} "
+                                f"({got[0].get('type', 'unicast')}), not to bridge {bridge}, even with a route: "
+                                "it is an address of the host itself or a policy rule routes it; pick another")
 
 
 def remove_routes(root: str, veid: str, prefixes: set[str] | None = None) -> None:

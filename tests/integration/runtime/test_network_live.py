@@ -286,3 +286,22 @@ def test_routes_of_a_ve_that_died(rt, bridge):
     rt.vzctl("start", a)
     assert assert_every_running_ve_routed(rt, bridge) == 2
     assert b in _running_addresses(rt)
+
+
+def test_ipadd_ipdel_on_a_stopped_ve_edit_the_config(rt):
+    """On a stopped VE --ipadd/--ipdel edit IP_ADDRESS with --save and are refused without it (exit 2: nothing
+    would change), as is --ipdel of an address the config does not have."""
+    veid = rt.create(start=False)
+    conf = rt.root / "conf" / f"{veid}.conf"
+    rt.vzctl("set", veid, "--ipadd", "10.199.84.2/24", "--save")
+    rt.vzctl("set", veid, "--ipadd", "10.199.84.3 fd00:199::84", "--save")
+    assert 'IP_ADDRESS="10.199.84.2/24 10.199.84.3 fd00:199::84"' in conf.read_text()
+    rt.vzctl("set", veid, "--ipdel", "10.199.84.3", "--save")
+    assert 'IP_ADDRESS="10.199.84.2/24 fd00:199::84"' in conf.read_text()
+    before = conf.read_text()
+    for args in (["--ipdel", "10.199.84.9", "--save"], ["--ipadd", "10.199.84.5"], ["--ipdel", "all"]):
+        p = rt.vzctl("set", veid, *args, check=False)
+        assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, (args, p.stderr)
+    p = rt.vzctl("set", veid, "--ipdel", "all 10.199.84.2", "--save", check=False)
+    assert p.returncode == 13 and "'all' stands alone" in p.stderr
+    assert conf.read_text() == before
