@@ -163,5 +163,12 @@ class VEOutOfMemoryError(VEError):
     exit_code = 33
 
 
+class AddressInUseError(VEError):
+    """A VE's IP address is already routed on the host (another VE's, the host's own): giving it to this VE
+    would take it from its owner or send the VE's traffic elsewhere."""
+
+    exit_code = 34
+
+
 class InterruptedError_(VzError):
     exit_code = 130

@@ -8,11 +8,12 @@ loss): `recover` (run by ve.VELock for every operation, and by `vzpkg clean --ve
 
     create    no config yet: the private area (and root/<id>) it made is removed; config saved: nothing to undo
     destroy   the destroy is finished (ve.py does that part: stop, then the files below)
+    start     the VE is stopped and everything it held removed (ve.py: processes, cgroups, mount, veth, routes)
     save      a temporary config file conf/.<id>.conf.XXXXXXXX.tmp is removed
 
 and always removes the VE's dead temporary directories (private/.tmp-<id>-<pid>, .tmp-<id>-destroy-<pid>).
 `sweep` is the whole-root pass of `vzpkg clean --ves`: every VE's journal, dead temporary directories and files
-of any VE, lock files of VEs that do not exist, empty mount points of VEs that do not exist, and interrupted
+of any VE, the host routes (run/<id>.routes) of VEs that are not running, lock files of VEs that do not exist, empty mount points of VEs that do not exist, and interrupted
 template unpacks (template/.tmp-*).
 """
 
@@ -212,12 +213,19 @@ def sweep(layout: Layout) -> list[tuple[Path, int]]:
     veids = {n[:-5] for n in _listdir(layout.lock_dir) if n.endswith(".lock") and valid_veid(n[:-5])}
     veids |= {v for n in _listdir(layout.conf_dir) if (v := _conf_tmp_veid(n))}
     veids |= {n for n in _listdir(layout.mount_dir) if valid_veid(n) and not layout.conf(n).exists()}
-    for veid in sorted(veids):
+    routed = {n[:-7] for n in _listdir(layout.run_dir) if n.endswith(".routes") and valid_veid(n[:-7])}
+    for veid in sorted(veids | routed):
         had_lock_file = os.path.exists(layout.lock(veid))
         lock = ve.VELock(layout, veid, wait=False)
         try:
             with lock:
                 removed.extend(lock.recovered)
+                routes = layout.run_dir / f"{veid}.routes"
+                if routes.exists() and ve.running_init(layout, veid) is None:
+                    from . import net  # a VE that died (or a host route its vzctl was killed before removing)
+
+                    net.remove_veth(layout.real_root(), veid)
+                    removed.append((routes, 0))
                 if not ve.exists(layout, veid):
                     p = layout.ve_root(veid)
                     if os.path.isdir(p) and not storage.is_mounted(p) and not _listdir(p):

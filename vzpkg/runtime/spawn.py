@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -90,7 +91,7 @@ class InitSpec:
     init_path: str  # what is exec'ed as pid 1, with init_argv
     init_argv: list[str]
     vzinit: bytes | None  # the minimal init's binary, written to /run/vzinit when init_path names it
-    files: dict[str, str]  # written into the VE's tree (paths relative to /) before the exec
+    files: dict  # written into the VE's tree (paths relative to /) before the exec: text, or old text -> text
     tmpfs: tuple[str, str]  # size= options of /dev/shm and /run (_tmpfs_sizes)
 
     def __init__(self, privileged: bool, root: Path, hostname: str, init_path: str, init_argv: list[str],
@@ -126,7 +127,7 @@ def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit
     files = {}
     if conf.get("HOSTNAME"):
         files["etc/hostname"] = f"{hostname}\n"
-    if conf.get("NAMESERVER"):
+    if conf.get("NAMESERVER") or conf.get("SEARCHDOMAIN"):
         files["etc/resolv.conf"] = _resolv_conf(conf)
     init_path, init_argv = init_mod.argv_for(init_kind, vzinit)
     up_r, up_w = os.pipe2(os.O_CLOEXEC)
@@ -338,19 +339,50 @@ def _harden(privileged: bool) -> None:
     ns.install_seccomp_denylist()
 
 
-def _resolv_conf(conf) -> str:
-    lines = [f"nameserver {ns_}" for ns_ in (conf.get("NAMESERVER") or "").split()]
-    if conf.get("SEARCHDOMAIN"):
-        lines.append(f"search {conf.get('SEARCHDOMAIN')}")
-    return "\n".join(lines) + "\n"
+def _resolv_conf(conf):
+    """/etc/resolv.conf's new text from its old one: NAMESERVER replaces the `nameserver` lines and SEARCHDOMAIN
+    the `search`/`domain` line; what the config leaves unset, and every other line (options), stays as the VE
+    had it (OpenVZ's set_dns did the same)."""
+    servers = [f"nameserver {ns_}" for ns_ in (conf.get("NAMESERVER") or "").split()]
+    search = conf.get("SEARCHDOMAIN") or ""
+
+    def update(old: str) -> str:
+        lines = list(servers)
+        for line in old.splitlines():
+            word = line.split()[0] if line.split() else ""
+            if (word == "nameserver" and servers) or (word in ("search", "domain") and search):
+                continue
+            lines.append(line)
+        if search:
+            lines.append(f"search {search}")
+        return "\n".join(lines) + "\n"
+
+    return update
 
 
-def _write_files(files: dict[str, str]) -> None:
-    """Write FILES (paths relative to /) as the VE's root, from inside the VE's mount namespace: a symlink the VE
-    planted resolves within the VE, never on the host; the last component is never followed (O_NOFOLLOW)."""
+def _read_regular(path: str) -> str:
+    """The text of PATH if it is a regular file (never through a symlink), else ""."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return os.read(fd, 1 << 16).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def _write_files(files: dict) -> None:
+    """Write FILES (paths relative to /; a value is the text, or a function of the old text) as the VE's root,
+    from inside the VE's mount namespace: a symlink the VE planted resolves within the VE, never on the host;
+    the last component is never followed (O_NOFOLLOW), a symlink there counts as no old text."""
     for rel, text in files.items():
         path = f"/{rel}"
         try:
+            if callable(text):
+                text = text(_read_regular(path))
             if os.path.islink(path):
                 os.unlink(path)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)

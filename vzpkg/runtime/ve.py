@@ -97,7 +97,7 @@ def _recover(layout: Layout, veid: str, intent: str, fd: int) -> list[tuple[Path
     """Finish or undo what an operation killed half-way left (its name is INTENT, read from the journal)."""
     from . import leftovers
 
-    if intent.split()[0] == "destroy":
+    if intent.split()[0] in ("destroy", "start"):  # a start cut off half-way is undone: stopped, cleaned up
         _stop_locked(layout, veid, fast=True, timeout=DEFAULT_STOP_TIMEOUT)
     removed = leftovers.recover_files(layout, veid, intent)
     leftovers.clear_intent(fd)
@@ -307,7 +307,7 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
 
     veid = check_veid(veid)
     layout.secure_areas()
-    with VELock(layout, veid):
+    with VELock(layout, veid) as lock:
         conf = load_conf_cached(layout, veid)
         if running_init(layout, veid):
             raise VEStateError(f"VE {veid} is already running")
@@ -326,8 +326,9 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
             vzinit = path.read_bytes() if path else None
         cg = _cgroups()
         cgname = layout.cgroup_name(veid)
-        cg.create(cgname)
-        with ExitStack() as undo:  # a failure from here on undoes it all (last in, first out)
+        lock.begin("start")  # a SIGKILL from here on: the next command on the VE stops what was started
+        with _done(lock), ExitStack() as undo:  # a failure from here on undoes it all (last in, first out)
+            cg.create(cgname)
             undo.callback(_cleanup, layout, veid)  # processes in its cgroups, cgroups, root mount, record, veth
             undo.callback(_kill_recorded_init, layout, veid)
             cg.set_limits(cgname, Limits(**conf.limits))

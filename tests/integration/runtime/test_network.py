@@ -58,7 +58,7 @@ def test_bad_ip_refused(rt, bridge):
 
 
 def test_set_ipadd_on_a_running_ve_applies_at_once(rt, bridge):
-    """A VE started without an address gets eth0 on the bridge at `set --ipadd`; a second `set --ipadd` replaces
+    """A VE started without an address gets eth0 on the bridge at `set --ipadd`; `--ipdel all --ipadd` replaces
     the address; without --save the config is unchanged."""
     veid = rt.create(start=False)
     conf = rt.root / "conf" / f"{veid}.conf"
@@ -71,7 +71,7 @@ def test_set_ipadd_on_a_running_ve_applies_at_once(rt, bridge):
     assert "10.199.78.2/24" in addrs
     host_if = net.host_ifname(os.path.realpath(rt.root), veid)
     assert os.path.realpath(f"/sys/class/net/{host_if}/master").endswith(bridge)
-    rt.vzctl("set", veid, "--ipadd", "10.199.78.3/24 fd00:199::3")
+    rt.vzctl("set", veid, "--ipdel", "all", "--ipadd", "10.199.78.3/24 fd00:199::3")
     addrs = rt.vzctl("exec", veid, "ip", "-o", "addr", "show", "eth0").stdout
     assert "10.199.78.3/24" in addrs and "fd00:199::3/128" in addrs and "10.199.78.2/" not in addrs
     assert "default dev eth0" in rt.vzctl("exec", veid, "ip", "route").stdout
