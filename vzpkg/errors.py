@@ -161,7 +161,3 @@ class VEOutOfMemoryError(VEError):
     """A command run in a VE (vzctl exec) was killed by the VE's memory limit (the OOM killer)."""
 
     exit_code = 33
-
-
-class InterruptedError_(VzError):
-    exit_code = 130

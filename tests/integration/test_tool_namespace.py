@@ -57,7 +57,7 @@ def test_sigkilled_vzpkg_takes_its_tool_and_mounts_along(tmp_path: Path) -> None
     script = (f"mount -t tmpfs vzpkg-tool-test {work}/m && cd {work} && "
               f"setpriv --reuid=65534 --regid=65534 --clear-groups sleep 300 & "
               f"cd {work} && touch {work}/ready && sleep 300")
-    driver = (f"import os\nfrom vzpkg.chroot import run_tool\n"
+    driver = (f"import os\nfrom vzpkg.build.chroot import run_tool\n"
               f"run_tool(['sh', '-c', {script!r}], env=dict(os.environ))\n")
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=PROJECT)
     try:
@@ -86,7 +86,7 @@ def test_build_mounts_exist_only_in_the_tools_namespace(tmp_path: Path) -> None:
     with build_mounts(root):
         rc = run_tool(["sh", "-c", f"awk '{{print $5}}' /proc/self/mountinfo | grep '^{root}/'; "
                                    f"ls {root}/proc | grep -c '^[0-9]'"],
-                      env=dict(os.environ), on_line=lambda raw: lines.append(raw.decode().strip()))
+                      env=dict(os.environ), on_line=lambda raw: lines.append(raw.decode().strip())).returncode
         assert mounts_below(root) == []
     assert rc == 0, lines
     assert {f"{root}/proc", f"{root}/sys", f"{root}/dev"} <= set(lines), lines

@@ -13,11 +13,11 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from .. import process
 from ..build.chroot import build_mounts, run_tool, unmount_below
 from ..build.inroot import remove_matches, require_inside
 from ..errors import BuildError, MirrorError, MissingToolError, SignatureError, TemplateError
@@ -168,17 +168,25 @@ def verify_repomd_signature(repo: dict[str, Any], baseurl: str, data: bytes, asc
 
     tmp_parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp_parent) as home:
-        for ref in repo["gpgkey"]:
-            subprocess.run(["gpg", "--batch", "--homedir", home, "--import", ref[len("file://"):]],
-                           capture_output=True)
-        (Path(home) / "repomd.xml").write_bytes(data)
-        (Path(home) / "repomd.xml.asc").write_bytes(asc)
-        proc = subprocess.run(["gpg", "--batch", "--homedir", home, "--status-fd", "1", "--verify",
-                               str(Path(home) / "repomd.xml.asc"), str(Path(home) / "repomd.xml")],
-                              capture_output=True, text=True)
-        subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True)
-        # the home's socket directory (/run/user/0/gnupg/d.*, where /run/user/0 exists) goes with the home
-        subprocess.run(["gpgconf", "--homedir", home, "--remove-socketdir"], capture_output=True)
+        try:
+            for ref in repo["gpgkey"]:
+                key = ref[len("file://"):]
+                # a key gpg cannot import must fail here, naming it: ignored, it surfaced as "signature check
+                # failed" with no hint that the key file is the problem
+                imported = process.run(["gpg", "--batch", "--homedir", home, "--import", key], capture=True,
+                                       text=True, check=False)
+                if imported.returncode != 0:
+                    last = imported.tail[-1] if imported.tail else process.status_text(imported.returncode)
+                    raise SignatureError(f"repository {repo['id']}: GPG key {key} cannot be imported: gpg: {last}")
+            (Path(home) / "repomd.xml").write_bytes(data)
+            (Path(home) / "repomd.xml.asc").write_bytes(asc)
+            proc = process.run(["gpg", "--batch", "--homedir", home, "--status-fd", "1", "--verify",
+                                str(Path(home) / "repomd.xml.asc"), str(Path(home) / "repomd.xml")],
+                               capture=True, text=True, check=False)
+        finally:
+            process.run(["gpgconf", "--homedir", home, "--kill", "all"], capture=True, check=False)
+            # the home's socket directory (/run/user/0/gnupg/d.*, where /run/user/0 exists) goes with the home
+            process.run(["gpgconf", "--homedir", home, "--remove-socketdir"], capture=True, check=False)
     if proc.returncode != 0 or "[GNUPG:] VALIDSIG" not in proc.stdout:
         raise SignatureError(f"{baseurl.rstrip('/')}/repodata/repomd.xml: signature check failed with the template's "
                              f"keys (repo_gpgcheck on repository {repo['id']})")
@@ -209,8 +217,6 @@ class DnfBackend(PackageManager):
 
     def bootstrapper_name(self, ctx: BuildContext) -> str:
         return self.tool() or self.name
-
-    _bootstrapper = bootstrapper_name
 
     def check_host(self, ctx: BuildContext) -> None:
         self._ctx = ctx
@@ -383,7 +389,8 @@ class DnfBackend(PackageManager):
         ctx.note(f"running: {shlex.join(cmd)}")
         target = root / CACHE_IN_ROOT
         require_inside(root, target, "mount the package cache over")  # mount(8) follows symlinks
-        subprocess.run(["mount", "--bind", str(cache), str(target)], check=True, capture_output=True)
+        process.run(["mount", "--bind", str(cache), str(target)], capture=True, error=BuildError,
+                    what=f"mounting the package cache {cache} on {target}")
         try:
             with build_mounts(root):
                 rc, output = self._run(ctx, gnupg.with_private_run_user(cmd))
@@ -401,13 +408,12 @@ class DnfBackend(PackageManager):
         with ctx.log.open("ab") as log:
 
             def on_line(raw: bytes) -> None:
-                log.write(raw)
                 line = raw.decode(errors="replace").rstrip()
                 output.append(line)
                 if ctx.verbose:
                     sys.stderr.write(line + "\n")
 
-            rc = run_tool(cmd, env=self._env(ctx), on_line=on_line)
+            rc = run_tool(cmd, env=self._env(ctx), log=log, on_line=on_line, what=cmd[0]).returncode
         return rc, output
 
     def _error(self, ctx: BuildContext, what: str, rc: int, output: list[str]) -> Exception:
@@ -546,10 +552,8 @@ def read_rpmdb(root: Path, dbpath: str, force_command: bool = False) -> tuple[li
         raise MissingToolError("cannot read the rpmdb: neither the rpm Python bindings nor the rpm command is "
                                "available: apt-get install rpm python3-rpm")
     qf = "%{NAME}\\t%{EPOCH}\\t%{VERSION}\\t%{RELEASE}\\t%{ARCH}\\n"
-    proc = subprocess.run(["rpm", "--root", str(root), "--dbpath", dbpath, "-qa", "--qf", qf],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BuildError(f"rpm -qa in {root} failed: {proc.stderr.strip()}")
+    proc = process.run(["rpm", "--root", str(root), "--dbpath", dbpath, "-qa", "--qf", qf], capture=True, text=True,
+                       error=BuildError, what=f"rpm -qa in {root}")
     found = []
     for line in proc.stdout.splitlines():
         parts = line.split("\t")
