@@ -161,6 +161,16 @@ def expand_repository(repo: dict[str, Any], variables: dict[str, str]) -> dict[s
     return sub
 
 
+_GPG_COUNT = re.compile(r"^(gpg: )?\s*(Total number processed|[\w /-]+): \d+$")
+
+
+def gpg_reason(lines: list[str]) -> str:
+    """gpg's last line that says something: not the import counters (`Total number processed: 0`, ...) it ends
+    with, and without its `gpg: ` prefix."""
+    said = [ln for ln in lines if ln.strip() and not _GPG_COUNT.match(ln.strip())]
+    return said[-1].strip().removeprefix("gpg: ") if said else ""
+
+
 def verify_repomd_signature(repo: dict[str, Any], baseurl: str, data: bytes, asc: bytes, tmp_parent: Path) -> None:
     """Check repomd.xml DATA against its detached signature ASC with the repository's keys (local file:// refs,
     as _fetch_keys leaves them) in a throwaway GnuPG home; raise SignatureError when it does not verify."""
@@ -176,8 +186,8 @@ def verify_repomd_signature(repo: dict[str, Any], baseurl: str, data: bytes, asc
                 imported = process.run(["gpg", "--batch", "--homedir", home, "--import", key], capture=True,
                                        text=True, check=False)
                 if imported.returncode != 0:
-                    last = imported.tail[-1] if imported.tail else process.status_text(imported.returncode)
-                    raise SignatureError(f"repository {repo['id']}: GPG key {key} cannot be imported: gpg: {last}")
+                    raise SignatureError(f"repository {repo['id']}: GPG key {key} cannot be imported: gpg: "
+                                         f"{gpg_reason(imported.tail) or process.status_text(imported.returncode)}")
             (Path(home) / "repomd.xml").write_bytes(data)
             (Path(home) / "repomd.xml.asc").write_bytes(asc)
             proc = process.run(["gpg", "--batch", "--homedir", home, "--status-fd", "1", "--verify",
