@@ -14,27 +14,34 @@ What each command gets:
 `run` is for commands that run to their end; `spawn` is for the streaming pipelines (tar into zstandard, zstandard
 into tar) whose pipes vzpkg reads or writes itself.
 
-Documented exceptions (tests/unit/test_process.py enforces that nothing else in vzpkg/ uses subprocess): none use
-subprocess. The runtime's hot path starts processes with os.fork + exec and no subprocess at all, on purpose
-(runtime/spawn.py, runtime/attach.py, runtime/live.py, store/extract.py): the child must join namespaces and
-cgroups, drop capabilities and pivot_root between fork and exec, which subprocess cannot do, and vzctl
-start/exec must not pay for importing it.
+Exceptions (tests/unit/test_process.py fails on any subprocess use outside this module, and there is none):
+- The runtime's hot path uses os.fork (+ exec), not subprocess, on purpose: runtime/spawn.py (the VE's init) and
+  runtime/attach.py (vzctl exec/enter) fork and exec; runtime/live.py and store/extract.py fork a Python child
+  that does the work itself (no command). Between fork and exec the child joins namespaces and cgroups, drops
+  capabilities or pivots its root, which subprocess cannot do, and vzctl start/exec must not pay for importing
+  it. They keep their own error handling (VEError and its subclasses, UnsafeArchiveError).
+- The runtime's short host commands (ip/nsenter in runtime/net.py, cp and rm in runtime/storage.py and
+  runtime/leftovers.py, gcc in runtime/init.py) do go through `run`; they import this module lazily, and this
+  module imports nothing beyond subprocess's own dependencies at import time.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import shlex
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import IO, Any
 
 from .errors import BuildError, VzError
+
+# Annotations only: the runtime (vzctl start sets up its network through here) does not pay for importing typing,
+# dataclasses or shlex.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from typing import IO, Any
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -73,18 +80,27 @@ def _preexec(pdeathsig: int | None, then: Callable[[], None] | None) -> Callable
     return child
 
 
-@dataclass
 class Result:
     """How a command ended: its status, its captured output (capture=True) and the last lines it printed."""
 
-    cmd: list[str]
-    returncode: int
-    stdout: Any = None
-    stderr: Any = None
-    tail: list[str] = field(default_factory=list)
+    __slots__ = ("cmd", "returncode", "stdout", "stderr", "tail")
+
+    def __init__(self, cmd: list[str], returncode: int, stdout: Any = None, stderr: Any = None,
+                 tail: list[str] | None = None) -> None:
+        self.cmd = cmd
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.tail = tail if tail is not None else []
+
+    def __repr__(self) -> str:
+        return f"Result(cmd={self.cmd!r}, returncode={self.returncode})"
 
 
 def describe(cmd: Sequence[str]) -> str:
+    """CMD as a shell would read it, shortened for a one-line message."""
+    import shlex
+
     text = shlex.join(str(c) for c in cmd)
     return text if len(text) <= _COMMAND_MAX else text[:_COMMAND_MAX - 3] + "..."
 
