@@ -169,6 +169,3 @@ class AddressInUseError(VEError):
 
     exit_code = 34
 
-
-class InterruptedError_(VzError):
-    exit_code = 130

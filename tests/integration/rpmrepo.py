@@ -7,6 +7,7 @@ Packages (all tiny; the only real binary is Debian's static busybox):
     vzt-a → vzt-b → vzt-c   a dependency chain
     vzt-epoch        2.0-1, and 1:1.5-1 (a lower version whose Epoch bump makes it newer)
     vzt-slow         a %post scriptlet that sleeps for two minutes (for interruption tests)
+    vzt-badpre       a %pre scriptlet that fails (dnf itself fails)
     vzt-unsigned     not signed
     vzt-tampered     signed, then a byte of its header changed
 The repository directory also holds RPM-GPG-KEY-vzt (the signing key) and, beside it, `broken/` whose
@@ -63,6 +64,7 @@ class Package:
     install: str = ""
     files: str = ""
     post: str = ""
+    pre: str = ""
     summary: str = "vzpkg test package"
     sign: bool = True
 
@@ -101,6 +103,9 @@ def packages() -> list[Package]:
     ins, fil = share("slow")
     out.append(Package("vzt-slow", requires=("vzt-busybox", "Requires(post): /bin/sh"), install=ins, files=fil,
                        post="touch /var/lib/vzt-slow.started; sleep 120"))
+    ins, fil = share("badpre")
+    out.append(Package("vzt-badpre", requires=("vzt-busybox", "Requires(pre): /bin/sh"), install=ins, files=fil,
+                       pre='echo "vzt-badpre refuses to install" >&2; exit 3'))
     ins, fil = share("unsigned")
     out.append(Package("vzt-unsigned", install=ins, files=fil, sign=False))
     ins, fil = share("tampered")
@@ -113,7 +118,7 @@ def spec_text(p: Package) -> str:
     return SPEC_HEAD.format(name=p.name, version=p.version, release=p.release,
                             epoch=f"Epoch: {p.epoch}\n" if p.epoch is not None else "", summary=p.summary,
                             arch=p.arch, requires=requires, install=p.install,
-                            post=f"%post\n{p.post}\n" if p.post else "", files=p.files)
+                            post=(f"%pre\n{p.pre}\n" if p.pre else "") + (f"%post\n{p.post}\n" if p.post else ""), files=p.files)
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

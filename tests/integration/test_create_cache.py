@@ -268,12 +268,28 @@ def test_bad_signature_aborts(seeded_cache_dir: Path, local_http) -> None:
     assert_no_leftovers(seeded_cache_dir)
 
 
+def _one_error_line(stderr: str) -> str:
+    """The single `vzpkg: error:` line of STDERR (no traceback, no second error line)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("vzpkg: error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("script, status, quoted", [
+    # a command inside the root fails: the script's last lines are in the message
+    ("#!/bin/sh\nset -e\necho failing on purpose\nls /no/such/dir\n", 2,
+     ["failing on purpose", "cannot access '/no/such/dir'"]),
+    # the chroot step itself fails (the script's interpreter is not in the root): chroot's own words
+    ("#!/no/such/interpreter\nexit 0\n", 127, ["chroot: failed to run command"]),
+], ids=["command-in-root", "chroot"])
 def test_failing_post_install_publishes_nothing(seeded_cache_dir: Path, tmp_path: Path,
-                                                debian12_cache: tuple[Path, str]) -> None:
+                                                debian12_cache: tuple[Path, str], script: str, status: int,
+                                                quoted: list[str]) -> None:
     name = "debian-12-x86_64-broken"
     templates = write_template(
         tmp_path, name, 'inherits = "debian-12-x86_64"\nsummary = "t"\ndescription = "t"\n',
-        scripts={"post-install": "#!/bin/sh\necho failing on purpose\nexit 7\n"},
+        scripts={"post-install": script},
     )
     # A previous good cache of this template must survive the failed rebuild.
     copy_cache(debian12_cache[0], seeded_cache_dir, NAME)
@@ -282,7 +298,9 @@ def test_failing_post_install_publishes_nothing(seeded_cache_dir: Path, tmp_path
     before = (seeded_cache_dir / f"{name}.tar.zst").stat()
     proc = run_vzpkg("create-cache", name, "--force", "--cache-dir", str(seeded_cache_dir), env=template_env(templates))
     assert proc.returncode == ScriptError.exit_code, proc.stderr
-    assert f"{name}/scripts/post-install" in proc.stderr and "exit status 7" in proc.stderr
+    line = _one_error_line(proc.stderr)
+    assert f"{name}/scripts/post-install" in line and f"exit status {status}" in line, line
+    assert all(q in line for q in quoted), line
     after = (seeded_cache_dir / f"{name}.tar.zst").stat()
     assert (before.st_ino, before.st_mtime) == (after.st_ino, after.st_mtime)
     assert_no_leftovers(seeded_cache_dir)

@@ -78,6 +78,7 @@ def rpmenv(tmp_path_factory) -> Iterator[Env]:
         "vztest-1-x86_64-missing": _template(BASE_PACKAGES + ["vzt-no-such-package"], key),
         "vztest-1-x86_64-brokenmd": _template(BASE_PACKAGES, key, baseurl="{{ mirror }}/broken"),
         "vztest-1-x86_64-unreachable": _template(BASE_PACKAGES, key, baseurl=f"http://127.0.0.1:{port}/repo"),
+        "vztest-1-x86_64-badpre": _template(BASE_PACKAGES + ["vzt-badpre"], key),
         "vztest-1-x86_64-slow": _template(BASE_PACKAGES + ["vzt-slow"], key),
         "vztest-1-x86_64-nogpg": _template(BASE_PACKAGES + ["vzt-unsigned"], key, gpgcheck=False),
         "vztest-1-x86_64-repogpg": _template(BASE_PACKAGES, key, repo_gpgcheck=True),
@@ -214,6 +215,44 @@ def test_missing_package(rpmenv, tmp_path):
     assert proc.returncode == EXIT["build"], proc.stderr
     assert "vzt-no-such-package" in proc.stderr and "not found" in proc.stderr
     _nothing_published(cache, "vztest-1-x86_64-missing")
+
+
+def _one_error_line(stderr: str) -> str:
+    """The single `vzpkg: error:` line of STDERR (no traceback, no second error line)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("vzpkg: error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def test_failing_scriptlet_is_one_line_with_dnfs_words(rpmenv, tmp_path):
+    """dnf itself fails (a %pre scriptlet exits 3): exit 9, one line quoting the scriptlet's failure."""
+    cache = tmp_path / "cache"
+    proc = rpmenv.run("create-cache", "vztest-1-x86_64-badpre", cache=cache, mirror=rpmenv.server.url)
+    assert proc.returncode == EXIT["build"], proc.stderr
+    line = _one_error_line(proc.stderr)
+    assert "exit status 1" in line and "%prein(vzt-badpre-1.0-1.noarch) scriptlet failed, exit status 3" in line, line
+    _nothing_published(cache, "vztest-1-x86_64-badpre")
+
+
+def test_failing_mount_is_a_build_error_not_a_traceback(rpmenv, tmp_path):
+    """The bind mount of the package cache fails (a host `mount` that refuses --bind, as without CAP_SYS_ADMIN):
+    exit 9 and one line naming the mount, its status and mount's message; before, a CalledProcessError
+    escaped as an internal error (exit 1)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real_mount = shutil.which("mount")
+    (bin_dir / "mount").write_text(f'#!/bin/sh\nif [ "$1" = --bind ]; then echo "mount: $3: permission denied" >&2; '
+                                   f'exit 32; fi\nexec {real_mount} "$@"\n')
+    (bin_dir / "mount").chmod(0o755)
+    cache = tmp_path / "cache"
+    proc = rpmenv.run("create-cache", "vztest-1-x86_64", cache=cache, mirror=rpmenv.server.url,
+                      extra_env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert proc.returncode == EXIT["build"], proc.stderr
+    line = _one_error_line(proc.stderr)
+    assert "mounting the package cache" in line and "exit status 32" in line and "permission denied" in line, line
+    assert str(cache) not in open("/proc/self/mountinfo").read()
+    _nothing_published(cache, "vztest-1-x86_64")
 
 
 def test_unreachable_repository(rpmenv, tmp_path):

@@ -86,7 +86,7 @@ def test_build_mounts_exist_only_in_the_tools_namespace(tmp_path: Path) -> None:
     with build_mounts(root):
         rc = run_tool(["sh", "-c", f"awk '{{print $5}}' /proc/self/mountinfo | grep '^{root}/'; "
                                    f"ls {root}/proc | grep -c '^[0-9]'"],
-                      env=dict(os.environ), on_line=lambda raw: lines.append(raw.decode().strip()))
+                      env=dict(os.environ), on_line=lambda raw: lines.append(raw.decode().strip())).returncode
         assert mounts_below(root) == []
     assert rc == 0, lines
     assert {f"{root}/proc", f"{root}/sys", f"{root}/dev"} <= set(lines), lines

@@ -7,29 +7,19 @@ import ctypes.util
 import os
 import shutil
 import signal
-import subprocess
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import IO
 
-from ..errors import BuildError, ScriptError
+from .. import process
+from ..errors import BuildError, ScriptError, VzError
 from .inroot import require_inside
 
 _MNT_DETACH = 2
-_PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 POLICY_RC_D = "#!/bin/sh\n# installed by vzpkg while building: no daemon starts in a cache being built\nexit 101\n"
-
-
-def die_with_parent() -> None:
-    """preexec_fn: children get SIGTERM when vzpkg dies, so a killed build leaves no bootstrapper running."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def _killed_with_parent() -> None:
-    """preexec_fn of the namespace wrapper: SIGKILL when vzpkg dies (unshare blocks SIGTERM while it waits)."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def tool_namespace_wrapper() -> list[str]:
@@ -77,7 +67,7 @@ def _mount(source: str, target: Path, fstype: str | None, options: Sequence[str]
     if options:
         cmd += ["-o", ",".join(options)]
     cmd += [source, str(target)]
-    subprocess.run(cmd, check=True, capture_output=True)
+    process.run(cmd, capture=True, error=BuildError, what=f"mounting {source} on {target}")
 
 
 # Roots inside a `build_mounts` block whose /proc, /sys and /dev each tool mounts in its own mount namespace.
@@ -115,7 +105,7 @@ def build_mounts(root: Path) -> Iterator[None]:
         _mount("proc", root / "proc", "proc", ["nosuid", "nodev", "noexec"])
         _mount("sysfs", root / "sys", "sysfs", ["ro", "nosuid", "nodev", "noexec"])
         _mount("/dev", root / "dev", None, bind=True)
-        subprocess.run(["mount", "--make-rslave", str(root / "dev")], check=True, capture_output=True)
+        process.run(["mount", "--make-rslave", str(root / "dev")], capture=True, error=BuildError)
         yield
     finally:
         unmount_below(root / "proc")
@@ -206,54 +196,27 @@ def prepare_build_root(root: Path, mode: str) -> bool:
         return False
     try:
         _mount("tmpfs", root, "tmpfs", ["mode=0755", "size=50%"])
-    except subprocess.CalledProcessError as e:
+    except BuildError as e:
         if mode == "yes":
-            raise BuildError(f"cannot mount a tmpfs for the build root: {e.stderr.decode(errors='replace').strip()}") from e
+            raise BuildError(f"cannot mount a tmpfs for the build root: {e}") from e
         return False
     return True
 
 
-def run_tool(cmd: Sequence[str], *, env: dict[str, str], stdout=None, stderr=None,
-             on_line: Callable[[bytes], None] | None = None) -> int:
-    """Run a tool in a process group of its own; if vzpkg is interrupted, the whole group is stopped first.
-
-    Stopping the group (not just the direct child) matters: a bootstrapper killed alone leaves dpkg writing
-    into the root while we remove it. If vzpkg is killed outright, the tool's pid namespace dies with it
-    (tool_namespace_wrapper). With ON_LINE, the tool's output (stdout and stderr) is handed over line by line
-    instead.
-    """
-    if on_line is not None:
-        stdout, stderr = subprocess.PIPE, subprocess.STDOUT
+def run_tool(cmd: Sequence[str], *, env: dict[str, str], on_line: Callable[[bytes], None] | None = None,
+             log: IO[bytes] | None = None, echo: IO[bytes] | None = None, check: bool = False,
+             error: type[VzError] = BuildError, what: str | None = None, hint: str = "") -> process.Result:
+    """Run a build tool through the process layer (own process group, stopped as a whole if vzpkg is interrupted),
+    in namespaces of its own where possible: if vzpkg is killed outright, the tool's pid namespace dies with it
+    (tool_namespace_wrapper). Inside a `build_mounts` block the tool's namespace gets the root's /proc, /sys and
+    /dev first. Its output goes line by line to LOG, ECHO and ON_LINE; the last lines are in Result.tail."""
     wrapper = tool_namespace_wrapper()
     if wrapper and _NAMESPACED_MOUNTS:
         wrapper += ["sh", "-c", _MOUNT_PRELUDE, "vzpkg-mounts", str(_NAMESPACED_MOUNTS[-1])]
-    proc = subprocess.Popen([*wrapper, *cmd], env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            start_new_session=True, preexec_fn=_killed_with_parent if wrapper else die_with_parent)
-    try:
-        if on_line is not None:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                on_line(raw)
-        return proc.wait()
-    except BaseException:
-        _stop_group(proc)
-        raise
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            # The leader may be gone while members of its group still run.
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    # SIGKILL for the namespace wrapper: unshare blocks SIGTERM while it waits
+    return process.run([*wrapper, *cmd], env=env, on_line=on_line, log=log, echo=echo, check=check, error=error,
+                       what=what or process.describe(cmd), hint=hint,
+                       pdeathsig=signal.SIGKILL if wrapper else signal.SIGTERM)
 
 
 def kill_processes_in(path: Path) -> int:
@@ -293,17 +256,10 @@ def remove_work_dir(path: Path) -> None:
 
 def _run(cmd: Sequence[str], *, env: dict[str, str], what: str, quiet: bool, log: Path | None,
          error: type[BuildError] = BuildError) -> None:
-    out = None
-    if quiet:
-        out = log.open("ab") if log else subprocess.DEVNULL
-    try:
-        returncode = run_tool(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if quiet else None)
-    except OSError as e:  # missing, not executable, a directory, ...
-        raise error(f"{what}: cannot run {cmd[0]}: {e.strerror}") from e
-    finally:
-        if quiet and log:
-            out.close()  # type: ignore[union-attr]
-    if returncode != 0:
-        status = f"exit status {returncode}" if returncode > 0 else f"killed by signal {-returncode}"
-        hint = f"; see {log}" if log else ""
-        raise error(f"{what} failed ({status}){hint}")
+    """Run CMD; its output to the build log (and the terminal unless QUIET); on failure ERROR naming WHAT, its
+    status and its last lines."""
+    import sys
+
+    with log.open("ab") if log else nullcontext() as out:
+        run_tool(cmd, env=env, log=out, echo=None if quiet else sys.stdout.buffer, check=True, error=error,
+                 what=what, hint=f"see {log}" if log else "")

@@ -16,11 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, process
 from ..errors import BuildError
 from ..store.archive import open_decompressed, pack
 from ..store.cache import TMP_PREFIX, fsync_dir
@@ -66,24 +65,22 @@ class StageStore:
         """Unpack the stage into ROOT (our own archive: GNU tar restores owners, modes and xattrs)."""
         archive, _ = self._paths(name)
         root.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(
-            ["tar", "--extract", "--file=-", f"--directory={root}", "--numeric-owner", "--same-permissions",
-             "--xattrs", "--xattrs-include=*"],
-            stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        assert proc.stdin is not None and proc.stderr is not None
-        try:
-            with open_decompressed(archive) as stream:
-                while chunk := stream.read(1 << 20):
-                    proc.stdin.write(chunk)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        finally:
-            err = proc.stderr.read().decode(errors="replace").strip()
-            if proc.wait() != 0:
-                raise BuildError(f"restoring the build stage {archive} failed: {err}; "
-                                 f"rebuild without it: --no-stage-cache")
+        with process.spawn(["tar", "--extract", "--file=-", f"--directory={root}", "--numeric-owner",
+                            "--same-permissions", "--xattrs", "--xattrs-include=*"],
+                           stdin=process.PIPE, stderr=process.PIPE, what="restoring the build stage") as proc:
+            assert proc.stdin is not None and proc.stderr is not None
+            try:
+                with open_decompressed(archive) as stream:
+                    while chunk := stream.read(1 << 20):
+                        proc.stdin.write(chunk)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            finally:
+                err = proc.stderr.read().decode(errors="replace").strip()
+                if proc.wait() != 0:
+                    raise BuildError(f"restoring the build stage {archive} failed: {err}; "
+                                     f"rebuild without it: --no-stage-cache")
 
     def save(self, name: str, root: Path, key: str) -> int:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -206,15 +206,10 @@ def _run_checked(ctx: BuildContext, cmd: list[str], what: str) -> None:
     kept: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES_KEPT)
     with ctx.log.open("ab") as log:
         def on_line(raw: bytes) -> None:
-            log.write(raw)
-            if ctx.verbose:
-                sys.stdout.buffer.write(raw)
-                sys.stdout.buffer.flush()
             kept.append(raw.decode(errors="replace").rstrip("\n"))
 
-        try:
-            returncode = run_tool(argv, env=ctx.env(), on_line=on_line)
-        except FileNotFoundError as e:
-            raise MissingToolError(f"{what}: cannot run {cmd[0]}: {e.strerror}") from e
+        # a tool that cannot be started at all is a missing host program
+        returncode = run_tool(argv, env=ctx.env(), log=log, echo=sys.stdout.buffer if ctx.verbose else None,
+                              on_line=on_line, error=MissingToolError, what=what).returncode
     if returncode != 0:
         raise apt_errors.classify(what, returncode, list(kept), deadline=deadline, log=str(ctx.log))

@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from .. import process
 from ..build.chroot import build_mounts, run_tool, unmount_below
 from ..build.inroot import remove_matches, require_inside
 from ..config import Settings
@@ -59,8 +59,6 @@ class DnfBackend(PackageManager):
 
     def bootstrapper_name(self, ctx: BuildContext) -> str:
         return self.tool() or self.name
-
-    _bootstrapper = bootstrapper_name
 
     def check_host(self, ctx: BuildContext) -> None:
         self._ctx = ctx
@@ -205,7 +203,8 @@ class DnfBackend(PackageManager):
         ctx.note(f"running: {shlex.join(cmd)}")
         target = root / CACHE_IN_ROOT
         require_inside(root, target, "mount the package cache over")  # mount(8) follows symlinks
-        subprocess.run(["mount", "--bind", str(cache), str(target)], check=True, capture_output=True)
+        process.run(["mount", "--bind", str(cache), str(target)], capture=True, error=BuildError,
+                    what=f"mounting the package cache {cache} on {target}")
         try:
             with build_mounts(root):
                 rc, output = self._run(ctx, gnupg.with_private_run_user(cmd))
@@ -223,13 +222,12 @@ class DnfBackend(PackageManager):
         with ctx.log.open("ab") as log:
 
             def on_line(raw: bytes) -> None:
-                log.write(raw)
                 line = raw.decode(errors="replace").rstrip()
                 output.append(line)
                 if ctx.verbose:
                     sys.stderr.write(line + "\n")
 
-            rc = run_tool(cmd, env=self._env(ctx), on_line=on_line)
+            rc = run_tool(cmd, env=self._env(ctx), log=log, on_line=on_line, what=cmd[0]).returncode
         return rc, output
 
     def _error(self, ctx: BuildContext, what: str, rc: int, output: list[str]) -> Exception:

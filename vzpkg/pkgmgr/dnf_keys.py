@@ -6,10 +6,11 @@ repositories' repomd.xml themselves, before dnf is ever started."""
 from __future__ import annotations
 
 import dataclasses
-import subprocess
+import re
 import tempfile
 from pathlib import Path
 
+from .. import process
 from ..errors import SignatureError
 from .dnf_repos import DnfRepo, substitute
 
@@ -47,22 +48,40 @@ def fetch_keys(repos: list[DnfRepo], variables: dict[str, str], keydir: Path, de
     return out
 
 
+_GPG_COUNT = re.compile(r"^(gpg: )?\s*(Total number processed|[\w /-]+): \d+$")
+
+
+def gpg_reason(lines: list[str]) -> str:
+    """gpg's last line that says something: not the import counters (`Total number processed: 0`, ...) it ends
+    with, and without its `gpg: ` prefix."""
+    said = [ln for ln in lines if ln.strip() and not _GPG_COUNT.match(ln.strip())]
+    return said[-1].strip().removeprefix("gpg: ") if said else ""
+
+
 def verify_repomd_signature(repo: DnfRepo, baseurl: str, data: bytes, asc: bytes, tmp_parent: Path) -> None:
     """Check repomd.xml DATA against its detached signature ASC with the repository's keys (local file:// refs,
     as fetch_keys leaves them) in a throwaway GnuPG home; raise SignatureError when it does not verify."""
     tmp_parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp_parent) as home:
-        for ref in repo.gpgkey:
-            subprocess.run(["gpg", "--batch", "--homedir", home, "--import", ref[len("file://"):]],
-                           capture_output=True)
-        (Path(home) / "repomd.xml").write_bytes(data)
-        (Path(home) / "repomd.xml.asc").write_bytes(asc)
-        proc = subprocess.run(["gpg", "--batch", "--homedir", home, "--status-fd", "1", "--verify",
-                               str(Path(home) / "repomd.xml.asc"), str(Path(home) / "repomd.xml")],
-                              capture_output=True, text=True)
-        subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True)
-        # the home's socket directory (/run/user/0/gnupg/d.*, where /run/user/0 exists) goes with the home
-        subprocess.run(["gpgconf", "--homedir", home, "--remove-socketdir"], capture_output=True)
+        try:
+            for ref in repo.gpgkey:
+                key = ref[len("file://"):]
+                # a key gpg cannot import must fail here, naming it: ignored, it surfaced as "signature check
+                # failed" with no hint that the key file is the problem
+                imported = process.run(["gpg", "--batch", "--homedir", home, "--import", key], capture=True,
+                                       text=True, check=False)
+                if imported.returncode != 0:
+                    raise SignatureError(f"repository {repo.id}: GPG key {key} cannot be imported: gpg: "
+                                         f"{gpg_reason(imported.tail) or process.status_text(imported.returncode)}")
+            (Path(home) / "repomd.xml").write_bytes(data)
+            (Path(home) / "repomd.xml.asc").write_bytes(asc)
+            proc = process.run(["gpg", "--batch", "--homedir", home, "--status-fd", "1", "--verify",
+                                str(Path(home) / "repomd.xml.asc"), str(Path(home) / "repomd.xml")],
+                               capture=True, text=True, check=False)
+        finally:
+            process.run(["gpgconf", "--homedir", home, "--kill", "all"], capture=True, check=False)
+            # the home's socket directory (/run/user/0/gnupg/d.*, where /run/user/0 exists) goes with the home
+            process.run(["gpgconf", "--homedir", home, "--remove-socketdir"], capture=True, check=False)
     if proc.returncode != 0 or "[GNUPG:] VALIDSIG" not in proc.stdout:
         raise SignatureError(f"{baseurl.rstrip('/')}/repodata/repomd.xml: signature check failed with the template's "
                              f"keys (repo_gpgcheck on repository {repo.id})")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
+from .. import process
 from ..errors import BuildError, MissingToolError
 
 RPMDB_CANDIDATES = ("/var/lib/rpm", "/usr/lib/sysimage/rpm")
@@ -80,10 +80,8 @@ def read_rpmdb(root: Path, dbpath: str, force_command: bool = False) -> tuple[li
         raise MissingToolError("cannot read the rpmdb: neither the rpm Python bindings nor the rpm command is "
                                "available: apt-get install rpm python3-rpm")
     qf = "%{NAME}\\t%{EPOCH}\\t%{VERSION}\\t%{RELEASE}\\t%{ARCH}\\n"
-    proc = subprocess.run(["rpm", "--root", str(root), "--dbpath", dbpath, "-qa", "--qf", qf],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BuildError(f"rpm -qa in {root} failed: {proc.stderr.strip()}")
+    proc = process.run(["rpm", "--root", str(root), "--dbpath", dbpath, "-qa", "--qf", qf], capture=True, text=True,
+                       error=BuildError, what=f"rpm -qa in {root}")
     found = []
     for line in proc.stdout.splitlines():
         parts = line.split("\t")

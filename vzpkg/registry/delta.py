@@ -18,10 +18,10 @@ import json
 import math
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import process
 from ..errors import MissingToolError, VerifyError
 
 PATCH_MEDIA_TYPE = "application/vnd.vzpkg.patch.v1+zstd"
@@ -98,10 +98,8 @@ def make_patch(old_archive: Path, old_sha: str, new_archive: Path, new_sha: str,
     old_size = decompress(old_archive, old_tar)
     new_size = decompress(new_archive, new_tar)
     wlog = _window_log(max(old_size, new_size))
-    proc = subprocess.run([_zstd(), "-q", "-f", "-T0", "-3", f"--long={wlog}", f"--patch-from={old_tar}",
-                           str(new_tar), "-o", str(patch)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise VerifyError(f"zstd --patch-from failed: {proc.stderr.strip()[-200:]}")
+    process.run([_zstd(), "-q", "-f", "-T0", "-3", f"--long={wlog}", f"--patch-from={old_tar}", str(new_tar),
+                 "-o", str(patch)], capture=True, error=VerifyError, what="zstd --patch-from")
     old_tar.unlink()
     new_tar.unlink()
     return Patch(patch, old_sha, new_sha, wlog)
@@ -113,10 +111,8 @@ def apply_patch(old_archive: Path, patch: Path, window_log: int, level: int, des
     old_tar, new_tar = work / "old.tar", work / "new.tar"
     try:
         decompress(old_archive, old_tar)
-        proc = subprocess.run([_zstd(), "-q", "-d", "-f", f"--long={window_log}", f"--patch-from={old_tar}",
-                               str(patch), "-o", str(new_tar)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise VerifyError(f"zstd --patch-from -d failed: {proc.stderr.strip()[-200:]}")
+        process.run([_zstd(), "-q", "-d", "-f", f"--long={window_log}", f"--patch-from={old_tar}", str(patch),
+                     "-o", str(new_tar)], capture=True, error=VerifyError, what="zstd --patch-from -d")
         old_tar.unlink()
         return compress_like_pack(new_tar, dest, level)
     finally:

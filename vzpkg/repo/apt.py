@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import process
 from ..errors import DiskFullError, MirrorError, MissingToolError, SignatureError
 from .http import TooLargeError, fetch
 
@@ -54,8 +54,8 @@ def verify_clearsigned(data: bytes, keyring: Path) -> str:
         raise SignatureError(f"keyring {keyring} does not exist: install the distribution's keyring package")
     # The signed text comes back on stdout and the status lines on stderr: no temporary file, so a full TMPDIR
     # cannot turn a valid InRelease into "no signature" (gpgv reports a failed write as NODATA).
-    proc = subprocess.run(["gpgv", "--keyring", str(keyring), "--status-fd", "2", "--output", "-", "-"],
-                          input=data, capture_output=True)
+    proc = process.run(["gpgv", "--keyring", str(keyring), "--status-fd", "2", "--output", "-", "-"],
+                       input=data, capture=True, check=False, error=SignatureError)
     status = proc.stderr.decode(errors="replace")
     if "No space left on device" in status:
         raise DiskFullError(f"gpgv: no space left on device in {tempfile.gettempdir()} (TMPDIR) while checking a "

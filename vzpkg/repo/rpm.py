@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import process
 from ..errors import MirrorError
 from .http import fetch
 
@@ -346,5 +346,5 @@ def vercmp_command(a: str, b: str) -> int | None:
     tool = shutil.which("rpmdev-vercmp")
     if tool is None:
         return None
-    proc = subprocess.run([tool, a, b], capture_output=True, text=True)
+    proc = process.run([tool, a, b], capture=True, text=True, check=False)
     return {0: 0, 11: 1, 12: -1}.get(proc.returncode)

@@ -48,7 +48,8 @@ def build(lib_dir: Path) -> Path | None:
     if path.is_file():
         return path
     import shutil
-    import subprocess
+
+    from .. import process
 
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
@@ -57,10 +58,11 @@ def build(lib_dir: Path) -> Path | None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     cmd = [gcc, "-Os", "-static", "-nostdlib", "-fno-stack-protector", "-fno-builtin", "-fno-pie", "-no-pie",
            "-fno-asynchronous-unwind-tables", "-Wl,--build-id=none", "-s", "-o", str(tmp), str(SOURCE)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
+    try:
+        process.run(cmd, capture=True, text=True, error=VEError, what=f"compiling the VE init ({' '.join(cmd)})")
+    except VEError:
         tmp.unlink(missing_ok=True)
-        raise VEError(f"compiling the VE init failed ({' '.join(cmd)}): {proc.stderr.strip()[-500:]}")
+        raise
     os.chmod(tmp, 0o755)
     os.rename(tmp, path)
     return path

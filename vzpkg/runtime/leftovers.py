@@ -137,9 +137,10 @@ def remove_tree(path: Path) -> int:
     shutil.rmtree(path, ignore_errors=True)
     if os.path.lexists(path):
         # overlay work dirs can hold a d--------- 'work' dir that rmtree cannot enter
-        import subprocess
+        from .. import process
+        from ..errors import VEError
 
-        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], capture_output=True)
+        process.run(["rm", "-rf", "--one-file-system", str(path)], capture=True, check=False, error=VEError)
     return size
 
 

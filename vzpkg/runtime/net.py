@@ -63,12 +63,13 @@ def bridge_name(conf_value: str | None) -> str:
 
 
 def _ip(*args: str, netns_pid: int | None = None, check: bool = True, stdin: str | None = None):
-    import subprocess
+    from .. import process
 
     cmd = ["ip", *args]
     if netns_pid is not None:
         cmd = ["nsenter", f"--net=/proc/{netns_pid}/ns/net", "--", *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, input=stdin)
+    proc = process.run(cmd, capture=True, text=True, check=False, input=stdin, error=VEError,
+                       what=f"network setup: {cmd[0]}")
     if check and proc.returncode != 0:
         raise VEError(f"network setup failed: {' '.join(cmd)}: {proc.stderr.strip()}")
     return proc

@@ -216,12 +216,6 @@ def detach_below(path: Path) -> None:
     raise VEError(f"cannot unmount what is mounted below {path}: see 'findmnt -R {path}'")
 
 
-def _die_with_parent() -> None:
-    import signal
-
-    ns.set_pdeathsig(signal.SIGKILL)
-
-
 def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, id_shift: int, *,
                    idmapped: bool = False) -> Path:
     """Build private/<id> under a temporary name and rename it into place. Returns the private dir.
@@ -241,7 +235,9 @@ def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, 
             os.chown(upper, id_shift, id_shift)
             (tmp / "work").mkdir(mode=0o700)
         elif layout_kind == "copy":
-            import subprocess
+            import signal
+
+            from .. import process
 
             source = template
             if idmapped:
@@ -250,8 +246,8 @@ def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, 
                 attach_idmapped(template, source, id_shift)
             try:
                 # dies with vzctl: a killed create must not leave a cp filling the temporary area
-                proc = subprocess.run(["cp", "-a", "--reflink=auto", str(source), str(tmp / "root")],
-                                      capture_output=True, text=True, preexec_fn=_die_with_parent)
+                proc = process.run(["cp", "-a", "--reflink=auto", str(source), str(tmp / "root")], capture=True,
+                                   text=True, check=False, error=VEError, pdeathsig=signal.SIGKILL)
             finally:
                 if idmapped:
                     detach(source)
@@ -349,9 +345,9 @@ def remove_private(layout: Layout, veid: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
     if doomed.exists():
         # overlay work dirs can hold a d--------- 'work' dir: make everything writable and retry
-        import subprocess
+        from .. import process
 
-        subprocess.run(["rm", "-rf", "--one-file-system", str(doomed)], capture_output=True)
+        process.run(["rm", "-rf", "--one-file-system", str(doomed)], capture=True, check=False, error=VEError)
 
 
 def disk_usage(path: Path) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .. import process
 from ..errors import BuildError, MissingToolError
 
 DEFAULT_LEVEL = 6  # measured on a Debian minbase: level 9 is 3 % smaller and 35 % slower
@@ -71,12 +71,9 @@ def pack(
     digest = hashlib.sha256()
     unpacked = 0
     packed = 0
-    proc = subprocess.Popen(
-        _tar_command(root, source_date_epoch), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "LC_ALL": "C"},
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
+    with process.spawn(_tar_command(root, source_date_epoch), stdout=process.PIPE, stderr=process.PIPE,
+                       env={**os.environ, "LC_ALL": "C"}, what=f"packing {root}") as proc:
+        assert proc.stdout is not None and proc.stderr is not None
         with _removed_when_full(dest, lambda: unpacked), dest.open("wb") as out:
             chunker = compressor.chunker(chunk_size=_CHUNK)
             while True:
@@ -99,10 +96,6 @@ def pack(
         err = proc.stderr.read().decode(errors="replace")
         if proc.wait() != 0:
             raise BuildError(f"packing {root} failed: tar: {err.strip().splitlines()[-1] if err.strip() else 'error'}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     return PackResult(packed_size=packed, unpacked_size=unpacked, sha256=digest.hexdigest())
 
 
