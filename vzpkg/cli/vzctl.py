@@ -1,7 +1,10 @@
 """vzctl: manage VEs (OpenVZ's command set). Parsing and printing only; the work is in vzpkg.runtime (ve, attach).
 
-argparse rather than click: `vzctl start` and `vzctl exec` are on the start-to-first-exec path, where
-click's ~15 ms of imports would be a sixth of the budget.
+The commands and options are declared once, in COMMON and TABLE (plain data). Both parsers are built from it:
+argparse (help, errors, anything unusual) and an argparse-free fast path for the plain forms. argparse rather than
+click: `vzctl start` and `vzctl exec` are on the start-to-first-exec path, where click's ~15 ms of imports would
+be a sixth of the budget, and even argparse's own import (with re, enum and gettext) costs ~6 ms of it, hence the
+fast path. tests/unit/test_vzctl_table.py checks that both agree.
 """
 
 from __future__ import annotations
@@ -14,6 +17,94 @@ SET_OPTIONS = {
     "numproc": "NUMPROC", "diskspace": "DISKSPACE", "diskinodes": "DISKINODES", "hostname": "HOSTNAME",
     "ipadd": "IP_ADDRESS", "nameserver": "NAMESERVER", "onboot": "ONBOOT", "init": "INIT",
 }
+
+SUPPRESS = "==SUPPRESS=="  # argparse.SUPPRESS (not imported for it): the attribute is absent unless given
+
+
+class Opt:
+    """One option: FLAGS (the last names the attribute); VALUE: takes one value (else a store_true flag);
+    TYPE: a key of _TYPES; CHOICES, DEFAULT, REQUIRED and HELP as in argparse's add_argument."""
+
+    __slots__ = ("flags", "dest", "value", "type", "choices", "default", "required", "help")
+
+    def __init__(self, *flags: str, value: bool = True, type: str | None = None,
+                 choices: tuple[str, ...] | None = None, default: object = None, required: bool = False,
+                 help: str | None = None) -> None:
+        self.flags = flags
+        self.dest = flags[-1].lstrip("-").replace("-", "_")
+        self.value = value
+        self.type = type
+        self.choices = choices
+        self.default = default if value or default is not None else False
+        self.required = required
+        self.help = help
+
+
+class Cmd:
+    """One command: NAME, HELP, its positional ARGS, OPTS, and REST: the attribute that takes every argument after
+    the positionals (argparse.REMAINDER), or None."""
+
+    __slots__ = ("name", "help", "args", "opts", "rest")
+
+    def __init__(self, name: str, help: str, opts: tuple[Opt, ...] = (), *,
+                 args: tuple[str, ...] = ("veid",), rest: str | None = None) -> None:
+        self.name = name
+        self.help = help
+        self.args = args
+        self.opts = opts
+        self.rest = rest
+
+
+# before the command and after it
+COMMON = (
+    Opt("--root", default=SUPPRESS, help="VZ root (default $VZ_ROOT or /var/lib/vz)"),
+    Opt("-q", "--quiet", value=False, default=SUPPRESS),
+)
+
+# in the order of `vzctl --help`; adding a command or an option is one entry here
+TABLE = (
+    Cmd("create", "create a VE from a template cache", (
+        Opt("--ostemplate", required=True,
+            help="cache name, e.g. debian-12-x86_64, or a registry reference to pull (HOST/PATH/NAME:TAG)"),
+        Opt("--hostname"),
+        Opt("--config", help="sample config (basic, light, unlimited)"),
+        Opt("--layout", choices=("overlay", "copy")),
+        Opt("--privileged", value=False, help="no user namespace: UNSAFE, host root in the VE"),
+        Opt("--cache-dir", help="where the caches are (default $VZPKG_CACHE_DIR or the config)"),
+        Opt("--idmap", choices=("private", "shared"),
+            help="private (default): 65536 host ids of the VE's own, the template seen through an idmapped "
+                 "mount; shared: the range 100000..165535 that every shared VE has"),
+        Opt("--id-shift", type="int",
+            help="host uid/gid of the VE's root (default: the lowest free private range from 524288; "
+                 "100000 with --idmap shared, where another value costs one more unpack of the template)"),
+    )),
+    Cmd("start", "start a VE"),
+    Cmd("mount", "mount a VE's root"),
+    Cmd("umount", "unmount it"),
+    Cmd("enter", "interactive shell in a running VE"),
+    Cmd("stop", "stop a VE", (
+        Opt("--fast", value=False, help="SIGKILL at once"),
+        Opt("--timeout", type="timeout", default=10.0, help="seconds to wait after SIGTERM, 0..3600 (default 10)"),
+    )),
+    Cmd("restart", "stop and start a VE", (
+        Opt("--fast", value=False),
+        Opt("--timeout", type="timeout", default=10.0),
+    )),
+    Cmd("status", "exist/deleted mounted/unmounted running/down", (
+        Opt("--json", value=False),
+        Opt("--beancounters", value=False, help="resource counters (held, maxheld, limit, failcnt)"),
+    )),
+    Cmd("exec", "run a command in a running VE", rest="cmd"),
+    Cmd("set", "change a VE's parameters (running VEs at once)", (
+        *(Opt(f"--{name}") for name in SET_OPTIONS),
+        Opt("--save", value=False, help="also write them to the VE's config"),
+    )),
+    Cmd("destroy", "remove a VE and its private area", (
+        Opt("--force", value=False, help="stop it first if running"),
+    )),
+)
+COMMANDS = tuple(c.name for c in TABLE)
+_BY_NAME = {c.name: c for c in TABLE}
 
 
 def parse_timeout(text: str) -> float:
@@ -30,6 +121,11 @@ def parse_timeout(text: str) -> float:
     if not math.isfinite(value) or not 0 <= value <= STOP_TIMEOUT_MAX:
         raise UsageError(f"--timeout {text!r}: must be a number of seconds from 0 to {STOP_TIMEOUT_MAX:.0f}")
     return value
+
+
+# Opt.type -> converter, for both parsers. A ValueError is argparse's "invalid VALUE" error (the fast path leaves
+# it to argparse); a UsageError (parse_timeout's) passes through argparse, so both paths print the same line.
+_TYPES = {"int": int, "timeout": parse_timeout}
 
 
 def one_line_parser(argparse, **kw):
@@ -51,88 +147,43 @@ def one_line_parser(argparse, **kw):
     return Parser(**kw)
 
 
-def _timeout_type(text: str) -> float:
-    import argparse
-
-    from vzpkg.errors import UsageError
-
-    try:
-        return parse_timeout(text)
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(e.message.split(": ", 1)[1]) from None
-
-
-COMMANDS = ("create", "start", "mount", "umount", "enter", "stop", "restart", "status", "exec", "set", "destroy")
+def _add_option(argparse, parser, opt: Opt) -> None:
+    # argparse tests `default is SUPPRESS`: an equal string is not enough
+    kw: dict = {"default": argparse.SUPPRESS if opt.default == SUPPRESS else opt.default}
+    if opt.value:
+        if opt.type is not None:
+            kw["type"] = _TYPES[opt.type]
+        if opt.choices is not None:
+            kw["choices"] = opt.choices
+        if opt.required:
+            kw["required"] = True
+    else:
+        kw["action"] = "store_true"
+    if opt.help is not None:
+        kw["help"] = opt.help
+    parser.add_argument(*opt.flags, **kw)
 
 
 def _parser(only: str | None = None):
-    """The parser; with ONLY, just that command's sub-parser is built (building all costs ~5 ms per run)."""
+    """The argparse parser, built from the table; with ONLY, just that command's sub-parser is built (building all
+    costs ~5 ms per run)."""
     import argparse
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--root", default=argparse.SUPPRESS, help="VZ root (default $VZ_ROOT or /var/lib/vz)")
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+    for opt in COMMON:
+        _add_option(argparse, common, opt)
     p = one_line_parser(argparse, prog="vzctl", parents=[common], description="Manage VEs (virtual environments).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=type(p))
-    real_add = sub.add_parser
-
-    def add_parser(name, **kw):
-        if only is not None and name != only:
-            return argparse.ArgumentParser(add_help=False)  # a throw-away stand-in
-        return real_add(name, **kw)
-
-    sub.add_parser = add_parser  # type: ignore[method-assign]
-
-    c = sub.add_parser("create", parents=[common], help="create a VE from a template cache")
-    c.add_argument("veid")
-    c.add_argument("--ostemplate", required=True,
-                   help="cache name, e.g. debian-12-x86_64, or a registry reference to pull (HOST/PATH/NAME:TAG)")
-    c.add_argument("--hostname")
-    c.add_argument("--config", help="sample config (basic, light, unlimited)")
-    c.add_argument("--layout", choices=("overlay", "copy"))
-    c.add_argument("--privileged", action="store_true", help="no user namespace: UNSAFE, host root in the VE")
-    c.add_argument("--cache-dir", help="where the caches are (default $VZPKG_CACHE_DIR or the config)")
-    c.add_argument("--idmap", choices=("private", "shared"), default=None,
-                   help="private (default): 65536 host ids of the VE's own, the template seen through an idmapped "
-                        "mount; shared: the range 100000..165535 that every shared VE has")
-    c.add_argument("--id-shift", type=int, default=None,
-                   help="host uid/gid of the VE's root (default: the lowest free private range from 524288; "
-                        "100000 with --idmap shared, where another value costs one more unpack of the template)")
-
-    for name, helptext in (("start", "start a VE"), ("mount", "mount a VE's root"), ("umount", "unmount it"),
-                           ("enter", "interactive shell in a running VE")):
-        s = sub.add_parser(name, parents=[common], help=helptext)
-        s.add_argument("veid")
-
-    s = sub.add_parser("stop", parents=[common], help="stop a VE")
-    s.add_argument("veid")
-    s.add_argument("--fast", action="store_true", help="SIGKILL at once")
-    s.add_argument("--timeout", type=_timeout_type, default=10.0,
-                   help="seconds to wait after SIGTERM, 0..3600 (default 10)")
-
-    s = sub.add_parser("restart", parents=[common], help="stop and start a VE")
-    s.add_argument("veid")
-    s.add_argument("--fast", action="store_true")
-    s.add_argument("--timeout", type=_timeout_type, default=10.0)
-
-    s = sub.add_parser("status", parents=[common], help="exist/deleted mounted/unmounted running/down")
-    s.add_argument("veid")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--beancounters", action="store_true", help="resource counters (held, maxheld, limit, failcnt)")
-
-    s = sub.add_parser("exec", parents=[common], help="run a command in a running VE")
-    s.add_argument("veid")
-    s.add_argument("cmd", nargs=argparse.REMAINDER)
-
-    s = sub.add_parser("set", parents=[common], help="change a VE's parameters (running VEs at once)")
-    s.add_argument("veid")
-    for opt in SET_OPTIONS:
-        s.add_argument(f"--{opt}")
-    s.add_argument("--save", action="store_true", help="also write them to the VE's config")
-
-    s = sub.add_parser("destroy", parents=[common], help="remove a VE and its private area")
-    s.add_argument("veid")
-    s.add_argument("--force", action="store_true", help="stop it first if running")
+    for cmd in TABLE:
+        if only is not None and cmd.name != only:
+            continue
+        s = sub.add_parser(cmd.name, parents=[common], help=cmd.help)
+        for name in cmd.args:
+            s.add_argument(name)
+        if cmd.rest is not None:
+            s.add_argument(cmd.rest, nargs=argparse.REMAINDER)
+        for opt in cmd.opts:
+            _add_option(argparse, s, opt)
     return p
 
 
@@ -170,16 +221,17 @@ def _format_beancounters(bc: dict) -> str:
 
 
 def _command_of(argv: list[str]) -> str | None:
+    """The command named in ARGV (skipping the common options before it), or None."""
     i = 0
     while i < len(argv):
         a = argv[i]
-        if a == "--root":
+        if a in _COMMON_VALUE_FLAGS:
             i += 2
             continue
         if a.startswith("-"):
             i += 1
             continue
-        return a if a in COMMANDS else None
+        return a if a in _BY_NAME else None
     return None
 
 
@@ -190,68 +242,72 @@ class _Args:
         self.__dict__.update(kw)
 
 
-# command -> {option: (attribute, takes a value)} for the argparse-free fast path
-_FAST = {
-    "start": {}, "mount": {}, "umount": {}, "status": {"--json": ("json", False), "--beancounters": ("beancounters", False)},
-    "stop": {"--fast": ("fast", False), "--timeout": ("timeout", True)},
-    "restart": {"--fast": ("fast", False), "--timeout": ("timeout", True)},
-    "destroy": {"--force": ("force", False)},
-    "create": {"--ostemplate": ("ostemplate", True), "--hostname": ("hostname", True), "--config": ("config", True),
-               "--layout": ("layout", True), "--privileged": ("privileged", False), "--cache-dir": ("cache_dir", True),
-               "--id-shift": ("id_shift", True), "--idmap": ("idmap", True)},
-}
-_FAST_DEFAULTS = {"quiet": False, "fast": False, "timeout": 10.0, "json": False, "beancounters": False, "force": False,
-                  "ostemplate": None, "hostname": None, "config": None, "layout": None, "privileged": False,
-                  "cache_dir": None, "id_shift": None, "idmap": None}
+def _flags(opts: tuple[Opt, ...]) -> dict[str, Opt]:
+    return {flag: opt for opt in opts for flag in opt.flags}
+
+
+_COMMON_FLAGS = _flags(COMMON)
+_COMMON_VALUE_FLAGS = frozenset(f for f, opt in _COMMON_FLAGS.items() if opt.value)
+_CMD_FLAGS = {cmd.name: {**_COMMON_FLAGS, **_flags(cmd.opts)} for cmd in TABLE}
 
 
 def _fast_parse(argv: list[str]) -> _Args | None:
-    """The plain forms of the frequent commands, parsed without argparse: its import (with re, enum and gettext)
-    costs ~6 ms of the start-to-first-exec budget. Anything unusual (help, errors, --timeout...) -> None, and
-    argparse handles it."""
-    kw: dict = dict(_FAST_DEFAULTS)
+    """ARGV parsed from the table without argparse, as argparse would parse it (the same attributes and values);
+    None for anything this does not do as argparse would (help, errors, values that start with '-', '--' before
+    the command's arguments, abbreviated short options...): argparse then handles it. A bad --timeout raises here
+    the same UsageError argparse would."""
+    kw: dict = {}
+    given: set[str] = set()
+    cmd: Cmd | None = None
+    flags = _COMMON_FLAGS
     pos: list[str] = []
     i = 0
     while i < len(argv):
         a = argv[i]
-        if len(pos) == 2 and pos[0] == "exec":
-            kw["cmd"] = argv[i:]
+        if cmd is not None and cmd.rest is not None and len(pos) == len(cmd.args):
+            rest = argv[i:]
+            kw[cmd.rest] = rest[1:] if rest[:1] == ["--"] else rest  # as argparse: a first '--' is dropped
             break
-        opts = _FAST.get(pos[0], {}) if pos else {}
-        if a == "--root" and i + 1 < len(argv):
-            kw["root"] = argv[i + 1]
-            i += 1
-        elif a in ("-q", "--quiet"):
-            kw["quiet"] = True
-        elif a in opts:
-            attr, takes_value = opts[a]
-            if takes_value:
-                if i + 1 >= len(argv):
-                    return None
-                kw[attr] = argv[i + 1]
-                i += 1
-            else:
-                kw[attr] = True
-        elif a.startswith("-") or len(pos) == 2:
-            return None
-        else:
-            pos.append(a)
-        i += 1
-    if len(pos) != 2 or (pos[0] not in _FAST and pos[0] != "exec"):
-        return None
-    if isinstance(kw["timeout"], str):
-        kw["timeout"] = parse_timeout(kw["timeout"])  # a bad value: one line, exit 2
-    if pos[0] == "exec" and (not kw.get("cmd") or kw["cmd"][0] in ("-h", "--help")):
-        return None
-    if pos[0] == "create":
-        if kw["ostemplate"] is None or (kw["layout"] not in (None, "overlay", "copy")) or (
-                kw["idmap"] not in (None, "private", "shared")):
-            return None
-        if kw["id_shift"] is not None:
-            if not kw["id_shift"].isdigit():
+        if a.startswith("-"):
+            name, eq, value = a.partition("=")
+            opt = flags.get(name) if name.startswith("--") or not eq else None
+            if opt is None or (eq and not opt.value):
                 return None
-            kw["id_shift"] = int(kw["id_shift"])
-    return _Args(command=pos[0], veid=pos[1], **kw)
+            if opt.value:
+                if not eq:
+                    i += 1
+                    if i >= len(argv) or argv[i].startswith("-"):
+                        return None
+                    value = argv[i]
+                if opt.choices is not None and value not in opt.choices:
+                    return None
+                if opt.type is not None:
+                    try:
+                        value = _TYPES[opt.type](value)
+                    except ValueError:
+                        return None
+                kw[opt.dest] = value
+            else:
+                kw[opt.dest] = True
+            given.add(opt.dest)
+        elif cmd is None:
+            cmd = _BY_NAME.get(a)
+            if cmd is None:
+                return None
+            flags = _CMD_FLAGS[a]
+            kw.update((opt.dest, opt.default) for opt in cmd.opts if opt.default != SUPPRESS)
+        elif len(pos) < len(cmd.args):
+            pos.append(a)
+        else:
+            return None
+        i += 1
+    if cmd is None or len(pos) != len(cmd.args):
+        return None
+    if cmd.rest is not None:
+        kw.setdefault(cmd.rest, [])
+    if any(opt.required and opt.dest not in given for opt in cmd.opts):
+        return None
+    return _Args(command=cmd.name, **dict(zip(cmd.args, pos, strict=True)), **kw)
 
 
 def run(argv: list[str]) -> int:
@@ -299,7 +355,7 @@ def run(argv: list[str]) -> int:
             if args.beancounters:
                 print(_format_beancounters(st.get("beancounters") or {}))
     elif cmd == "exec":
-        cmd_argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        cmd_argv = args.cmd  # a '--' after the VEID is gone already (both parsers drop it)
         if not cmd_argv:
             from vzpkg.errors import UsageError
 

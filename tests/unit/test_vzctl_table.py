@@ -1,0 +1,134 @@
+"""vzctl's two parsers, both built from one table (vzpkg.cli.vzctl.TABLE): the argparse-free fast path must parse
+every command line it accepts exactly as argparse does (same attributes, same values), raise the same error line
+and exit code where it raises one, and leave everything else to argparse (None). Checked over a corpus of command
+lines built from the table itself (every command, every option in both `--opt value` and `--opt=value` forms,
+bad values, missing and extra arguments, unknown options, `--`), plus random token sequences."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vzpkg.cli import vzctl
+from vzpkg.errors import UsageError
+
+
+def _argparse(argv: list[str]) -> tuple:
+    """('ok', attributes) or ('error', exit code, message) from argparse, as vzctl.run builds it (a new parser
+    each time, as each run does: a reused argparse parser can return '==SUPPRESS==' values)."""
+    try:
+        return ("ok", vars(vzctl._parser(vzctl._command_of(argv)).parse_args(argv)))
+    except UsageError as e:
+        return ("error", e.exit_code, e.message)
+    except SystemExit as e:  # --help
+        return ("exit", e.code)
+
+
+def _fast(argv: list[str]) -> tuple | None:
+    try:
+        args = vzctl._fast_parse(argv)
+    except UsageError as e:
+        return ("error", e.exit_code, e.message)
+    return None if args is None else ("ok", vars(args))
+
+
+def _good_value(opt: vzctl.Opt) -> str:
+    if opt.choices:
+        return opt.choices[-1]
+    return {"int": "600000", "timeout": "2.5"}.get(opt.type or "", "val-1")
+
+
+def _corpus() -> list[list[str]]:
+    lines: list[list[str]] = [[], ["-q"], ["--root", "/x"], ["bogus", "101"], ["--", "start", "101"], ["-h"]]
+    for cmd in vzctl.TABLE:
+        required = [a for o in cmd.opts if o.required for a in (o.flags[-1], _good_value(o))]
+        base = [cmd.name, "101", *required]
+        rest = [["/bin/true"], ["--", "ls", "-l"], ["--", "--", "ls"], ["-q", "ls"], ["ls", "--", "x"], ["--help"],
+                ["sh -c x"], []] if cmd.rest else [[]]
+        for r in rest:
+            lines += [base + r, [cmd.name, "-q", "101", *required] + r, ["--root", "/r", *base] + r,
+                      ["-q", cmd.name, "--root=/r", "101", *required] + r]
+        lines += [[cmd.name], [cmd.name, *required], base + ["102"], base + ["--bogus"], base + ["--"],
+                  [cmd.name, "--", "101", *required], [cmd.name, "101", "-h"], [cmd.name, "-101", *required],
+                  [cmd.name, "", *required], base + ["--root"], base + ["--root", "-x"], base + ["--quiet=1"],
+                  base + ["-q", "-q"], base + ["--root", "/a", "--root", "/b"], base + ["--root="], ["--fast", *base]]
+        for opt in (*vzctl.COMMON, *cmd.opts):
+            for flag in opt.flags:
+                if not opt.value:
+                    lines += [base + [flag], base + [f"{flag}=1"], base + [flag, flag]]
+                    continue
+                good = _good_value(opt)
+                lines += [base + [flag, good], base + [f"{flag}={good}"], [cmd.name, flag, good, "101", *required],
+                          base + [flag], base + [flag, "-x"], base + [f"{flag}=-x"], base + [f"{flag}="],
+                          base + [flag, "abc"], base + [f"{flag}=abc"], base + [flag, "-5"], base + [flag, "1e300"],
+                          base + [flag, good, flag, "7"], base + [flag[:-1], good], base + [flag + "x", good]]
+    return lines
+
+
+def _check(argv: list[str]) -> str:
+    fast, slow = _fast(argv), _argparse(argv)
+    if fast is None:
+        return "argparse"
+    if fast[0] == "ok":
+        assert slow == fast, argv
+    else:  # same exit code and the same line
+        assert slow[0] == "error" and slow[1:] == fast[1:], (argv, slow, fast)
+    return fast[0]
+
+
+def test_fast_path_agrees_with_argparse_on_the_corpus():
+    corpus = _corpus()
+    outcomes = [_check(argv) for argv in corpus]
+    # the corpus is no formality: the fast path takes most lines, and errors and declines occur too
+    assert outcomes.count("ok") > len(corpus) // 3, outcomes.count("ok")
+    assert outcomes.count("error") >= 4 and outcomes.count("argparse") > len(corpus) // 4
+
+
+_TOKENS = [*vzctl.COMMANDS, "101", "web-1", "--", "-", "", "-q", "--quiet", "--root", "--root=/v", "/v", "-h",
+           "--fast", "--timeout", "--timeout=3", "3", "abc", "-5", "--json", "--ostemplate", "--layout", "copy",
+           "--idmap=shared", "--id-shift", "--ram", "1G", "--save", "--force", "--bogus", "--ram=", "ls"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_TOKENS), max_size=7))
+def test_fast_path_agrees_with_argparse_on_random_lines(argv):
+    _check(argv)
+
+
+def test_plain_forms_take_the_fast_path():
+    """Every command's plain form is parsed without argparse (its import costs ~6 ms of vzctl exec/start)."""
+    for line in (["exec", "101", "/bin/true"], ["exec", "101", "--", "ls"], ["start", "101"], ["-q", "stop", "101"],
+                 ["stop", "101", "--timeout", "5"], ["restart", "101", "--fast"], ["status", "101", "--json"],
+                 ["create", "101", "--ostemplate", "debian-12-x86_64", "--layout", "copy"], ["enter", "101"],
+                 ["set", "101", "--ram", "1G", "--save"], ["destroy", "101", "--force"], ["mount", "101"],
+                 ["umount", "101"], ["--root", "/v", "status", "101", "--beancounters"]):
+        assert _fast(line) is not None and _fast(line)[0] == "ok", line
+
+
+@pytest.mark.parametrize("cmd", vzctl.COMMANDS)
+def test_parser_of_one_command_is_the_full_parser(cmd):
+    """vzctl builds only the named command's sub-parser: it must parse that command as the full parser does."""
+    rng = random.Random(cmd)
+    for argv in [line for line in _corpus() if vzctl._command_of(line) == cmd] + [
+            [cmd, *rng.sample(_TOKENS, 4)] for _ in range(50)]:
+        try:
+            want: tuple = ("ok", vars(vzctl._parser().parse_args(argv)))
+        except UsageError as e:
+            want = ("error", e.message)
+        except SystemExit as e:
+            want = ("exit", e.code)
+        got = _argparse(argv)
+        assert got[0] == want[0] and (got[0] != "ok" or got == want), (argv, got, want)
+
+
+def test_every_table_option_reaches_argparse():
+    """Each Opt of the table is an option of its command's argparse parser, with its default."""
+    for cmd in vzctl.TABLE:
+        sub = vzctl._parser(cmd.name)._subparsers._group_actions[0].choices[cmd.name]
+        by_flag = {f: a for a in sub._actions for f in a.option_strings}
+        for opt in (*vzctl.COMMON, *cmd.opts):
+            action = by_flag[opt.flags[0]]
+            assert action.dest == opt.dest and action.default == opt.default
