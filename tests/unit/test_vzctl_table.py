@@ -35,33 +35,34 @@ def _fast(argv: list[str]) -> tuple | None:
     return None if args is None else ("ok", vars(args))
 
 
-def _good_value(opt: vzctl.Opt) -> str:
-    if opt.choices:
-        return opt.choices[-1]
-    return {"int": "600000", "timeout": "2.5"}.get(opt.type or "", "val-1")
+def _good_value(spec: dict) -> str:
+    if "choices" in spec:
+        return spec["choices"][-1]
+    return {"int": "600000", "timeout": "2.5"}.get(spec.get("type", ""), "val-1")
 
 
 def _corpus() -> list[list[str]]:
     lines: list[list[str]] = [[], ["-q"], ["--root", "/x"], ["bogus", "101"], ["--", "start", "101"], ["-h"]]
-    for cmd in vzctl.TABLE:
-        required = [a for o in cmd.opts if o.required for a in (o.flags[-1], _good_value(o))]
-        base = [cmd.name, "101", *required]
+    for name, cmd in vzctl.TABLE.items():
+        opts = cmd.get("opts", {})
+        required = [a for flag, spec in opts.items() if spec.get("required") for a in (flag, _good_value(spec))]
+        base = [name, "101", *required]
         rest = [["/bin/true"], ["--", "ls", "-l"], ["--", "--", "ls"], ["-q", "ls"], ["ls", "--", "x"], ["--help"],
-                ["sh -c x"], []] if cmd.rest else [[]]
+                ["sh -c x"], []] if "rest" in cmd else [[]]
         for r in rest:
-            lines += [base + r, [cmd.name, "-q", "101", *required] + r, ["--root", "/r", *base] + r,
-                      ["-q", cmd.name, "--root=/r", "101", *required] + r]
-        lines += [[cmd.name], [cmd.name, *required], base + ["102"], base + ["--bogus"], base + ["--"],
-                  [cmd.name, "--", "101", *required], [cmd.name, "101", "-h"], [cmd.name, "-101", *required],
-                  [cmd.name, "", *required], base + ["--root"], base + ["--root", "-x"], base + ["--quiet=1"],
+            lines += [base + r, [name, "-q", "101", *required] + r, ["--root", "/r", *base] + r,
+                      ["-q", name, "--root=/r", "101", *required] + r]
+        lines += [[name], [name, *required], base + ["102"], base + ["--bogus"], base + ["--"],
+                  [name, "--", "101", *required], [name, "101", "-h"], [name, "-101", *required],
+                  [name, "", *required], base + ["--root"], base + ["--root", "-x"], base + ["--quiet=1"],
                   base + ["-q", "-q"], base + ["--root", "/a", "--root", "/b"], base + ["--root="], ["--fast", *base]]
-        for opt in (*vzctl.COMMON, *cmd.opts):
-            for flag in opt.flags:
-                if not opt.value:
+        for long_flag, spec in {**vzctl.COMMON, **opts}.items():
+            for flag in (long_flag, *spec.get("aliases", ())):
+                if spec.get("flag"):
                     lines += [base + [flag], base + [f"{flag}=1"], base + [flag, flag]]
                     continue
-                good = _good_value(opt)
-                lines += [base + [flag, good], base + [f"{flag}={good}"], [cmd.name, flag, good, "101", *required],
+                good = _good_value(spec)
+                lines += [base + [flag, good], base + [f"{flag}={good}"], [name, flag, good, "101", *required],
                           base + [flag], base + [flag, "-x"], base + [f"{flag}=-x"], base + [f"{flag}="],
                           base + [flag, "abc"], base + [f"{flag}=abc"], base + [flag, "-5"], base + [flag, "1e300"],
                           base + [flag, good, flag, "7"], base + [flag[:-1], good], base + [flag + "x", good]]
@@ -126,9 +127,10 @@ def test_parser_of_one_command_is_the_full_parser(cmd):
 
 def test_every_table_option_reaches_argparse():
     """Each Opt of the table is an option of its command's argparse parser, with its default."""
-    for cmd in vzctl.TABLE:
-        sub = vzctl._parser(cmd.name)._subparsers._group_actions[0].choices[cmd.name]
+    for name, cmd in vzctl.TABLE.items():
+        sub = vzctl._parser(name)._subparsers._group_actions[0].choices[name]
         by_flag = {f: a for a in sub._actions for f in a.option_strings}
-        for opt in (*vzctl.COMMON, *cmd.opts):
-            action = by_flag[opt.flags[0]]
-            assert action.dest == opt.dest and action.default == opt.default
+        for flag, spec in {**vzctl.COMMON, **cmd.get("opts", {})}.items():
+            action = by_flag[flag]
+            assert action.dest == vzctl.dest(flag) and action.default == vzctl.default(spec)
+            assert action.option_strings == [*spec.get("aliases", ()), flag]

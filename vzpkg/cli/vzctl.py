@@ -20,91 +20,72 @@ SET_OPTIONS = {
 
 SUPPRESS = "==SUPPRESS=="  # argparse.SUPPRESS (not imported for it): the attribute is absent unless given
 
-
-class Opt:
-    """One option: FLAGS (the last names the attribute); VALUE: takes one value (else a store_true flag);
-    TYPE: a key of _TYPES; CHOICES, DEFAULT, REQUIRED and HELP as in argparse's add_argument."""
-
-    __slots__ = ("flags", "dest", "value", "type", "choices", "default", "required", "help")
-
-    def __init__(self, *flags: str, value: bool = True, type: str | None = None,
-                 choices: tuple[str, ...] | None = None, default: object = None, required: bool = False,
-                 help: str | None = None) -> None:
-        self.flags = flags
-        self.dest = flags[-1].lstrip("-").replace("-", "_")
-        self.value = value
-        self.type = type
-        self.choices = choices
-        self.default = default if value or default is not None else False
-        self.required = required
-        self.help = help
-
-
-class Cmd:
-    """One command: NAME, HELP, its positional ARGS, OPTS, and REST: the attribute that takes every argument after
-    the positionals (argparse.REMAINDER), or None."""
-
-    __slots__ = ("name", "help", "args", "opts", "rest")
-
-    def __init__(self, name: str, help: str, opts: tuple[Opt, ...] = (), *,
-                 args: tuple[str, ...] = ("veid",), rest: str | None = None) -> None:
-        self.name = name
-        self.help = help
-        self.args = args
-        self.opts = opts
-        self.rest = rest
-
+# The table: plain data (dict literals, ~10 us to build; objects for each option cost ten times that on every run).
+# An option: its long flag -> {"aliases": other flags, "flag": True (store_true; else it takes one value),
+# "type": a key of _TYPES, "choices", "default", "required", "help"} as in argparse's add_argument; the attribute
+# is the long flag without "--", "-" -> "_". A command: {"help", "opts", "rest": the attribute that takes every
+# argument after the VEID (argparse.REMAINDER)}; each command's positional is the VEID.
 
 # before the command and after it
-COMMON = (
-    Opt("--root", default=SUPPRESS, help="VZ root (default $VZ_ROOT or /var/lib/vz)"),
-    Opt("-q", "--quiet", value=False, default=SUPPRESS),
-)
+COMMON = {
+    "--root": {"default": SUPPRESS, "help": "VZ root (default $VZ_ROOT or /var/lib/vz)"},
+    "--quiet": {"aliases": ("-q",), "flag": True, "default": SUPPRESS},
+}
 
 # in the order of `vzctl --help`; adding a command or an option is one entry here
-TABLE = (
-    Cmd("create", "create a VE from a template cache", (
-        Opt("--ostemplate", required=True,
-            help="cache name, e.g. debian-12-x86_64, or a registry reference to pull (HOST/PATH/NAME:TAG)"),
-        Opt("--hostname"),
-        Opt("--config", help="sample config (basic, light, unlimited)"),
-        Opt("--layout", choices=("overlay", "copy")),
-        Opt("--privileged", value=False, help="no user namespace: UNSAFE, host root in the VE"),
-        Opt("--cache-dir", help="where the caches are (default $VZPKG_CACHE_DIR or the config)"),
-        Opt("--idmap", choices=("private", "shared"),
-            help="private (default): 65536 host ids of the VE's own, the template seen through an idmapped "
-                 "mount; shared: the range 100000..165535 that every shared VE has"),
-        Opt("--id-shift", type="int",
-            help="host uid/gid of the VE's root (default: the lowest free private range from 524288; "
-                 "100000 with --idmap shared, where another value costs one more unpack of the template)"),
-    )),
-    Cmd("start", "start a VE"),
-    Cmd("mount", "mount a VE's root"),
-    Cmd("umount", "unmount it"),
-    Cmd("enter", "interactive shell in a running VE"),
-    Cmd("stop", "stop a VE", (
-        Opt("--fast", value=False, help="SIGKILL at once"),
-        Opt("--timeout", type="timeout", default=10.0, help="seconds to wait after SIGTERM, 0..3600 (default 10)"),
-    )),
-    Cmd("restart", "stop and start a VE", (
-        Opt("--fast", value=False),
-        Opt("--timeout", type="timeout", default=10.0),
-    )),
-    Cmd("status", "exist/deleted mounted/unmounted running/down", (
-        Opt("--json", value=False),
-        Opt("--beancounters", value=False, help="resource counters (held, maxheld, limit, failcnt)"),
-    )),
-    Cmd("exec", "run a command in a running VE", rest="cmd"),
-    Cmd("set", "change a VE's parameters (running VEs at once)", (
-        *(Opt(f"--{name}") for name in SET_OPTIONS),
-        Opt("--save", value=False, help="also write them to the VE's config"),
-    )),
-    Cmd("destroy", "remove a VE and its private area", (
-        Opt("--force", value=False, help="stop it first if running"),
-    )),
-)
-COMMANDS = tuple(c.name for c in TABLE)
-_BY_NAME = {c.name: c for c in TABLE}
+TABLE: dict[str, dict] = {
+    "create": {"help": "create a VE from a template cache", "opts": {
+        "--ostemplate": {"required": True, "help": "cache name, e.g. debian-12-x86_64, or a registry reference to "
+                                                   "pull (HOST/PATH/NAME:TAG)"},
+        "--hostname": {},
+        "--config": {"help": "sample config (basic, light, unlimited)"},
+        "--layout": {"choices": ("overlay", "copy")},
+        "--privileged": {"flag": True, "help": "no user namespace: UNSAFE, host root in the VE"},
+        "--cache-dir": {"help": "where the caches are (default $VZPKG_CACHE_DIR or the config)"},
+        "--idmap": {"choices": ("private", "shared"),
+                    "help": "private (default): 65536 host ids of the VE's own, the template seen through an "
+                            "idmapped mount; shared: the range 100000..165535 that every shared VE has"},
+        "--id-shift": {"type": "int",
+                       "help": "host uid/gid of the VE's root (default: the lowest free private range from 524288; "
+                               "100000 with --idmap shared, where another value costs one more unpack of the "
+                               "template)"},
+    }},
+    "start": {"help": "start a VE"},
+    "mount": {"help": "mount a VE's root"},
+    "umount": {"help": "unmount it"},
+    "enter": {"help": "interactive shell in a running VE"},
+    "stop": {"help": "stop a VE", "opts": {
+        "--fast": {"flag": True, "help": "SIGKILL at once"},
+        "--timeout": {"type": "timeout", "default": 10.0, "help": "seconds to wait after SIGTERM, 0..3600 (default 10)"},
+    }},
+    "restart": {"help": "stop and start a VE", "opts": {
+        "--fast": {"flag": True},
+        "--timeout": {"type": "timeout", "default": 10.0},
+    }},
+    "status": {"help": "exist/deleted mounted/unmounted running/down", "opts": {
+        "--json": {"flag": True},
+        "--beancounters": {"flag": True, "help": "resource counters (held, maxheld, limit, failcnt)"},
+    }},
+    "exec": {"help": "run a command in a running VE", "rest": "cmd"},
+    "set": {"help": "change a VE's parameters (running VEs at once)", "opts": {
+        **{f"--{name}": {} for name in SET_OPTIONS},
+        "--save": {"flag": True, "help": "also write them to the VE's config"},
+    }},
+    "destroy": {"help": "remove a VE and its private area", "opts": {
+        "--force": {"flag": True, "help": "stop it first if running"},
+    }},
+}
+COMMANDS = tuple(TABLE)
+
+
+def dest(flag: str) -> str:
+    """The attribute of the option FLAG (its long flag)."""
+    return flag[2:].replace("-", "_")
+
+
+def default(spec: dict) -> object:
+    """What the attribute of an option is when it is not given."""
+    return spec.get("default", False if spec.get("flag") else None)
 
 
 def parse_timeout(text: str) -> float:
@@ -123,8 +104,8 @@ def parse_timeout(text: str) -> float:
     return value
 
 
-# Opt.type -> converter, for both parsers. A ValueError is argparse's "invalid VALUE" error (the fast path leaves
-# it to argparse); a UsageError (parse_timeout's) passes through argparse, so both paths print the same line.
+# an option's "type" -> converter, for both parsers. A ValueError is argparse's "invalid VALUE" error (the fast
+# path leaves it to argparse); a UsageError (parse_timeout's) passes through argparse: both print the same line.
 _TYPES = {"int": int, "timeout": parse_timeout}
 
 
@@ -147,21 +128,22 @@ def one_line_parser(argparse, **kw):
     return Parser(**kw)
 
 
-def _add_option(argparse, parser, opt: Opt) -> None:
+def _add_option(argparse, parser, flag: str, spec: dict) -> None:
+    value = default(spec)
     # argparse tests `default is SUPPRESS`: an equal string is not enough
-    kw: dict = {"default": argparse.SUPPRESS if opt.default == SUPPRESS else opt.default}
-    if opt.value:
-        if opt.type is not None:
-            kw["type"] = _TYPES[opt.type]
-        if opt.choices is not None:
-            kw["choices"] = opt.choices
-        if opt.required:
-            kw["required"] = True
-    else:
+    kw: dict = {"default": argparse.SUPPRESS if value == SUPPRESS else value}
+    if spec.get("flag"):
         kw["action"] = "store_true"
-    if opt.help is not None:
-        kw["help"] = opt.help
-    parser.add_argument(*opt.flags, **kw)
+    else:
+        if "type" in spec:
+            kw["type"] = _TYPES[spec["type"]]
+        if "choices" in spec:
+            kw["choices"] = spec["choices"]
+        if spec.get("required"):
+            kw["required"] = True
+    if "help" in spec:
+        kw["help"] = spec["help"]
+    parser.add_argument(*spec.get("aliases", ()), flag, **kw)
 
 
 def _parser(only: str | None = None):
@@ -170,20 +152,19 @@ def _parser(only: str | None = None):
     import argparse
 
     common = argparse.ArgumentParser(add_help=False)
-    for opt in COMMON:
-        _add_option(argparse, common, opt)
+    for flag, spec in COMMON.items():
+        _add_option(argparse, common, flag, spec)
     p = one_line_parser(argparse, prog="vzctl", parents=[common], description="Manage VEs (virtual environments).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=type(p))
-    for cmd in TABLE:
-        if only is not None and cmd.name != only:
+    for name, cmd in TABLE.items():
+        if only is not None and name != only:
             continue
-        s = sub.add_parser(cmd.name, parents=[common], help=cmd.help)
-        for name in cmd.args:
-            s.add_argument(name)
-        if cmd.rest is not None:
-            s.add_argument(cmd.rest, nargs=argparse.REMAINDER)
-        for opt in cmd.opts:
-            _add_option(argparse, s, opt)
+        s = sub.add_parser(name, parents=[common], help=cmd["help"])
+        s.add_argument("veid")
+        if "rest" in cmd:
+            s.add_argument(cmd["rest"], nargs=argparse.REMAINDER)
+        for flag, spec in cmd.get("opts", {}).items():
+            _add_option(argparse, s, flag, spec)
     return p
 
 
@@ -225,13 +206,14 @@ def _command_of(argv: list[str]) -> str | None:
     i = 0
     while i < len(argv):
         a = argv[i]
-        if a in _COMMON_VALUE_FLAGS:
+        spec = COMMON.get(a)
+        if spec is not None and not spec.get("flag"):
             i += 2
             continue
         if a.startswith("-"):
             i += 1
             continue
-        return a if a in _BY_NAME else None
+        return a if a in TABLE else None
     return None
 
 
@@ -242,72 +224,76 @@ class _Args:
         self.__dict__.update(kw)
 
 
-def _flags(opts: tuple[Opt, ...]) -> dict[str, Opt]:
-    return {flag: opt for opt in opts for flag in opt.flags}
-
-
-_COMMON_FLAGS = _flags(COMMON)
-_COMMON_VALUE_FLAGS = frozenset(f for f, opt in _COMMON_FLAGS.items() if opt.value)
-_CMD_FLAGS = {cmd.name: {**_COMMON_FLAGS, **_flags(cmd.opts)} for cmd in TABLE}
+def _by_flag(opts: dict[str, dict]) -> dict[str, tuple[str, dict]]:
+    """flag or alias -> (long flag, spec)."""
+    out = {}
+    for flag, spec in opts.items():
+        out[flag] = (flag, spec)
+        for alias in spec.get("aliases", ()):
+            out[alias] = (flag, spec)
+    return out
 
 
 def _fast_parse(argv: list[str]) -> _Args | None:
     """ARGV parsed from the table without argparse, as argparse would parse it (the same attributes and values);
     None for anything this does not do as argparse would (help, errors, values that start with '-', '--' before
-    the command's arguments, abbreviated short options...): argparse then handles it. A bad --timeout raises here
-    the same UsageError argparse would."""
+    the VEID, combined short options...): argparse then handles it. A bad --timeout raises here the same
+    UsageError argparse would."""
     kw: dict = {}
     given: set[str] = set()
-    cmd: Cmd | None = None
-    flags = _COMMON_FLAGS
-    pos: list[str] = []
+    name: str | None = None
+    cmd: dict = {}
+    flags = _by_flag(COMMON)
+    veid: str | None = None
     i = 0
     while i < len(argv):
         a = argv[i]
-        if cmd is not None and cmd.rest is not None and len(pos) == len(cmd.args):
+        if veid is not None and "rest" in cmd:
             rest = argv[i:]
-            kw[cmd.rest] = rest[1:] if rest[:1] == ["--"] else rest  # as argparse: a first '--' is dropped
+            kw[cmd["rest"]] = rest[1:] if rest[:1] == ["--"] else rest  # as argparse: a first '--' is dropped
             break
         if a.startswith("-"):
-            name, eq, value = a.partition("=")
-            opt = flags.get(name) if name.startswith("--") or not eq else None
-            if opt is None or (eq and not opt.value):
+            text, eq, value = a.partition("=")
+            found = flags.get(text) if text.startswith("--") or not eq else None
+            if found is None:
                 return None
-            if opt.value:
+            flag, spec = found
+            if spec.get("flag"):
+                if eq:
+                    return None
+                value = True
+            else:
                 if not eq:
                     i += 1
                     if i >= len(argv) or argv[i].startswith("-"):
                         return None
                     value = argv[i]
-                if opt.choices is not None and value not in opt.choices:
+                if value not in spec.get("choices", (value,)):
                     return None
-                if opt.type is not None:
+                if "type" in spec:
                     try:
-                        value = _TYPES[opt.type](value)
+                        value = _TYPES[spec["type"]](value)
                     except ValueError:
                         return None
-                kw[opt.dest] = value
-            else:
-                kw[opt.dest] = True
-            given.add(opt.dest)
-        elif cmd is None:
-            cmd = _BY_NAME.get(a)
-            if cmd is None:
+            kw[dest(flag)] = value
+            given.add(flag)
+        elif name is None:
+            if a not in TABLE:
                 return None
-            flags = _CMD_FLAGS[a]
-            kw.update((opt.dest, opt.default) for opt in cmd.opts if opt.default != SUPPRESS)
-        elif len(pos) < len(cmd.args):
-            pos.append(a)
+            name, cmd = a, TABLE[a]
+            opts = cmd.get("opts", {})
+            flags = {**flags, **_by_flag(opts)}
+            kw.update((dest(flag), default(spec)) for flag, spec in opts.items())
+        elif veid is None:
+            veid = a
         else:
             return None
         i += 1
-    if cmd is None or len(pos) != len(cmd.args):
+    if veid is None or any(spec.get("required") and flag not in given for flag, spec in cmd.get("opts", {}).items()):
         return None
-    if cmd.rest is not None:
-        kw.setdefault(cmd.rest, [])
-    if any(opt.required and opt.dest not in given for opt in cmd.opts):
-        return None
-    return _Args(command=cmd.name, **dict(zip(cmd.args, pos, strict=True)), **kw)
+    if "rest" in cmd:
+        kw.setdefault(cmd["rest"], [])
+    return _Args(command=name, veid=veid, **kw)
 
 
 def run(argv: list[str]) -> int:
