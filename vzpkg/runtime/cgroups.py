@@ -21,6 +21,8 @@ from pathlib import Path
 
 from vzpkg.errors import ConfigError, VEError
 
+from .layout import CGROUP_NAME_MAX, VEID_NAME_CHARS
+
 
 class _LazyLog:
     """logging costs ~3 ms to import, on vzctl's hot path; only the rare notes below need it."""
@@ -138,10 +140,9 @@ def _limit(value: int | str, what: str, *, zero_is_unlimited: bool) -> int | Non
 
 
 def _check_ve_id(ve_id: str) -> str:
-    # the runtime passes <root tag>-<VEID> (layout.cgroup_name): 9 + up to 64 characters
-    ok = 0 < len(ve_id) <= 80 and ve_id not in (".", "..") and all(c.isalnum() or c in "._-" for c in ve_id)
-    if not ok or not ve_id.isascii():
-        raise VEError(f'VE id "{ve_id}": must be 1-80 letters, digits, ".", "_" or "-"')
+    # the runtime passes <root tag>-<VEID> (layout.cgroup_name); a directory name: no '/', '.' or '..'
+    if not (0 < len(ve_id) <= CGROUP_NAME_MAX and ve_id not in (".", "..") and set(ve_id) <= VEID_NAME_CHARS):
+        raise VEError(f'VE id "{ve_id}": must be 1-{CGROUP_NAME_MAX} letters, digits, ".", "_" or "-"')
     return ve_id
 
 

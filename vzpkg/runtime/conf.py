@@ -15,6 +15,8 @@ from pathlib import Path
 
 from vzpkg.errors import ConfigError
 
+from .layout import VEID_NAME_CHARS, VEID_NAME_MAX
+
 SAMPLES_DIR = Path(__file__).with_name("samples")
 
 UNLIMITED = "unlimited"
@@ -182,8 +184,10 @@ def _ostemplate(v: str) -> None:
 
 
 def _name(v: str) -> None:
-    # A name must not look like a numeric VE id, or `vzctl start 101` would be ambiguous.
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v) or v.isdigit():
+    # A VEID's name characters and length (it may start with a digit), but it must not look like a numeric VE id,
+    # or `vzctl start 101` would be ambiguous.
+    if not (0 < len(v) <= VEID_NAME_MAX and v[0].isascii() and v[0].isalnum() and set(v) <= VEID_NAME_CHARS) \
+            or v.isdigit():
         raise ValueError(v)
 
 
@@ -257,7 +261,7 @@ KNOWN_KEYS: dict[str, KeySpec] = {
     "ID_SHIFT": KeySpec(_int_range(0, 2**32 - 65536), "an integer 0..4294901760 (host uid of the VE's root)"),
     "IDMAP": KeySpec(_choice("private", "shared"), "private or shared"),
     "TEMPLATE_SHA256": KeySpec(_sha256, "64 lowercase hex digits"),
-    "NAME": KeySpec(_name, "letters, digits, '.', '_', '-' (at most 64, not all digits)"),
+    "NAME": KeySpec(_name, f"letters, digits, '.', '_', '-' (at most {VEID_NAME_MAX}, not all digits)"),
 }
 
 
