@@ -17,8 +17,8 @@ from vzpkg.errors import UsageError
 
 
 def _argparse(argv: list[str]) -> tuple:
-    """('ok', attributes) or ('error', exit code, message) from argparse, as vzctl.run builds it (a new parser
-    each time, as each run does: a reused argparse parser can return '==SUPPRESS==' values)."""
+    """('ok', attributes), ('error', exit code, message) or ('exit', status: help) from the argparse parser that
+    vzctl.run would build for ARGV."""
     try:
         return ("ok", vars(vzctl._parser(vzctl._command_of(argv)).parse_args(argv)))
     except UsageError as e:
