@@ -236,9 +236,8 @@ def _by_flag(opts: dict[str, dict]) -> dict[str, tuple[str, dict]]:
 
 def _fast_parse(argv: list[str]) -> _Args | None:
     """ARGV parsed from the table without argparse, as argparse would parse it (the same attributes and values);
-    None for anything this does not do as argparse would (help, errors, values that start with '-', '--' before
-    the VEID, combined short options...): argparse then handles it. A bad --timeout raises here the same
-    UsageError argparse would."""
+    None for anything this does not do as argparse would (help, errors, '--' before the VEID, combined short
+    options...): argparse then handles it. A bad --timeout raises here the same UsageError argparse would."""
     kw: dict = {}
     given: set[str] = set()
     name: str | None = None
@@ -265,7 +264,7 @@ def _fast_parse(argv: list[str]) -> _Args | None:
             else:
                 if not eq:
                     i += 1
-                    if i >= len(argv) or argv[i].startswith("-"):
+                    if i >= len(argv):
                         return None
                     value = argv[i]
                 if value not in spec.get("choices", (value,)):
@@ -296,8 +295,43 @@ def _fast_parse(argv: list[str]) -> _Args | None:
     return _Args(command=name, veid=veid, **kw)
 
 
+def _glued(argv: list[str]) -> list[str]:
+    """ARGV with each option that takes a value joined to it (`--timeout -inf` -> `--timeout=-inf`): as getopt
+    (and the fast path) does, such an option takes the next argument whatever it starts with, where argparse
+    would call `-inf` or `-x` a missing value. Not after '--', nor in exec's command."""
+    out: list[str] = []
+    flags = _by_flag(COMMON)
+    cmd: dict | None = None
+    npos = 0
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--" or (cmd is not None and "rest" in cmd and npos == 2):
+            return out + argv[i:]
+        found = flags.get(a)
+        if found is not None and not found[1].get("flag") and i + 1 < len(argv):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        if not a.startswith("-"):
+            npos += 1
+            if npos == 1:
+                cmd = TABLE.get(a)
+                if cmd is None:
+                    return out + argv[i:]
+                flags = {**flags, **_by_flag(cmd.get("opts", {}))}
+        out.append(a)
+        i += 1
+    return out
+
+
+def _slow_parse(argv: list[str]):
+    """ARGV parsed by argparse (help, usage errors, whatever the fast path leaves)."""
+    return _parser(_command_of(argv)).parse_args(_glued(argv))
+
+
 def run(argv: list[str]) -> int:
-    args = _fast_parse(argv) or _parser(_command_of(argv)).parse_args(argv)
+    args = _fast_parse(argv) or _slow_parse(argv)
     from vzpkg.runtime import ve
     from vzpkg.runtime.layout import Layout
 
