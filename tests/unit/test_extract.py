@@ -15,7 +15,7 @@ import pytest
 from extract_support import M, make_archive, make_sandbox, snapshot
 
 from vzpkg.errors import UnsafeArchiveError, VerifyError
-from vzpkg.store import extract
+from vzpkg.store import beneath
 from vzpkg.store.extract import open_beneath, safe_unpack
 
 pytestmark = pytest.mark.root  # chown, and the user namespace of id_shift
@@ -27,7 +27,7 @@ SHIFTS = [0, 100000]
 def resolver(request, monkeypatch) -> str:
     """Run the test with openat2 and again as on a kernel without it (the fork inherits the setting)."""
     if request.param == "nofollow-walk":
-        monkeypatch.setattr(extract, "_openat2_works", False)
+        monkeypatch.setattr(beneath, "_openat2_works", False)
     return request.param
 
 
@@ -109,7 +109,7 @@ def test_open_beneath_never_follows_a_link(tmp_path: Path, monkeypatch) -> None:
     rootfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for works in (True, False):
-            monkeypatch.setattr(extract, "_openat2_works", works)
+            monkeypatch.setattr(beneath, "_openat2_works", works)
             fd = open_beneath(rootfd, "real", os.O_PATH | os.O_DIRECTORY)
             os.close(fd)
             for path in ("link", "abs/etc", "link/x"):

@@ -35,14 +35,39 @@ def test_invalid_veid_messages_say_why():
         L.check_veid("-5")
 
 
+def test_the_veid_rule_is_the_one_of_its_users(tmp_path):
+    """The VEID rule is defined once (layout): the cgroup driver takes the cgroup name of every valid VEID (the
+    longest too) and refuses a longer one; the config's NAME takes a name VEID and refuses what no VEID could be
+    named by (too long, other characters); the messages state the rule's numbers."""
+    from vzpkg.errors import ConfigError, VEError
+    from vzpkg.runtime import cgroups
+    from vzpkg.runtime.conf import VEConfig
+
+    lay = L.Layout(tmp_path)
+    longest = "w" + "x" * (L.VEID_NAME_MAX - 1)
+    for veid in (longest, str(L.VEID_MAX), "a._-Z9"):
+        assert cgroups._check_ve_id(lay.cgroup_name(L.check_veid(veid)))
+        if not veid.isdigit():
+            VEConfig.parse("").set("NAME", veid)
+    with pytest.raises(VEError, match=f"1-{L.CGROUP_NAME_MAX} letters"):
+        cgroups._check_ve_id(lay.cgroup_name(longest + "x"))
+    for bad in (longest + "x", "a b", "a/b", "é"):
+        with pytest.raises(UsageError, match=f"up to {L.VEID_NAME_MAX} letters"):
+            L.check_veid(bad)
+        with pytest.raises(ConfigError, match=f"at most {L.VEID_NAME_MAX}"):
+            VEConfig.parse("").set("NAME", bad)
+    with pytest.raises(UsageError, match=f"use 1..{L.VEID_MAX}$"):
+        L.check_veid("0")
+
+
 def test_cgroup_names_are_scoped_by_vz_root(tmp_path):
     """The same VEID in two VZ roots gets two cgroup names and two veth host ends, each within the kernel's
-    limits (cgroup names: the driver's 80 characters; interface names: 15)."""
+    limits (cgroup names: the driver's CGROUP_NAME_MAX characters; interface names: 15)."""
     from vzpkg.runtime import net
 
     a, b = L.Layout(tmp_path / "a"), L.Layout(tmp_path / "b")
     assert a.cgroup_name("101") != b.cgroup_name("101")
-    assert a.cgroup_name("101").endswith("-101") and len(a.cgroup_name("x" * 64)) <= 80
+    assert a.cgroup_name("101").endswith("-101") and len(a.cgroup_name("x" * 64)) == L.CGROUP_NAME_MAX
     assert L.Layout(tmp_path / "a" / ".." / "a").cgroup_name("101") == a.cgroup_name("101")  # the real path
     names = {net.host_ifname(lay.real_root(), v) for lay in (a, b) for v in ("101", "x" * 64)}
     assert len(names) == 4 and all(len(n) <= 15 for n in names)

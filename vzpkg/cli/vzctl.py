@@ -1,7 +1,10 @@
 """vzctl: manage VEs (OpenVZ's command set). Parsing and printing only; the work is in vzpkg.runtime (ve, attach).
 
-argparse rather than click: `vzctl start` and `vzctl exec` are on the start-to-first-exec path, where
-click's ~15 ms of imports would be a sixth of the budget.
+The commands and options are declared once, in COMMON and TABLE (plain data). Both parsers are built from it:
+argparse (help, errors, anything unusual) and an argparse-free fast path for the plain forms. argparse rather than
+click: `vzctl start` and `vzctl exec` are on the start-to-first-exec path, where click's ~15 ms of imports would
+be a sixth of the budget, and even argparse's own import (with re, enum and gettext) costs ~6 ms of it, hence the
+fast path. tests/unit/test_vzctl_table.py checks that both agree.
 """
 
 from __future__ import annotations
@@ -15,6 +18,75 @@ SET_OPTIONS = {
     "ipadd": "IP_ADDRESS", "ipdel": "IPDEL", "nameserver": "NAMESERVER", "searchdomain": "SEARCHDOMAIN",
     "onboot": "ONBOOT", "init": "INIT",
 }
+
+SUPPRESS = "==SUPPRESS=="  # argparse.SUPPRESS (not imported for it): the attribute is absent unless given
+
+# The table: plain data (dict literals, ~10 us to build; objects for each option cost ten times that on every run).
+# An option: its long flag -> {"aliases": other flags, "flag": True (store_true; else it takes one value),
+# "type": a key of _TYPES, "choices", "default", "required", "help"} as in argparse's add_argument; the attribute
+# is the long flag without "--", "-" -> "_". A command: {"help", "opts", "rest": the attribute that takes every
+# argument after the VEID (argparse.REMAINDER)}; each command's positional is the VEID.
+
+# before the command and after it
+COMMON = {
+    "--root": {"default": SUPPRESS, "help": "VZ root (default $VZ_ROOT or /var/lib/vz)"},
+    "--quiet": {"aliases": ("-q",), "flag": True, "default": SUPPRESS},
+}
+
+# in the order of `vzctl --help`; adding a command or an option is one entry here
+TABLE: dict[str, dict] = {
+    "create": {"help": "create a VE from a template cache", "opts": {
+        "--ostemplate": {"required": True, "help": "cache name, e.g. debian-12-x86_64, or a registry reference to "
+                                                   "pull (HOST/PATH/NAME:TAG)"},
+        "--hostname": {},
+        "--config": {"help": "sample config (basic, light, unlimited)"},
+        "--layout": {"choices": ("overlay", "copy")},
+        "--privileged": {"flag": True, "help": "no user namespace: UNSAFE, host root in the VE"},
+        "--cache-dir": {"help": "where the caches are (default $VZPKG_CACHE_DIR or the config)"},
+        "--idmap": {"choices": ("private", "shared"),
+                    "help": "private (default): 65536 host ids of the VE's own, the template seen through an "
+                            "idmapped mount; shared: the range 100000..165535 that every shared VE has"},
+        "--id-shift": {"type": "int",
+                       "help": "host uid/gid of the VE's root (default: the lowest free private range from 524288; "
+                               "100000 with --idmap shared, where another value costs one more unpack of the "
+                               "template)"},
+    }},
+    "start": {"help": "start a VE"},
+    "mount": {"help": "mount a VE's root"},
+    "umount": {"help": "unmount it"},
+    "enter": {"help": "interactive shell in a running VE"},
+    "stop": {"help": "stop a VE", "opts": {
+        "--fast": {"flag": True, "help": "SIGKILL at once"},
+        "--timeout": {"type": "timeout", "default": 10.0, "help": "seconds to wait after SIGTERM, 0..3600 (default 10)"},
+    }},
+    "restart": {"help": "stop and start a VE", "opts": {
+        "--fast": {"flag": True},
+        "--timeout": {"type": "timeout", "default": 10.0},
+    }},
+    "status": {"help": "exist/deleted mounted/unmounted running/down", "opts": {
+        "--json": {"flag": True},
+        "--beancounters": {"flag": True, "help": "resource counters (held, maxheld, limit, failcnt)"},
+    }},
+    "exec": {"help": "run a command in a running VE", "rest": "cmd"},
+    "set": {"help": "change a VE's parameters (running VEs at once)", "opts": {
+        **{f"--{name}": {} for name in SET_OPTIONS},
+        "--save": {"flag": True, "help": "also write them to the VE's config"},
+    }},
+    "destroy": {"help": "remove a VE and its private area", "opts": {
+        "--force": {"flag": True, "help": "stop it first if running"},
+    }},
+}
+COMMANDS = tuple(TABLE)
+
+
+def dest(flag: str) -> str:
+    """The attribute of the option FLAG (its long flag)."""
+    return flag[2:].replace("-", "_")
+
+
+def default(spec: dict) -> object:
+    """What the attribute of an option is when it is not given."""
+    return spec.get("default", False if spec.get("flag") else None)
 
 
 def parse_timeout(text: str) -> float:
@@ -31,6 +103,11 @@ def parse_timeout(text: str) -> float:
     if not math.isfinite(value) or not 0 <= value <= STOP_TIMEOUT_MAX:
         raise UsageError(f"--timeout {text!r}: must be a number of seconds from 0 to {STOP_TIMEOUT_MAX:.0f}")
     return value
+
+
+# an option's "type" -> converter, for both parsers. A ValueError is argparse's "invalid VALUE" error (the fast
+# path leaves it to argparse); a UsageError (parse_timeout's) passes through argparse: both print the same line.
+_TYPES = {"int": int, "timeout": parse_timeout}
 
 
 def one_line_parser(argparse, **kw):
@@ -52,88 +129,43 @@ def one_line_parser(argparse, **kw):
     return Parser(**kw)
 
 
-def _timeout_type(text: str) -> float:
-    import argparse
-
-    from vzpkg.errors import UsageError
-
-    try:
-        return parse_timeout(text)
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(e.message.split(": ", 1)[1]) from None
-
-
-COMMANDS = ("create", "start", "mount", "umount", "enter", "stop", "restart", "status", "exec", "set", "destroy")
+def _add_option(argparse, parser, flag: str, spec: dict) -> None:
+    value = default(spec)
+    # argparse tests `default is SUPPRESS`: an equal string is not enough
+    kw: dict = {"default": argparse.SUPPRESS if value == SUPPRESS else value}
+    if spec.get("flag"):
+        kw["action"] = "store_true"
+    else:
+        if "type" in spec:
+            kw["type"] = _TYPES[spec["type"]]
+        if "choices" in spec:
+            kw["choices"] = spec["choices"]
+        if spec.get("required"):
+            kw["required"] = True
+    if "help" in spec:
+        kw["help"] = spec["help"]
+    parser.add_argument(*spec.get("aliases", ()), flag, **kw)
 
 
 def _parser(only: str | None = None):
-    """The parser; with ONLY, just that command's sub-parser is built (building all costs ~5 ms per run)."""
+    """The argparse parser, built from the table; with ONLY, just that command's sub-parser is built (building all
+    costs ~5 ms per run)."""
     import argparse
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--root", default=argparse.SUPPRESS, help="VZ root (default $VZ_ROOT or /var/lib/vz)")
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+    for flag, spec in COMMON.items():
+        _add_option(argparse, common, flag, spec)
     p = one_line_parser(argparse, prog="vzctl", parents=[common], description="Manage VEs (virtual environments).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=type(p))
-    real_add = sub.add_parser
-
-    def add_parser(name, **kw):
+    for name, cmd in TABLE.items():
         if only is not None and name != only:
-            return argparse.ArgumentParser(add_help=False)  # a throw-away stand-in
-        return real_add(name, **kw)
-
-    sub.add_parser = add_parser  # type: ignore[method-assign]
-
-    c = sub.add_parser("create", parents=[common], help="create a VE from a template cache")
-    c.add_argument("veid")
-    c.add_argument("--ostemplate", required=True,
-                   help="cache name, e.g. debian-12-x86_64, or a registry reference to pull (HOST/PATH/NAME:TAG)")
-    c.add_argument("--hostname")
-    c.add_argument("--config", help="sample config (basic, light, unlimited)")
-    c.add_argument("--layout", choices=("overlay", "copy"))
-    c.add_argument("--privileged", action="store_true", help="no user namespace: UNSAFE, host root in the VE")
-    c.add_argument("--cache-dir", help="where the caches are (default $VZPKG_CACHE_DIR or the config)")
-    c.add_argument("--idmap", choices=("private", "shared"), default=None,
-                   help="private (default): 65536 host ids of the VE's own, the template seen through an idmapped "
-                        "mount; shared: the range 100000..165535 that every shared VE has")
-    c.add_argument("--id-shift", type=int, default=None,
-                   help="host uid/gid of the VE's root (default: the lowest free private range from 524288; "
-                        "100000 with --idmap shared, where another value costs one more unpack of the template)")
-
-    for name, helptext in (("start", "start a VE"), ("mount", "mount a VE's root"), ("umount", "unmount it"),
-                           ("enter", "interactive shell in a running VE")):
-        s = sub.add_parser(name, parents=[common], help=helptext)
+            continue
+        s = sub.add_parser(name, parents=[common], help=cmd["help"])
         s.add_argument("veid")
-
-    s = sub.add_parser("stop", parents=[common], help="stop a VE")
-    s.add_argument("veid")
-    s.add_argument("--fast", action="store_true", help="SIGKILL at once")
-    s.add_argument("--timeout", type=_timeout_type, default=10.0,
-                   help="seconds to wait after SIGTERM, 0..3600 (default 10)")
-
-    s = sub.add_parser("restart", parents=[common], help="stop and start a VE")
-    s.add_argument("veid")
-    s.add_argument("--fast", action="store_true")
-    s.add_argument("--timeout", type=_timeout_type, default=10.0)
-
-    s = sub.add_parser("status", parents=[common], help="exist/deleted mounted/unmounted running/down")
-    s.add_argument("veid")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--beancounters", action="store_true", help="resource counters (held, maxheld, limit, failcnt)")
-
-    s = sub.add_parser("exec", parents=[common], help="run a command in a running VE")
-    s.add_argument("veid")
-    s.add_argument("cmd", nargs=argparse.REMAINDER)
-
-    s = sub.add_parser("set", parents=[common], help="change a VE's parameters (running VEs at once)")
-    s.add_argument("veid")
-    for opt in SET_OPTIONS:
-        s.add_argument(f"--{opt}")
-    s.add_argument("--save", action="store_true", help="also write them to the VE's config")
-
-    s = sub.add_parser("destroy", parents=[common], help="remove a VE and its private area")
-    s.add_argument("veid")
-    s.add_argument("--force", action="store_true", help="stop it first if running")
+        if "rest" in cmd:
+            s.add_argument(cmd["rest"], nargs=argparse.REMAINDER)
+        for flag, spec in cmd.get("opts", {}).items():
+            _add_option(argparse, s, flag, spec)
     return p
 
 
@@ -171,16 +203,18 @@ def _format_beancounters(bc: dict) -> str:
 
 
 def _command_of(argv: list[str]) -> str | None:
+    """The command named in ARGV (skipping the common options before it), or None."""
     i = 0
     while i < len(argv):
         a = argv[i]
-        if a == "--root":
+        spec = COMMON.get(a)
+        if spec is not None and not spec.get("flag"):
             i += 2
             continue
         if a.startswith("-"):
             i += 1
             continue
-        return a if a in COMMANDS else None
+        return a if a in TABLE else None
     return None
 
 
@@ -191,72 +225,114 @@ class _Args:
         self.__dict__.update(kw)
 
 
-# command -> {option: (attribute, takes a value)} for the argparse-free fast path
-_FAST = {
-    "start": {}, "mount": {}, "umount": {}, "status": {"--json": ("json", False), "--beancounters": ("beancounters", False)},
-    "stop": {"--fast": ("fast", False), "--timeout": ("timeout", True)},
-    "restart": {"--fast": ("fast", False), "--timeout": ("timeout", True)},
-    "destroy": {"--force": ("force", False)},
-    "create": {"--ostemplate": ("ostemplate", True), "--hostname": ("hostname", True), "--config": ("config", True),
-               "--layout": ("layout", True), "--privileged": ("privileged", False), "--cache-dir": ("cache_dir", True),
-               "--id-shift": ("id_shift", True), "--idmap": ("idmap", True)},
-}
-_FAST_DEFAULTS = {"quiet": False, "fast": False, "timeout": 10.0, "json": False, "beancounters": False, "force": False,
-                  "ostemplate": None, "hostname": None, "config": None, "layout": None, "privileged": False,
-                  "cache_dir": None, "id_shift": None, "idmap": None}
+def _by_flag(opts: dict[str, dict]) -> dict[str, tuple[str, dict]]:
+    """flag or alias -> (long flag, spec)."""
+    out = {}
+    for flag, spec in opts.items():
+        out[flag] = (flag, spec)
+        for alias in spec.get("aliases", ()):
+            out[alias] = (flag, spec)
+    return out
 
 
 def _fast_parse(argv: list[str]) -> _Args | None:
-    """The plain forms of the frequent commands, parsed without argparse: its import (with re, enum and gettext)
-    costs ~6 ms of the start-to-first-exec budget. Anything unusual (help, errors, --timeout...) -> None, and
-    argparse handles it."""
-    kw: dict = dict(_FAST_DEFAULTS)
-    pos: list[str] = []
+    """ARGV parsed from the table without argparse, as argparse would parse it (the same attributes and values);
+    None for anything this does not do as argparse would (help, errors, '--' before the VEID, combined short
+    options...): argparse then handles it. A bad --timeout raises here the same UsageError argparse would."""
+    kw: dict = {}
+    given: set[str] = set()
+    name: str | None = None
+    cmd: dict = {}
+    flags = _by_flag(COMMON)
+    veid: str | None = None
     i = 0
     while i < len(argv):
         a = argv[i]
-        if len(pos) == 2 and pos[0] == "exec":
-            kw["cmd"] = argv[i:]
+        if veid is not None and "rest" in cmd:
+            rest = argv[i:]
+            kw[cmd["rest"]] = rest[1:] if rest[:1] == ["--"] else rest  # as argparse: a first '--' is dropped
             break
-        opts = _FAST.get(pos[0], {}) if pos else {}
-        if a == "--root" and i + 1 < len(argv):
-            kw["root"] = argv[i + 1]
-            i += 1
-        elif a in ("-q", "--quiet"):
-            kw["quiet"] = True
-        elif a in opts:
-            attr, takes_value = opts[a]
-            if takes_value:
-                if i + 1 >= len(argv):
-                    return None
-                kw[attr] = argv[i + 1]
-                i += 1
-            else:
-                kw[attr] = True
-        elif a.startswith("-") or len(pos) == 2:
-            return None
-        else:
-            pos.append(a)
-        i += 1
-    if len(pos) != 2 or (pos[0] not in _FAST and pos[0] != "exec"):
-        return None
-    if isinstance(kw["timeout"], str):
-        kw["timeout"] = parse_timeout(kw["timeout"])  # a bad value: one line, exit 2
-    if pos[0] == "exec" and (not kw.get("cmd") or kw["cmd"][0] in ("-h", "--help")):
-        return None
-    if pos[0] == "create":
-        if kw["ostemplate"] is None or (kw["layout"] not in (None, "overlay", "copy")) or (
-                kw["idmap"] not in (None, "private", "shared")):
-            return None
-        if kw["id_shift"] is not None:
-            if not kw["id_shift"].isdigit():
+        if a.startswith("-"):
+            text, eq, value = a.partition("=")
+            found = flags.get(text) if text.startswith("--") or not eq else None
+            if found is None:
                 return None
-            kw["id_shift"] = int(kw["id_shift"])
-    return _Args(command=pos[0], veid=pos[1], **kw)
+            flag, spec = found
+            if spec.get("flag"):
+                if eq:
+                    return None
+                value = True
+            else:
+                if not eq:
+                    i += 1
+                    if i >= len(argv):
+                        return None
+                    value = argv[i]
+                if value not in spec.get("choices", (value,)):
+                    return None
+                if "type" in spec:
+                    try:
+                        value = _TYPES[spec["type"]](value)
+                    except ValueError:
+                        return None
+            kw[dest(flag)] = value
+            given.add(flag)
+        elif name is None:
+            if a not in TABLE:
+                return None
+            name, cmd = a, TABLE[a]
+            opts = cmd.get("opts", {})
+            flags = {**flags, **_by_flag(opts)}
+            kw.update((dest(flag), default(spec)) for flag, spec in opts.items())
+        elif veid is None:
+            veid = a
+        else:
+            return None
+        i += 1
+    if veid is None or any(spec.get("required") and flag not in given for flag, spec in cmd.get("opts", {}).items()):
+        return None
+    if "rest" in cmd:
+        kw.setdefault(cmd["rest"], [])
+    return _Args(command=name, veid=veid, **kw)
+
+
+def _glued(argv: list[str]) -> list[str]:
+    """ARGV with each option that takes a value joined to it (`--timeout -inf` -> `--timeout=-inf`): as getopt
+    (and the fast path) does, such an option takes the next argument whatever it starts with, where argparse
+    would call `-inf` or `-x` a missing value. Not after '--', nor in exec's command."""
+    out: list[str] = []
+    flags = _by_flag(COMMON)
+    cmd: dict | None = None
+    npos = 0
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--" or (cmd is not None and "rest" in cmd and npos == 2):
+            return out + argv[i:]
+        found = flags.get(a)
+        if found is not None and not found[1].get("flag") and i + 1 < len(argv):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        if not a.startswith("-"):
+            npos += 1
+            if npos == 1:
+                cmd = TABLE.get(a)
+                if cmd is None:
+                    return out + argv[i:]
+                flags = {**flags, **_by_flag(cmd.get("opts", {}))}
+        out.append(a)
+        i += 1
+    return out
+
+
+def _slow_parse(argv: list[str]):
+    """ARGV parsed by argparse (help, usage errors, whatever the fast path leaves)."""
+    return _parser(_command_of(argv)).parse_args(_glued(argv))
 
 
 def run(argv: list[str]) -> int:
-    args = _fast_parse(argv) or _parser(_command_of(argv)).parse_args(argv)
+    args = _fast_parse(argv) or _slow_parse(argv)
     from vzpkg.runtime import ve
     from vzpkg.runtime.layout import Layout
 
@@ -300,7 +376,7 @@ def run(argv: list[str]) -> int:
             if args.beancounters:
                 print(_format_beancounters(st.get("beancounters") or {}))
     elif cmd == "exec":
-        cmd_argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        cmd_argv = args.cmd  # a '--' after the VEID is gone already (both parsers drop it)
         if not cmd_argv:
             from vzpkg.errors import UsageError
 

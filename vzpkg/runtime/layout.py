@@ -27,7 +27,6 @@ from vzpkg.errors import UsageError
 
 DEFAULT_ID_SHIFT = 100000
 ID_RANGE = 65536
-_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 def template_shift(privileged: bool, id_shift: int, idmap: str | None) -> int:
@@ -38,14 +37,23 @@ def template_shift(privileged: bool, id_shift: int, idmap: str | None) -> int:
     return DEFAULT_ID_SHIFT if idmap == "private" else id_shift
 
 
+# The VEID rule, here only (vzctl, the runtime, cgroups' name check and the config's NAME derive from it): a
+# number 1..VEID_MAX without leading zeros, or a name of VEID_NAME_CHARS starting with a letter, at most
+# VEID_NAME_MAX long.
 VEID_MAX = 2**31 - 1  # OpenVZ's ids are C ints; 0 is the host
+VEID_NAME_MAX = 64
+VEID_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+VEID_RULE = (f"a number 1..{VEID_MAX} (no leading zeros) or a name of up to {VEID_NAME_MAX} letters, digits, "
+             "'.', '_', '-' starting with a letter")
+ROOT_TAG_LEN = 8  # Layout.root_tag: crc32 in hex
+CGROUP_NAME_MAX = ROOT_TAG_LEN + 1 + VEID_NAME_MAX  # Layout.cgroup_name: <root tag>-<VEID>
 
 
 def _veid_problem(veid: str) -> str | None:
     """Why VEID is not a valid id, or None. No regex: `re` costs ms to import on vzctl's hot path."""
     if veid.isascii() and veid.isdigit():
         if veid == "0" or int(veid) == 0:
-            return "0 is the host in OpenVZ, not a VE: use 1..2147483647"
+            return f"0 is the host in OpenVZ, not a VE: use 1..{VEID_MAX}"
         if veid[0] == "0":
             return f"write it without leading zeros ({int(veid)}): 0101 and 101 would be two names for one VE"
         if int(veid) > VEID_MAX:
@@ -53,10 +61,9 @@ def _veid_problem(veid: str) -> str | None:
         return None
     if veid[:1] == "-":
         return "a VEID cannot start with '-' (did you mean an option? put options after the command)"
-    if 0 < len(veid) <= 64 and veid[0].isascii() and veid[0].isalpha() and set(veid) <= _NAME_CHARS:
+    if 0 < len(veid) <= VEID_NAME_MAX and veid[0].isascii() and veid[0].isalpha() and set(veid) <= VEID_NAME_CHARS:
         return None
-    return "use a number 1..2147483647 (no leading zeros) or a name of up to 64 letters, digits, '.', '_', '-' " \
-           "starting with a letter"
+    return f"use {VEID_RULE}"
 
 
 def check_veid(veid: str) -> str:
@@ -178,7 +185,7 @@ class Layout:
         if self._tag is None:
             import zlib
 
-            self._tag = f"{zlib.crc32(os.fsencode(self.real_root())):08x}"
+            self._tag = f"{zlib.crc32(os.fsencode(self.real_root())):0{ROOT_TAG_LEN}x}"
         return self._tag
 
     def cgroup_name(self, veid: str) -> str:

@@ -24,11 +24,12 @@ whose root is id_shift (they grant nothing to host users), refuses device nodes 
 /dev is a tmpfs) and gives even a bug no power over host files owned by host users. Owners outside 0..65535 are
 refused. With id_shift == 0 (update-cache's build root, which is packed again) the same code runs in-process;
 device nodes under dev/ are created and plain (v2) file capabilities are kept, as packages installed them.
+
+The openat2 walk is in beneath.py (open_beneath).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -42,19 +43,11 @@ from typing import IO, Any
 
 from .. import errors
 from ..errors import UnsafeArchiveError, VerifyError, VzError
+from .beneath import DIR_FLAGS, open_beneath
 
 _CHUNK = 1 << 20
 _NS_SIZE = 65536  # ids a VE's user namespace maps
 
-# openat2(2): 437 on every architecture (it came after the syscall tables were unified)
-_SYS_OPENAT2 = 437
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-_RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
-
-_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # errors that mean "the archive's names collide or lead somewhere they must not"
 _STRUCTURE_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.ELOOP, errno.EXDEV, errno.ENAMETOOLONG, errno.EISDIR}
@@ -65,55 +58,6 @@ _VFS_CAP_REVISION_2 = 0x02000000
 _VFS_CAP_REVISION_3 = 0x03000000
 _VFS_CAP_REVISION_MASK = 0xFF000000
 _VFS_CAP_FLAGS_EFFECTIVE = 0x000001
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_openat2_works = True  # cleared at the first ENOSYS (kernels before 5.6, or a seccomp filter that hides it)
-
-
-def open_beneath(dirfd: int, path: str, flags: int) -> int:
-    """Open PATH (relative, normalised) below DIRFD without following a symlink at any step."""
-    global _openat2_works
-    if _openat2_works:
-        from ..runtime.ns import libc
-
-        how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE)
-        fd = libc().syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), os.fsencode(path),
-                            ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-        if fd >= 0:
-            return fd
-        err = ctypes.get_errno()
-        if err != errno.ENOSYS:
-            raise OSError(err, os.strerror(err), path)
-        _openat2_works = False
-    return _walk_nofollow(dirfd, path, flags)
-
-
-def _walk_nofollow(dirfd: int, path: str, flags: int) -> int:
-    """The fallback: one component at a time, each opened with O_NOFOLLOW relative to the previous one."""
-    parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise OSError(errno.EINVAL, "not a normalised relative path", path)
-    cur = dirfd
-    try:
-        for part in parts[:-1]:
-            nxt = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=cur)
-            if cur != dirfd:
-                os.close(cur)
-            cur = nxt
-            if not stat.S_ISDIR(os.fstat(cur).st_mode):
-                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-        fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
-    finally:
-        if cur != dirfd:
-            os.close(cur)
-    if flags & os.O_DIRECTORY and not stat.S_ISDIR(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-    return fd
 
 
 def _capability_v2(value: bytes) -> bytes | None:
@@ -240,7 +184,7 @@ class _Extractor:
             elif kind != "dir":
                 raise UnsafeArchiveError(f"unsafe archive member {raw!r}: {parent!r} above it is a {kind}")
             else:
-                fd = open_beneath(self.root, parent, _DIR_FLAGS)
+                fd = open_beneath(self.root, parent, DIR_FLAGS)
             if len(self.parents) >= self._PARENT_CACHE:
                 os.close(self.parents.pop(next(iter(self.parents))))
         self.parents[parent] = fd
