@@ -22,6 +22,7 @@ the rest:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import http.client
 import json
@@ -146,6 +147,16 @@ class RegistryClient:
         conn = self._conns.pop((scheme, netloc), None)
         if conn is not None:
             conn.close()
+
+    def fork(self) -> RegistryClient | None:
+        """The same client on a connection of its own, for requests at the same time as this one's (its `stats`
+        are its own); None with a bearer token, whose renewal one thread would do under the other's feet."""
+        if not self.connected or self._token_auth is not None:
+            return None
+        other = copy.copy(self)
+        other._conns = {}
+        other.stats = dict.fromkeys(self.stats, 0)
+        return other
 
     def close(self) -> None:
         for key in list(self._conns):

@@ -142,13 +142,18 @@ def push_cache(store: CacheStore, name: str, ref: Reference, conn: Connection,
             if tagged or client.manifest_digest(digest) == digest:
                 skipped = 2  # a registry takes a manifest only when it has its blobs (distribution spec)
         if not skipped:
+            # With the diff_id known the config is too: it goes on a second connection while the layer uploads.
+            second = client.fork() if image is not None else None
+            config_job = _Background(_ensure_blob, second, config) if second is not None else None
             layer, skipped = _push_layer(store, name, client, layer_digest, diff_id, progress)
-            config, image = _image(manifest, layer, tag, extra)
-            config_digest = sha256_digest(config)
-            if client.blob_exists(config_digest):
-                skipped += 1
+            if config_job is None or second is None:
+                config, image = _image(manifest, layer, tag, extra)
+                skipped += _ensure_blob(client, config)
             else:
-                client.upload_blob(config_digest, len(config), config)
+                skipped += config_job.get()
+                for k, v in second.stats.items():
+                    client.stats[k] += v
+                second.close()
         assert image is not None
         digest = sha256_digest(image)
         if not tagged:
@@ -159,6 +164,38 @@ def push_cache(store: CacheStore, name: str, ref: Reference, conn: Connection,
             "blobs_uploaded": client.stats["blobs_uploaded"], "blobs_skipped": skipped,
             "bytes_uploaded": client.stats["bytes_uploaded"], "delta": delta_info,
             "seconds": round(time.monotonic() - started, 3)}
+
+
+def _ensure_blob(client: RegistryClient, data: bytes) -> int:
+    """Upload the small blob DATA unless the registry has it; 1 if it had it."""
+    digest = sha256_digest(data)
+    if client.blob_exists(digest):
+        return 1
+    client.upload_blob(digest, len(data), data)
+    return 0
+
+
+class _Background(threading.Thread):
+    """FN(*ARGS) in a thread; get() waits and returns its result or raises its exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.args = fn, args
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by get()
+            self.error = e
+
+    def get(self) -> Any:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 def _image(manifest: dict[str, Any], layer: LayerDigests, tag: str, extra: dict[str, str]) -> tuple[bytes, bytes]:
