@@ -142,6 +142,34 @@ def test_push_pull_roundtrip_and_dedup(plain_registry, tmp_path):
     assert plain_registry.requests_logged("GET", "/blobs/sha256:") == blob_gets
 
 
+def test_push_with_known_diff_id(plain_registry, tmp_path):
+    """After a first push the tar's digest is remembered: a push to another repository knows its manifest before
+    sending anything (config uploaded beside the layer), one to a new tag finds the blobs by HEAD, and one that
+    finds its manifest under the tag sends no blob and no manifest."""
+    src = tmp_path / "src"
+    manifest = make_cache(src, seed="known")
+    first = json.loads(ok(vzpkg("push", NAME, f"{plain_registry.host}/known-a/{NAME}:1", "--cache-dir", str(src),
+                                "--json")).stdout)
+    assert list((src / ".registry").glob(f"{manifest['sha256']}.diff_id"))
+    ref = f"{plain_registry.host}/known-b/{NAME}:1"
+    other = json.loads(ok(vzpkg("push", NAME, ref, "--cache-dir", str(src), "--json")).stdout)
+    assert (other["blobs_uploaded"], other["blobs_skipped"], other["digest"]) == (2, 0, first["digest"])
+    assert plain_registry.requests_logged("PUT", "/v2/known-b/") == 3  # layer, config, manifest
+    dst = tmp_path / "dst"
+    ok(vzpkg("pull", ref, "--cache-dir", str(dst)))
+    assert (dst / f"{NAME}.tar.zst").read_bytes() == (src / f"{NAME}.tar.zst").read_bytes()
+    ok(vzpkg("verify-cache", NAME, "--cache-dir", str(dst)))
+
+    retag = json.loads(ok(vzpkg("push", NAME, f"{plain_registry.host}/known-b/{NAME}:2", "--cache-dir", str(src),
+                                "--json")).stdout)
+    assert (retag["blobs_uploaded"], retag["blobs_skipped"]) == (0, 2) and retag["digest"] != first["digest"]
+    assert plain_registry.requests_logged("PUT", "/v2/known-b/") == 4  # the manifest of tag 2 only
+    again = json.loads(ok(vzpkg("push", NAME, ref, "--cache-dir", str(src), "--json")).stdout)
+    assert (again["blobs_uploaded"], again["blobs_skipped"], again["digest"]) == (0, 2, first["digest"])
+    assert plain_registry.requests_logged("PUT", "/v2/known-b/") == 4
+    assert plain_registry.requests_logged("HEAD", "/v2/known-b/") == 9  # 4 + 4 + 1: the last push asked only the tag
+
+
 def test_push_all_and_pull_with_name(plain_registry, tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_cache(src, "debian-12-x86_64", seed="b")
