@@ -290,6 +290,39 @@ def test_tls_and_htpasswd_auth(tls_registry, tmp_path):
     ok(vzpkg("pull", ref, "--cache-dir", str(dst), *ca, env={**noauth, "DOCKER_CONFIG": str(tmp_path / "docker")}))
 
 
+def test_credential_helper(tls_registry, plain_registry, tmp_path):
+    """A docker credential helper (credsStore) gives the credentials, run only when the registry asks for them:
+    a registry without auth works even when the named helper is not installed."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_cache(src, seed="helper")
+    bin_dir, docker = tmp_path / "bin", tmp_path / "docker"
+    bin_dir.mkdir()
+    docker.mkdir()
+    asked = tmp_path / "asked"
+    helper = bin_dir / "docker-credential-vzpkgtest"
+    helper.write_text(f"""#!/bin/sh
+read host
+echo "$1 $host" >> {asked}
+[ "$host" = "{tls_registry.host}" ] || {{ echo "credentials not found in native keychain"; exit 1; }}
+echo '{{"ServerURL": "'$host'", "Username": "alice", "Secret": "s3cret"}}'
+""")
+    helper.chmod(0o755)
+    env = {"HOME": str(tmp_path), "DOCKER_CONFIG": str(docker), "XDG_RUNTIME_DIR": str(tmp_path),
+           "REGISTRY_AUTH_FILE": "", "VZPKG_REGISTRY_USERNAME": "", "VZPKG_REGISTRY_PASSWORD": "",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    (docker / "config.json").write_text(json.dumps({"credsStore": "vzpkgtest"}))
+    ref = f"{tls_registry.host}/helper/{NAME}:1"
+    ok(vzpkg("push", NAME, ref, "--cache-dir", str(src), "--ca-file", str(tls_registry.ca), env=env))
+    ok(vzpkg("pull", ref, "--cache-dir", str(dst), "--ca-file", str(tls_registry.ca), env=env))
+    assert (dst / f"{NAME}.tar.zst").read_bytes() == (src / f"{NAME}.tar.zst").read_bytes()
+    assert asked.read_text().splitlines() == [f"get {tls_registry.host}"] * 2
+
+    (docker / "config.json").write_text(json.dumps({"credsStore": "not-installed"}))
+    ok(vzpkg("push", NAME, f"{plain_registry.host}/helper/{NAME}:1", "--cache-dir", str(src), env=env))
+    one_error_line(vzpkg("push", NAME, ref, "--cache-dir", str(src), "--ca-file", str(tls_registry.ca), env=env), 14,
+                   "docker-credential-not-installed", "not installed")
+
+
 @pytest.fixture(scope="module")
 def token_registry(tmp_path_factory):
     reg = Registry(tmp_path_factory.mktemp("registry-token"), users={"bob": "t0ken"}, token_auth=True).start()

@@ -105,7 +105,8 @@ class RegistryClient:
     def __init__(self, ref: Reference, *, insecure: bool = False, ca_file: str | None = None) -> None:
         self.ref = ref
         self.transport = Transport.for_host(ref.host, insecure=insecure, ca_file=ca_file)
-        self.credentials: Credentials | None = find_credentials(ref.host)
+        self._credentials: Credentials | None = None
+        self._credentials_looked_up = False
         self.scheme = self.transport.schemes[0]
         self.connected = False
         self._conns: dict[tuple[str, str], http.client.HTTPConnection] = {}
@@ -113,6 +114,14 @@ class RegistryClient:
         self._token_auth: Any = None  # oras.auth.TokenAuth when the registry answers with a Bearer challenge
         self._basic = False
         self.stats = {"bytes_uploaded": 0, "bytes_downloaded": 0, "blobs_uploaded": 0, "blobs_downloaded": 0}
+
+    @property
+    def credentials(self) -> Credentials | None:
+        """Looked up when the registry asks for them: a credential helper is a program to run."""
+        if not self._credentials_looked_up:
+            self._credentials = find_credentials(self.ref.host)
+            self._credentials_looked_up = True
+        return self._credentials
 
     # --- connections -----------------------------------------------------------------------------------
 
