@@ -18,8 +18,6 @@ import binascii
 import json
 import os
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +71,9 @@ def _helper_name(data: dict[str, Any], host: str, path: Path) -> tuple[str, str]
 
 def from_helper(helper: str, host: str, source: str) -> Credentials | None:
     """Ask `docker-credential-HELPER get` for HOST; None when it has nothing for it."""
+    import shutil
+    import subprocess  # here: a push or pull that needs no credentials does not pay for its import
+
     program = f"docker-credential-{helper}"
     exe = shutil.which(program)
     if exe is None:

@@ -24,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RegistryError, UsageError, VerifyError, VzError
-from ..lock import locked
 from ..store.cache import CacheStore
 from .client import Progress, RegistryClient, sha256_digest
-from .delta import ANNOTATION_FROM, ANNOTATION_TAG, PATCH_CONFIG_MEDIA_TYPE, PATCH_MEDIA_TYPE, apply_patch, make_patch
 from .image import (
     CONFIG_KEY,
     MANIFEST_MEDIA_TYPE,
@@ -127,6 +125,8 @@ def push_cache(store: CacheStore, name: str, ref: Reference, conn: Connection,
         extra: dict[str, str] = {}
         delta_info: dict[str, Any] | None = None
         if delta:
+            from .delta import ANNOTATION_FROM, ANNOTATION_TAG
+
             delta_info = _push_delta(store, name, sha, client, tag)
             if delta_info:
                 extra = {ANNOTATION_FROM: delta_info["from_sha256"], ANNOTATION_TAG: delta_info["tag"]}
@@ -237,6 +237,7 @@ def _push_layer(store: CacheStore, name: str, client: RegistryClient, layer_dige
 def _push_delta(store: CacheStore, name: str, sha: str, client: RegistryClient, tag: str) -> dict[str, Any] | None:
     """Patch from the newest earlier generation of NAME to the cache, pushed as the artifact TAG.delta."""
     from ..build.update import list_generations
+    from .delta import ANNOTATION_FROM, PATCH_CONFIG_MEDIA_TYPE, PATCH_MEDIA_TYPE, make_patch
 
     previous = next((g for g in list_generations(store, name) if g.get("sha256") and g["sha256"] != sha), None)
     if previous is None:
@@ -277,6 +278,8 @@ def _sha256_file(path: Path) -> str:
 def _pull_delta(client: RegistryClient, store: CacheStore, target: str, image: ImageManifest, manifest: dict[str, Any],
                 tmp: Path, note: Callable[[str], None]) -> bool:
     """Rebuild the layer into TMP from the local cache and a patch; False (after a note) when that cannot be done."""
+    from .delta import ANNOTATION_FROM, ANNOTATION_TAG, PATCH_CONFIG_MEDIA_TYPE, PATCH_MEDIA_TYPE, apply_patch
+
     local = store.manifest_or_none(target)
     wanted_from, delta_tag = image.annotations.get(ANNOTATION_FROM), image.annotations.get(ANNOTATION_TAG)
     if not (local and wanted_from and delta_tag and local.get("sha256") == wanted_from):
@@ -327,6 +330,8 @@ def pull_cache(store: CacheStore, ref: Reference, conn: Connection, *, lock_dir:
                lock_timeout: float = 600, progress: Callable[[str], Progress | None] | None = None,
                delta: bool = True, note: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
     """Download image REF into the cache store (as NAME, default: the template name it was pushed as)."""
+    from ..lock import locked
+
     started = time.monotonic()
     client = conn.client(ref)
     client.connect()
