@@ -323,6 +323,73 @@ echo '{{"ServerURL": "'$host'", "Username": "alice", "Secret": "s3cret"}}'
                    "docker-credential-not-installed", "not installed")
 
 
+class Redirector:
+    """An HTTP server on 127.0.0.1 that answers every GET and HEAD with a 307 to the same path at TARGET (a
+    registry that serves blobs from elsewhere). With USERS it is the registry's front: /v2/ and everything else
+    want Basic credentials first. Records the Authorization header of each request."""
+
+    def __init__(self, target: str, users: dict[str, str] | None = None) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[tuple[str, str | None]] = []
+        me = self
+        expected = {"Basic " + __import__("base64").b64encode(f"{u}:{p}".encode()).decode() for u, p in
+                    (users or {}).items()}
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                auth = self.headers.get("Authorization")
+                me.seen.append((self.path, auth))
+                if expected and auth not in expected:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="front"')
+                elif self.path == "/v2/" and expected:
+                    self.send_response(200)
+                else:
+                    self.send_response(307)
+                    self.send_header("Location", f"http://{target}{self.path}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_HEAD = do_GET
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_pull_follows_redirects_without_credentials_to_other_hosts(plain_registry, tmp_path):
+    """A registry front that wants Basic auth and redirects manifests and blobs to another server (which
+    redirects once more, to the registry): the pull gets identical bytes, and the credentials went to the front
+    only."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_cache(src, seed="redirect")
+    ok(vzpkg("push", NAME, f"{plain_registry.host}/redir/{NAME}:1", "--cache-dir", str(src)))
+    storage = Redirector(plain_registry.host)
+    front = Redirector(storage.host, users={"carol": "pw"})
+    env = {"HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path / "none"), "XDG_RUNTIME_DIR": str(tmp_path),
+           "REGISTRY_AUTH_FILE": "", "VZPKG_REGISTRY_USERNAME": "carol", "VZPKG_REGISTRY_PASSWORD": "pw"}
+    try:
+        ok(vzpkg("pull", f"{front.host}/redir/{NAME}:1", "--cache-dir", str(dst), env=env))
+    finally:
+        front.close()
+        storage.close()
+    assert (dst / f"{NAME}.tar.zst").read_bytes() == (src / f"{NAME}.tar.zst").read_bytes()
+    redirected = [path for path, auth in front.seen if path != "/v2/" and auth]
+    assert len(redirected) == 3 and any("/manifests/1" in p for p in redirected)  # manifest, config, layer
+    assert sorted(path for path, _ in storage.seen) == sorted(redirected)
+    assert [auth for _, auth in storage.seen] == [None] * 3
+
+
 @pytest.fixture(scope="module")
 def token_registry(tmp_path_factory):
     reg = Registry(tmp_path_factory.mktemp("registry-token"), users={"bob": "t0ken"}, token_auth=True).start()
