@@ -390,6 +390,85 @@ def test_pull_follows_redirects_without_credentials_to_other_hosts(plain_registr
     assert [auth for _, auth in storage.seen] == [None] * 3
 
 
+class ForwardProxy:
+    """An HTTP proxy on 127.0.0.1: CONNECT tunnels, and plain requests in absolute form passed on as they are
+    (Go's server takes absolute-form request lines). Records (first request line, Proxy-Authorization)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = client.recv(65536)
+            if not data:
+                client.close()
+                return
+            head += data
+        first, *lines = head.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+        auth = next((v.strip() for k, _, v in (x.partition(":") for x in lines) if k.lower() == "proxy-authorization"),
+                    None)
+        self.seen.append((first, auth))
+        method, target, _ = first.split(" ")
+        hostport = target if method == "CONNECT" else target.split("/")[2]
+        host, port = hostport.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        if method == "CONNECT":
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            upstream.sendall(head)
+        threading.Thread(target=SlowProxy._pipe, args=(None, upstream, client, None), daemon=True).start()
+        SlowProxy._pipe(None, client, upstream, None)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_proxy_from_environment(plain_registry, tls_registry, tmp_path):
+    """$http_proxy (with credentials) and $https_proxy (a CONNECT tunnel, TLS end to end) carry the traffic;
+    $no_proxy exempts a registry."""
+    src = tmp_path / "src"
+    make_cache(src, seed="proxy")
+    proxy = ForwardProxy()
+    base = {"HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path / "none"), "XDG_RUNTIME_DIR": str(tmp_path),
+            "REGISTRY_AUTH_FILE": "", "VZPKG_REGISTRY_USERNAME": "", "VZPKG_REGISTRY_PASSWORD": "", "no_proxy": "",
+            "NO_PROXY": "", "http_proxy": "", "https_proxy": "", "HTTP_PROXY": "", "HTTPS_PROXY": ""}
+    try:
+        ref = f"{plain_registry.host}/proxied/{NAME}:1"
+        env = {**base, "http_proxy": proxy.url.replace("http://", "http://pu:pp@")}
+        ok(vzpkg("push", NAME, ref, "--cache-dir", str(src), env=env))
+        ok(vzpkg("pull", ref, "--cache-dir", str(tmp_path / "dst"), env=env))
+        assert (tmp_path / "dst" / f"{NAME}.tar.zst").read_bytes() == (src / f"{NAME}.tar.zst").read_bytes()
+        assert [line.split(" ")[1] for line, _ in proxy.seen] == [f"http://{plain_registry.host}/v2/"] * 2
+        assert {auth for _, auth in proxy.seen} == {"Basic " + __import__("base64").b64encode(b"pu:pp").decode()}
+
+        proxy.seen.clear()
+        tls_ref = f"{tls_registry.host}/proxied/{NAME}:1"
+        env = {**base, "https_proxy": proxy.url, "VZPKG_REGISTRY_USERNAME": "alice", "VZPKG_REGISTRY_PASSWORD": "s3cret"}
+        ok(vzpkg("push", NAME, tls_ref, "--cache-dir", str(src), "--ca-file", str(tls_registry.ca), env=env))
+        # two tunnels: the diff_id is known by now, so the config blob goes on a second connection
+        assert proxy.seen == [(f"CONNECT {tls_registry.host} HTTP/1.0", None)] * 2
+
+        proxy.seen.clear()
+        ok(vzpkg("push", NAME, ref, "--cache-dir", str(src), env={**env, "http_proxy": proxy.url, "no_proxy": "127.0.0.1"}))
+        assert proxy.seen == []
+    finally:
+        proxy.close()
+
+
 @pytest.fixture(scope="module")
 def token_registry(tmp_path_factory):
     reg = Registry(tmp_path_factory.mktemp("registry-token"), users={"bob": "t0ken"}, token_auth=True).start()

@@ -110,6 +110,7 @@ class RegistryClient:
         self.scheme = self.transport.schemes[0]
         self.connected = False
         self._conns: dict[tuple[str, str], http.client.HTTPConnection] = {}
+        self._forward: dict[tuple[str, str], dict[str, str]] = {}  # plain-HTTP connections through a proxy
         self._ssl: ssl.SSLContext | None = None
         self._token_auth: Any = None  # oras.auth.TokenAuth when the registry answers with a Bearer challenge
         self._basic = False
@@ -137,10 +138,17 @@ class RegistryClient:
         if conn is not None and conn.sock is not None:
             return conn, True
         if conn is None:
-            if scheme == "https":
+            proxy = _proxy_for(scheme, netloc)
+            if proxy is None and scheme == "https":
                 conn = http.client.HTTPSConnection(netloc, timeout=CONNECT_TIMEOUT, context=self._ssl_context())
-            else:
+            elif proxy is None:
                 conn = http.client.HTTPConnection(netloc, timeout=CONNECT_TIMEOUT)
+            elif scheme == "https":  # a CONNECT tunnel through the proxy; TLS (and its host name check) end to end
+                conn = http.client.HTTPSConnection(proxy[0], timeout=CONNECT_TIMEOUT, context=self._ssl_context())
+                conn.set_tunnel(netloc, headers={"Proxy-Authorization": proxy[1]} if proxy[1] else None)
+            else:  # plain HTTP: absolute URLs to the proxy
+                conn = http.client.HTTPConnection(proxy[0], timeout=CONNECT_TIMEOUT)
+                self._forward[(scheme, netloc)] = {"Proxy-Authorization": proxy[1]} if proxy[1] else {}
             self._conns[(scheme, netloc)] = conn
         try:
             conn.connect()
@@ -153,6 +161,7 @@ class RegistryClient:
         return conn, False
 
     def _drop(self, scheme: str, netloc: str) -> None:
+        self._forward.pop((scheme, netloc), None)
         conn = self._conns.pop((scheme, netloc), None)
         if conn is not None:
             conn.close()
@@ -163,7 +172,7 @@ class RegistryClient:
         if not self.connected or self._token_auth is not None:
             return None
         other = copy.copy(self)
-        other._conns = {}
+        other._conns, other._forward = {}, {}
         other.stats = dict.fromkeys(self.stats, 0)
         return other
 
@@ -178,9 +187,10 @@ class RegistryClient:
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         for attempt in (1, 2):
             conn, reused = self._connection(scheme, netloc)
+            forward = self._forward.get((scheme, netloc))
             try:
-                conn.putrequest(method, target, skip_accept_encoding=True)
-                for k, v in {"User-Agent": USER_AGENT, **headers}.items():
+                conn.putrequest(method, url if forward is not None else target, skip_accept_encoding=True)
+                for k, v in {"User-Agent": USER_AGENT, **headers, **(forward or {})}.items():
                     conn.putheader(k, v)
                 if isinstance(body, tuple):
                     conn.putheader("Content-Length", str(body[1]))
@@ -475,6 +485,31 @@ class RegistryClient:
         if done != size or got != digest:
             raise VerifyError(f"{self.ref}: blob {digest} does not match its digest (got {done} bytes, {got[:19]}...): "
                               "the registry's copy is corrupt or tampered with; nothing was published")
+
+
+def _proxy_for(scheme: str, netloc: str) -> tuple[str, str | None] | None:
+    """(proxy HOST:PORT, Proxy-Authorization or None) for SCHEME://NETLOC from $https_proxy / $http_proxy, unless
+    $no_proxy exempts it: the environment's rules, as requests and curl read them."""
+    if not any(k.lower() in ("http_proxy", "https_proxy", "all_proxy") for k in os.environ):
+        return None  # the common case, without importing urllib.request
+    import urllib.request
+    from urllib.parse import unquote
+
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme) or proxies.get("all")
+    if not url or urllib.request.proxy_bypass_environment(netloc, proxies):
+        return None
+    p = urlsplit(url if "://" in url else f"http://{url}")
+    if p.scheme != "http" or not p.hostname:
+        raise RegistryError(f"proxy {url!r} (from ${scheme}_proxy): only http:// proxies are supported; fix the "
+                            "variable, or exempt the registry in $no_proxy")
+    auth = None
+    if p.username:
+        import base64
+
+        auth = "Basic " + base64.b64encode(f"{unquote(p.username)}:{unquote(p.password or '')}".encode()).decode()
+    host = f"[{p.hostname}]" if ":" in p.hostname else p.hostname
+    return f"{host}:{p.port or 80}", auth
 
 
 def _has_fileno(f: IO[bytes]) -> bool:
