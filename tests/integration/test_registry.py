@@ -142,6 +142,34 @@ def test_push_pull_roundtrip_and_dedup(plain_registry, tmp_path):
     assert plain_registry.requests_logged("GET", "/blobs/sha256:") == blob_gets
 
 
+def test_push_with_known_diff_id(plain_registry, tmp_path):
+    """After a first push the tar's digest is remembered: a push to another repository knows its manifest before
+    sending anything (config uploaded beside the layer), one to a new tag finds the blobs by HEAD, and one that
+    finds its manifest under the tag sends no blob and no manifest."""
+    src = tmp_path / "src"
+    manifest = make_cache(src, seed="known")
+    first = json.loads(ok(vzpkg("push", NAME, f"{plain_registry.host}/known-a/{NAME}:1", "--cache-dir", str(src),
+                                "--json")).stdout)
+    assert list((src / ".registry").glob(f"{manifest['sha256']}.diff_id"))
+    ref = f"{plain_registry.host}/known-b/{NAME}:1"
+    other = json.loads(ok(vzpkg("push", NAME, ref, "--cache-dir", str(src), "--json")).stdout)
+    assert (other["blobs_uploaded"], other["blobs_skipped"], other["digest"]) == (2, 0, first["digest"])
+    assert plain_registry.requests_logged("PUT", "/v2/known-b/") == 3  # layer, config, manifest
+    dst = tmp_path / "dst"
+    ok(vzpkg("pull", ref, "--cache-dir", str(dst)))
+    assert (dst / f"{NAME}.tar.zst").read_bytes() == (src / f"{NAME}.tar.zst").read_bytes()
+    ok(vzpkg("verify-cache", NAME, "--cache-dir", str(dst)))
+
+    retag = json.loads(ok(vzpkg("push", NAME, f"{plain_registry.host}/known-b/{NAME}:2", "--cache-dir", str(src),
+                                "--json")).stdout)
+    assert (retag["blobs_uploaded"], retag["blobs_skipped"]) == (0, 2) and retag["digest"] != first["digest"]
+    assert plain_registry.requests_logged("PUT", "/v2/known-b/") == 4  # the manifest of tag 2 only
+    again = json.loads(ok(vzpkg("push", NAME, ref, "--cache-dir", str(src), "--json")).stdout)
+    assert (again["blobs_uploaded"], again["blobs_skipped"], again["digest"]) == (0, 2, first["digest"])
+    assert plain_registry.requests_logged("PUT", "/v2/known-b/") == 4
+    assert plain_registry.requests_logged("HEAD", "/v2/known-b/") == 9  # 4 + 4 + 1: the last push asked only the tag
+
+
 def test_push_all_and_pull_with_name(plain_registry, tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     make_cache(src, "debian-12-x86_64", seed="b")
@@ -260,6 +288,185 @@ def test_tls_and_htpasswd_auth(tls_registry, tmp_path):
     (tmp_path / "docker" / "config.json").write_text(auth_file.read_text())
     shutil.rmtree(dst)
     ok(vzpkg("pull", ref, "--cache-dir", str(dst), *ca, env={**noauth, "DOCKER_CONFIG": str(tmp_path / "docker")}))
+
+
+def test_credential_helper(tls_registry, plain_registry, tmp_path):
+    """A docker credential helper (credsStore) gives the credentials, run only when the registry asks for them:
+    a registry without auth works even when the named helper is not installed."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_cache(src, seed="helper")
+    bin_dir, docker = tmp_path / "bin", tmp_path / "docker"
+    bin_dir.mkdir()
+    docker.mkdir()
+    asked = tmp_path / "asked"
+    helper = bin_dir / "docker-credential-vzpkgtest"
+    helper.write_text(f"""#!/bin/sh
+read host
+echo "$1 $host" >> {asked}
+[ "$host" = "{tls_registry.host}" ] || {{ echo "credentials not found in native keychain"; exit 1; }}
+echo '{{"ServerURL": "'$host'", "Username": "alice", "Secret": "s3cret"}}'
+""")
+    helper.chmod(0o755)
+    env = {"HOME": str(tmp_path), "DOCKER_CONFIG": str(docker), "XDG_RUNTIME_DIR": str(tmp_path),
+           "REGISTRY_AUTH_FILE": "", "VZPKG_REGISTRY_USERNAME": "", "VZPKG_REGISTRY_PASSWORD": "",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    (docker / "config.json").write_text(json.dumps({"credsStore": "vzpkgtest"}))
+    ref = f"{tls_registry.host}/helper/{NAME}:1"
+    ok(vzpkg("push", NAME, ref, "--cache-dir", str(src), "--ca-file", str(tls_registry.ca), env=env))
+    ok(vzpkg("pull", ref, "--cache-dir", str(dst), "--ca-file", str(tls_registry.ca), env=env))
+    assert (dst / f"{NAME}.tar.zst").read_bytes() == (src / f"{NAME}.tar.zst").read_bytes()
+    assert asked.read_text().splitlines() == [f"get {tls_registry.host}"] * 2
+
+    (docker / "config.json").write_text(json.dumps({"credsStore": "not-installed"}))
+    ok(vzpkg("push", NAME, f"{plain_registry.host}/helper/{NAME}:1", "--cache-dir", str(src), env=env))
+    one_error_line(vzpkg("push", NAME, ref, "--cache-dir", str(src), "--ca-file", str(tls_registry.ca), env=env), 14,
+                   "docker-credential-not-installed", "not installed")
+
+
+class Redirector:
+    """An HTTP server on 127.0.0.1 that answers every GET and HEAD with a 307 to the same path at TARGET (a
+    registry that serves blobs from elsewhere). With USERS it is the registry's front: /v2/ and everything else
+    want Basic credentials first. Records the Authorization header of each request."""
+
+    def __init__(self, target: str, users: dict[str, str] | None = None) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[tuple[str, str | None]] = []
+        me = self
+        expected = {"Basic " + __import__("base64").b64encode(f"{u}:{p}".encode()).decode() for u, p in
+                    (users or {}).items()}
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                auth = self.headers.get("Authorization")
+                me.seen.append((self.path, auth))
+                if expected and auth not in expected:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="front"')
+                elif self.path == "/v2/" and expected:
+                    self.send_response(200)
+                else:
+                    self.send_response(307)
+                    self.send_header("Location", f"http://{target}{self.path}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_HEAD = do_GET
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_pull_follows_redirects_without_credentials_to_other_hosts(plain_registry, tmp_path):
+    """A registry front that wants Basic auth and redirects manifests and blobs to another server (which
+    redirects once more, to the registry): the pull gets identical bytes, and the credentials went to the front
+    only."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_cache(src, seed="redirect")
+    ok(vzpkg("push", NAME, f"{plain_registry.host}/redir/{NAME}:1", "--cache-dir", str(src)))
+    storage = Redirector(plain_registry.host)
+    front = Redirector(storage.host, users={"carol": "pw"})
+    env = {"HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path / "none"), "XDG_RUNTIME_DIR": str(tmp_path),
+           "REGISTRY_AUTH_FILE": "", "VZPKG_REGISTRY_USERNAME": "carol", "VZPKG_REGISTRY_PASSWORD": "pw"}
+    try:
+        ok(vzpkg("pull", f"{front.host}/redir/{NAME}:1", "--cache-dir", str(dst), env=env))
+    finally:
+        front.close()
+        storage.close()
+    assert (dst / f"{NAME}.tar.zst").read_bytes() == (src / f"{NAME}.tar.zst").read_bytes()
+    redirected = [path for path, auth in front.seen if path != "/v2/" and auth]
+    assert len(redirected) == 3 and any("/manifests/1" in p for p in redirected)  # manifest, config, layer
+    assert sorted(path for path, _ in storage.seen) == sorted(redirected)
+    assert [auth for _, auth in storage.seen] == [None] * 3
+
+
+class ForwardProxy:
+    """An HTTP proxy on 127.0.0.1: CONNECT tunnels, and plain requests in absolute form passed on as they are
+    (Go's server takes absolute-form request lines). Records (first request line, Proxy-Authorization)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = client.recv(65536)
+            if not data:
+                client.close()
+                return
+            head += data
+        first, *lines = head.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+        auth = next((v.strip() for k, _, v in (x.partition(":") for x in lines) if k.lower() == "proxy-authorization"),
+                    None)
+        self.seen.append((first, auth))
+        method, target, _ = first.split(" ")
+        hostport = target if method == "CONNECT" else target.split("/")[2]
+        host, port = hostport.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        if method == "CONNECT":
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            upstream.sendall(head)
+        threading.Thread(target=SlowProxy._pipe, args=(None, upstream, client, None), daemon=True).start()
+        SlowProxy._pipe(None, client, upstream, None)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_proxy_from_environment(plain_registry, tls_registry, tmp_path):
+    """$http_proxy (with credentials) and $https_proxy (a CONNECT tunnel, TLS end to end) carry the traffic;
+    $no_proxy exempts a registry."""
+    src = tmp_path / "src"
+    make_cache(src, seed="proxy")
+    proxy = ForwardProxy()
+    base = {"HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path / "none"), "XDG_RUNTIME_DIR": str(tmp_path),
+            "REGISTRY_AUTH_FILE": "", "VZPKG_REGISTRY_USERNAME": "", "VZPKG_REGISTRY_PASSWORD": "", "no_proxy": "",
+            "NO_PROXY": "", "http_proxy": "", "https_proxy": "", "HTTP_PROXY": "", "HTTPS_PROXY": ""}
+    try:
+        ref = f"{plain_registry.host}/proxied/{NAME}:1"
+        env = {**base, "http_proxy": proxy.url.replace("http://", "http://pu:pp@")}
+        ok(vzpkg("push", NAME, ref, "--cache-dir", str(src), env=env))
+        ok(vzpkg("pull", ref, "--cache-dir", str(tmp_path / "dst"), env=env))
+        assert (tmp_path / "dst" / f"{NAME}.tar.zst").read_bytes() == (src / f"{NAME}.tar.zst").read_bytes()
+        assert [line.split(" ")[1] for line, _ in proxy.seen] == [f"http://{plain_registry.host}/v2/"] * 2
+        assert {auth for _, auth in proxy.seen} == {"Basic " + __import__("base64").b64encode(b"pu:pp").decode()}
+
+        proxy.seen.clear()
+        tls_ref = f"{tls_registry.host}/proxied/{NAME}:1"
+        env = {**base, "https_proxy": proxy.url, "VZPKG_REGISTRY_USERNAME": "alice", "VZPKG_REGISTRY_PASSWORD": "s3cret"}
+        ok(vzpkg("push", NAME, tls_ref, "--cache-dir", str(src), "--ca-file", str(tls_registry.ca), env=env))
+        # two tunnels: the diff_id is known by now, so the config blob goes on a second connection
+        assert proxy.seen == [(f"CONNECT {tls_registry.host} HTTP/1.0", None)] * 2
+
+        proxy.seen.clear()
+        ok(vzpkg("push", NAME, ref, "--cache-dir", str(src), env={**env, "http_proxy": proxy.url, "no_proxy": "127.0.0.1"}))
+        assert proxy.seen == []
+    finally:
+        proxy.close()
 
 
 @pytest.fixture(scope="module")

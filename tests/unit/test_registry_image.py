@@ -6,11 +6,12 @@ import base64
 import hashlib
 import io
 import json
+import os
 
 import pytest
 import zstandard
 
-from vzpkg.errors import ConfigError, RegistryError, UsageError, VerifyError
+from vzpkg.errors import ConfigError, MissingToolError, RegistryAuthError, RegistryError, UsageError, VerifyError
 from vzpkg.registry.auth import find_credentials
 from vzpkg.registry.image import (
     LAYER_MEDIA_TYPE,
@@ -155,3 +156,56 @@ def test_image_refusals():
                   "config": {"digest": "y", "size": 1}}
     with pytest.raises(RegistryError, match=LAYER_MEDIA_TYPE.replace("+", r"\+")):
         parse_manifest(json.dumps(gzip_image).encode(), "", "ref")
+
+
+def _fake_helper(bin_dir, name, answers: dict[str, tuple[str, str]], log):
+    """docker-credential-NAME: `get` reads a host on stdin, answers from ANSWERS or says "credentials not found"
+    (exit 1) as docker's helpers do; every host asked is appended to LOG."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / f"docker-credential-{name}"
+    table = json.dumps({h: {"ServerURL": h, "Username": u, "Secret": s} for h, (u, s) in answers.items()})
+    script.write_text(f"""#!/usr/bin/python3
+import json, sys
+host = sys.stdin.read().strip()
+open({str(log)!r}, "a").write(sys.argv[1] + " " + host + "\\n")
+table = json.loads({table!r})
+if sys.argv[1] != "get":
+    sys.exit(2)
+if host == "broken.example":
+    print("helper exploded: keychain locked", file=sys.stderr)
+    sys.exit(3)
+if host not in table:
+    print("credentials not found in native keychain")
+    sys.exit(1)
+print(json.dumps(table[host]))
+""")
+    script.chmod(0o755)
+
+
+def test_credential_helpers(no_credentials, monkeypatch):
+    """credHelpers (per host) before credsStore (all hosts) before the file's auths; the host goes on stdin."""
+    tmp = no_credentials
+    log = tmp / "helper.log"
+    _fake_helper(tmp / "bin", "store", {"reg.example:5000": ("storeuser", "s1"), "broken.example": ("x", "y")}, log)
+    _fake_helper(tmp / "bin", "special", {"special.example": ("specialuser", "s2")}, log)
+    monkeypatch.setenv("PATH", f"{tmp / 'bin'}:{os.environ['PATH']}")
+    config = tmp / "docker" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({
+        "credsStore": "store", "credHelpers": {"special.example": "special"},
+        "auths": {"fallback.example": {"auth": base64.b64encode(b"fileuser:f").decode()}, "reg.example:5000": {}}}))
+    found = find_credentials("reg.example:5000")
+    assert (found.username, found.password) == ("storeuser", "s1") and "docker-credential-store" in found.source
+    assert find_credentials("special.example").username == "specialuser"
+    assert find_credentials("fallback.example").username == "fileuser"  # the store has nothing: the file answers
+    assert find_credentials("nowhere.example") is None
+    assert log.read_text().splitlines() == ["get reg.example:5000", "get special.example", "get fallback.example",
+                                            "get nowhere.example"]
+    with pytest.raises(RegistryAuthError, match="keychain locked"):
+        find_credentials("broken.example")
+    config.write_text(json.dumps({"credsStore": "absent"}))
+    with pytest.raises(MissingToolError, match="docker-credential-absent"):
+        find_credentials("reg.example:5000")
+    config.write_text(json.dumps({"credsStore": "../../bin/sh"}))
+    with pytest.raises(ConfigError, match="credential helper name"):
+        find_credentials("reg.example:5000")

@@ -12,8 +12,8 @@ so the layer digest *is* the cache's sha256, container tools (skopeo, umoci) rea
 and `vzpkg info` works on a pulled cache because the manifest comes along in the config blob.
 
     reference.py  parse REF, choose https/http, TLS verification
-    auth.py       credentials: container tools' auth files and the environment
-    client.py     the registry protocol (oras' Registry for auth and requests; streamed, verified blob transfer)
+    auth.py       credentials: the environment, container tools' auth files and their credential helpers
+    client.py     the registry protocol (http.client, keep-alive; oras.auth for bearer tokens; streamed, verified blobs)
     image.py      cache <-> OCI config + manifest
     transfer.py   push and pull (lock, dedup, verify, atomic publish)
 """

@@ -2,7 +2,10 @@
 
 Order (first hit wins): $VZPKG_REGISTRY_USERNAME + $VZPKG_REGISTRY_PASSWORD; $REGISTRY_AUTH_FILE (podman,
 skopeo, buildah); $XDG_RUNTIME_DIR/containers/auth.json; $DOCKER_CONFIG/config.json or ~/.docker/config.json.
-The files share docker's format: {"auths": {"HOST[:PORT]": {"auth": base64("user:password")}}}.
+The files share docker's format: {"auths": {"HOST[:PORT]": {"auth": base64("user:password")}}}; in each, a
+credential helper named for the host (`credHelpers`) or for all hosts (`credsStore`) is asked first, as docker
+does: `docker-credential-NAME get` with the host on stdin, {"Username": ..., "Secret": ...} on stdout. A helper
+that has nothing for the host ("credentials not found") lets the file's own `auths` entry answer.
 
 oras reads only ~/.docker/config.json and merges several files through a set (so which file wins is not
 defined); the lookup is done here and the result handed to oras' auth backend.
@@ -14,10 +17,12 @@ import base64
 import binascii
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MissingToolError, RegistryAuthError
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,56 @@ def _host_keys(host: str) -> list[str]:
     return keys
 
 
+HELPER_TIMEOUT = 30.0
+_HELPER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _helper_name(data: dict[str, Any], host: str, path: Path) -> tuple[str, str] | None:
+    """(helper, the key it is named under) for HOST in a parsed auth file: credHelpers, else credsStore."""
+    helpers = data.get("credHelpers")
+    named: tuple[str, str] | None = None
+    if isinstance(helpers, dict):
+        named = next(((str(helpers[k]), f"credHelpers[{k!r}]") for k in _host_keys(host) if helpers.get(k)), None)
+    if named is None and data.get("credsStore"):
+        named = (str(data["credsStore"]), "credsStore")
+    if named is not None and not _HELPER_NAME.match(named[0]):
+        raise ConfigError(f"{path}: {named[1]} names {named[0]!r}, not a credential helper name; fix the file")
+    return named
+
+
+def from_helper(helper: str, host: str, source: str) -> Credentials | None:
+    """Ask `docker-credential-HELPER get` for HOST; None when it has nothing for it."""
+    import shutil
+    import subprocess  # here: a push or pull that needs no credentials does not pay for its import
+
+    program = f"docker-credential-{helper}"
+    exe = shutil.which(program)
+    if exe is None:
+        raise MissingToolError(f"{program} (the credential helper of {source}) is not installed: install it, or "
+                               f"remove it from that file and give the credentials another way")
+    try:
+        p = subprocess.run([exe, "get"], input=host, capture_output=True, text=True, timeout=HELPER_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        raise RegistryAuthError(f"{program} get did not answer within {HELPER_TIMEOUT:.0f} s ({source})") from e
+    except OSError as e:
+        raise RegistryAuthError(f"cannot run {program} ({source}): {e.strerror or e}") from e
+    out = (p.stdout.strip() or p.stderr.strip())
+    if p.returncode != 0:
+        if "credentials not found" in out.lower():
+            return None
+        raise RegistryAuthError(f"{program} get failed for {host} ({source}): "
+                                f"{out.splitlines()[-1][:200] if out else f'exit {p.returncode}'}")
+    try:
+        answer = json.loads(p.stdout)
+        user, secret = str(answer["Username"]), str(answer["Secret"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise RegistryAuthError(f"{program} get answered for {host} without Username and Secret ({source})") from e
+    if user == "<token>":
+        raise RegistryAuthError(f"{program} gives an identity token for {host}, which vzpkg cannot use: give a "
+                                "user name and password (VZPKG_REGISTRY_USERNAME/PASSWORD)")
+    return Credentials(user, secret, f"{program} ({source})")
+
+
 def _from_file(path: Path, host: str) -> Credentials | None:
     try:
         data = json.loads(path.read_text())
@@ -54,6 +109,12 @@ def _from_file(path: Path, host: str) -> Credentials | None:
         return None
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read registry credentials ({e}); fix or remove the file") from e
+    if isinstance(data, dict):
+        named = _helper_name(data, host, path)
+        if named is not None:
+            found = from_helper(named[0], host, f"{named[1]} in {path}")
+            if found is not None:
+                return found
     auths = data.get("auths") if isinstance(data, dict) else None
     if not isinstance(auths, dict):
         return None

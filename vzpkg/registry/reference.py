@@ -77,7 +77,7 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class Transport:
-    """How to talk to a registry: scheme candidates in order, and what `verify` means for requests."""
+    """How to talk to a registry: scheme candidates in order, and the CA file to verify TLS with (True: the defaults)."""
 
     schemes: tuple[str, ...]
     verify: bool | str

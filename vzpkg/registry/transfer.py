@@ -12,7 +12,6 @@ file and leaves the previous cache as it was.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -25,10 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RegistryError, UsageError, VerifyError, VzError
-from ..lock import locked
 from ..store.cache import CacheStore
-from .client import Progress, RegistryClient
-from .delta import ANNOTATION_FROM, ANNOTATION_TAG, PATCH_CONFIG_MEDIA_TYPE, PATCH_MEDIA_TYPE, apply_patch, make_patch
+from .client import Progress, RegistryClient, sha256_digest
 from .image import (
     CONFIG_KEY,
     MANIFEST_MEDIA_TYPE,
@@ -107,8 +104,10 @@ def push_cache(store: CacheStore, name: str, ref: Reference, conn: Connection,
                progress: Callable[[str], Progress | None] | None = None, delta: bool = False) -> dict[str, Any]:
     """Upload cache NAME as the image REF (tag default `latest`). Returns what was done.
 
-    The layer digest is the manifest's sha256 (the registry checks uploaded bytes against it); the tar's digest
-    (diff_id) is computed while the layer uploads, or known from an earlier push or pull.
+    The layer digest is the manifest's sha256, not hashed again: the registry checks the uploaded bytes against
+    it (and a mismatch says to verify the cache). When the tar's digest (diff_id) is known from an earlier push
+    or pull, the image manifest is known before anything is sent, and one HEAD of it answers "all there"; else
+    the diff_id is computed while the layer uploads.
     """
     if ref.digest:
         raise UsageError(f"{ref}: push to a tag, not a digest (the digest follows from the content)")
@@ -119,18 +118,103 @@ def push_cache(store: CacheStore, name: str, ref: Reference, conn: Connection,
     if not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise VerifyError(f"cache {name!r}: its manifest {store.manifest_path(name)} has no valid sha256: "
                           f"rebuild it with 'vzpkg create-cache --force {name}'")
+    layer_digest = f"sha256:{sha}"
     client = conn.client(ref)
-    client.connect()
+    try:
+        client.connect()
+        extra: dict[str, str] = {}
+        delta_info: dict[str, Any] | None = None
+        if delta:
+            from .delta import ANNOTATION_FROM, ANNOTATION_TAG
+
+            delta_info = _push_delta(store, name, sha, client, tag)
+            if delta_info:
+                extra = {ANNOTATION_FROM: delta_info["from_sha256"], ANNOTATION_TAG: delta_info["tag"]}
+        skipped = 0
+        diff_id = known_diff_id(store, sha)
+        image: bytes | None = None
+        tagged = False
+        if diff_id:
+            size = store.archive_path(name).stat().st_size
+            config, image = _image(manifest, LayerDigests(layer_digest, size, diff_id), tag, extra)
+            digest = sha256_digest(image)
+            tagged = client.manifest_digest(tag) == digest
+            if tagged or client.manifest_digest(digest) == digest:
+                skipped = 2  # a registry takes a manifest only when it has its blobs (distribution spec)
+        if not skipped:
+            # With the diff_id known the config is too: it goes on a second connection while the layer uploads.
+            second = client.fork() if image is not None else None
+            config_job = _Background(_ensure_blob, second, config) if second is not None else None
+            layer, skipped = _push_layer(store, name, client, layer_digest, diff_id, progress)
+            if config_job is None or second is None:
+                config, image = _image(manifest, layer, tag, extra)
+                skipped += _ensure_blob(client, config)
+            else:
+                skipped += config_job.get()
+                for k, v in second.stats.items():
+                    client.stats[k] += v
+                second.close()
+        assert image is not None
+        digest = sha256_digest(image)
+        if not tagged:
+            client.put_manifest(tag, image, MANIFEST_MEDIA_TYPE)
+    finally:
+        client.close()
+    return {"name": name, "reference": str(ref.with_tag(tag)), "digest": digest, "layer": layer_digest,
+            "blobs_uploaded": client.stats["blobs_uploaded"], "blobs_skipped": skipped,
+            "bytes_uploaded": client.stats["bytes_uploaded"], "delta": delta_info,
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def _ensure_blob(client: RegistryClient, data: bytes) -> int:
+    """Upload the small blob DATA unless the registry has it; 1 if it had it."""
+    digest = sha256_digest(data)
+    if client.blob_exists(digest):
+        return 1
+    client.upload_blob(digest, len(data), data)
+    return 0
+
+
+class _Background(threading.Thread):
+    """FN(*ARGS) in a thread; get() waits and returns its result or raises its exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.args = fn, args
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by get()
+            self.error = e
+
+    def get(self) -> Any:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _image(manifest: dict[str, Any], layer: LayerDigests, tag: str, extra: dict[str, str]) -> tuple[bytes, bytes]:
+    """(config blob, image manifest) of the cache."""
+    config = build_config(manifest, layer)
+    return config, build_manifest(config, layer, manifest, tag, extra)
+
+
+def _push_layer(store: CacheStore, name: str, client: RegistryClient, layer_digest: str, diff_id: str | None,
+                progress: Callable[[str], Progress | None] | None) -> tuple[LayerDigests, int]:
+    """Upload the archive unless the registry has it; (its digests, 1 if it was there else 0)."""
     # One open file for the upload: an update-cache that replaces the archive meanwhile does not mix two
     # generations in one push (the old inode stays readable); the hasher checks it is the manifest's archive.
     with store.archive_path(name).open("rb") as f:
         size = os.fstat(f.fileno()).st_size
-        diff_id = known_diff_id(store, sha)
         hasher = None if diff_id else _Hasher(Path(f"/proc/self/fd/{f.fileno()}"))
-        layer_digest = f"sha256:{sha}"
         skipped = 0
         if client.blob_exists(layer_digest):
-            skipped += 1
+            skipped = 1
         else:
             try:
                 client.upload_blob(layer_digest, size, f, progress(f"{name}: upload") if progress else None)
@@ -143,34 +227,17 @@ def push_cache(store: CacheStore, name: str, ref: Reference, conn: Connection,
             layer = hasher.get()
             if layer.digest != layer_digest or layer.size != size:
                 raise VerifyError(f"cache {name!r}: archive sha256 {layer.digest[7:23]}... differs from its "
-                                  f"manifest ({sha[:16]}...): run 'vzpkg verify-cache {name}'")
+                                  f"manifest ({layer_digest[7:23]}...): run 'vzpkg verify-cache {name}'")
             diff_id = layer.diff_id
-            remember_diff_id(store, sha, diff_id)
+            remember_diff_id(store, layer_digest[7:], diff_id)
     assert diff_id is not None
-    layer = LayerDigests(layer_digest, size, diff_id)
-    extra: dict[str, str] = {}
-    delta_info: dict[str, Any] | None = None
-    if delta:
-        delta_info = _push_delta(store, name, sha, client, tag)
-        if delta_info:
-            extra = {ANNOTATION_FROM: delta_info["from_sha256"], ANNOTATION_TAG: delta_info["tag"]}
-    config = build_config(manifest, layer)
-    image = build_manifest(config, layer, manifest, tag, extra)
-    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
-    if client.blob_exists(config_digest):
-        skipped += 1
-    else:
-        client.upload_blob(config_digest, len(config), io.BytesIO(config))
-    digest = client.put_manifest(tag, image, MANIFEST_MEDIA_TYPE)
-    return {"name": name, "reference": str(ref.with_tag(tag)), "digest": digest, "layer": layer.digest,
-            "blobs_uploaded": client.stats["blobs_uploaded"], "blobs_skipped": skipped,
-            "bytes_uploaded": client.stats["bytes_uploaded"], "delta": delta_info,
-            "seconds": round(time.monotonic() - started, 3)}
+    return LayerDigests(layer_digest, size, diff_id), skipped
 
 
 def _push_delta(store: CacheStore, name: str, sha: str, client: RegistryClient, tag: str) -> dict[str, Any] | None:
     """Patch from the newest earlier generation of NAME to the cache, pushed as the artifact TAG.delta."""
     from ..build.update import list_generations
+    from .delta import ANNOTATION_FROM, PATCH_CONFIG_MEDIA_TYPE, PATCH_MEDIA_TYPE, make_patch
 
     previous = next((g for g in list_generations(store, name) if g.get("sha256") and g["sha256"] != sha), None)
     if previous is None:
@@ -186,7 +253,7 @@ def _push_delta(store: CacheStore, name: str, sha: str, client: RegistryClient, 
         config = patch.config()
         config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
         if not client.blob_exists(config_digest):
-            client.upload_blob(config_digest, len(config), io.BytesIO(config))
+            client.upload_blob(config_digest, len(config), config)
         artifact = json.dumps({
             "schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
             "config": {"mediaType": PATCH_CONFIG_MEDIA_TYPE, "digest": config_digest, "size": len(config)},
@@ -211,6 +278,8 @@ def _sha256_file(path: Path) -> str:
 def _pull_delta(client: RegistryClient, store: CacheStore, target: str, image: ImageManifest, manifest: dict[str, Any],
                 tmp: Path, note: Callable[[str], None]) -> bool:
     """Rebuild the layer into TMP from the local cache and a patch; False (after a note) when that cannot be done."""
+    from .delta import ANNOTATION_FROM, ANNOTATION_TAG, PATCH_CONFIG_MEDIA_TYPE, PATCH_MEDIA_TYPE, apply_patch
+
     local = store.manifest_or_none(target)
     wanted_from, delta_tag = image.annotations.get(ANNOTATION_FROM), image.annotations.get(ANNOTATION_TAG)
     if not (local and wanted_from and delta_tag and local.get("sha256") == wanted_from):
@@ -261,6 +330,8 @@ def pull_cache(store: CacheStore, ref: Reference, conn: Connection, *, lock_dir:
                lock_timeout: float = 600, progress: Callable[[str], Progress | None] | None = None,
                delta: bool = True, note: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
     """Download image REF into the cache store (as NAME, default: the template name it was pushed as)."""
+    from ..lock import locked
+
     started = time.monotonic()
     client = conn.client(ref)
     client.connect()

@@ -20,7 +20,6 @@ import errno
 import os
 import re
 import shutil
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ from ..manifest import ManifestReadError, read_data, write_json
 from ..manifest import problem as manifest_problem
 from ..manifest.model import Manifest
 from ..space import disk_full_error, is_full
-from .archive import iter_members, sha256_file
 
 ARCHIVE_SUFFIX = ".tar.zst"
 MANIFEST_SUFFIX = ".json"
@@ -257,7 +255,11 @@ class CacheStore:
 
     def verify(self, name: str) -> dict[str, Any]:
         """Recompute the sha256 and read the whole archive; raise VerifyError on any mismatch."""
+        import tarfile
+
         import zstandard
+
+        from .archive import iter_members, sha256_file
 
         manifest = self.read_manifest(name)
         path = self.archive_path(name)
@@ -280,6 +282,8 @@ class CacheStore:
 
     def matches_manifest(self, name: str) -> bool:
         """Whether the current archive's sha256 is the one its manifest records (a quick check, no unpacking)."""
+        from .archive import sha256_file
+
         try:
             return sha256_file(self.archive_path(name)) == self.read_manifest(name).get("sha256")
         except (OSError, CacheNotFoundError, VerifyError):
