@@ -72,19 +72,16 @@ def _helper_name(data: dict[str, Any], host: str, path: Path) -> tuple[str, str]
 def from_helper(helper: str, host: str, source: str) -> Credentials | None:
     """Ask `docker-credential-HELPER get` for HOST; None when it has nothing for it."""
     import shutil
-    import subprocess  # here: a push or pull that needs no credentials does not pay for its import
+
+    from .. import process  # here: a push or pull that needs no credentials does not pay for its import
 
     program = f"docker-credential-{helper}"
     exe = shutil.which(program)
     if exe is None:
         raise MissingToolError(f"{program} (the credential helper of {source}) is not installed: install it, or "
                                f"remove it from that file and give the credentials another way")
-    try:
-        p = subprocess.run([exe, "get"], input=host, capture_output=True, text=True, timeout=HELPER_TIMEOUT)
-    except subprocess.TimeoutExpired as e:
-        raise RegistryAuthError(f"{program} get did not answer within {HELPER_TIMEOUT:.0f} s ({source})") from e
-    except OSError as e:
-        raise RegistryAuthError(f"cannot run {program} ({source}): {e.strerror or e}") from e
+    p = process.run([exe, "get"], input=host, capture=True, text=True, timeout=HELPER_TIMEOUT, check=False,
+                    error=RegistryAuthError, what=f"{program} get ({source})")
     out = (p.stdout.strip() or p.stderr.strip())
     if p.returncode != 0:
         if "credentials not found" in out.lower():
