@@ -154,12 +154,27 @@ def test_cpulimit_25_percent(rt):
     burner = _burn(rt, veid)
     try:
         time.sleep(0.5)
+        before = _throttling(rt, veid)
         (used,), wall = _measure(rt, [veid], 4.0)
+        periods, throttled = (a - b for a, b in zip(_throttling(rt, veid), before, strict=True))
     finally:
         burner.terminate()
         burner.wait()
     share = 100 * used / wall
-    assert 20 <= share <= 30, f"{share:.1f}% of a core"
+    assert share <= 30, f"{share:.1f}% of a core"
+    # Below 20 % is a too strict limit only if the limit is what held the burner back (throttled in most periods);
+    # on a host busy with other work the burner can get less than its quota without ever reaching it.
+    assert share >= 20 or throttled < periods / 2, f"{share:.1f}% of a core, throttled in {throttled}/{periods} periods"
+
+
+def _throttling(rt, veid) -> tuple[int, int]:
+    """(periods, periods throttled) from the VE's cpu controller: the kernel's own count of when the quota bit."""
+    for d in rt.cgroup_dirs(veid):
+        if (d / "cpu.stat").exists():
+            stat = dict(line.split() for line in (d / "cpu.stat").read_text().splitlines())
+            if "nr_periods" in stat:
+                return int(stat["nr_periods"]), int(stat["nr_throttled"])
+    raise AssertionError("no cpu.stat with nr_periods in the VE's cgroups")
 
 
 def test_beancounters_text(rt):
