@@ -11,8 +11,8 @@ loss): `recover` (run by ve.VELock for every operation, and by `vzpkg clean --ve
     save      a temporary config file conf/.<id>.conf.XXXXXXXX.tmp is removed
 
 and always removes the VE's dead temporary directories (private/.tmp-<id>-<pid>, .tmp-<id>-destroy-<pid>).
-`sweep` is the whole-root pass of `vzpkg clean --ves`: every VE's journal, dead temporary directories and files
-of any VE, lock files of VEs that do not exist, empty mount points of VEs that do not exist, and interrupted
+`sweep` is the whole-root pass of `vzpkg clean --ves`: the VEs of dead API owners (owners.py), every VE's
+journal, dead temporary directories and files of any VE, lock files of VEs that do not exist, empty mount points of VEs that do not exist, and interrupted
 template unpacks (template/.tmp-*).
 """
 
@@ -206,9 +206,9 @@ def recover_files(layout: Layout, veid: str, intent: str) -> list[tuple[Path, in
 
 def sweep(layout: Layout) -> list[tuple[Path, int]]:
     """`vzpkg clean --ves`: every leftover of interrupted runs in the VZ root; VEs in use are left alone."""
-    from . import storage, ve
+    from . import owners, storage, ve
 
-    removed: list[tuple[Path, int]] = []
+    removed: list[tuple[Path, int]] = owners.sweep(layout)  # VEs of API owners (test runs) that were killed
     veids = {n[:-5] for n in _listdir(layout.lock_dir) if n.endswith(".lock") and valid_veid(n[:-5])}
     veids |= {v for n in _listdir(layout.conf_dir) if (v := _conf_tmp_veid(n))}
     veids |= {n for n in _listdir(layout.mount_dir) if valid_veid(n) and not layout.conf(n).exists()}
