@@ -143,7 +143,7 @@ def test_errors_are_vzctls(api):
 
 def test_threads(api):
     """8 threads, 3 VEs each, create + start + exec + destroy at once: distinct ids, no errors, nothing left."""
-    errors: list[BaseException] = []
+    errors: list[str] = []
     seen: list[str] = []
 
     def work():
@@ -154,8 +154,10 @@ def test_threads(api):
                     r = v.exec(["cat", "/proc/1/comm"], check=True)
                     assert r.stdout == "vzinit\n"
                     seen.append(v.veid)
-        except BaseException as e:
-            errors.append(e)
+        except BaseException:
+            import traceback
+
+            errors.append(traceback.format_exc())
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for t in threads:
