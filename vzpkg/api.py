@@ -233,17 +233,22 @@ class VE:
                 raise
         return obj
 
-    def start(self, *, timeout: float = 30.0) -> int:
-        """`vzctl start`: returns the host pid of the VE's init. VEStateError if it runs already."""
+    def start(self, *, timeout: float = 30.0, exec_server: bool = True) -> int:
+        """`vzctl start`: returns the host pid of the VE's init. VEStateError if it runs already.
+
+        EXEC_SERVER: this process's exec() calls are served by a process forked into the VE at start
+        (vzpkg/runtime/execserver.py: no cgroup migration per command; it counts as one of the VE's NUMPROC
+        processes). False: each exec() joins the VE's cgroups and namespaces itself, as vzctl exec does."""
         from vzpkg.runtime import ve
 
-        return ve.start(self.layout, self.veid, timeout=timeout)
+        return ve.start(self.layout, self.veid, timeout=timeout, exec_server=exec_server)
 
     def stop(self, *, fast: bool = False, timeout: float = 10.0) -> bool:
         """`vzctl stop [--fast] [--timeout T]`: False if it was not running (its leftovers are cleaned up all the
         same)."""
-        from vzpkg.runtime import ve
+        from vzpkg.runtime import execserver, ve
 
+        execserver.stop_server(execserver.key(self.layout, self.veid))
         return ve.stop(self.layout, self.veid, fast=fast, timeout=timeout)
 
     def restart(self, *, fast: bool = False, timeout: float = 10.0) -> int:
@@ -252,9 +257,10 @@ class VE:
 
     def destroy(self, *, force: bool = False) -> None:
         """`vzctl destroy [--force]` (force: stop it first if it runs)."""
-        from vzpkg.runtime import ve
+        from vzpkg.runtime import execserver, ve
 
         ve.destroy(self.layout, self.veid, force=force)
+        execserver.stop_server(execserver.key(self.layout, self.veid))
         _owned_discard(self.layout, self.veid)
 
     def mount(self) -> None:

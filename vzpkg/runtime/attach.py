@@ -286,13 +286,8 @@ def run_captured(layout: Layout, veid: str, argv: list[str], *, input: bytes | N
     pipes: list[int] = []
     watch = None
     forked = False
+    helper = 0
     try:
-        for name, flag in ns.NS_ORDER:
-            if name == "user" and rec.privileged:
-                continue
-            fds.append((os.open(f"/proc/{rec.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag))
-        if not state.record_alive(rec):
-            raise VEStateError(f"VE {veid} stopped while entering it")
         dirs, memdir = cgroup_targets(rec.pid, cached_mounts=True)
         watch = _OomWatch(memdir)
         in_r, in_w = os.pipe2(os.O_CLOEXEC) if input is not None else (os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), -1)
@@ -300,10 +295,26 @@ def run_captured(layout: Layout, veid: str, argv: list[str], *, input: bytes | N
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         st_r, st_w = os.pipe2(os.O_CLOEXEC)
         pipes += [fd for fd in (in_r, in_w, out_r, out_w, err_r, err_w, st_r, st_w) if fd >= 0]
-        helper = os.fork()
-        if helper == 0:
-            _captured_helper(veid, argv, environ, rec.privileged, fds, dirs, (in_r, out_w, err_w), st_w)
-        forked = True
+        # the VE's exec server, if this process started it (execserver.py): no cgroup join, one fork
+        from . import execserver
+
+        key = execserver.key(layout, veid)
+        srv = execserver.lookup(key, rec.pid, rec.starttime)
+        if srv is not None and execserver.request(srv, argv, environ, [in_r, out_w, err_w, st_w]):
+            forked = True
+        else:
+            if srv is not None:
+                execserver.stop_server(key)  # gone (killed, or the VE restarted by someone else)
+            for name, flag in ns.NS_ORDER:
+                if name == "user" and rec.privileged:
+                    continue
+                fds.append((os.open(f"/proc/{rec.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag))
+            if not state.record_alive(rec):
+                raise VEStateError(f"VE {veid} stopped while entering it")
+            helper = os.fork()
+            if helper == 0:
+                _captured_helper(veid, argv, environ, rec.privileged, fds, dirs, (in_r, out_w, err_w), st_w)
+            forked = True
     finally:
         for fd, _ in fds:
             os.close(fd)
@@ -375,7 +386,7 @@ def run_captured(layout: Layout, veid: str, argv: list[str], *, input: bytes | N
                 _kill(cmd_pid)
         for fd in pipes:
             os.close(fd)
-        _, hstatus = os.waitpid(helper, 0)
+        hstatus = os.waitpid(helper, 0)[1] if helper else 0
         watch_kills, watch_ram = watch.oom_kills(), watch.ram()
         watch.close()
     status_text = b"".join(out[st_r]).decode(errors="replace")
@@ -390,6 +401,8 @@ def run_captured(layout: Layout, veid: str, argv: list[str], *, input: bytes | N
         if error is not None:
             msg = error.partition(":")[2]
             raise VEError(msg)
+        if not helper:
+            raise VEError(f"VE {veid}: the exec server went away while running {' '.join(argv)!r} (the VE stopped?)")
         raise VEError(f"VE {veid}: the exec helper died ({os.waitstatus_to_exitcode(hstatus)})")
     if code == -signal.SIGKILL and not timed_out and watch_kills > watch.before:
         raise VEOutOfMemoryError(_oom_message(veid, argv, watch_ram, direct=True))

@@ -300,8 +300,9 @@ def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
 # start
 
 
-def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
-    """Start the VE; returns the host pid of its init."""
+def start(layout: Layout, veid: str, *, timeout: float = 30.0, exec_server: bool = False) -> int:
+    """Start the VE; returns the host pid of its init. EXEC_SERVER (the Python API): with an exec server for this
+    process (execserver.py)."""
     from .spawn import DEVICE_RULES, _spawn
 
     veid = check_veid(veid)
@@ -332,13 +333,27 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
             cg.set_limits(cgname, **conf.limits)
             cg.setup_devices(cgname, DEVICE_RULES)
             root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
-            pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit)
+            server = None
+            if exec_server:
+                from . import execserver
+
+                server = execserver.fork_server(privileged)
+                undo.callback(server.close)
+            pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit,
+                         server.pid if server else 0)
             if conf.get("IP_ADDRESS"):
                 from . import net
 
                 net.setup_veth(layout.real_root(), veid, pid, conf.get("IP_ADDRESS"),
                                net.bridge_name(conf.get("BRIDGE")))
             undo.pop_all()  # started: keep it
+            if server is not None:
+                rec = state.read_record(layout, veid)
+                if rec is not None and rec.pid == pid:
+                    execserver.register(execserver.key(layout, veid), server, rec)
+                    execserver.join(server)
+                else:
+                    server.close()
             return pid
 
 
