@@ -402,6 +402,10 @@ def run_captured(layout: Layout, veid: str, argv: list[str], *, input: bytes | N
             msg = error.partition(":")[2]
             raise VEError(msg)
         if not helper:
+            execserver.stop_server(key)
+            if not _cmd_pid(out[st_r]):
+                # the server died before it started the command (killed): the helper runs it
+                return run_captured(layout, veid, argv, input=input, timeout=timeout, env=env)
             raise VEError(f"VE {veid}: the exec server went away while running {' '.join(argv)!r} (the VE stopped?)")
         raise VEError(f"VE {veid}: the exec helper died ({os.waitstatus_to_exitcode(hstatus)})")
     if code == -signal.SIGKILL and not timed_out and watch_kills > watch.before:

@@ -228,3 +228,82 @@ def test_processes_and_sigkilled_owners(api):
     tokens = {i.rsplit("-", 1)[0] for i in killed_ids + clean_ids + live_ids}
     assert len(tokens) == 3
     assert not tokens & set(os.listdir(api["root"] / "lock" / "owners"))
+
+
+def _server_pid(v: VE) -> int:
+    from vzpkg.runtime import execserver
+
+    with execserver._lock:
+        srv = execserver._servers.get(execserver.key(v.layout, v.veid))
+    return srv.pid if srv else 0
+
+
+def _read_as_ve_root(init: int, path: str) -> str:
+    """Open PATH from a process with the credentials of the VE's root (its user namespace, uid 0)."""
+    from vzpkg.runtime import ns
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ns.setns(os.open(f"/proc/{init}/ns/user", os.O_RDONLY), ns.CLONE_NEWUSER)
+            ns.setresid(0, 0)
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+                os.write(w, b"ok")
+            except OSError as e:
+                os.write(w, type(e).__name__.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = os.read(r, 100).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    return out
+
+
+def test_exec_server(api, rt):
+    """An API-started VE's commands come from its exec server: a process in the VE's cgroups and namespaces that
+    the VE cannot see or read; gone with stop; replaced by the helper when it is gone."""
+    with VE.create(**api) as v:
+        v.start()
+        assert v.exec(["true"]).returncode == 0
+        pid = _server_pid(v)
+        assert pid
+        # in the VE's cgroups, user and mount namespaces ...
+        assert f"/vzpkg/{cgroup_name(v.root, v.veid)}" in Path(f"/proc/{pid}/cgroup").read_text()
+        init = v.status().init_pid
+        for n in ("user", "mnt", "net", "uts", "ipc"):
+            assert os.readlink(f"/proc/{pid}/ns/{n}") == os.readlink(f"/proc/{init}/ns/{n}")
+        # ... its commands in the VE's pid namespace, while it is not: the VE sees only its own processes
+        assert os.readlink(f"/proc/{pid}/ns/pid_for_children") == os.readlink(f"/proc/{init}/ns/pid")
+        assert v.exec(["ps", "-e", "-o", "comm="]).stdout.split() == ["vzinit", "ps"]
+        # not dumpable: with the VE root's credentials, its memory cannot be read (the VE's init's can)
+        assert _read_as_ve_root(init, f"/proc/{init}/environ") == "ok"
+        assert _read_as_ve_root(init, f"/proc/{pid}/environ") == "PermissionError"
+        # many commands at once from threads
+        results: list[ExecResult] = []
+        ts = [threading.Thread(target=lambda i=i: results.append(v.exec(["echo", str(i)]))) for i in range(16)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert sorted(int(r.stdout) for r in results) == list(range(16))
+        # the server killed: exec falls back to the helper
+        os.kill(pid, 9)
+        assert v.exec(["echo", "still"]).stdout == "still\n"
+        assert _server_pid(v) == 0
+        # a restart by vzctl (another process): exec works, the old server is dropped
+        v.stop()
+        v.start()
+        pid = _server_pid(v)
+        rt.vzctl("stop", v.veid)
+        rt.vzctl("start", v.veid)
+        assert v.exec(["echo", "again"]).stdout == "again\n"
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
+    # without a server: the helper, as before
+    with VE.create(**api) as v:
+        v.start(exec_server=False)
+        assert _server_pid(v) == 0
+        assert v.exec(["echo", "helper"]).stdout == "helper\n"
