@@ -103,10 +103,18 @@ def _recover(layout: Layout, veid: str, intent: str, fd: int) -> list[tuple[Path
     return removed
 
 
-def _cgroups():
-    from . import cgroups
+_DRIVER = None
 
-    return cgroups.detect()
+
+def _cgroups():
+    """The host's cgroup driver, detected once per process (from mountinfo: a start, stop and destroy each asked
+    for it several times; the hierarchies a host mounts do not change under a running command or API user)."""
+    global _DRIVER
+    if _DRIVER is None:
+        from . import cgroups
+
+        _DRIVER = cgroups.detect()
+    return _DRIVER
 
 
 def running_init(layout: Layout, veid: str) -> state.InitRecord | None:
@@ -369,10 +377,8 @@ def _kill_recorded_init(layout: Layout, veid: str) -> None:
 
 def _cleanup(layout: Layout, veid: str, *, keep_mount: bool = False) -> None:
     """Undo everything a VE may hold on the host: processes in its cgroups, cgroups, root mount, record."""
-    from . import cgroups as cgmod
-
     try:
-        cg = cgmod.detect()
+        cg = _cgroups()
     except VEError:
         cg = None
     name = layout.cgroup_name(veid)
