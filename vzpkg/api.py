@@ -202,8 +202,9 @@ class VE:
         layout = layout_for(root)
         changes = _str_params(params)
         cache = _cache_dir(cache_dir)
-        kw = dict(cache_dir=cache, sample=config, layout_kind=fs_layout, privileged=privileged, idmap=idmap,
-                  id_shift=id_shift)
+        # the hostname is create's own (one config write); the rest as `vzctl set --save` afterwards
+        kw = dict(cache_dir=cache, hostname=changes.pop("HOSTNAME", None), sample=config, layout_kind=fs_layout,
+                  privileged=privileged, idmap=idmap, id_shift=id_shift)
         if veid is not None:
             ve.create(layout, str(veid), template, **kw)  # type: ignore[arg-type]
             obj = cls(str(veid), layout=layout)
