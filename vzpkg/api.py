@@ -249,7 +249,7 @@ class VE:
         same)."""
         from vzpkg.runtime import execserver, ve
 
-        execserver.stop_server(execserver.key(self.layout, self.veid))
+        execserver.stop_server(execserver.key(self.layout, self.veid), kill=True)
         return ve.stop(self.layout, self.veid, fast=fast, timeout=timeout)
 
     def restart(self, *, fast: bool = False, timeout: float = 10.0) -> int:
@@ -260,6 +260,8 @@ class VE:
         """`vzctl destroy [--force]` (force: stop it first if it runs)."""
         from vzpkg.runtime import execserver, ve
 
+        if force:
+            execserver.stop_server(execserver.key(self.layout, self.veid), kill=True)
         ve.destroy(self.layout, self.veid, force=force)
         execserver.stop_server(execserver.key(self.layout, self.veid))
         _owned_discard(self.layout, self.veid)

@@ -44,10 +44,20 @@ class Server:
         self.sock = sock
         self.init: tuple[int, int] = (0, 0)  # (pid, start time) of the VE's init
 
-    def close(self) -> None:
-        """Our end closed: the server exits (commands it started run on); reaped here, or later."""
+    def close(self, *, kill: bool = False) -> None:
+        """Our end closed: the server exits (commands it started run on); reaped here, or later. KILL: SIGKILL it
+        and wait until it is gone (before a stop: the VE's cgroups are then left with the VE's processes only,
+        which die with its init, and stop has nothing to freeze and kill)."""
         self.sock.close()
-        _reap(self.pid)
+        if kill:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            _reap(0)
+        else:
+            _reap(self.pid)
 
 
 _servers: dict[tuple[str, str], Server] = {}
@@ -97,12 +107,13 @@ def lookup(k: tuple[str, str], init_pid: int, starttime: int) -> Server | None:
     return None
 
 
-def stop_server(k: tuple[str, str]) -> None:
-    """The VE's server (if this process has one) exits; commands it started run on."""
+def stop_server(k: tuple[str, str], *, kill: bool = False) -> None:
+    """The VE's server (if this process has one) exits (KILL: is killed, and waited for); commands it started
+    run on."""
     with _lock:
         srv = _servers.pop(k, None)
     if srv is not None:
-        srv.close()
+        srv.close(kill=kill)
     else:
         _reap(0)
 
