@@ -191,8 +191,12 @@ def _fork_in_ve(veid: str, what: str) -> int:
     try:
         return os.fork()
     except BlockingIOError:
-        raise VEError(f"VE {veid} is at its process limit (NUMPROC): cannot start {what}; stop some of its "
-                      f"processes or raise it: vzctl set {veid} --numproc N [--save]") from None
+        raise VEError(_numproc_message(veid, what)) from None
+
+
+def _numproc_message(veid: str, what: str) -> str:
+    return (f"VE {veid} is at its process limit (NUMPROC): cannot start {what}; stop some of its processes or "
+            f"raise it: vzctl set {veid} --numproc N [--save]")
 
 
 def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] | None = None) -> int:
@@ -400,7 +404,7 @@ def run_captured(layout: Layout, veid: str, argv: list[str], *, input: bytes | N
     if code is None:
         if error is not None:
             msg = error.partition(":")[2]
-            raise VEError(msg)
+            raise VEError(_numproc_message(veid, repr(" ".join(argv))) if msg == "numproc" else msg)
         if not helper:
             execserver.stop_server(key)
             if not _cmd_pid(out[st_r]):
@@ -457,8 +461,7 @@ def _captured_helper(veid: str, argv: list[str], environ: dict[str, str], privil
         try:
             pid = os.fork()
         except BlockingIOError:
-            os.write(st_w, f"E:VE {veid} is at its process limit (NUMPROC): cannot start {' '.join(argv)!r}; stop "
-                           f"some of its processes or raise it: vzctl set {veid} --numproc N\n".encode())
+            os.write(st_w, b"E:numproc\n")
             os._exit(1)
         if pid == 0:
             try:

@@ -210,8 +210,7 @@ def _serve(sock_fd: int, privileged: bool, harden) -> None:
                     joined = init_pid
                 pid = os.fork()
             except BlockingIOError:
-                _fail(fds, f"the VE is at its process limit (NUMPROC): cannot start {' '.join(argv)!r}; stop some "
-                           "of its processes or raise it: vzctl set VEID --numproc N")
+                _fail(fds, "numproc")  # (the caller says it in vzctl's words)
                 continue
             except BaseException as e:
                 _fail(fds, str(e).replace("\n", " ") or type(e).__name__)

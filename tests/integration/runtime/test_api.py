@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vzpkg.api import VE, ExecResult, owner_for
-from vzpkg.errors import UsageError, VECommandError, VENotFoundError, VEStateError
+from vzpkg.errors import UsageError, VECommandError, VEError, VENotFoundError, VEStateError
 
 from .conftest import PROJECT, cgroup_dirs, cgroup_name, mounts_below
 
@@ -307,3 +307,28 @@ def test_exec_server(api, rt):
         v.start(exec_server=False)
         assert _server_pid(v) == 0
         assert v.exec(["echo", "helper"]).stdout == "helper\n"
+
+
+@pytest.mark.parametrize("exec_server", [True, False])
+def test_exec_at_the_process_limit(api, rt, exec_server):
+    """At NUMPROC the command cannot start: the error vzctl exec gives (VEError, exit 30), in its words."""
+    with VE.create(**api) as v:
+        v.start(exec_server=exec_server)
+        busy = threading.Thread(target=lambda: v.exec("sleep 5 & wait", timeout=30))
+        busy.start()
+        try:
+            deadline = time.monotonic() + 10
+            while "sleep" not in v.exec(["ps", "-e", "-o", "comm="]).stdout and time.monotonic() < deadline:
+                time.sleep(0.05)
+            held = int(_cgroup_file(v.root, v.veid, "pids.current"))
+            v.set(numproc=held)  # full now: init, (the exec server,) the shell and its sleep
+            with pytest.raises(VEError) as info:
+                v.exec(["true"])
+            p = rt.vzctl("exec", v.veid, "true", check=False)
+        finally:
+            busy.join()
+    err = info.value
+    assert err.exit_code == 30 == p.returncode
+    assert str(err) == f"VE {v.veid} is at its process limit (NUMPROC): cannot start 'true'; stop some of its " \
+                       f"processes or raise it: vzctl set {v.veid} --numproc N [--save]"
+    assert p.stderr.strip() == f"vzctl: error: {err}"
