@@ -339,12 +339,17 @@ class VE:
             pass
 
 
-# VEs with allocated ids still alive, per owner: destroyed at interpreter exit
+# VEs with allocated ids still alive, per VZ root, of process _owned_pid: destroyed at interpreter exit
 _owned: dict[str, set[str]] = {}
+_owned_pid = 0
 
 
 def _owned_add(owner, veid: str) -> None:
+    global _owned_pid
     with _lock:
+        if _owned_pid != os.getpid():  # a forked child: its parent's VEs are not its own
+            _owned.clear()
+            _owned_pid = os.getpid()
         first = not _owned
         _owned.setdefault(owner.layout.real_root(), set()).add(veid)
     if first:
@@ -361,7 +366,9 @@ def _owned_discard(layout: Layout, veid: str) -> None:
 def destroy_owned() -> list[str]:
     """Destroy every VE this process created with an allocated id that still exists (at exit; also the pytest
     plugin's last word), and give up the owner files. Returns the problems (one line each)."""
-    problems = []
+    problems: list[str] = []
+    if _owned_pid != os.getpid():
+        return problems  # (inherited by fork: the parent's VEs)
     with _lock:
         items = [(root, sorted(ids)) for root, ids in _owned.items()]
         owners = [o for o in _owners.values() if o.pid == os.getpid()]  # type: ignore[attr-defined]
