@@ -19,14 +19,17 @@ VEs created without an id belong to this process: named `<owner token>-<n>`, des
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import os
-import threading
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vzpkg.errors import VECommandError, VENotFoundError, VEStateError, VzError
 from vzpkg.runtime.layout import Layout
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["DEFAULT_TEMPLATE", "PARAMS", "VE", "ExecResult", "VECommandError", "VEStatus"]
 
@@ -105,7 +108,7 @@ class VEStatus:
 
 
 # one Layout per VZ root (it caches the root's real path and tag), one Owner per VZ root and process
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()  # (not threading: the CLI may import this module; _thread costs nothing)
 _layouts: dict[str | None, Layout] = {}
 _owners: dict[str, object] = {}
 
