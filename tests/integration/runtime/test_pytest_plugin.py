@@ -145,3 +145,37 @@ def test_concurrent_runs_leave_each_other_alone(plugin_root, tmp_path):
         out, _ = first.communicate(timeout=120)
     assert first.returncode == 0, out
     assert _leftovers(root) == []
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_destroys_its_ves(plugin_root, tmp_path, sig):
+    """Ctrl-C or SIGTERM in the middle of a test: teardown runs, the VE is gone when pytest exits."""
+    import signal
+
+    from conftest import default_sigint
+
+    root, cache = plugin_root
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_sleeps.py").write_text(textwrap.dedent("""
+        import time
+
+        def test_sleeps(ve):
+            print("VEID", ve.veid, flush=True)
+            time.sleep(120)
+    """))
+    run = _pytest(root, cache, "-s", str(suite / "test_sleeps.py"), preexec_fn=default_sigint)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "VEID" not in line and time.monotonic() < deadline:
+            line = run.stdout.readline()
+        veid = line.split("VEID ", 1)[1].split()[0]
+        assert (root / "conf" / f"{veid}.conf").exists()
+        run.send_signal(getattr(signal, sig))
+        out, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != 0, out
+    assert _leftovers(root) == []
