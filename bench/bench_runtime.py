@@ -16,6 +16,13 @@ Cases, each timed as the wall time of the commands a user would type (Python sta
             stop     lxc-stop -k (the base runs `sleep infinity` as init, which ignores SIGPWR)
             destroy  lxc-destroy
   podman    start    podman run --rm --network=none IMAGE /bin/true (only if podman is installed)
+  api       the Python API in this process (vzpkg.api, issue 13): create = VE.create(), start = .start() then
+            .exec(["/bin/true"]) (start to first exec), stop = .stop(), destroy = .destroy(); per-test = one
+            more VE created, started, one exec, destroyed (with force), timed as a whole (a test's `ve` fixture)
+  api-noserver       the same with .start(exec_server=False): every exec joins the VE's cgroups itself (A/B
+                     of the exec server, interleaved with `api`)
+  parallel  --parallel N VEs (default 100) created and started by --workers W processes (default 8) through
+            the API, each running one exec; wall time until all are up, errors (run once, after the rounds)
 Idle memory: MemAvailable before and after starting --idle VEs (vzpkg, minimal init), divided by their number.
 
 Runs are interleaved (vzpkg, lxc, floor, ...) so that load from other processes affects all alike; medians
@@ -161,6 +168,88 @@ class Vzpkg:
                 pass
 
 
+class Api:
+    """The Python API in this process (bytecode warm, modules imported: what a test suite sees)."""
+
+    def __init__(self, work: Path, cache_dir: Path, template: str, *, name: str = "api",
+                 exec_server: bool = True) -> None:
+        from vzpkg.api import VE
+
+        self.VE = VE
+        self.name = name
+        self.exec_server = exec_server
+        self.root = work / "api"  # both API runners share a VZ root (ids are allocated per owner)
+        self.kw = {"template": template, "root": self.root, "cache_dir": cache_dir}
+        with VE.create(**self.kw) as v:  # warm-up: unpack the template, compile the init
+            v.start(exec_server=exec_server)
+            v.exec(["/bin/true"], check=True)
+
+    def cycle(self) -> dict[str, float]:
+        holder = {}
+        out = {"create": timed(lambda: holder.setdefault("v", self.VE.create(**self.kw)))}
+        v = holder["v"]
+        out["start"] = timed(lambda: (v.start(exec_server=self.exec_server), v.exec(["/bin/true"], check=True)))
+        out["exec"] = timed(lambda: v.exec(["/bin/true"], check=True))
+        out["stop"] = timed(v.stop)
+        out["destroy"] = timed(v.destroy)
+
+        def per_test():
+            with self.VE.create(**self.kw) as w:
+                w.start(exec_server=self.exec_server)
+                w.exec(["/bin/true"], check=True)
+
+        out["per-test"] = timed(per_test)
+        return out
+
+    def close(self) -> None:
+        from vzpkg.api import destroy_owned
+
+        destroy_owned()
+
+
+_PARALLEL_WORKER = """
+import sys, time
+from vzpkg.api import VE
+root, cache, template, n = sys.argv[1:5]
+ves, errors = [], 0
+t = time.perf_counter()
+for _ in range(int(n)):
+    try:
+        v = VE.create(template=template, root=root, cache_dir=cache)
+        ves.append(v)
+        v.start()
+        v.exec(["/bin/true"], check=True)
+    except Exception as e:
+        errors += 1
+        print(f"error: {e}", file=sys.stderr)
+print(f"{(time.perf_counter() - t) * 1000:.1f} {errors}", flush=True)
+sys.stdin.read()  # hold them until told; the VEs are destroyed at exit
+"""
+
+
+def parallel(work: Path, cache_dir: Path, template: str, count: int, workers: int) -> dict:
+    """COUNT VEs created and started by WORKERS API processes at once; wall time until all answered an exec."""
+    root = work / "parallel"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    shares = [count // workers + (1 if i < count % workers else 0) for i in range(workers)]
+    # warm-up (template unpacked, init compiled), not timed
+    run([sys.executable, "-c", _PARALLEL_WORKER, str(root), str(cache_dir), template, "1"], env=env, input="")
+    t = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", _PARALLEL_WORKER, str(root), str(cache_dir), template, str(n)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for n in shares]
+    lines = [p.stdout.readline().split() for p in procs]
+    wall = (time.perf_counter() - t) * 1000
+    errors = sum(int(x[1]) if len(x) == 2 else 1 for x in lines)
+    stderr = []
+    for p in procs:
+        _, err = p.communicate("")
+        stderr += err.strip().splitlines()
+    left = len(list((root / "conf").glob("*.conf")))
+    return {"ves": count, "workers": workers, "wall_ms": wall, "per_ve_ms": wall / count, "errors": errors,
+            "worker_ms": [float(x[0]) for x in lines if len(x) == 2], "left_after": left, "stderr": stderr[:5]}
+
+
 class Floor:
     name = "floor"
 
@@ -233,7 +322,9 @@ def main() -> int:
     ap.add_argument("--idle", type=int, default=100, help="VEs for the idle memory figure (0 to skip)")
     ap.add_argument("--cache-dir", default=os.environ.get("VZPKG_CACHE_DIR", "/var/tmp/vzpkg-test-cache"))
     ap.add_argument("--template", default="debian-12-x86_64")
-    ap.add_argument("--cases", default="vzpkg,vzpkg-shared,floor,lxc,podman")
+    ap.add_argument("--cases", default="vzpkg,vzpkg-shared,api,api-noserver,floor,lxc,podman,parallel")
+    ap.add_argument("--parallel", type=int, default=100, help="VEs of the parallel case")
+    ap.add_argument("--workers", type=int, default=8, help="processes of the parallel case")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -252,6 +343,10 @@ def main() -> int:
         if "vzpkg-shared" in cases:
             runners.append(Vzpkg(work, Path(args.cache_dir), args.template, name="vzpkg-shared",
                                  create_opts=("--idmap", "shared")))
+        if "api" in cases:
+            runners.append(Api(work, Path(args.cache_dir), args.template))
+        if "api-noserver" in cases:
+            runners.append(Api(work, Path(args.cache_dir), args.template, name="api-noserver", exec_server=False))
         if "floor" in cases:
             runners.append(Floor(rootfs))
         if "lxc" in cases:
@@ -281,6 +376,8 @@ def main() -> int:
                     samples[r.name].setdefault(op, []).append(ms)
         for name, ops in samples.items():
             results["cases"][name] = {op: summary(v) for op, v in ops.items()}
+        if "parallel" in cases:
+            results["parallel"] = parallel(work, Path(args.cache_dir), args.template, args.parallel, args.workers)
         if args.idle:
             results["idle_memory"] = vz.idle_memory(args.idle)
             results["idle_count"] = args.idle
@@ -294,13 +391,13 @@ def main() -> int:
                     print(f"cleanup of {r.name}: {e}", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"{'case':<8} {'op':<8} {'median ms':>10} {'min':>8} {'max':>8}")
+    print(f"{'case':<13} {'op':<9} {'median ms':>10} {'min':>8} {'max':>8}")
     for name, ops in results["cases"].items():
         if "error" in ops:
-            print(f"{name:<8} {'-':<8} {ops['error']}")
+            print(f"{name:<13} {'-':<9} {ops['error']}")
             continue
         for op, s in ops.items():
-            print(f"{name:<8} {op:<8} {s['median']:>10.1f} {s['min']:>8.1f} {s['max']:>8.1f}")
+            print(f"{name:<13} {op:<9} {s['median']:>10.1f} {s['min']:>8.1f} {s['max']:>8.1f}")
     vzc = results["cases"].get("vzpkg", {})
     for other in ("vzpkg-shared", "floor", "lxc", "podman"):
         oc = results["cases"].get(other, {})
@@ -308,6 +405,16 @@ def main() -> int:
             continue
         ratios = [f"{op} {vzc[op]['median'] / oc[op]['median']:.2f}x" for op in vzc if op in oc]
         print(f"vzpkg / {other}: {', '.join(ratios)}")
+    api = results["cases"].get("api", {})
+    for other in ("lxc", "api-noserver"):
+        oc = results["cases"].get(other, {})
+        if api and "error" not in api and oc and "error" not in oc:
+            ratios = [f"{op} {api[op]['median'] / oc[op]['median']:.2f}x" for op in api if op in oc]
+            print(f"api / {other}: {', '.join(ratios)}")
+    if "parallel" in results:
+        par = results["parallel"]
+        print(f"parallel: {par['ves']} VEs by {par['workers']} processes in {par['wall_ms']:.0f} ms "
+              f"({par['per_ve_ms']:.1f} ms per VE), errors {par['errors']}, left after exit {par['left_after']}")
     if "idle_memory" in results:
         im = results["idle_memory"]
         print(f"idle memory over {results['idle_count']} VEs: MemAvailable drop {im['memavailable_mib_per_ve']:.2f} MiB"

@@ -169,3 +169,14 @@ class AddressInUseError(VEError):
 
     exit_code = 34
 
+
+class VECommandError(VEError):
+    """A command run in a VE through the Python API (VE.exec) with check=True exited non-zero, or ran past its
+    timeout and was killed; `result` is its ExecResult (status, output)."""
+
+    exit_code = 35
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+

@@ -13,13 +13,7 @@ import vzpkg
 PACKAGE_DIR = Path(vzpkg.__file__).resolve().parent
 
 #: module pairs (importer, imported) left out of the graph on purpose, each with the reason
-ALLOWED: dict[tuple[str, str], str] = {
-    # runtime.ve (the verbs) starts a VE through runtime.spawn, and spawn asks ve whether the VE's init runs;
-    # ve's sweep of leftovers calls leftovers, which destroys half-made VEs with ve's verb. The runtime is being
-    # split by other work in parallel (issue 9): untangled there, then these two lines go.
-    ("vzpkg.runtime.spawn", "vzpkg.runtime.ve"): "spawn uses ve.running_init (runtime split pending)",
-    ("vzpkg.runtime.leftovers", "vzpkg.runtime.ve"): "leftovers destroys with ve's verb (runtime split pending)",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:

@@ -179,7 +179,7 @@ def register(group: click.Group) -> None:
             layout = Layout(usable_root(load_settings(cache_dir=cache_dir, vz_root=vz_root).vz_root))
             found: list = []
             if ves:
-                from ..runtime.leftovers import sweep
+                from ..runtime.sweep import sweep
 
                 found += sweep(layout)
             if templates:

@@ -36,10 +36,15 @@ SHELL_INIT = (
 )
 
 
+_NAME: str | None = None  # the binary's file name, computed once per process (an API user starts many VEs)
+
+
 def binary_path(lib_dir: Path) -> Path:
-    # crc32 rather than sha256: this runs at every start and hashlib's import costs more than the hash
-    digest = f"{zlib.crc32(SOURCE.read_bytes()):08x}"
-    return lib_dir / f"vzinit-{os.uname().machine}-{digest}"
+    global _NAME
+    if _NAME is None:
+        # crc32 rather than sha256: this runs at every start and hashlib's import costs more than the hash
+        _NAME = f"vzinit-{os.uname().machine}-{zlib.crc32(SOURCE.read_bytes()):08x}"
+    return lib_dir / _NAME
 
 
 def build(lib_dir: Path) -> Path | None:
@@ -55,7 +60,10 @@ def build(lib_dir: Path) -> Path | None:
     if gcc is None:
         return None
     lib_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    import _thread
+
+    # per thread too: threads of one API process may compile at once (the last rename wins, all are the same)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_thread.get_ident()}")
     cmd = [gcc, "-Os", "-static", "-nostdlib", "-fno-stack-protector", "-fno-builtin", "-fno-pie", "-no-pie",
            "-fno-asynchronous-unwind-tables", "-Wl,--build-id=none", "-s", "-o", str(tmp), str(SOURCE)]
     try:

@@ -6,7 +6,8 @@ from vzpkg.errors import VEError, VENotFoundError
 
 from . import storage
 from .layout import Layout, check_veid
-from .ve import _cgroups, running_init
+from .state import cgroup_driver as _cgroups
+from .state import live_init as running_init
 
 
 def list_ves(layout: Layout, veids: list[str] | None = None, *, disk: bool = True) -> list[dict]:

@@ -7,6 +7,7 @@ the errno and the operation, like the os module does.
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import os
 
@@ -233,10 +234,18 @@ class _MountAttr(ctypes.Structure):
 
 # the clone children of idmap_userns not reaped yet, with the stacks they run on (kept alive until then)
 _helpers: list[tuple[int, ctypes.Array]] = []
+# Threads of one process (the Python API): a helper reaped by another thread's reap_helpers between its clone and
+# the open of its namespace takes the namespace with it (ENOENT). _thread: no import cost on vzctl's path.
+_helpers_lock = _thread.allocate_lock()
 
 
 def reap_helpers(block: bool = True) -> None:
     """Reap idmap_userns's children (at exit, or before making another: they only exist until scheduled once)."""
+    with _helpers_lock:
+        _reap_helpers(block)
+
+
+def _reap_helpers(block: bool) -> None:
     for item in list(_helpers):
         try:
             done, _ = os.waitpid(item[0], 0 if block else os.WNOHANG)
@@ -256,11 +265,16 @@ def idmap_userns(inside: int, outside: int, count: int) -> int:
     until it is reaped). It is not waited for here: on a busy machine it may not be scheduled for milliseconds.
     It is reaped by the next call or at exit; its stack stays referenced until then.
     """
+    with _helpers_lock:
+        return _idmap_userns(inside, outside, count)
+
+
+def _idmap_userns(inside: int, outside: int, count: int) -> int:
     if not _helpers:
         import atexit
 
         atexit.register(reap_helpers)
-    reap_helpers(block=False)
+    _reap_helpers(block=False)
     lc = libc()
     clone = lc.clone
     clone.restype = ctypes.c_int

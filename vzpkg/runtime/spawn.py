@@ -33,7 +33,7 @@ from vzpkg.errors import VEError
 
 from . import ns, state
 from .layout import ID_RANGE
-from .ve import running_init
+from .state import live_init as running_init
 
 # (name in /dev, type, major, minor): what a VE's /dev holds; the device cgroup allows just these and ptys
 DEVICES = (
@@ -119,7 +119,10 @@ def _read_msgs(fd: int):
             yield line.decode(errors="replace")
 
 
-def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit) -> int:
+def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit, also_attach: int = 0) -> int:
+    """ALSO_ATTACH: a pid moved into the VE's cgroups right after the VE's first process (the exec server of
+    execserver.py: on cgroup v1 a second migration right after the first does not wait for another RCU grace
+    period)."""
     from . import init as init_mod
 
     hostname = conf.get("HOSTNAME") or veid
@@ -154,6 +157,8 @@ def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit
             if not privileged:
                 ns.write_id_maps(pid, id_shift, ID_RANGE)
             cg.attach(layout.cgroup_name(veid), pid)
+            if also_attach:
+                cg.attach(layout.cgroup_name(veid), also_attach)
             os.write(down_w, b"G")
             for msg in msgs:
                 if msg.startswith("P"):

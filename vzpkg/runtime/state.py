@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from ..errors import VEError
 from .layout import Layout
 
 
@@ -148,3 +149,32 @@ def adopt_init(layout: Layout, veid: str, pids: list[int]) -> InitRecord | None:
             write_record(layout, veid, rec)
             return rec
     return None
+
+
+_DRIVER = None
+
+
+def cgroup_driver():
+    """The host's cgroup driver, detected once per process (from mountinfo: a start, stop and destroy each asked
+    for it several times; the hierarchies a host mounts do not change under a running command or API user)."""
+    global _DRIVER
+    if _DRIVER is None:
+        from . import cgroups
+
+        _DRIVER = cgroups.detect()
+    return _DRIVER
+
+
+def live_init(layout: Layout, veid: str) -> InitRecord | None:
+    """The VE's init if it runs: from the record, or else found in the VE's cgroups (crash recovery)."""
+    rec = running_init(layout, veid)
+    if rec is not None:
+        return rec
+    try:
+        cg = cgroup_driver()
+        name = layout.cgroup_name(veid)
+        if not cg.exists(name):
+            return None
+        return adopt_init(layout, veid, cg.pids(name))
+    except VEError:
+        return None

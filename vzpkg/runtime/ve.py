@@ -104,25 +104,9 @@ def _recover(layout: Layout, veid: str, intent: str, fd: int) -> list[tuple[Path
     return removed
 
 
-def _cgroups():
-    from . import cgroups
-
-    return cgroups.detect()
-
-
-def running_init(layout: Layout, veid: str) -> state.InitRecord | None:
-    """The VE's init if it runs: from the record, or else found in the VE's cgroups (crash recovery)."""
-    rec = state.running_init(layout, veid)
-    if rec is not None:
-        return rec
-    try:
-        cg = _cgroups()
-        name = layout.cgroup_name(veid)
-        if not cg.exists(name):
-            return None
-        return state.adopt_init(layout, veid, cg.pids(name))
-    except VEError:
-        return None
+# re-exported: the verbs' callers (api, live, leftovers) know them here
+_cgroups = state.cgroup_driver
+running_init = state.live_init
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,8 +285,9 @@ def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
 # start
 
 
-def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
-    """Start the VE; returns the host pid of its init."""
+def start(layout: Layout, veid: str, *, timeout: float = 30.0, exec_server: bool = False) -> int:
+    """Start the VE; returns the host pid of its init. EXEC_SERVER (the Python API): with an exec server for this
+    process (execserver.py)."""
     from .spawn import DEVICE_RULES, _spawn
 
     veid = check_veid(veid)
@@ -334,13 +319,27 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0) -> int:
             cg.set_limits(cgname, Limits(**conf.limits))
             cg.setup_devices(cgname, DEVICE_RULES)
             root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
-            pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit)
+            server = None
+            if exec_server:
+                from . import execserver
+
+                server = execserver.fork_server(privileged)
+                undo.callback(server.close)
+            pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit,
+                         server.pid if server else 0)
             if conf.get("IP_ADDRESS"):
                 from . import net
 
                 net.setup_veth(layout.real_root(), veid, pid, conf.get("IP_ADDRESS"),
                                net.bridge_name(conf.get("BRIDGE")))
             undo.pop_all()  # started: keep it
+            if server is not None:
+                rec = state.read_record(layout, veid)
+                if rec is not None and rec.pid == pid:
+                    execserver.register(execserver.key(layout, veid), server, rec)
+                    execserver.join(server)
+                else:
+                    server.close()
             return pid
 
 
@@ -356,10 +355,8 @@ def _kill_recorded_init(layout: Layout, veid: str) -> None:
 
 def _cleanup(layout: Layout, veid: str, *, keep_mount: bool = False) -> None:
     """Undo everything a VE may hold on the host: processes in its cgroups, cgroups, root mount, record."""
-    from . import cgroups as cgmod
-
     try:
-        cg = cgmod.detect()
+        cg = _cgroups()
     except VEError:
         cg = None
     name = layout.cgroup_name(veid)

@@ -1,0 +1,181 @@
+"""vzpkg's pytest plugin (vzpkg/pytest_plugin.py, loaded through its pytest11 entry point), run as users run it:
+pytest processes on test files, against a VZ root of this test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import PROJECT, cgroup_dirs, cgroup_name, mounts_below
+
+pytestmark = pytest.mark.root
+
+EXAMPLES = PROJECT / "examples" / "testing-with-ves"
+
+
+def _pytest(root: Path, cache_dir: Path, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--vz-root", str(root),
+                             "--ve-cache-dir", str(cache_dir), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=kw.pop("cwd", PROJECT), **kw)
+
+
+def _run(root: Path, cache_dir: Path, *args: str, **kw) -> tuple[int, str]:
+    p = _pytest(root, cache_dir, *args, **kw)
+    out, _ = p.communicate(timeout=300)
+    return p.returncode, out
+
+
+def _leftovers(root: Path) -> list[str]:
+    """VEs, owner files, cgroups and mounts of the VZ root (an empty list: nothing left behind)."""
+    left = [f"conf/{n}" for n in os.listdir(root / "conf")] if (root / "conf").is_dir() else []
+    owners = root / "lock" / "owners"
+    left += [f"owner {n}" for n in os.listdir(owners)] if owners.is_dir() else []
+    private = root / "private"
+    left += [f"private/{n}" for n in os.listdir(private)] if private.is_dir() else []
+    if (root / "root").is_dir():
+        for n in os.listdir(root / "root"):
+            left += [f"cgroup {d}" for d in cgroup_dirs(cgroup_name(root, n))]
+            left += [f"mount {m}" for m in mounts_below(root / "root" / n)]
+    return left
+
+
+@pytest.fixture(scope="module")
+def _module_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plugin") / "vz"  # one per module: the template is unpacked once
+    yield root
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def plugin_root(_module_root, debian12_cache):
+    root = _module_root
+    assert _leftovers(root) == []
+    yield root, debian12_cache[0]
+    # whatever a failed assertion left: gone, so that the next test starts from an empty VZ root
+    from vzpkg.runtime import owners
+    from vzpkg.runtime.layout import Layout
+
+    owners.sweep(Layout(root))
+
+
+def test_the_example_suite(plugin_root):
+    """docs/testing-with-ves.md's example suite passes, and leaves nothing in the VZ root."""
+    root, cache = plugin_root
+    code, out = _run(root, cache, str(EXAMPLES))
+    assert code == 0, out
+    assert "8 passed" in out
+    assert _leftovers(root) == []
+
+
+def test_failing_tests_and_a_sigkilled_run(plugin_root, tmp_path):
+    """A failing test's VE is destroyed; a run killed with SIGKILL leaves its VE running, and the next session
+    (of another test run on the same VZ root) removes it."""
+    root, cache = plugin_root
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_fail.py").write_text(textwrap.dedent("""
+        def test_fails(ve, ve_factory):
+            ve_factory(start=False)
+            assert ve.exec(["true"]).returncode == 1
+
+        def test_errors(ve):
+            raise RuntimeError("boom")
+    """))
+    code, out = _run(root, cache, str(suite / "test_fail.py"))
+    assert code == 1 and "2 failed" in out, out
+    assert _leftovers(root) == []
+
+    (suite / "test_killed.py").write_text(textwrap.dedent("""
+        import os
+
+        def test_killed(ve):
+            print("VEID", ve.veid, flush=True)
+            os.kill(os.getpid(), 9)
+    """))
+    code, out = _run(root, cache, "-s", str(suite / "test_killed.py"))
+    assert code == -9, out
+    veid = out.split("VEID ", 1)[1].split()[0]
+    assert (root / "conf" / f"{veid}.conf").exists()
+    assert cgroup_dirs(cgroup_name(root, veid)), "the killed run's VE should still run"
+
+    (suite / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+    code, out = _run(root, cache, str(suite / "test_nothing.py"))
+    assert code == 0, out
+    assert _leftovers(root) == []
+
+
+def test_concurrent_runs_leave_each_other_alone(plugin_root, tmp_path):
+    """A second test run (whose session start sweeps) and its VEs do not touch a first run's VE in use."""
+    root, cache = plugin_root
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    go = tmp_path / "go"
+    (suite / "test_waits.py").write_text(textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+
+        def test_waits(ve):
+            print("VEID", ve.veid, flush=True)
+            while not Path({str(go)!r}).exists():
+                time.sleep(0.05)
+            assert ve.exec(["true"]).returncode == 0
+    """))
+    (suite / "test_other.py").write_text("def test_other(ve):\n    assert ve.exec(['true']).returncode == 0\n")
+    first = _pytest(root, cache, "-s", str(suite / "test_waits.py"))
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "VEID" not in line and time.monotonic() < deadline:
+            line = first.stdout.readline()
+        veid = line.split("VEID ", 1)[1].split()[0]
+        code, out = _run(root, cache, str(suite / "test_other.py"))
+        assert code == 0, out
+        assert (root / "conf" / f"{veid}.conf").exists()
+        assert cgroup_dirs(cgroup_name(root, veid))
+    finally:
+        go.touch()
+        out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out
+    assert _leftovers(root) == []
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_destroys_its_ves(plugin_root, tmp_path, sig):
+    """Ctrl-C or SIGTERM in the middle of a test: teardown runs, the VE is gone when pytest exits."""
+    import signal
+
+    from conftest import default_sigint
+
+    root, cache = plugin_root
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_sleeps.py").write_text(textwrap.dedent("""
+        import time
+
+        def test_sleeps(ve):
+            print("VEID", ve.veid, flush=True)
+            time.sleep(120)
+    """))
+    run = _pytest(root, cache, "-s", str(suite / "test_sleeps.py"), preexec_fn=default_sigint)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "VEID" not in line and time.monotonic() < deadline:
+            line = run.stdout.readline()
+        veid = line.split("VEID ", 1)[1].split()[0]
+        assert (root / "conf" / f"{veid}.conf").exists()
+        run.send_signal(getattr(signal, sig))
+        out, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != 0, out
+    assert _leftovers(root) == []
