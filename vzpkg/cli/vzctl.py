@@ -62,7 +62,9 @@ def _timeout_type(text: str) -> float:
         raise argparse.ArgumentTypeError(e.message.split(": ", 1)[1]) from None
 
 
-COMMANDS = ("create", "start", "mount", "umount", "enter", "stop", "restart", "status", "exec", "set", "destroy")
+COMMANDS = ("create", "start", "mount", "umount", "enter", "stop", "restart", "status", "exec", "set", "destroy",
+            "chkpnt", "restore", "clone", "migrate")
+ALIASES = {"suspend": "chkpnt", "resume": "restore"}  # OpenVZ's names for the same commands
 
 
 def _parser(only: str | None = None):
@@ -133,6 +135,29 @@ def _parser(only: str | None = None):
     s = sub.add_parser("destroy", parents=[common], help="remove a VE and its private area")
     s.add_argument("veid")
     s.add_argument("--force", action="store_true", help="stop it first if running")
+
+    s = sub.add_parser("chkpnt", parents=[common], help="checkpoint a running VE with CRIU (alias: suspend)")
+    s.add_argument("veid")
+    s.add_argument("--dumpdir", help="where the images go (default <VZ root>/dump/VEID)")
+    s.add_argument("--leave-running", action="store_true", help="keep the VE running (its files are copied too)")
+    s = sub.add_parser("restore", parents=[common], help="restore a VE from a checkpoint (alias: resume)")
+    s.add_argument("veid")
+    s.add_argument("--dumpdir", help="the checkpoint to restore (default: where chkpnt put it)")
+    s.add_argument("--from", dest="from_", metavar="DIR", help="a new VE VEID from a --leave-running checkpoint DIR")
+    s.add_argument("--hostname", help="with --from: its hostname (default VEID)")
+    s.add_argument("--ipadd", help="with --from: its addresses (default none)")
+    s = sub.add_parser("clone", parents=[common], help="copy a VE; --live: a running copy of a running VE")
+    s.add_argument("veid")
+    s.add_argument("dst")
+    s.add_argument("--live", action="store_true")
+    s.add_argument("--hostname")
+    s.add_argument("--ipadd")
+    s = sub.add_parser("migrate", parents=[common], help="move a VE to another VZ root")
+    s.add_argument("veid")
+    s.add_argument("dest", help="the destination VZ root (a directory on this machine)")
+    s.add_argument("--online", action="store_true", help="checkpoint and restore instead of stop and start")
+    s.add_argument("--keep-dst", action="store_true", help="keep what reached DEST if the migration fails")
+    s.add_argument("-t", "--times", action="store_true", help="print each phase's time and the frozen time")
     return p
 
 
@@ -254,13 +279,64 @@ def _fast_parse(argv: list[str]) -> _Args | None:
     return _Args(command=pos[0], veid=pos[1], **kw)
 
 
+def _unalias(argv: list[str]) -> list[str]:
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--root":
+            i += 2
+            continue
+        if not argv[i].startswith("-"):
+            return argv[:i] + [ALIASES.get(argv[i], argv[i])] + argv[i + 1:]
+        i += 1
+    return argv
+
+
+def _criu_commands(args, layout) -> int:
+    """chkpnt, restore, clone, migrate (vzpkg.runtime.checkpoint and migrate; docs/checkpoint.md)."""
+    from vzpkg.runtime import checkpoint
+
+    cmd = args.command
+    if cmd == "chkpnt":
+        info = checkpoint.chkpnt(layout, args.veid, dumpdir=args.dumpdir, leave_running=args.leave_running)
+        _say(args, f"VE {args.veid} checkpointed into {info['dir']} ({info['size'] >> 10} KiB, dump "
+                   f"{info['dump_s'] * 1000:.0f} ms){'' if args.leave_running else '; suspended'}")
+    elif cmd == "restore":
+        if args.from_:
+            info = checkpoint.restore_as(layout, args.veid, args.from_, hostname=args.hostname, ipadd=args.ipadd)
+        else:
+            if args.hostname or args.ipadd:
+                from vzpkg.errors import UsageError
+
+                raise UsageError("--hostname and --ipadd go with --from (a VE restores with its own config)")
+            info = checkpoint.restore(layout, args.veid, dumpdir=args.dumpdir)
+        _say(args, f"VE {args.veid} restored from {info['dir']} (init pid {info['pid']}, "
+                   f"{info['restore_s'] * 1000:.0f} ms)")
+    elif cmd == "clone":
+        info = checkpoint.clone(layout, args.veid, args.dst, live=args.live, hostname=args.hostname,
+                                ipadd=args.ipadd)
+        _say(args, f"VE {args.veid} cloned to {args.dst}{' (running)' if args.live else ''} in "
+                   f"{info['clone_s'] * 1000:.0f} ms")
+    elif cmd == "migrate":
+        from vzpkg.runtime import migrate
+
+        times = migrate.migrate(layout, args.veid, args.dest, online=args.online, keep_dst=args.keep_dst)
+        if args.times:
+            for phase, secs in times.items():
+                print(f"{phase:<12} {secs * 1000:9.1f} ms")
+        _say(args, f"VE {args.veid} migrated to {args.dest}{' online' if args.online else ''}")
+    return 0
+
+
 def run(argv: list[str]) -> int:
+    argv = _unalias(argv)
     args = _fast_parse(argv) or _parser(_command_of(argv)).parse_args(argv)
     from vzpkg.runtime import ve
     from vzpkg.runtime.layout import Layout
 
     layout = Layout.at(getattr(args, "root", None))
     cmd = args.command
+    if cmd in ("chkpnt", "restore", "clone", "migrate"):
+        return _criu_commands(args, layout)
     if cmd == "create":
         cache_dir = args.cache_dir or os.environ.get("VZPKG_CACHE_DIR")
         if not cache_dir:
