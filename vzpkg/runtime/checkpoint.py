@@ -103,6 +103,9 @@ def _chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> d
                            "if it is suspended)")
     criu = criu_mod.find()
     _, _, kind, _ = _conf_params(conf)
+    problem = criu_mod.undumpable(_cgroups().pids(layout.cgroup_name(veid)))
+    if problem:
+        raise CheckpointError(f"VE {veid}: cannot checkpoint, the VE keeps running: {problem}")
     target = Path(dumpdir).absolute() if dumpdir else layout.dump(veid)
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -129,8 +132,10 @@ def _chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> d
                                                          action_script=script), log)
         if not ok:
             alive = running_init(layout, veid) is not None
+            why = criu_mod.explain_dump_failure(log)
             raise CheckpointError(f"VE {veid}: checkpoint failed, {'the VE keeps running' if alive else 'the VE died'}"
-                                  f": CRIU says: {criu_mod.last_errors(log)} (full log: {log})")
+                                  f": {why + '; ' if why else ''}CRIU says: {criu_mod.last_errors(log)} "
+                                  f"(full log: {log})")
         frozen = _frozen_seconds(log, took)
         (tmp / META).write_text(json.dumps(meta, indent=1))
         old = None
@@ -205,8 +210,8 @@ def _action_script(layout: Layout, veid: str, conf, mac: str | None) -> Path:
     from . import net
 
     q = shlex.quote
-    lines = ['[ "$CRTOOLS_SCRIPT_ACTION" = setup-namespaces ] || exit 0', "set -e",
-             'N="nsenter --net=/proc/$CRTOOLS_INIT_PID/ns/net --"', "$N ip link set lo up"]
+    lines = ["set -e", 'N="nsenter --net=/proc/$CRTOOLS_INIT_PID/ns/net --"']
+    unlock = "exit 0"
     addresses = conf.get("IP_ADDRESS")
     if addresses:
         addrs = net._interfaces(addresses)
@@ -215,9 +220,12 @@ def _action_script(layout: Layout, veid: str, conf, mac: str | None) -> Path:
         root = layout.real_root()
         host = net.host_ifname(root, veid)
         net.remove_veth(root, veid)  # a host end left by a VE that died uncleanly
+        # the host end stays down until CRIU unlocks the network: a peer's retransmission reaching the address
+        # before the TCP sockets are back would be answered with a reset
         lines += [f'ip link add {host} type veth peer name eth0 netns "$CRTOOLS_INIT_PID"',
                   f"ip link set {host} alias {q(net.host_alias(root, veid))} || true",
-                  f"ip link set {host} master {q(bridge)} up"]
+                  f"ip link set {host} master {q(bridge)}"]
+        unlock = f"exec ip link set {host} up"
         if mac:
             lines.append(f"$N ip link set eth0 address {q(mac)}")
         lines += [f"$N ip addr add {q(str(a))} dev eth0" for a in addrs]
@@ -226,7 +234,10 @@ def _action_script(layout: Layout, veid: str, conf, mac: str | None) -> Path:
             lines.append("$N ip route replace default dev eth0")
         if any(a.version == 6 for a in addrs):
             lines.append("$N ip -6 route replace default dev eth0 || true")
-    return _write_script(layout.run_dir / f".{veid}.criu-restore-{os.getpid()}.sh", "\n".join(lines) + "\n")
+    body = ('case "$CRTOOLS_SCRIPT_ACTION" in\nsetup-namespaces)\n  $N ip link set lo up\n'
+            + "".join(f"  {ln}\n" for ln in lines[2:]) + f";;\nnetwork-unlock)\n  {unlock}\n;;\nesac\n")
+    return _write_script(layout.run_dir / f".{veid}.criu-restore-{os.getpid()}.sh", lines[0] + "\n" + lines[1] + "\n"
+                         + body)
 
 
 def _restore_into(layout: Layout, veid: str, conf, images: Path, mac: str | None, *, clone: bool) -> tuple[int, float]:

@@ -101,6 +101,68 @@ def last_errors(log: Path, n: int = 3) -> str:
     return " | ".join(out) or "no error lines"
 
 
+# descriptors CRIU dumps (anon_inode names); anything else anonymous is named when a dump fails on a process
+_DUMPABLE_ANON = {"[eventfd]", "[eventpoll]", "[signalfd]", "inotify", "[fanotify]", "[timerfd]", "[userfaultfd]",
+                  "[pidfd]", "[memfd]"}
+
+
+def undumpable(pids: list[int]) -> str | None:
+    """What CRIU would fail on among PIDS (the VE's processes), checked before it touches them: a failed
+    parasite injection (io_uring descriptors, for one) can cost the process its life."""
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        odd = []
+        for fd in sorted(fds, key=int):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("anon_inode:") and target[11:] not in _DUMPABLE_ANON:
+                odd.append(f"fd {fd} {target}")
+        if odd:
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                nspid = [ln.split()[-1] for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                         if ln.startswith("NSpid:")][0]
+            except (OSError, IndexError):
+                comm, nspid = "?", "?"
+            return (f"process {nspid} in the VE (host pid {pid}, {comm}) holds {', '.join(odd)}, which CRIU cannot "
+                    "dump: stop that process and try again")
+    return None
+
+
+def explain_dump_failure(log: Path) -> str | None:
+    """Name what CRIU could not dump: the process its log blames (`(pid: N)`) and its descriptors CRIU does not
+    support (anon_inode:[io_uring], ...). CRIU's own words for some of these are only "send_fds failed"."""
+    import re
+
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    pids = re.findall(r"\(pid: (\d+)\)", text) + re.findall(r"Can't dump .*? (\d+)\b", text)
+    for pid in dict.fromkeys(pids):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        odd = []
+        for fd in sorted(fds, key=int):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("anon_inode:") and target[11:] not in _DUMPABLE_ANON:
+                odd.append(f"fd {fd} {target}")
+        if odd:
+            return f"process {pid} ({comm}) holds {', '.join(odd)}, which CRIU cannot dump: stop it and try again"
+    return None
+
+
 def run(criu: str, args: list[str], log: Path, *, timeout: float = 600) -> tuple[bool, float]:
     """Run `criu ARGS -o LOG -v4`; (succeeded, seconds). stdout/stderr are appended to the log too."""
     t0 = time.monotonic()
