@@ -115,19 +115,26 @@ def _chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> d
     tmp.mkdir(mode=0o711)
     tmp.chmod(0o711)
     log = criu_mod.log_path(log_dir(layout), veid, "dump")
-    script = None
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    m = marker(layout, veid)
+    m.parent.mkdir(parents=True, exist_ok=True)
+    q = shlex.quote
+    # CRIU's post-dump action runs while the tasks are still frozen, and it is CRIU that runs it: the checkpoint
+    # is put in place (and, without --leave-running, the VE marked suspended) even if vzctl is killed meanwhile;
+    # before it nothing looks like a checkpoint, after it the VE is restorable
+    lines = ['[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0', "set -e"]
+    if leave_running:  # the private area, copied in the same freeze: files and memory agree
+        src = _private_payload(layout, veid, kind)
+        lines += [f"mkdir -p {q(str(tmp / 'fs'))}", f"cp -a --reflink=auto {q(str(src))} {q(str(tmp / 'fs' / src.name))}"]
+    lines += [f"if [ -e {q(str(target))} ]; then mv {q(str(target))} {q(str(old))}; fi", f"mv {q(str(tmp))} {q(str(target))}"]
+    if not leave_running:
+        lines.append(f"printf '%s\\n' {q(str(target))} > {q(str(m))}.tmp && mv {q(str(m))}.tmp {q(str(m))}")
+    script = _write_script(layout.run_dir / f".{veid}.criu-dump-{os.getpid()}.sh", "\n".join(lines) + "\n")
     try:
-        if leave_running:
-            # the private area is copied while CRIU holds the tasks frozen (post-dump runs before they resume)
-            src = _private_payload(layout, veid, kind)
-            dst = tmp / "fs" / src.name
-            script = _write_script(layout.run_dir / f".{veid}.criu-dump-{os.getpid()}.sh", (
-                '[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0\n'
-                f"mkdir -p {shlex.quote(str(dst.parent))} && "
-                f"exec cp -a --reflink=auto {shlex.quote(str(src))} {shlex.quote(str(dst))}\n"))
         meta = {"veid": veid, "conf": layout.conf(veid).read_text(), "mac": _eth0_mac(rec.pid)
                 if conf.get("IP_ADDRESS") else None, "layout": kind, "fs": leave_running, "time": time.time(),
                 "criu": criu_mod.version_of(criu)}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
         ok, took = criu_mod.run(criu, criu_mod.dump_args(rec.pid, tmp, leave_running=leave_running,
                                                          action_script=script), log)
         if not ok:
@@ -137,25 +144,14 @@ def _chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> d
                                   f": {why + '; ' if why else ''}CRIU says: {criu_mod.last_errors(log)} "
                                   f"(full log: {log})")
         frozen = _frozen_seconds(log, took)
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if script is not None:
-            script.unlink(missing_ok=True)
+        script.unlink(missing_ok=True)
     if not leave_running:
         _cleanup(layout, veid)  # CRIU killed the tasks: the cgroups, the root mount, the record, the veth
-        m = marker(layout, veid)
-        m.parent.mkdir(parents=True, exist_ok=True)
-        m.write_text(f"{target}\n")
     return {"dir": str(target), "dump_s": took, "frozen_s": frozen, "size": _du(target), "log": str(log)}
 
 

@@ -166,13 +166,21 @@ def explain_dump_failure(log: Path) -> str | None:
 def run(criu: str, args: list[str], log: Path, *, timeout: float = 600) -> tuple[bool, float]:
     """Run `criu ARGS -o LOG -v4`; (succeeded, seconds). stdout/stderr are appended to the log too."""
     t0 = time.monotonic()
+    interrupted = None
     with open(log.with_suffix(".out"), "wb") as out:
-        try:
-            proc = subprocess.run([criu, *args, "-o", str(log), "-v4"], stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=timeout, close_fds=True)
-            ok = proc.returncode == 0
-        except subprocess.TimeoutExpired:
-            ok = False
+        # a session of its own (Ctrl-C on the terminal does not reach it) and waited for even when vzctl is
+        # interrupted: CRIU stopped half-way would leave the VE frozen, its network locked, its memory half-dumped
+        proc = subprocess.Popen([criu, *args, "-o", str(log), "-v4"], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)
+        while True:
+            try:
+                proc.wait(timeout=timeout)
+                break
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            except KeyboardInterrupt as e:
+                interrupted = e
+        ok = proc.returncode == 0
     took = time.monotonic() - t0
     try:  # one file per run: CRIU's own output (rarely anything) appended to its log
         extra = log.with_suffix(".out").read_bytes()
@@ -182,6 +190,8 @@ def run(criu: str, args: list[str], log: Path, *, timeout: float = 600) -> tuple
         log.with_suffix(".out").unlink()
     except OSError:
         pass
+    if interrupted is not None:
+        raise interrupted
     return ok, took
 
 

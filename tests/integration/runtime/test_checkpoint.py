@@ -239,3 +239,78 @@ def test_live_clone_runs_independently_and_can_itself_be_checkpointed(rt, net, h
     rt.vzctl("clone", src, cold)
     rt.vzctl("start", cold)
     assert rt.sh(cold, "cat /root/only-src", check=True).stdout.strip() == "mine"
+
+
+@pytest.fixture
+def second_root(tmp_path):
+    root = tmp_path / "vz2"
+    yield root
+    from vzpkg.runtime import ve
+    from vzpkg.runtime.layout import Layout
+
+    if root.exists():
+        for v in Layout(root).veids():
+            ve.destroy(Layout(root), v, force=True)
+
+
+def test_migrate_online_and_offline_to_another_vz_root(rt, have_criu, second_root):
+    veid = rt.create()
+    rt.sh(veid, COUNTER, check=True)
+    rt.sh(veid, "echo kept > /root/file", check=True)
+    before = _count(rt, veid)
+    p = rt.vzctl("migrate", veid, str(second_root), "--online", "-t")
+    assert "frozen" in p.stdout and "memory change tracking" in p.stderr
+    assert rt.vzctl("status", veid).stdout.split()[2] == "deleted" or "deleted" in rt.vzctl("status", veid).stdout
+    there = {**rt.env, "VZ_ROOT": str(second_root)}
+
+    def sh2(cmd: str) -> str:
+        return subprocess.run([sys.executable, "-m", "vzpkg.cli.vzctl", "exec", veid, "/bin/sh", "-c", cmd],
+                              env=there, capture_output=True, text=True, cwd=rt.env["PYTHONPATH"]).stdout.strip()
+
+    after = int(sh2("cat /root/count") or 0)
+    assert before <= after and sh2("cat /root/file") == "kept"
+    assert _wait(lambda: int(sh2("cat /root/count") or 0) > after, what="the counter on the destination")
+    assert not rt.cgroup_dirs(veid) and not (rt.root / "private" / veid).exists()
+    # and back, offline
+    back = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzctl", "migrate", veid, str(rt.root)], env=there,
+                          capture_output=True, text=True, cwd=rt.env["PYTHONPATH"])
+    assert back.returncode == 0, back.stderr
+    assert rt.vzctl("status", veid).stdout.strip().endswith("running")
+    assert rt.sh(veid, "cat /root/file", check=True).stdout.strip() == "kept"
+
+
+@pytest.mark.parametrize("point", ["copying", "dumping", "dumped", "restoring"])
+def test_migration_killed_midway_leaves_the_ve_on_the_source(rt, have_criu, second_root, point):
+    """SIGKILL at several points (seen on disk as they happen): the VE runs on the source, or is suspended there
+    and `vzctl restore` brings it back; it never runs on both roots."""
+    import signal
+
+    veid = rt.create()
+    rt.sh(veid, COUNTER, check=True)
+    d2 = second_root / "dump"
+    seen = {
+        "copying": lambda: (second_root / "private").is_dir(),
+        "dumping": lambda: d2.is_dir() and any(p.name.startswith(f".{veid}.tmp-") for p in d2.iterdir()),
+        "dumped": lambda: (d2 / veid / "inventory.img").exists(),
+        "restoring": lambda: (second_root / "conf" / f"{veid}.conf").exists(),
+    }[point]
+    proc = subprocess.Popen([sys.executable, "-m", "vzpkg.cli.vzctl", "migrate", veid, str(second_root), "--online"],
+                            env=rt.env, cwd=rt.env["PYTHONPATH"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not seen() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    there = {**rt.env, "VZ_ROOT": str(second_root)}
+    st_dst = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzctl", "status", veid], env=there,
+                            capture_output=True, text=True, cwd=rt.env["PYTHONPATH"]).stdout
+    st = rt.vzctl("status", veid).stdout
+    if "running" in st_dst:  # it got through: then the source must not run
+        assert "running" not in st
+        return
+    if "suspended" in st:
+        rt.vzctl("restore", veid)
+    assert rt.vzctl("status", veid).stdout.strip().endswith("running"), st
+    n = _count(rt, veid)
+    assert _wait(lambda: _count(rt, veid) > n, what="the counter on the source")
