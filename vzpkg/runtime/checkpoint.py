@@ -156,7 +156,8 @@ def _chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> d
 
 
 def _frozen_seconds(log: Path, total: float) -> float:
-    """From CRIU's log: the time between freezing the tree and unfreezing (or killing) it; TOTAL if not found."""
+    """From CRIU's log (-v4): from the first task seized to the first let go (resumed or, without --leave-running,
+    killed); TOTAL if the lines are not found."""
     start = end = None
     try:
         for line in log.read_text(errors="replace").splitlines():
@@ -166,9 +167,9 @@ def _frozen_seconds(log: Path, total: float) -> float:
                 t = float(line[1:line.index(")")])
             except ValueError:
                 continue
-            if start is None and ("Freezing" in line or "freezing processes" in line.lower()):
+            if start is None and "Seized task" in line:  # the first task stopped
                 start = t
-            if "Unfreezing" in line or "unfreez" in line.lower() or "Dumping finished" in line:
+            if end is None and "Unseizing" in line:  # the first task let go (resumed, or killed)
                 end = t
     except OSError:
         return total
