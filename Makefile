@@ -11,9 +11,17 @@ APT_PACKAGES := debootstrap mmdebstrap zstd tar gnupg gpgv debian-archive-keyrin
 	dnf rpm python3-rpm createrepo-c busybox-static gcc libc6-dev strace \
 	docker-registry skopeo umoci openssl
 
-.PHONY: setup system-packages venv demo test lint unit integration bench clean
+.PHONY: setup system-packages venv criu demo test lint unit integration bench clean
 
-setup: system-packages venv
+setup: system-packages venv criu
+
+# CRIU >= 4.2 (checkpoint/restore; docs/checkpoint.md): the distribution's if new enough, else the Debian archive's
+# testing package and its libraries unpacked into $(CRIU_PREFIX) (started through its own ld-linux). vzctl finds
+# it there, or where $$VZ_CRIU or `criu` in the vzpkg config file points.
+CRIU_PREFIX ?= /opt/vzpkg/criu
+
+criu: system-packages venv
+	$(VPY) -m vzpkg.runtime.criu_install --prefix $(CRIU_PREFIX)
 
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 && echo "system packages: present" || { \

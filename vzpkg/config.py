@@ -13,6 +13,7 @@ The config file is TOML, read from $VZPKG_CONFIG or /etc/vzpkg/vzpkg.conf:
     apt_timeout = 15                 # seconds apt waits on a stalled connection (Acquire::http::Timeout)
     apt_retries = 1                  # apt's retries of a failed download (Acquire::Retries)
     max_index_size = 134217728       # bytes a decompressed Packages index may have when Release gives no size
+    criu = "/opt/vzpkg/criu/bin/criu"  # the CRIU vzctl chkpnt/restore run ($VZ_CRIU wins; docs/checkpoint.md)
     [mirrors]
     debian = "http://mirror.example/debian"
     debian-security = "http://mirror.example/debian-security"
@@ -34,7 +35,7 @@ DEFAULT_CACHE_DIR = Path("/var/lib/vz/template/cache")
 DEFAULT_VZ_ROOT = Path("/var/lib/vz")
 BOOTSTRAPPERS = ("auto", "mmdebstrap", "debootstrap")
 
-_KNOWN_KEYS = {"cache_dir", "template_dirs", "bootstrapper", "build_in_memory", "compression_level", "metadata_expire",
+_KNOWN_KEYS = {"criu", "cache_dir", "template_dirs", "bootstrapper", "build_in_memory", "compression_level", "metadata_expire",
                "mirrors", "vz_root", "fetch_timeout", "build_timeout", "apt_timeout", "apt_retries", "max_index_size"}
 # Network bounds: key -> (environment variable, smallest value). Integers; see the module docstring.
 NETWORK_LIMITS = {"fetch_timeout": ("VZPKG_FETCH_TIMEOUT", 1), "build_timeout": ("VZPKG_BUILD_TIMEOUT", 1),

@@ -180,3 +180,33 @@ class VECommandError(VEError):
         super().__init__(message)
         self.result = result
 
+
+class CheckpointError(VEError):
+    """vzctl chkpnt: CRIU could not dump the VE (its last error lines and the log's path are in the message); the
+    VE keeps running."""
+
+    exit_code = 60
+
+
+class RestoreError(VEError):
+    """vzctl restore: CRIU could not restore the VE; the images are kept and the VE stays restorable."""
+
+    exit_code = 61
+
+
+class CheckpointNotFoundError(VEError):
+    """No checkpoint images where restore (or clone --from) looked."""
+
+    exit_code = 62
+
+
+class MigrationError(VEError):
+    """vzctl migrate failed; the VE is left running (or restorable) on the source."""
+
+    exit_code = 63
+
+
+class CriuUnavailableError(VEError):
+    """No CRIU >= 4.2 that passes `criu check` (run `make criu`, or set VZ_CRIU)."""
+
+    exit_code = 64

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 STDOUT = subprocess.STDOUT
+TimeoutExpired = subprocess.TimeoutExpired
 
 TAIL_LINES = 3          # lines of output quoted in an error message
 TAIL_KEPT = 50          # lines kept while a command runs (for callers that classify the end of the output)

@@ -25,7 +25,8 @@ SUPPRESS = "==SUPPRESS=="  # argparse.SUPPRESS (not imported for it): the attrib
 # An option: its long flag -> {"aliases": other flags, "flag": True (store_true; else it takes one value),
 # "type": a key of _TYPES, "choices", "default", "required", "help"} as in argparse's add_argument; the attribute
 # is the long flag without "--", "-" -> "_". A command: {"help", "opts", "rest": the attribute that takes every
-# argument after the VEID (argparse.REMAINDER)}; each command's positional is the VEID.
+# argument after the VEID (argparse.REMAINDER), "args": names of positionals after the VEID, "aliases": other names
+# of the command}; each command's first positional is the VEID.
 
 # before the command and after it
 COMMON = {
@@ -75,8 +76,29 @@ TABLE: dict[str, dict] = {
     "destroy": {"help": "remove a VE and its private area", "opts": {
         "--force": {"flag": True, "help": "stop it first if running"},
     }},
+    "chkpnt": {"help": "checkpoint a running VE with CRIU (alias: suspend)", "aliases": ("suspend",), "opts": {
+        "--dumpdir": {"help": "where the images go (default <VZ root>/dump/VEID)"},
+        "--leave-running": {"flag": True, "help": "keep the VE running (its files are copied too)"},
+    }},
+    "restore": {"help": "restore a VE from a checkpoint (alias: resume)", "aliases": ("resume",), "opts": {
+        "--dumpdir": {"help": "the checkpoint to restore (default: where chkpnt put it)"},
+        "--from": {"help": "a new VE VEID from a --leave-running checkpoint DIR"},
+        "--hostname": {"help": "with --from: its hostname (default VEID)"},
+        "--ipadd": {"help": "with --from: its addresses (default none)"},
+    }},
+    "clone": {"help": "copy a VE; --live: a running copy of a running VE", "args": ("dst",), "opts": {
+        "--live": {"flag": True},
+        "--hostname": {},
+        "--ipadd": {},
+    }},
+    "migrate": {"help": "move a VE to another VZ root", "args": ("dest",), "opts": {
+        "--online": {"flag": True, "help": "checkpoint and restore instead of stop and start"},
+        "--keep-dst": {"flag": True, "help": "keep what reached DEST if the migration fails"},
+        "--times": {"aliases": ("-t",), "flag": True, "help": "print each phase's time and the frozen time"},
+    }},
 }
 COMMANDS = tuple(TABLE)
+ALIASES = {alias: name for name, cmd in TABLE.items() for alias in cmd.get("aliases", ())}  # OpenVZ's other names
 
 
 def dest(flag: str) -> str:
@@ -162,6 +184,8 @@ def _parser(only: str | None = None):
             continue
         s = sub.add_parser(name, parents=[common], help=cmd["help"])
         s.add_argument("veid")
+        for extra in cmd.get("args", ()):
+            s.add_argument(extra)
         if "rest" in cmd:
             s.add_argument(cmd["rest"], nargs=argparse.REMAINDER)
         for flag, spec in cmd.get("opts", {}).items():
@@ -245,6 +269,7 @@ def _fast_parse(argv: list[str]) -> _Args | None:
     cmd: dict = {}
     flags = _by_flag(COMMON)
     veid: str | None = None
+    extra: list[str] = []
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -286,13 +311,16 @@ def _fast_parse(argv: list[str]) -> _Args | None:
             kw.update((dest(flag), default(spec)) for flag, spec in opts.items())
         elif veid is None:
             veid = a
+        elif len(extra) < len(cmd.get("args", ())):
+            extra.append(a)
         else:
             return None
         i += 1
-    if veid is None or any(spec.get("required") and flag not in given for flag, spec in cmd.get("opts", {}).items()):
+    if veid is None or len(extra) != len(cmd.get("args", ())) or any(spec.get("required") and flag not in given for flag, spec in cmd.get("opts", {}).items()):
         return None
     if "rest" in cmd:
         kw.setdefault(cmd["rest"], [])
+    kw.update(zip(cmd.get("args", ()), extra, strict=True))
     return _Args(command=name, veid=veid, **kw)
 
 
@@ -331,13 +359,67 @@ def _slow_parse(argv: list[str]):
     return _parser(_command_of(argv)).parse_args(_glued(argv))
 
 
+def _unalias(argv: list[str]) -> list[str]:
+    """ARGV with an alias of a command (suspend, resume) replaced by the command's name."""
+    i = 0
+    while i < len(argv):
+        spec = COMMON.get(argv[i])
+        if spec is not None and not spec.get("flag"):
+            i += 2
+            continue
+        if not argv[i].startswith("-"):
+            return argv[:i] + [ALIASES.get(argv[i], argv[i])] + argv[i + 1:]
+        i += 1
+    return argv
+
+
+def _criu_commands(args, layout) -> int:
+    """chkpnt, restore, clone, migrate (vzpkg.runtime.checkpoint and migrate; docs/checkpoint.md)."""
+    from vzpkg.runtime import checkpoint
+
+    cmd = args.command
+    if cmd == "chkpnt":
+        info = checkpoint.chkpnt(layout, args.veid, dumpdir=args.dumpdir, leave_running=args.leave_running)
+        _say(args, f"VE {args.veid} checkpointed into {info['dir']} ({info['size'] >> 10} KiB, dump "
+                   f"{info['dump_s'] * 1000:.0f} ms){'' if args.leave_running else '; suspended'}")
+    elif cmd == "restore":
+        source = getattr(args, "from")  # --from: `from` is a keyword
+        if source:
+            info = checkpoint.restore_as(layout, args.veid, source, hostname=args.hostname, ipadd=args.ipadd)
+        else:
+            if args.hostname or args.ipadd:
+                from vzpkg.errors import UsageError
+
+                raise UsageError("--hostname and --ipadd go with --from (a VE restores with its own config)")
+            info = checkpoint.restore(layout, args.veid, dumpdir=args.dumpdir)
+        _say(args, f"VE {args.veid} restored from {info['dir']} (init pid {info['pid']}, "
+                   f"{info['restore_s'] * 1000:.0f} ms)")
+    elif cmd == "clone":
+        info = checkpoint.clone(layout, args.veid, args.dst, live=args.live, hostname=args.hostname,
+                                ipadd=args.ipadd)
+        _say(args, f"VE {args.veid} cloned to {args.dst}{' (running)' if args.live else ''} in "
+                   f"{info['clone_s'] * 1000:.0f} ms")
+    elif cmd == "migrate":
+        from vzpkg.runtime import migrate
+
+        times = migrate.migrate(layout, args.veid, args.dest, online=args.online, keep_dst=args.keep_dst)
+        if args.times:
+            for phase, secs in times.items():
+                print(f"{phase:<12} {secs * 1000:9.1f} ms")
+        _say(args, f"VE {args.veid} migrated to {args.dest}{' online' if args.online else ''}")
+    return 0
+
+
 def run(argv: list[str]) -> int:
+    argv = _unalias(argv)
     args = _fast_parse(argv) or _slow_parse(argv)
     from vzpkg.runtime import ve
     from vzpkg.runtime.layout import Layout
 
     layout = Layout.at(getattr(args, "root", None))
     cmd = args.command
+    if cmd in ("chkpnt", "restore", "clone", "migrate"):
+        return _criu_commands(args, layout)
     if cmd == "create":
         cache_dir = args.cache_dir or os.environ.get("VZPKG_CACHE_DIR")
         if not cache_dir:

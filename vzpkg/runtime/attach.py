@@ -217,6 +217,11 @@ def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] |
     if pid == 0:
         try:
             os.closerange(3, 1 << 20)
+            if not os.isatty(0):
+                # a session of its own inside the VE: what it leaves running (`vzctl exec VE 'srv &'`) must not
+                # belong to a session whose leader is outside the VE, which CRIU cannot dump (vzctl chkpnt);
+                # signals reach it through _forward_signals, not the terminal
+                os.setsid()
             _harden(rec.privileged)
             os.execvpe(argv[0], argv, environ)
         except FileNotFoundError:

@@ -122,6 +122,8 @@ def _check_private_range(layout: Layout, veid: str, conf, id_shift: int) -> None
     would be the same host ids, each able to own the other's files. Refused before anything is set up."""
     from .idrange import overlapping
 
+    if conf.get("IDRANGE_SHARED") == "yes":
+        return  # a clone restored from another VE's checkpoint: CRIU restored its source's map (checkpoint.md)
     others = overlapping(layout, veid, id_shift)
     if others:
         other, shift = others[0]

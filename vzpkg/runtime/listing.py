@@ -31,7 +31,9 @@ def list_ves(layout: Layout, veids: list[str] | None = None, *, disk: bool = Tru
         rec = running_init(layout, veid)
         row: dict = {
             "veid": veid,
-            "status": "running" if rec else ("mounted" if storage.is_mounted(layout.ve_root(veid)) else "stopped"),
+            "status": "running" if rec else ("mounted" if storage.is_mounted(layout.ve_root(veid)) else
+                                             "suspended" if (layout.run_dir / f"{veid}.suspended").exists()
+                                             else "stopped"),
             "hostname": conf.get("HOSTNAME") if conf else None,
             "ip": conf.get("IP_ADDRESS") if conf else None,
             "ostemplate": conf.get("OSTEMPLATE") if conf else None,

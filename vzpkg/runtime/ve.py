@@ -296,6 +296,10 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0, exec_server: bool
         conf = load_conf_cached(layout, veid)
         if running_init(layout, veid):
             raise VEStateError(f"VE {veid} is already running")
+        if os.path.exists(layout.run_dir / f"{veid}.suspended"):
+            raise VEStateError(f"VE {veid} is suspended (checkpoint in "
+                               f"{(layout.run_dir / f'{veid}.suspended').read_text().strip()}): resume it with "
+                               f"'vzctl restore {veid}', or discard the checkpoint with 'vzctl stop {veid}'")
         # whatever a crashed start or a dead VE left behind
         _cleanup(layout, veid, keep_mount=True)
         privileged, id_shift, kind, _ = _conf_params(conf)
@@ -419,6 +423,10 @@ def _stop_locked(layout: Layout, veid: str, *, fast: bool, timeout: float) -> bo
     finally:
         # whatever happened above (even Ctrl-C while waiting): never leave processes, mounts or cgroups behind
         _cleanup(layout, veid)
+        try:
+            (layout.run_dir / f"{veid}.suspended").unlink()  # stop discards a suspend (the images stay)
+        except FileNotFoundError:
+            pass
     return was_running
 
 
@@ -446,6 +454,7 @@ def status(layout: Layout, veid: str, *, beancounters: bool = False) -> dict:
         "mounted": mounted,
         "running": rec is not None,
         "init_pid": rec.pid if rec else None,
+        "suspended": rec is None and os.path.exists(layout.run_dir / f"{veid}.suspended"),
     }
     if beancounters:
         try:
@@ -459,6 +468,6 @@ def status(layout: Layout, veid: str, *, beancounters: bool = False) -> dict:
 
 def status_line(st: dict) -> str:
     words = ["exist" if st["exist"] else "deleted", "mounted" if st["mounted"] else "unmounted",
-             "running" if st["running"] else "down"]
+             "running" if st["running"] else "down"] + (["suspended"] if st.get("suspended") else [])
     return f"VEID {st['veid']} {' '.join(words)}"
 

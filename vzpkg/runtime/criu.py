@@ -1,0 +1,227 @@
+"""Driving CRIU's command line: which criu, the options a VE needs, the log of every run, errors in one line.
+
+Which criu: $VZ_CRIU, else `criu` in the vzpkg config file, else the private prefix `make criu` fills
+(/opt/vzpkg/criu/bin/criu), else `criu` in PATH if it is >= 4.2 (criu_install.py says why older ones fail here).
+
+Why these options (each was needed on this kernel, see docs/checkpoint.md):
+- `--external mnt[]`: the VE's /dev/null, /dev/zero, ... are bind mounts of the host's device nodes; CRIU
+  dumps them as external mounts and binds the same host paths again at restore.
+- `--manage-cgroups=soft` + `--cgroup-root /vzpkg/<tag>-<id>`: vzctl creates the VE's cgroups with its limits
+  before restoring; CRIU puts the tasks there (a clone into its own) and leaves the limits alone.
+- `--network-lock nftables`: no iptables binaries needed; TCP peers see silence, not resets, while frozen.
+- `--empty-ns net` at restore + an action script at `setup-namespaces`: vzctl rebuilds eth0 from the config
+  (restoring a veth through CRIU fails inside a user namespace).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from vzpkg import process
+from vzpkg.errors import CriuUnavailableError, VEError
+
+PRIVATE_CRIU = Path("/opt/vzpkg/criu/bin/criu")
+MIN_VERSION = (4, 2)
+COMMON = ["--tcp-established", "--file-locks", "--link-remap", "--external", "mnt[]", "--manage-cgroups=soft"]
+# lines of CRIU's log that say "Error" but are harmless here (the machine's hard RLIMIT_NOFILE is low)
+_NOISE = ("RLIMIT_NOFILE",)
+
+
+def _configured() -> str | None:
+    env = os.environ.get("VZ_CRIU")
+    if env:
+        return env
+    try:
+        from vzpkg.config import DEFAULT_CONFIG_FILE, _read_config_file
+
+        path = Path(os.environ.get("VZPKG_CONFIG") or DEFAULT_CONFIG_FILE)
+        value = _read_config_file(path).get("criu")
+        return str(value) if value else None
+    except Exception:
+        return None
+
+
+def version_of(criu: str) -> tuple[int, ...] | None:
+    try:
+        out = process.run([criu, "--version"], capture=True, text=True, timeout=30, check=False, error=VEError).stdout
+    except VEError:
+        return None
+    for line in out.splitlines():
+        if line.startswith("Version:"):
+            try:
+                return tuple(int(x) for x in line.split()[1].split("."))
+            except ValueError:
+                return None
+    return None
+
+
+def find() -> str:
+    """The criu to run (see the module docstring); CriuUnavailableError naming what to do if there is none."""
+    configured = _configured()
+    candidates = [configured] if configured else [str(PRIVATE_CRIU), shutil.which("criu")]
+    tried = []
+    for c in candidates:
+        if not c:
+            continue
+        if not os.access(c, os.X_OK):
+            tried.append(f"{c} (missing)")
+            continue
+        v = version_of(c)
+        if v is not None and v >= MIN_VERSION:
+            return c
+        tried.append(f"{c} ({'.'.join(map(str, v)) if v else 'no version'})")
+    raise CriuUnavailableError(f"no CRIU >= {'.'.join(map(str, MIN_VERSION))} found (tried: {', '.join(tried) or 'none'}"
+                               "): run 'make criu' (CRIU from the Debian archive into /opt/vzpkg/criu), or set "
+                               "VZ_CRIU to one")
+
+
+def log_path(log_dir: Path, veid: str, action: str) -> Path:
+    log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return log_dir / f"{veid}-{action}-{stamp}-{os.getpid()}.log"
+
+
+def last_errors(log: Path, n: int = 3) -> str:
+    """CRIU's last N error lines (without the timestamp prefix), joined by ' | '."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log written"
+    errs = [ln for ln in lines if "Error" in ln and not any(x in ln for x in _NOISE)]
+    picked = errs[-n:] if errs else lines[-n:]
+    out = []
+    for ln in picked:
+        ln = ln.strip()
+        if ln.startswith("(") and ")" in ln:
+            ln = ln.split(")", 1)[1].strip()
+        out.append(ln)
+    return " | ".join(out) or "no error lines"
+
+
+# descriptors CRIU dumps (anon_inode names); anything else anonymous is named when a dump fails on a process
+_DUMPABLE_ANON = {"[eventfd]", "[eventpoll]", "[signalfd]", "inotify", "[fanotify]", "[timerfd]", "[userfaultfd]",
+                  "[pidfd]", "[memfd]"}
+
+
+def undumpable(pids: list[int]) -> str | None:
+    """What CRIU would fail on among PIDS (the VE's processes), checked before it touches them: a failed
+    parasite injection (io_uring descriptors, for one) can cost the process its life."""
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        odd = []
+        for fd in sorted(fds, key=int):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("anon_inode:") and target[11:] not in _DUMPABLE_ANON:
+                odd.append(f"fd {fd} {target}")
+        if odd:
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                nspid = [ln.split()[-1] for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                         if ln.startswith("NSpid:")][0]
+            except (OSError, IndexError):
+                comm, nspid = "?", "?"
+            return (f"process {nspid} in the VE (host pid {pid}, {comm}) holds {', '.join(odd)}, which CRIU cannot "
+                    "dump: stop that process and try again")
+    return None
+
+
+def explain_dump_failure(log: Path) -> str | None:
+    """Name what CRIU could not dump: the process its log blames (`(pid: N)`) and its descriptors CRIU does not
+    support (anon_inode:[io_uring], ...). CRIU's own words for some of these are only "send_fds failed"."""
+    import re
+
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    pids = re.findall(r"\(pid: (\d+)\)", text) + re.findall(r"Can't dump .*? (\d+)\b", text)
+    for pid in dict.fromkeys(pids):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        odd = []
+        for fd in sorted(fds, key=int):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("anon_inode:") and target[11:] not in _DUMPABLE_ANON:
+                odd.append(f"fd {fd} {target}")
+        if odd:
+            return f"process {pid} ({comm}) holds {', '.join(odd)}, which CRIU cannot dump: stop it and try again"
+    return None
+
+
+def run(criu: str, args: list[str], log: Path, *, timeout: float = 600) -> tuple[bool, float]:
+    """Run `criu ARGS -o LOG -v4`; (succeeded, seconds). stdout/stderr are appended to the log too."""
+    t0 = time.monotonic()
+    interrupted = None
+    with open(log.with_suffix(".out"), "wb") as out:
+        # a session of its own (Ctrl-C on the terminal does not reach it) and waited for even when vzctl is
+        # interrupted: CRIU stopped half-way would leave the VE frozen, its network locked, its memory half-dumped
+        # no parent-death signal either: a SIGKILLed vzctl leaves CRIU to finish (its post-dump step records
+        # the outcome)
+        with process.spawn([criu, *args, "-o", str(log), "-v4"], stdout=out, stderr=process.STDOUT,
+                           error=VEError, what="criu", pdeathsig=None) as proc:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                    break
+                except process.TimeoutExpired:
+                    proc.kill()
+                except KeyboardInterrupt as e:
+                    interrupted = e
+        ok = proc.returncode == 0
+    took = time.monotonic() - t0
+    try:  # one file per run: CRIU's own output (rarely anything) appended to its log
+        extra = log.with_suffix(".out").read_bytes()
+        if extra:
+            with open(log, "ab") as f:
+                f.write(b"\n--- criu stdout/stderr ---\n" + extra)
+        log.with_suffix(".out").unlink()
+    except OSError:
+        pass
+    if interrupted is not None:
+        raise interrupted
+    return ok, took
+
+
+def dump_args(pid: int, images: Path, *, leave_running: bool, action_script: Path | None) -> list[str]:
+    args = ["dump", "-t", str(pid), "-D", str(images), *COMMON, "--network-lock", "nftables"]
+    if leave_running:
+        args.append("--leave-running")
+    if action_script is not None:
+        args += ["--action-script", str(action_script)]
+    return args
+
+
+def cgroup_root_args(cgroup_root: str) -> list[str]:
+    """--cgroup-root for the hierarchies vzctl manages: on a v1 host one per controller hierarchy (a named one
+    such as name=systemd keeps the image's path, where vzctl never puts VEs and would not clean up); on a pure
+    v2 host the default root."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            hierarchies = [line.split(":")[1] for line in f if line.count(":") >= 2]
+    except OSError:
+        hierarchies = []
+    v1 = [h for h in hierarchies if h and not h.startswith("name=")]
+    if not v1:
+        return ["--cgroup-root", cgroup_root]
+    return [a for h in v1 for a in ("--cgroup-root", f"{h}:{cgroup_root}")]
+
+
+def restore_args(images: Path, root: Path, pidfile: Path, cgroup_root: str, action_script: Path) -> list[str]:
+    return ["restore", "-d", "-D", str(images), "--root", str(root), *COMMON, *cgroup_root_args(cgroup_root),
+            "--empty-ns", "net", "--action-script", str(action_script), "--pidfile", str(pidfile)]
