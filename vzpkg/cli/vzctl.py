@@ -13,7 +13,9 @@ SET_OPTIONS = {
     "ram": "RAM", "swap": "SWAP", "cpuunits": "CPUUNITS", "cpulimit": "CPULIMIT", "cpus": "CPUS",
     "numproc": "NUMPROC", "diskspace": "DISKSPACE", "diskinodes": "DISKINODES", "hostname": "HOSTNAME",
     "ipadd": "IP_ADDRESS", "nameserver": "NAMESERVER", "onboot": "ONBOOT", "init": "INIT",
+    "quotaugidlimit": "QUOTAUGIDLIMIT",
 }
+LAYOUTS = ("overlay", "copy", "image", "btrfs", "projquota", "auto")
 
 
 def parse_timeout(text: str) -> float:
@@ -62,7 +64,8 @@ def _timeout_type(text: str) -> float:
         raise argparse.ArgumentTypeError(e.message.split(": ", 1)[1]) from None
 
 
-COMMANDS = ("create", "start", "mount", "umount", "enter", "stop", "restart", "status", "exec", "set", "destroy")
+COMMANDS = ("create", "start", "mount", "umount", "enter", "stop", "restart", "status", "exec", "set", "destroy",
+            "storage")
 
 
 def _parser(only: str | None = None):
@@ -89,7 +92,10 @@ def _parser(only: str | None = None):
                    help="cache name, e.g. debian-12-x86_64, or a registry reference to pull (HOST/PATH/NAME:TAG)")
     c.add_argument("--hostname")
     c.add_argument("--config", help="sample config (basic, light, unlimited)")
-    c.add_argument("--layout", choices=("overlay", "copy"))
+    c.add_argument("--layout", choices=LAYOUTS, help="storage backend (default: the VZ root's, see docs/storage.md)")
+    c.add_argument("--diskspace", help="SOFT[:HARD] space limit (K/M/G/T)")
+    c.add_argument("--diskinodes", help="SOFT[:HARD] inode limit")
+    c.add_argument("--quotaugidlimit", help="user/group quotas inside the VE (needs kernel quota support)")
     c.add_argument("--privileged", action="store_true", help="no user namespace: UNSAFE, host root in the VE")
     c.add_argument("--cache-dir", help="where the caches are (default $VZPKG_CACHE_DIR or the config)")
     c.add_argument("--idmap", choices=("private", "shared"), default=None,
@@ -115,10 +121,14 @@ def _parser(only: str | None = None):
     s.add_argument("--fast", action="store_true")
     s.add_argument("--timeout", type=_timeout_type, default=10.0)
 
-    s = sub.add_parser("status", parents=[common], help="exist/deleted mounted/unmounted running/down")
+    s = sub.add_parser("status", parents=[common], help="exist/deleted mounted/unmounted running/down",
+                       add_help=False)
+    s.add_argument("--help", action="help", help="show this help message and exit")
     s.add_argument("veid")
     s.add_argument("--json", action="store_true")
     s.add_argument("--beancounters", action="store_true", help="resource counters (held, maxheld, limit, failcnt)")
+    s.add_argument("--quota", action="store_true", help="disk usage and limits (1K blocks, inodes)")
+    s.add_argument("-h", "--human", action="store_true", help="--quota in K/M/G/T")
 
     s = sub.add_parser("exec", parents=[common], help="run a command in a running VE")
     s.add_argument("veid")
@@ -129,6 +139,11 @@ def _parser(only: str | None = None):
     for opt in SET_OPTIONS:
         s.add_argument(f"--{opt}")
     s.add_argument("--save", action="store_true", help="also write them to the VE's config")
+
+    s = sub.add_parser("storage", parents=[common], help="the VZ root's storage: init --btrfs SIZE, show")
+    s.add_argument("action", choices=("init", "show"))
+    s.add_argument("--btrfs", metavar="SIZE", help="make a loop-backed btrfs pool of SIZE (once)")
+    s.add_argument("--default-layout", choices=LAYOUTS, help="the layout new VEs get (default auto)")
 
     s = sub.add_parser("destroy", parents=[common], help="remove a VE and its private area")
     s.add_argument("veid")
@@ -169,6 +184,66 @@ def _format_beancounters(bc: dict) -> str:
     return "\n".join(lines)
 
 
+def _format_quota(q: dict, *, human: bool) -> str:
+    """OpenVZ's vzquota stat columns: resource, usage, softlimit, hardlimit (1K blocks; -h: K/M/G/T)."""
+
+    def fmt(v, blocks: bool) -> str:
+        if v is None:
+            return "-"
+        if not human or not blocks:
+            return str(v)
+        n = float(v)
+        for unit in ("K", "M", "G", "T"):
+            if n < 1024 or unit == "T":
+                return f"{n:.1f}{unit}" if unit != "K" else f"{n:.0f}K"
+            n /= 1024
+        return str(v)
+
+    lines = [f"layout {q['layout']}", f"{'resource':<12} {'usage':>12} {'softlimit':>12} {'hardlimit':>12}"]
+    for res, blocks in (("1k-blocks", True), ("inodes", False)):
+        d = q["diskspace" if blocks else "diskinodes"]
+        soft = fmt(d["soft"], blocks) if d["soft"] is not None else "unlimited"
+        hard = fmt(d["hard"], blocks) if d["hard"] is not None else "unlimited"
+        if not d["enforced"] and d["hard"] is not None:
+            hard += " (not enforced)"
+        lines.append(f"{res:<12} {fmt(d['used'], blocks):>12} {soft:>12} {hard:>12}")
+    return "\n".join(lines)
+
+
+def _storage(layout, args) -> None:
+    """`vzctl storage init [--btrfs SIZE] [--default-layout L]`, `vzctl storage show`."""
+    from vzpkg.runtime import backends
+
+    if args.action == "init":
+        if args.btrfs is None and args.default_layout is None:
+            from vzpkg.errors import UsageError
+
+            raise UsageError("vzctl storage init: give --btrfs SIZE and/or --default-layout LAYOUT")
+        if args.btrfs is not None:
+            from vzpkg.errors import UsageError
+            from vzpkg.runtime.backends import btrfs
+            from vzpkg.runtime.conf import parse_size
+
+            try:
+                size = parse_size(args.btrfs)
+            except Exception:
+                size = None
+            if not size:
+                raise UsageError(f"--btrfs {args.btrfs!r}: a size with K/M/G/T, e.g. 20G")
+            pool, made = btrfs.init_pool(layout, size)
+            _say(args, f"btrfs pool {'made' if made else 'already'} at {pool}"
+                       + (f" (image {layout.root / btrfs.POOL_IMAGE})" if (layout.root / btrfs.POOL_IMAGE).exists()
+                          else " (the VZ root is on btrfs)"))
+        if args.default_layout is not None:
+            backends.write_storage_conf(layout, {"DEFAULT_LAYOUT": args.default_layout})
+            _say(args, f"new VEs in {layout.root} get layout {args.default_layout}")
+    else:
+        from vzpkg.runtime.backends import btrfs
+
+        print(f"default layout: {backends.default_layout(layout)}")
+        print(f"btrfs pool: {btrfs.pool_dir(layout) if btrfs.pool_available(layout) else 'none'}")
+
+
 def _command_of(argv: list[str]) -> str | None:
     i = 0
     while i < len(argv):
@@ -192,17 +267,21 @@ class _Args:
 
 # command -> {option: (attribute, takes a value)} for the argparse-free fast path
 _FAST = {
-    "start": {}, "mount": {}, "umount": {}, "status": {"--json": ("json", False), "--beancounters": ("beancounters", False)},
+    "start": {}, "mount": {}, "umount": {}, "status": {"--json": ("json", False), "--beancounters": ("beancounters", False),
+               "--quota": ("quota", False), "-h": ("human", False), "--human": ("human", False)},
     "stop": {"--fast": ("fast", False), "--timeout": ("timeout", True)},
     "restart": {"--fast": ("fast", False), "--timeout": ("timeout", True)},
     "destroy": {"--force": ("force", False)},
     "create": {"--ostemplate": ("ostemplate", True), "--hostname": ("hostname", True), "--config": ("config", True),
+               "--diskspace": ("diskspace", True), "--diskinodes": ("diskinodes", True),
+               "--quotaugidlimit": ("quotaugidlimit", True),
                "--layout": ("layout", True), "--privileged": ("privileged", False), "--cache-dir": ("cache_dir", True),
                "--id-shift": ("id_shift", True), "--idmap": ("idmap", True)},
 }
 _FAST_DEFAULTS = {"quiet": False, "fast": False, "timeout": 10.0, "json": False, "beancounters": False, "force": False,
                   "ostemplate": None, "hostname": None, "config": None, "layout": None, "privileged": False,
-                  "cache_dir": None, "id_shift": None, "idmap": None}
+                  "cache_dir": None, "id_shift": None, "idmap": None, "quota": False, "human": False,
+                  "diskspace": None, "diskinodes": None, "quotaugidlimit": None}
 
 
 def _fast_parse(argv: list[str]) -> _Args | None:
@@ -244,7 +323,7 @@ def _fast_parse(argv: list[str]) -> _Args | None:
     if pos[0] == "exec" and (not kw.get("cmd") or kw["cmd"][0] in ("-h", "--help")):
         return None
     if pos[0] == "create":
-        if kw["ostemplate"] is None or (kw["layout"] not in (None, "overlay", "copy")) or (
+        if kw["ostemplate"] is None or (kw["layout"] not in (None, *LAYOUTS)) or (
                 kw["idmap"] not in (None, "private", "shared")):
             return None
         if kw["id_shift"] is not None:
@@ -273,7 +352,8 @@ def run(argv: list[str]) -> int:
             args.ostemplate = pull_for_create(args.ostemplate, cache_dir)
         ve.create(layout, args.veid, args.ostemplate, cache_dir=cache_dir, hostname=args.hostname,
                   sample=args.config, layout_kind=args.layout, privileged=args.privileged,
-                  id_shift=args.id_shift, idmap=args.idmap)
+                  id_shift=args.id_shift, idmap=args.idmap, diskspace=args.diskspace, diskinodes=args.diskinodes,
+                  quotaugidlimit=args.quotaugidlimit)
         if args.privileged:
             print("vzctl: WARNING: a --privileged VE runs as host root without a user namespace; on a stock "
                   "kernel its root can take the host over. Use it only for trusted workloads.", file=sys.stderr)
@@ -289,7 +369,7 @@ def run(argv: list[str]) -> int:
         pid = ve.start(layout, args.veid)
         _say(args, f"VE {args.veid} restarted (init pid {pid})")
     elif cmd == "status":
-        st = ve.status(layout, args.veid, beancounters=args.beancounters)
+        st = ve.status(layout, args.veid, beancounters=args.beancounters, quota=args.quota)
         if args.json:
             import json
 
@@ -298,6 +378,8 @@ def run(argv: list[str]) -> int:
             print(ve.status_line(st))
             if args.beancounters:
                 print(_format_beancounters(st.get("beancounters") or {}))
+            if args.quota and st.get("quota"):
+                print(_format_quota(st["quota"], human=args.human))
     elif cmd == "exec":
         cmd_argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd_argv:
@@ -327,6 +409,8 @@ def run(argv: list[str]) -> int:
             done += f"; {', '.join(later)} take{'s' if len(later) == 1 else ''} effect at the next start"
         _say(args, f"VE {args.veid}: {done}")
         _note_host_cpus(changes)
+    elif cmd == "storage":
+        _storage(layout, args)
     elif cmd == "destroy":
         ve.destroy(layout, args.veid, force=args.force)
         _say(args, f"VE {args.veid} destroyed")

@@ -185,6 +185,9 @@ def recover_files(layout: Layout, veid: str, intent: str) -> list[tuple[Path, in
         layout.conf(veid).unlink()
         conf_missing = True
         removed.append((layout.conf(veid), 0))
+    from .backends import recover_all
+
+    removed += recover_all(layout, veid, gone=op in ("create", "destroy") and conf_missing)
     if op in ("create", "destroy") and conf_missing:
         from . import storage
 

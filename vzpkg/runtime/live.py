@@ -43,7 +43,9 @@ def set_params(layout: Layout, veid: str, changes: dict[str, str], *, save: bool
         for key, value in changes.items():
             conf.set(key, value)
         rec = running_init(layout, veid)
-        later = [k for k in changes if rec is None or k not in LIVE]
+        from .backends import apply_disk_limits  # storage: disk limits resized now (grow live, shrink offline)
+        now = apply_disk_limits(layout, veid, conf, changes, running=rec is not None, save=save, lock=lock)
+        later = [k for k in changes if rec is None or k not in LIVE | now]
         if later and not save:
             if rec is None:
                 raise UsageError(f"VE {veid} is not running and --save was not given: nothing would change; add "

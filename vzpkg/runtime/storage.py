@@ -225,11 +225,15 @@ def _die_with_parent() -> None:
 
 
 def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, id_shift: int, *,
-                   idmapped: bool = False) -> Path:
+                   idmapped: bool = False, backend=None, limits=None) -> Path:
     """Build private/<id> under a temporary name and rename it into place. Returns the private dir.
 
-    IDMAPPED: TEMPLATE is owned by DEFAULT_ID_SHIFT.. and the VE's range is ID_SHIFT.. (a copy is made through
-    an idmapped mount, so it is owned by the VE's range with setuid bits and file capabilities intact)."""
+    BACKEND (backends.Backend; default: the one named LAYOUT_KIND) fills the temporary area. IDMAPPED: TEMPLATE
+    is owned by DEFAULT_ID_SHIFT.. and the VE's range is ID_SHIFT.. (a copy is made through an idmapped mount,
+    so it is owned by the VE's range with setuid bits and file capabilities intact)."""
+    from .backends import Limits, get
+
+    backend = backend or get(layout_kind)
     final = layout.private(veid)
     if final.exists():
         raise VEError(f"private area {final} already exists: destroy VE {veid} first or remove it by hand")
@@ -237,38 +241,44 @@ def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, 
     tmp = layout.private_dir / f"{TMP_PREFIX}{veid}-{os.getpid()}"
     try:
         tmp.mkdir(mode=0o700)
-        if layout_kind == "overlay":
-            upper = tmp / "upper"
-            upper.mkdir(mode=0o755)
-            os.chown(upper, id_shift, id_shift)
-            (tmp / "work").mkdir(mode=0o700)
-        elif layout_kind == "copy":
-            import subprocess
-
-            source = template
-            if idmapped:
-                source = tmp / LOWER
-                source.mkdir(mode=0o700)
-                attach_idmapped(template, source, id_shift)
-            try:
-                # dies with vzctl: a killed create must not leave a cp filling the temporary area
-                proc = subprocess.run(["cp", "-a", "--reflink=auto", str(source), str(tmp / "root")],
-                                      capture_output=True, text=True, preexec_fn=_die_with_parent)
-            finally:
-                if idmapped:
-                    detach(source)
-                    source.rmdir()
-            if proc.returncode != 0:
-                raise VEError(f"copying {template} for VE {veid} failed: {proc.stderr.strip()}")
-        else:
-            raise VEError(f"unknown layout {layout_kind!r}: use overlay or copy")
+        backend.prepare(layout, veid, tmp, template, id_shift, idmapped=idmapped, limits=limits or Limits())
         os.rename(tmp, final)
     except BaseException:
-        import shutil
+        from .leftovers import remove_tree
 
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)  # (unmounts and detaches what a backend attached there first)
         raise
     return final
+
+
+def fill_private(tmp: Path, veid: str, template: Path, layout_kind: str, id_shift: int, *,
+                 idmapped: bool = False) -> None:
+    """The overlay layout's upper/ + work/, or the copy layout's root/, in TMP."""
+    if layout_kind == "overlay":
+        upper = tmp / "upper"
+        upper.mkdir(mode=0o755)
+        os.chown(upper, id_shift, id_shift)
+        (tmp / "work").mkdir(mode=0o700)
+    elif layout_kind == "copy":
+        import subprocess
+
+        source = template
+        if idmapped:
+            source = tmp / LOWER
+            source.mkdir(mode=0o700)
+            attach_idmapped(template, source, id_shift)
+        try:
+            # dies with vzctl: a killed create must not leave a cp filling the temporary area
+            proc = subprocess.run(["cp", "-a", "--reflink=auto", str(source), str(tmp / "root")],
+                                  capture_output=True, text=True, preexec_fn=_die_with_parent)
+        finally:
+            if idmapped:
+                detach(source)
+                source.rmdir()
+        if proc.returncode != 0:
+            raise VEError(f"copying {template} for VE {veid} failed: {proc.stderr.strip()}")
+    else:
+        raise VEError(f"unknown layout {layout_kind!r}: use overlay or copy")
 
 
 def _mountinfo_escape(path: Path) -> bytes:
@@ -287,10 +297,11 @@ def is_mounted(path: Path) -> bool:
     return False
 
 
-def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str, idmap_shift: int | None = None
-               ) -> Path:
+def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str, idmap_shift: int | None = None,
+               layers: Path | None = None) -> Path:
     """Mount root/<id>. IDMAP_SHIFT (overlay layout): the lower layer is TEMPLATE seen through an idmapped
-    mount with its ids DEFAULT_ID_SHIFT.. shown as IDMAP_SHIFT.."""
+    mount with its ids DEFAULT_ID_SHIFT.. shown as IDMAP_SHIFT... LAYERS: where upper/ and work/ are (default
+    the private area; the image backend's mounted image)."""
     target = layout.ve_root(veid)
     if os.path.islink(target):
         # mount(2) follows it: the VE's root would be mounted over whatever host directory it names, and stop
@@ -314,7 +325,8 @@ def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str, idma
             lower.mkdir(mode=0o700, exist_ok=True)
             attach_idmapped(template, lower, idmap_shift)
         try:
-            opts = f"lowerdir={lower},upperdir={private / 'upper'},workdir={private / 'work'},xino=off"
+            layers = layers or private
+            opts = f"lowerdir={lower},upperdir={layers / 'upper'},workdir={layers / 'work'},xino=off"
             ns.mount("overlay", target, "overlay", 0, opts)
         finally:
             if idmap_shift is not None:
@@ -358,11 +370,16 @@ def remove_private(layout: Layout, veid: str) -> None:
 
 def disk_usage(path: Path) -> int:
     """Bytes allocated below PATH (st_blocks), without following mounts or symlinks."""
-    total = 0
+    return disk_usage_counts(path)[0]
+
+
+def disk_usage_counts(path: Path) -> tuple[int, int]:
+    """(bytes allocated, inodes) below PATH, without following mounts or symlinks."""
+    total = inodes = 0
     try:
         dev = os.lstat(path).st_dev
     except FileNotFoundError:
-        return 0
+        return 0, 0
     stack = [os.fsencode(path)]
     seen: set[tuple[int, int]] = set()
     while stack:
@@ -385,6 +402,7 @@ def disk_usage(path: Path) -> int:
                         continue
                     seen.add(key)
                 total += st.st_blocks * 512
+                inodes += 1
                 if e.is_dir(follow_symlinks=False):
                     stack.append(e.path)
-    return total
+    return total, inodes
