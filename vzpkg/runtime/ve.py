@@ -174,6 +174,9 @@ def create(
 
         limits = backends.Limits.of(conf)
         kind = backends.choose(layout, layout_kind or conf.get("LAYOUT"), limits)
+        if kind == "btrfs" and diskinodes is None and limits.inodes_hard is not None:
+            conf.set("DISKINODES", "unlimited")  # the sample's inode limit: btrfs has none (an explicit one is refused)
+            limits = backends.Limits.of(conf)
         backend = backends.get(kind)
         backend.check(layout, limits)  # what this host cannot do is refused before anything is made
         if conf.get("QUOTAUGIDLIMIT") not in (None, "", "0"):

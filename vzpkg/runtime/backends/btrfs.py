@@ -166,7 +166,8 @@ def _delete_subvolume(path: Path) -> bool:
         return True
     _run(["btrfs", "property", "set", "-ts", str(path), "ro", "false"], f"making {path} writable", check=False)
     _run(["btrfs", "subvolume", "delete", "-c", str(path)], f"deleting the subvolume {path}")
-    # kernels since 6.x drop the qgroup with the subvolume; older ones leave it: remove it (an error is fine)
+    # the qgroup can go once the subvolume is cleaned up (recent kernels drop it themselves; an error is fine)
+    subprocess.run(["btrfs", "subvolume", "sync", str(path.parent), str(sid)], capture_output=True)
     subprocess.run(["btrfs", "qgroup", "destroy", f"0/{sid}", str(path.parent)], capture_output=True)
     return True
 

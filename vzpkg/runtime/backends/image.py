@@ -390,10 +390,17 @@ def grow_offline(private: Path, size: int) -> None:
 
 
 def undo_interrupted(private: Path) -> list[tuple[Path, int]]:
+    """A grow cut off half-way: replay its undo file; if it was cut off before the undo file had a header (so
+    nothing, or nothing e2undo can name, was written), let e2fsck repair what resize2fs began."""
     undo = private / UNDO
     if not undo.exists():
         return []
-    _run(["e2undo", str(undo), str(private / IMAGE)], f"rolling back an interrupted resize of {private / IMAGE}")
+    image = private / IMAGE
+    if subprocess.run(["e2undo", str(undo), str(image)], capture_output=True).returncode != 0:
+        fsck = subprocess.run(["e2fsck", "-f", "-y", str(image)], capture_output=True, text=True)
+        if fsck.returncode >= 4:
+            raise StorageError(f"the image {image} was damaged by an interrupted resize and e2fsck cannot repair "
+                               f"it (exit {fsck.returncode}): check it with 'e2fsck -f {image}'")
     undo.unlink()
     return [(undo, 0)]
 
