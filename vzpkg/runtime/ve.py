@@ -173,7 +173,9 @@ def create(
         from . import backends
 
         limits = backends.Limits.of(conf)
-        kind = backends.choose(layout, layout_kind or conf.get("LAYOUT"), limits)
+        # --layout, else the sample's LAYOUT unless it is auto (no preference), else the VZ root's DEFAULT_LAYOUT
+        sample_kind = conf.get("LAYOUT") if conf.get("LAYOUT") != backends.AUTO else None
+        kind = backends.choose(layout, layout_kind or sample_kind, limits)
         if kind == "btrfs" and diskinodes is None and limits.inodes_hard is not None:
             conf.set("DISKINODES", "unlimited")  # the sample's inode limit: btrfs has none (an explicit one is refused)
             limits = backends.Limits.of(conf)
