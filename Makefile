@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 export VZPKG_CACHE_DIR ?= $(CURDIR)/cache
 DEMO_TEMPLATE ?= debian-12-x86_64
 
-APT_PACKAGES := debootstrap mmdebstrap zstd tar gnupg gpgv debian-archive-keyring arch-test \
+APT_PACKAGES := debootstrap mmdebstrap btrfs-progs e2fsprogs zstd tar gnupg gpgv debian-archive-keyring arch-test \
 	uidmap iproute2 apt-utils python3-venv util-linux procps psmisc \
 	dnf rpm python3-rpm createrepo-c busybox-static gcc libc6-dev strace \
 	docker-registry skopeo umoci openssl

@@ -181,6 +181,38 @@ class VECommandError(VEError):
         self.result = result
 
 
+class StorageError(VEError):
+    """A VE's storage backend failed (image, btrfs pool, loop mount, resize)."""
+
+    exit_code = 50
+
+
+class LoopDevicesExhaustedError(StorageError):
+    """No free loop device for a VE's image (the kernel's loop devices are all in use)."""
+
+    exit_code = 51
+
+
+class DiskLimitError(StorageError):
+    """A disk limit cannot be applied: a shrink below what is used, an inode limit btrfs cannot enforce, an
+    inode count an ext4 image cannot change."""
+
+    exit_code = 52
+
+
+class StorageUnsupportedError(StorageError):
+    """The storage backend or quota level needs kernel or host support this machine lacks (named in the message)."""
+
+    exit_code = 53
+
+
+class StoragePoolError(StorageError):
+    """The btrfs backend was asked for where no btrfs pool exists (the VZ root is not on btrfs and
+    `vzctl storage init --btrfs SIZE` was not run), or the pool cannot be mounted."""
+
+    exit_code = 54
+
+
 class CheckpointError(VEError):
     """vzctl chkpnt: CRIU could not dump the VE (its last error lines and the log's path are in the message); the
     VE keeps running."""

@@ -202,7 +202,7 @@ def test_valid_values(key: str, value: str) -> None:
         ("HOSTNAME", "-bad-.org", "host name"),
         ("ONBOOT", "true", "yes or no"),
         ("INIT", "systemd", "minimal or distro"),
-        ("LAYOUT", "ploop", "overlay or copy"),
+        ("LAYOUT", "ploop", "overlay, copy, image, btrfs, projquota or auto"),
         ("ID_SHIFT", "-5", "integer"),
         ("TEMPLATE_SHA256", "abc", "hex"),
         ("NAME", "101", "not all digits"),

@@ -16,8 +16,9 @@ SET_OPTIONS = {
     "ram": "RAM", "swap": "SWAP", "cpuunits": "CPUUNITS", "cpulimit": "CPULIMIT", "cpus": "CPUS",
     "numproc": "NUMPROC", "diskspace": "DISKSPACE", "diskinodes": "DISKINODES", "hostname": "HOSTNAME",
     "ipadd": "IP_ADDRESS", "ipdel": "IPDEL", "nameserver": "NAMESERVER", "searchdomain": "SEARCHDOMAIN",
-    "onboot": "ONBOOT", "init": "INIT",
+    "onboot": "ONBOOT", "init": "INIT", "quotaugidlimit": "QUOTAUGIDLIMIT",
 }
+LAYOUTS = ("overlay", "copy", "image", "btrfs", "projquota", "auto")
 
 SUPPRESS = "==SUPPRESS=="  # argparse.SUPPRESS (not imported for it): the attribute is absent unless given
 
@@ -26,7 +27,8 @@ SUPPRESS = "==SUPPRESS=="  # argparse.SUPPRESS (not imported for it): the attrib
 # "type": a key of _TYPES, "choices", "default", "required", "help"} as in argparse's add_argument; the attribute
 # is the long flag without "--", "-" -> "_". A command: {"help", "opts", "rest": the attribute that takes every
 # argument after the VEID (argparse.REMAINDER), "args": names of positionals after the VEID, "aliases": other names
-# of the command}; each command's first positional is the VEID.
+# of the command, "veid": False for a command without the VEID (storage), "add_help": False where -h is an option
+# (status -h: human units; --help stays)}; a command's first positional is the VEID.
 
 # before the command and after it
 COMMON = {
@@ -41,7 +43,10 @@ TABLE: dict[str, dict] = {
                                                    "pull (HOST/PATH/NAME:TAG)"},
         "--hostname": {},
         "--config": {"help": "sample config (basic, light, unlimited)"},
-        "--layout": {"choices": ("overlay", "copy")},
+        "--layout": {"choices": LAYOUTS, "help": "storage backend (default: the VZ root's, see docs/storage.md)"},
+        "--diskspace": {"help": "SOFT[:HARD] space limit (K/M/G/T)"},
+        "--diskinodes": {"help": "SOFT[:HARD] inode limit"},
+        "--quotaugidlimit": {"help": "user/group quotas inside the VE (needs kernel quota support)"},
         "--privileged": {"flag": True, "help": "no user namespace: UNSAFE, host root in the VE"},
         "--cache-dir": {"help": "where the caches are (default $VZPKG_CACHE_DIR or the config)"},
         "--idmap": {"choices": ("private", "shared"),
@@ -64,14 +69,21 @@ TABLE: dict[str, dict] = {
         "--fast": {"flag": True},
         "--timeout": {"type": "timeout", "default": 10.0},
     }},
-    "status": {"help": "exist/deleted mounted/unmounted running/down", "opts": {
+    "status": {"help": "exist/deleted mounted/unmounted running/down", "add_help": False, "opts": {
         "--json": {"flag": True},
         "--beancounters": {"flag": True, "help": "resource counters (held, maxheld, limit, failcnt)"},
+        "--quota": {"flag": True, "help": "disk usage and limits (1K blocks, inodes)"},
+        "--human": {"aliases": ("-h",), "flag": True, "help": "--quota in K/M/G/T"},
     }},
     "exec": {"help": "run a command in a running VE", "rest": "cmd"},
     "set": {"help": "change a VE's parameters (running VEs at once)", "opts": {
         **{f"--{name}": {} for name in SET_OPTIONS},
         "--save": {"flag": True, "help": "also write them to the VE's config"},
+    }},
+    "storage": {"help": "the VZ root's storage: init --btrfs SIZE, show", "veid": False, "args": ("action",),
+                "opts": {
+        "--btrfs": {"help": "make a loop-backed btrfs pool of SIZE (once)"},
+        "--default-layout": {"choices": LAYOUTS, "help": "the layout new VEs get (default auto)"},
     }},
     "destroy": {"help": "remove a VE and its private area", "opts": {
         "--force": {"flag": True, "help": "stop it first if running"},
@@ -182,8 +194,11 @@ def _parser(only: str | None = None):
     for name, cmd in TABLE.items():
         if only is not None and name != only:
             continue
-        s = sub.add_parser(name, parents=[common], help=cmd["help"])
-        s.add_argument("veid")
+        s = sub.add_parser(name, parents=[common], help=cmd["help"], add_help=cmd.get("add_help", True))
+        if not cmd.get("add_help", True):
+            s.add_argument("--help", action="help", help="show this help message and exit")
+        if cmd.get("veid", True):
+            s.add_argument("veid")
         for extra in cmd.get("args", ()):
             s.add_argument(extra)
         if "rest" in cmd:
@@ -224,6 +239,70 @@ def _format_beancounters(bc: dict) -> str:
     if cpu:
         lines.append(f"cpu usage_ns={cpu.get('usage_ns')} nr_throttled={cpu.get('nr_throttled')}")
     return "\n".join(lines)
+
+
+def _format_quota(q: dict, *, human: bool) -> str:
+    """OpenVZ's vzquota stat columns: resource, usage, softlimit, hardlimit (1K blocks; -h: K/M/G/T)."""
+
+    def fmt(v, blocks: bool) -> str:
+        if v is None:
+            return "-"
+        if not human or not blocks:
+            return str(v)
+        n = float(v)
+        for unit in ("K", "M", "G", "T"):
+            if n < 1024 or unit == "T":
+                return f"{n:.1f}{unit}" if unit != "K" else f"{n:.0f}K"
+            n /= 1024
+        return str(v)
+
+    lines = [f"layout {q['layout']}", f"{'resource':<12} {'usage':>12} {'softlimit':>12} {'hardlimit':>12}"]
+    for res, blocks in (("1k-blocks", True), ("inodes", False)):
+        d = q["diskspace" if blocks else "diskinodes"]
+        soft = fmt(d["soft"], blocks) if d["soft"] is not None else "unlimited"
+        hard = fmt(d["hard"], blocks) if d["hard"] is not None else "unlimited"
+        if not d["enforced"] and d["hard"] is not None:
+            hard += " (not enforced)"
+        lines.append(f"{res:<12} {fmt(d['used'], blocks):>12} {soft:>12} {hard:>12}")
+    return "\n".join(lines)
+
+
+def _storage(layout, args) -> None:
+    """`vzctl storage init [--btrfs SIZE] [--default-layout L]`, `vzctl storage show`."""
+    from vzpkg.runtime import backends
+
+    if args.action not in ("init", "show"):
+        from vzpkg.errors import UsageError
+
+        raise UsageError(f"vzctl storage {args.action}: unknown action; use init or show")
+    if args.action == "init":
+        if args.btrfs is None and args.default_layout is None:
+            from vzpkg.errors import UsageError
+
+            raise UsageError("vzctl storage init: give --btrfs SIZE and/or --default-layout LAYOUT")
+        if args.btrfs is not None:
+            from vzpkg.errors import UsageError
+            from vzpkg.runtime.backends import btrfs
+            from vzpkg.runtime.conf import parse_size
+
+            try:
+                size = parse_size(args.btrfs)
+            except Exception:
+                size = None
+            if not size:
+                raise UsageError(f"--btrfs {args.btrfs!r}: a size with K/M/G/T, e.g. 20G")
+            pool, made = btrfs.init_pool(layout, size)
+            _say(args, f"btrfs pool {'made' if made else 'already'} at {pool}"
+                       + (f" (image {layout.root / btrfs.POOL_IMAGE})" if (layout.root / btrfs.POOL_IMAGE).exists()
+                          else " (the VZ root is on btrfs)"))
+        if args.default_layout is not None:
+            backends.write_storage_conf(layout, {"DEFAULT_LAYOUT": args.default_layout})
+            _say(args, f"new VEs in {layout.root} get layout {args.default_layout}")
+    else:
+        from vzpkg.runtime.backends import btrfs
+
+        print(f"default layout: {backends.default_layout(layout)}")
+        print(f"btrfs pool: {btrfs.pool_dir(layout) if btrfs.pool_available(layout) else 'none'}")
 
 
 def _command_of(argv: list[str]) -> str | None:
@@ -268,12 +347,12 @@ def _fast_parse(argv: list[str]) -> _Args | None:
     name: str | None = None
     cmd: dict = {}
     flags = _by_flag(COMMON)
-    veid: str | None = None
-    extra: list[str] = []
+    names: tuple[str, ...] = ()
+    pos: list[str] = []
     i = 0
     while i < len(argv):
         a = argv[i]
-        if veid is not None and "rest" in cmd:
+        if pos and len(pos) == len(names) and "rest" in cmd:
             rest = argv[i:]
             kw[cmd["rest"]] = rest[1:] if rest[:1] == ["--"] else rest  # as argparse: a first '--' is dropped
             break
@@ -306,22 +385,21 @@ def _fast_parse(argv: list[str]) -> _Args | None:
             if a not in TABLE:
                 return None
             name, cmd = a, TABLE[a]
+            names = (("veid",) if cmd.get("veid", True) else ()) + tuple(cmd.get("args", ()))
             opts = cmd.get("opts", {})
             flags = {**flags, **_by_flag(opts)}
             kw.update((dest(flag), default(spec)) for flag, spec in opts.items())
-        elif veid is None:
-            veid = a
-        elif len(extra) < len(cmd.get("args", ())):
-            extra.append(a)
+        elif len(pos) < len(names):
+            pos.append(a)
         else:
             return None
         i += 1
-    if veid is None or len(extra) != len(cmd.get("args", ())) or any(spec.get("required") and flag not in given for flag, spec in cmd.get("opts", {}).items()):
+    if name is None or len(pos) != len(names) or any(spec.get("required") and flag not in given for flag, spec in cmd.get("opts", {}).items()):
         return None
     if "rest" in cmd:
         kw.setdefault(cmd["rest"], [])
-    kw.update(zip(cmd.get("args", ()), extra, strict=True))
-    return _Args(command=name, veid=veid, **kw)
+    kw.update(zip(names, pos, strict=True))
+    return _Args(command=name, **kw)
 
 
 def _glued(argv: list[str]) -> list[str]:
@@ -432,7 +510,8 @@ def run(argv: list[str]) -> int:
             args.ostemplate = pull_for_create(args.ostemplate, cache_dir)
         ve.create(layout, args.veid, args.ostemplate, cache_dir=cache_dir, hostname=args.hostname,
                   sample=args.config, layout_kind=args.layout, privileged=args.privileged,
-                  id_shift=args.id_shift, idmap=args.idmap)
+                  id_shift=args.id_shift, idmap=args.idmap, diskspace=args.diskspace, diskinodes=args.diskinodes,
+                  quotaugidlimit=args.quotaugidlimit)
         if args.privileged:
             print("vzctl: WARNING: a --privileged VE runs as host root without a user namespace; on a stock "
                   "kernel its root can take the host over. Use it only for trusted workloads.", file=sys.stderr)
@@ -448,7 +527,7 @@ def run(argv: list[str]) -> int:
         pid = ve.start(layout, args.veid)
         _say(args, f"VE {args.veid} restarted (init pid {pid})")
     elif cmd == "status":
-        st = ve.status(layout, args.veid, beancounters=args.beancounters)
+        st = ve.status(layout, args.veid, beancounters=args.beancounters, quota=args.quota)
         if args.json:
             import json
 
@@ -457,6 +536,8 @@ def run(argv: list[str]) -> int:
             print(ve.status_line(st))
             if args.beancounters:
                 print(_format_beancounters(st.get("beancounters") or {}))
+            if args.quota and st.get("quota"):
+                print(_format_quota(st["quota"], human=args.human))
     elif cmd == "exec":
         cmd_argv = args.cmd  # a '--' after the VEID is gone already (both parsers drop it)
         if not cmd_argv:
@@ -486,6 +567,8 @@ def run(argv: list[str]) -> int:
             done += f"; {', '.join(later)} take{'s' if len(later) == 1 else ''} effect at the next start"
         _say(args, f"VE {args.veid}: {done}")
         _note_host_cpus(changes)
+    elif cmd == "storage":
+        _storage(layout, args)
     elif cmd == "destroy":
         ve.destroy(layout, args.veid, force=args.force)
         _say(args, f"VE {args.veid} destroyed")

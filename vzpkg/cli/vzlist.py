@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-FIELDS = ("veid", "status", "hostname", "ip", "numproc", "memory", "disk", "ostemplate", "layout", "init_pid")
+FIELDS = ("veid", "status", "hostname", "ip", "numproc", "memory", "disk", "ostemplate", "layout", "init_pid",
+          "diskspace", "diskinodes")
 DEFAULT_FIELDS = ("veid", "numproc", "status", "ip", "hostname")
 HEADERS = {"veid": "VEID", "status": "STATUS", "hostname": "HOSTNAME", "ip": "IP_ADDR", "numproc": "NPROC",
            "memory": "MEMORY", "disk": "DISK", "ostemplate": "OSTEMPLATE", "layout": "LAYOUT",
-           "init_pid": "INIT_PID"}
-NUMERIC = {"numproc", "memory", "disk", "init_pid"}
+           "init_pid": "INIT_PID", "diskspace": "DISKSPACE", "diskinodes": "DISKINODES"}
+NUMERIC = {"numproc", "memory", "disk", "init_pid", "diskspace", "diskinodes"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +49,8 @@ def run(argv: list[str]) -> int:
         raise UsageError(f"unknown field {bad[0]!r}; known: {', '.join(FIELDS)}")
     layout = Layout.at(args.root)
     want_disk = "disk" in fields or args.json
-    rows = listing.list_ves(layout, args.veids or None, disk=want_disk)
+    want_quota = "diskspace" in fields or "diskinodes" in fields or args.json
+    rows = listing.list_ves(layout, args.veids or None, disk=want_disk, quota=want_quota)
     if args.stopped:
         rows = [r for r in rows if r["status"] != "running"]
     elif not args.all and not args.veids:

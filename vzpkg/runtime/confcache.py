@@ -136,7 +136,7 @@ def _idmap_shift(conf) -> int | None:
     """The VE's private range when its root is mounted through an idmapped template (overlay layout), else None.
     A config without IDMAP (made before it existed) is shared: its template was unpacked at its ID_SHIFT."""
     privileged, id_shift, kind, _ = _conf_params(conf)
-    if privileged or conf.get("IDMAP") != "private" or kind != "overlay":
+    if privileged or conf.get("IDMAP") != "private" or kind not in ("overlay", "image", "btrfs", "projquota"):
         return None
     return id_shift
 

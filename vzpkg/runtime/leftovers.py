@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 
 from .layout import Layout, valid_veid
+from .state import pid_alive  # noqa: F401  (re-exported)
+from .storage import kill_writers, remove_tree  # noqa: F401  (re-exported)
 
 TMP_PREFIX = ".tmp-"
 
@@ -45,16 +47,6 @@ def clear_intent(fd: int) -> None:
     os.ftruncate(fd, 0)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _tmp_pid(name: str) -> int | None:
     """The pid at the end of a temporary name (.tmp-...-<pid>, .<file>.<pid>), or None."""
     for sep in ("-", "."):
@@ -64,85 +56,10 @@ def _tmp_pid(name: str) -> int | None:
     return None
 
 
-def kill_writers(path: Path, timeout: float = 5.0) -> None:
-    """SIGKILL every process whose cwd, root, an open file or an argument lies under PATH; wait until they are gone.
-
-    A killed vzctl's children live on: the `cp -a` of a copy-layout create keeps filling its temporary
-    directory, and would refill what we remove."""
-    import signal
-    import time
-
-    prefix = os.fsencode(path)
-    me = os.getpid()
-    victims = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        links = [f"/proc/{name}/cwd", f"/proc/{name}/root"]
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-            links += [f"/proc/{name}/fd/{fd}" for fd in os.listdir(f"/proc/{name}/fd")]
-        except OSError:
-            continue
-        if any(a == prefix or a.startswith(prefix + b"/") for a in args):  # cp -a TEMPLATE PATH/root
-            victims.append(int(name))
-            continue
-        for link in links:
-            try:
-                target = os.readlink(os.fsencode(link))
-            except OSError:
-                continue
-            if target == prefix or target.startswith(prefix + b"/"):
-                victims.append(int(name))
-                break
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while victims and time.monotonic() < deadline:
-        victims = [p for p in victims if _running(p)]
-        time.sleep(0.01)
 
 
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except OSError:
-        return False
 
 
-def remove_tree(path: Path) -> int:
-    """Remove PATH (a directory tree or a file) without following symlinks or crossing mounts; return bytes freed.
-    Processes still working in it (children of a killed vzctl) are killed first."""
-    from .storage import disk_usage
-
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0
-    if os.path.isdir(path) and not os.path.islink(path):
-        kill_writers(path)
-        from .storage import detach_below
-
-        detach_below(path)  # e.g. the template a killed copy-layout create had attached at .tmp-<id>-*/lower
-    if not os.path.isdir(path) or os.path.islink(path):
-        os.unlink(path)
-        return st.st_blocks * 512
-    size = disk_usage(path)
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-    if os.path.lexists(path):
-        # overlay work dirs can hold a d--------- 'work' dir that rmtree cannot enter
-        from .. import process
-        from ..errors import VEError
-
-        process.run(["rm", "-rf", "--one-file-system", str(path)], capture=True, check=False, error=VEError)
-    return size
 
 
 def _is_conf_tmp(name: str, veid: str) -> bool:
@@ -188,6 +105,9 @@ def recover_files(layout: Layout, veid: str, intent: str) -> list[tuple[Path, in
         layout.conf(veid).unlink()
         conf_missing = True
         removed.append((layout.conf(veid), 0))
+    from .backends import recover_all
+
+    removed += recover_all(layout, veid, gone=op in ("create", "destroy") and conf_missing)
     if op in ("create", "destroy") and conf_missing:
         from . import storage
 

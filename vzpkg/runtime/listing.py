@@ -10,9 +10,11 @@ from .state import cgroup_driver as _cgroups
 from .state import live_init as running_init
 
 
-def list_ves(layout: Layout, veids: list[str] | None = None, *, disk: bool = True) -> list[dict]:
+def list_ves(layout: Layout, veids: list[str] | None = None, *, disk: bool = True, quota: bool = False
+             ) -> list[dict]:
     """One dict per VE for vzlist: veid, status, hostname, ip, numproc, memory (bytes used), disk (bytes
-    in its private area), ostemplate, layout, init_pid."""
+    in its private area), ostemplate, layout, init_pid; with QUOTA diskspace (1K blocks used) and diskinodes
+    (inodes used) from its storage backend (the kernel's figures for image and btrfs; a walk for overlay)."""
     from .conf import VEConfig
 
     cg = None
@@ -37,7 +39,7 @@ def list_ves(layout: Layout, veids: list[str] | None = None, *, disk: bool = Tru
             "hostname": conf.get("HOSTNAME") if conf else None,
             "ip": conf.get("IP_ADDRESS") if conf else None,
             "ostemplate": conf.get("OSTEMPLATE") if conf else None,
-            "layout": conf.get("LAYOUT") if conf else None,
+            "layout": (conf.get("LAYOUT") or "overlay") if conf else None,
             "init_pid": rec.pid if rec else None,
             "numproc": None,
             "memory": None,
@@ -53,6 +55,15 @@ def list_ves(layout: Layout, veids: list[str] | None = None, *, disk: bool = Tru
                 pass
         if disk:
             row["disk"] = storage.disk_usage(layout.private(veid))
+        if quota and conf is not None:
+            from .backends import backend_of
+
+            try:
+                usage = backend_of(conf).usage(layout, veid)
+            except VEError:
+                usage = None
+            row["diskspace"] = usage.blocks_used if usage else None
+            row["diskinodes"] = usage.inodes_used if usage else None
         rows.append(row)
     return rows
 

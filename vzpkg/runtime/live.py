@@ -60,7 +60,9 @@ def set_params(layout: Layout, veid: str, changes: dict[str, str], *, save: bool
             conf.set("IP_ADDRESS", changes["IP_ADDRESS"])
             if live_ips is not None:
                 changes["IP_ADDRESS"] = " ".join(_edit_addresses(live_ips, *ip_ops))
-        later = [k for k in changes if rec is None or k not in LIVE]
+        from .backends import apply_disk_limits  # storage: disk limits resized now (grow live, shrink offline)
+        now = apply_disk_limits(layout, veid, conf, changes, running=rec is not None, save=save, lock=lock)
+        later = [k for k in changes if rec is None or k not in LIVE | now]
         if later and not save:
             if rec is None:
                 raise UsageError(f"VE {veid} is not running and --save was not given: nothing would change; add "

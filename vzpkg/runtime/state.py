@@ -178,3 +178,13 @@ def live_init(layout: Layout, veid: str) -> InitRecord | None:
         return adopt_init(layout, veid, cg.pids(name))
     except VEError:
         return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

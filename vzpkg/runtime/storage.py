@@ -217,11 +217,13 @@ def detach_below(path: Path) -> None:
 
 
 def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, id_shift: int, *,
-                   idmapped: bool = False) -> Path:
+                   idmapped: bool = False, backend, limits) -> Path:
     """Build private/<id> under a temporary name and rename it into place. Returns the private dir.
 
-    IDMAPPED: TEMPLATE is owned by DEFAULT_ID_SHIFT.. and the VE's range is ID_SHIFT.. (a copy is made through
-    an idmapped mount, so it is owned by the VE's range with setuid bits and file capabilities intact)."""
+    BACKEND (a backends.Backend, chosen by the caller: storage sits below the backends) fills the temporary area
+    to LIMITS (backends.Limits). IDMAPPED: TEMPLATE
+    is owned by DEFAULT_ID_SHIFT.. and the VE's range is ID_SHIFT.. (a copy is made through an idmapped mount,
+    so it is owned by the VE's range with setuid bits and file capabilities intact)."""
     final = layout.private(veid)
     if final.exists():
         raise VEError(f"private area {final} already exists: destroy VE {veid} first or remove it by hand")
@@ -229,40 +231,44 @@ def create_private(layout: Layout, veid: str, template: Path, layout_kind: str, 
     tmp = layout.private_dir / f"{TMP_PREFIX}{veid}-{os.getpid()}"
     try:
         tmp.mkdir(mode=0o700)
-        if layout_kind == "overlay":
-            upper = tmp / "upper"
-            upper.mkdir(mode=0o755)
-            os.chown(upper, id_shift, id_shift)
-            (tmp / "work").mkdir(mode=0o700)
-        elif layout_kind == "copy":
-            import signal
-
-            from .. import process
-
-            source = template
-            if idmapped:
-                source = tmp / LOWER
-                source.mkdir(mode=0o700)
-                attach_idmapped(template, source, id_shift)
-            try:
-                # dies with vzctl: a killed create must not leave a cp filling the temporary area
-                proc = process.run(["cp", "-a", "--reflink=auto", str(source), str(tmp / "root")], capture=True,
-                                   text=True, check=False, error=VEError, pdeathsig=signal.SIGKILL)
-            finally:
-                if idmapped:
-                    detach(source)
-                    source.rmdir()
-            if proc.returncode != 0:
-                raise VEError(f"copying {template} for VE {veid} failed: {proc.stderr.strip()}")
-        else:
-            raise VEError(f"unknown layout {layout_kind!r}: use overlay or copy")
+        backend.prepare(layout, veid, tmp, template, id_shift, idmapped=idmapped, limits=limits)
         os.rename(tmp, final)
     except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)  # (unmounts and detaches what a backend attached there first)
         raise
     return final
+
+
+def fill_private(tmp: Path, veid: str, template: Path, layout_kind: str, id_shift: int, *,
+                 idmapped: bool = False) -> None:
+    """The overlay layout's upper/ + work/, or the copy layout's root/, in TMP."""
+    if layout_kind == "overlay":
+        upper = tmp / "upper"
+        upper.mkdir(mode=0o755)
+        os.chown(upper, id_shift, id_shift)
+        (tmp / "work").mkdir(mode=0o700)
+    elif layout_kind == "copy":
+        import signal
+
+        from .. import process
+
+        source = template
+        if idmapped:
+            source = tmp / LOWER
+            source.mkdir(mode=0o700)
+            attach_idmapped(template, source, id_shift)
+        try:
+            # dies with vzctl: a killed create must not leave a cp filling the temporary area
+            proc = process.run(["cp", "-a", "--reflink=auto", str(source), str(tmp / "root")], capture=True,
+                               text=True, check=False, error=VEError, pdeathsig=signal.SIGKILL)
+        finally:
+            if idmapped:
+                detach(source)
+                source.rmdir()
+        if proc.returncode != 0:
+            raise VEError(f"copying {template} for VE {veid} failed: {proc.stderr.strip()}")
+    else:
+        raise VEError(f"unknown layout {layout_kind!r}: use overlay or copy")
 
 
 def _mountinfo_escape(path: Path) -> bytes:
@@ -281,10 +287,11 @@ def is_mounted(path: Path) -> bool:
     return False
 
 
-def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str, idmap_shift: int | None = None
-               ) -> Path:
+def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str, idmap_shift: int | None = None,
+               layers: Path | None = None) -> Path:
     """Mount root/<id>. IDMAP_SHIFT (overlay layout): the lower layer is TEMPLATE seen through an idmapped
-    mount with its ids DEFAULT_ID_SHIFT.. shown as IDMAP_SHIFT.."""
+    mount with its ids DEFAULT_ID_SHIFT.. shown as IDMAP_SHIFT... LAYERS: where upper/ and work/ are (default
+    the private area; the image backend's mounted image)."""
     target = layout.ve_root(veid)
     if os.path.islink(target):
         # mount(2) follows it: the VE's root would be mounted over whatever host directory it names, and stop
@@ -308,7 +315,8 @@ def mount_root(layout: Layout, veid: str, template: Path, layout_kind: str, idma
             lower.mkdir(mode=0o700, exist_ok=True)
             attach_idmapped(template, lower, idmap_shift)
         try:
-            opts = f"lowerdir={lower},upperdir={private / 'upper'},workdir={private / 'work'},xino=off"
+            layers = layers or private
+            opts = f"lowerdir={lower},upperdir={layers / 'upper'},workdir={layers / 'work'},xino=off"
             ns.mount("overlay", target, "overlay", 0, opts)
         finally:
             if idmap_shift is not None:
@@ -352,11 +360,16 @@ def remove_private(layout: Layout, veid: str) -> None:
 
 def disk_usage(path: Path) -> int:
     """Bytes allocated below PATH (st_blocks), without following mounts or symlinks."""
-    total = 0
+    return disk_usage_counts(path)[0]
+
+
+def disk_usage_counts(path: Path) -> tuple[int, int]:
+    """(bytes allocated, inodes) below PATH, without following mounts or symlinks."""
+    total = inodes = 0
     try:
         dev = os.lstat(path).st_dev
     except FileNotFoundError:
-        return 0
+        return 0, 0
     stack = [os.fsencode(path)]
     seen: set[tuple[int, int]] = set()
     while stack:
@@ -379,6 +392,84 @@ def disk_usage(path: Path) -> int:
                         continue
                     seen.add(key)
                 total += st.st_blocks * 512
+                inodes += 1
                 if e.is_dir(follow_symlinks=False):
                     stack.append(e.path)
-    return total
+    return total, inodes
+
+
+def kill_writers(path: Path, timeout: float = 5.0) -> None:
+    """SIGKILL every process whose cwd, root, an open file or an argument lies under PATH; wait until they are gone.
+
+    A killed vzctl's children live on: the `cp -a` of a copy-layout create keeps filling its temporary
+    directory, and would refill what we remove."""
+    import signal
+    import time
+
+    prefix = os.fsencode(path)
+    me = os.getpid()
+    victims = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        links = [f"/proc/{name}/cwd", f"/proc/{name}/root"]
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            links += [f"/proc/{name}/fd/{fd}" for fd in os.listdir(f"/proc/{name}/fd")]
+        except OSError:
+            continue
+        if any(a == prefix or a.startswith(prefix + b"/") for a in args):  # cp -a TEMPLATE PATH/root
+            victims.append(int(name))
+            continue
+        for link in links:
+            try:
+                target = os.readlink(os.fsencode(link))
+            except OSError:
+                continue
+            if target == prefix or target.startswith(prefix + b"/"):
+                victims.append(int(name))
+                break
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while victims and time.monotonic() < deadline:
+        victims = [p for p in victims if _running(p)]
+        time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
+
+
+def remove_tree(path: Path) -> int:
+    """Remove PATH (a directory tree or a file) without following symlinks or crossing mounts; return bytes freed.
+    Processes still working in it (children of a killed vzctl) are killed first."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if os.path.isdir(path) and not os.path.islink(path):
+        kill_writers(path)
+        detach_below(path)  # e.g. the template a killed copy-layout create had attached at .tmp-<id>-*/lower
+    if not os.path.isdir(path) or os.path.islink(path):
+        os.unlink(path)
+        return st.st_blocks * 512
+    size = disk_usage(path)
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        # overlay work dirs can hold a d--------- 'work' dir that rmtree cannot enter
+        from .. import process
+        from ..errors import VEError
+
+        process.run(["rm", "-rf", "--one-file-system", str(path)], capture=True, check=False, error=VEError)
+    return size

@@ -125,6 +125,9 @@ def create(
     privileged: bool = False,
     id_shift: int | None = None,
     idmap: str | None = None,
+    diskspace: str | None = None,
+    diskinodes: str | None = None,
+    quotaugidlimit: str | None = None,
 ) -> None:
     """IDMAP "private" (default): the VE gets a range of its own (ID_SHIFT; allocated unless given) and sees the
     shared template through an idmapped mount. "shared": ID_SHIFT (default 100000, the range every shared VE
@@ -149,9 +152,24 @@ def create(
             raise VEStateError(f"VE {veid} has a private area {layout.private(veid)} but no config: restore "
                                f"{layout.conf(veid)}, or remove the private area, or pick another VEID")
         conf = VEConfig.load(sample_path(sample or "basic"))
-        kind = layout_kind or conf.get("LAYOUT") or "overlay"
-        if kind not in ("overlay", "copy"):
-            raise VEError(f"unknown layout {kind!r}: use overlay or copy")
+        for key, value in (("DISKSPACE", diskspace), ("DISKINODES", diskinodes), ("QUOTAUGIDLIMIT", quotaugidlimit)):
+            if value is not None:
+                conf.set(key, value)
+        from . import backends
+
+        limits = backends.Limits.of(conf)
+        # --layout, else the sample's LAYOUT unless it is auto (no preference), else the VZ root's DEFAULT_LAYOUT
+        sample_kind = conf.get("LAYOUT") if conf.get("LAYOUT") != backends.AUTO else None
+        kind = backends.choose(layout, layout_kind or sample_kind, limits)
+        if kind == "btrfs" and diskinodes is None and limits.inodes_hard is not None:
+            conf.set("DISKINODES", "unlimited")  # the sample's inode limit: btrfs has none (an explicit one is refused)
+            limits = backends.Limits.of(conf)
+        backend = backends.get(kind)
+        backend.check(layout, limits)  # what this host cannot do is refused before anything is made
+        if conf.get("QUOTAUGIDLIMIT") not in (None, "", "0"):
+            from .backends.projquota import check_quotaugidlimit
+
+            check_quotaugidlimit(int(conf.get("QUOTAUGIDLIMIT") or 0))
         privileged = privileged or conf.get("PRIVILEGED") == "yes"
         if privileged:
             if idmap == "private":
@@ -188,19 +206,22 @@ def create(
                 allocation = nullcontext(shift)
             with allocation as shift:
                 _create_locked(layout, veid, conf, template, ostemplate, sha, kind, privileged, mode, shift,
-                               hostname, Path(cache_dir))
+                               hostname, Path(cache_dir), backend, limits)
 
 
 def _create_locked(layout: Layout, veid: str, conf, template: Path, ostemplate: str, sha: str, kind: str,
-                   privileged: bool, mode: str, shift: int, hostname: str | None, cache_dir: Path) -> None:
+                   privileged: bool, mode: str, shift: int, hostname: str | None, cache_dir: Path, backend,
+                   limits) -> None:
     """The private area and the config, under the VE's lock and the template area's shared lock."""
+    from . import backends
+
     idmapped = mode == "private"
-    if idmapped and kind == "overlay":
+    if idmapped and kind != "copy":
         storage.check_idmap(template, shift)
-    storage.create_private(layout, veid, template, kind, shift, idmapped=idmapped)
+    storage.create_private(layout, veid, template, kind, shift, idmapped=idmapped, backend=backend, limits=limits)
     with ExitStack() as undo:  # a failure before the config is saved removes what was made (last in, first out)
         undo.callback(_rmdir_quiet, layout.ve_root(veid))
-        undo.callback(storage.remove_private, layout, veid)
+        undo.callback(backends.destroy_all, layout, veid)
         conf.set("OSTEMPLATE", ostemplate)
         conf.set("TEMPLATE_SHA256", sha)
         conf.set("LAYOUT", kind)
@@ -243,7 +264,16 @@ def mount(layout: Layout, veid: str) -> None:
     layout.secure_areas()
     with VELock(layout, veid):
         conf = load_conf(layout, veid)
-        storage.mount_root(layout, veid, _template_of(layout, veid, conf), _conf_params(conf)[2], _idmap_shift(conf))
+        _mount(layout, veid, conf)
+
+
+def _mount(layout: Layout, veid: str, conf) -> Path:
+    """root/<id>, mounted by the VE's storage backend (its LAYOUT)."""
+    from . import backends
+
+    privileged, id_shift, kind, _ = _conf_params(conf)
+    return backends.get(kind).mount(layout, veid, _template_of(layout, veid, conf), id_shift, _idmap_shift(conf),
+                                    backends.Limits.of(conf))
 
 
 def umount(layout: Layout, veid: str) -> None:
@@ -252,7 +282,9 @@ def umount(layout: Layout, veid: str) -> None:
         load_conf(layout, veid)
         if running_init(layout, veid):
             raise VEStateError(f"VE {veid} is running: stop it first ('vzctl stop {veid}')")
-        storage.umount_root(layout, veid)
+        from .backends import unmount_all
+
+        unmount_all(layout, veid)
 
 
 def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
@@ -272,7 +304,9 @@ def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
         lock.begin("destroy")
         layout.conf(veid).unlink(missing_ok=True)
         (layout.run_dir / f"{veid}.conf-cache").unlink(missing_ok=True)
-        storage.remove_private(layout, veid)
+        from .backends import destroy_all
+
+        destroy_all(layout, veid)  # mounts, loop device, image, btrfs subvolume and qgroup, private area
         for p in (layout.ve_root(veid), layout.dump(veid)):
             if p.is_dir():
                 import shutil
@@ -322,15 +356,31 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0, exec_server: bool
             undo.callback(_kill_recorded_init, layout, veid)
             cg.set_limits(cgname, Limits(**conf.limits))
             cg.setup_devices(cgname, DEVICE_RULES)
-            root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
-            server = None
-            if exec_server:
-                from . import execserver
+            try:
+                if kind == "overlay":
+                    root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
+                else:
+                    from . import backends
 
-                server = execserver.fork_server(privileged)
-                undo.callback(server.close)
-            pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit,
-                         server.pid if server else 0)
+                    root = backends.get(kind).mount(layout, veid, template, id_shift, _idmap_shift(conf),
+                                                    backends.Limits.of(conf))
+                server = None
+                if exec_server:
+                    from . import execserver
+
+                    server = execserver.fork_server(privileged)
+                    undo.callback(server.close)
+                pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit,
+                             server.pid if server else 0)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or kind == "overlay":
+                    raise
+                from vzpkg.errors import DiskLimitError
+
+                raise DiskLimitError(f"VE {veid} cannot start: its disk is full (its {kind} layout's limits "
+                                     "DISKSPACE/DISKINODES are reached; see 'vzctl status --quota'): raise "
+                                     f"them with 'vzctl set {veid} --diskspace ... --save', or 'vzctl mount "
+                                     f"{veid}' and remove files below {layout.ve_root(veid)}") from None
             if conf.get("IP_ADDRESS"):
                 from . import net
 
@@ -369,7 +419,9 @@ def _cleanup(layout: Layout, veid: str, *, keep_mount: bool = False) -> None:
             cg.kill_all(name)
         cg.remove(name)
     if not keep_mount:
-        storage.umount_root(layout, veid)
+        from .backends import unmount_all
+
+        unmount_all(layout, veid)
     state.clear_record(layout, veid)
     from . import net
 
@@ -443,7 +495,7 @@ def stop(layout: Layout, veid: str, *, fast: bool = False, timeout: float = DEFA
 # status
 
 
-def status(layout: Layout, veid: str, *, beancounters: bool = False) -> dict:
+def status(layout: Layout, veid: str, *, beancounters: bool = False, quota: bool = False) -> dict:
     veid = check_veid(veid)
     exists = layout.conf(veid).exists()
     mounted = storage.is_mounted(layout.ve_root(veid))
@@ -455,7 +507,12 @@ def status(layout: Layout, veid: str, *, beancounters: bool = False) -> dict:
         "running": rec is not None,
         "init_pid": rec.pid if rec else None,
         "suspended": rec is None and os.path.exists(layout.run_dir / f"{veid}.suspended"),
+        "layout": _layout_of(layout, veid) if exists else None,
     }
+    if quota and exists:
+        from .backends import quota_report
+
+        out["quota"] = quota_report(layout, veid, load_conf(layout, veid))
     if beancounters:
         try:
             cg = _cgroups()
@@ -464,6 +521,21 @@ def status(layout: Layout, veid: str, *, beancounters: bool = False) -> dict:
         except VEError:
             out["beancounters"] = {}
     return out
+
+
+def _layout_of(layout: Layout, veid: str) -> str | None:
+    """LAYOUT from the config without parsing it all (status is cheap)."""
+    from vzpkg.safeio import CONF_MAX, read_small_text
+
+    try:
+        text = read_small_text(layout.conf(veid), CONF_MAX)
+    except (OSError, UnicodeDecodeError):
+        return None
+    kind = "overlay"
+    for line in text.splitlines():
+        if line.startswith("LAYOUT="):
+            kind = line[7:].strip().strip('"')
+    return kind
 
 
 def status_line(st: dict) -> str:

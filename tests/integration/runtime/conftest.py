@@ -94,6 +94,11 @@ class Runtime:
     def private(self, veid: str) -> Path:
         return self.root / "private" / veid
 
+    def upper(self, veid: str) -> Path:
+        """The VE's overlay upper dir: private/<id>/upper, or in its mounted image (image layout, while mounted)."""
+        in_image = self.private(veid) / "fs" / "upper"
+        return in_image if in_image.is_dir() else self.private(veid) / "upper"
+
     def ve_root(self, veid: str) -> Path:
         return self.root / "root" / veid
 

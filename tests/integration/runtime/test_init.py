@@ -41,7 +41,7 @@ def test_orphans_are_reaped(rt):
 
 def test_sigterm_reaches_every_process(rt):
     """stop sends SIGTERM through init to all processes, which can shut down cleanly before the kill."""
-    veid = rt.create()
+    veid = rt.create("--layout", "overlay")  # (its upper dir is read after the stop)
     rt.vzctl("exec", veid, "bash", "-c",
              "nohup bash -c 'trap \"echo bye > /root/term-seen; exit 0\" TERM; while :; do sleep 0.1; done' "
              ">/dev/null 2>&1 &", check=True)

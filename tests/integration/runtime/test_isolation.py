@@ -94,7 +94,7 @@ def test_network_is_private(rt, ve):
 
 def test_files_created_by_ve_root_are_unprivileged_on_host(rt, ve):
     rt.sh(ve, "touch /root/owned-by-ve && mkdir /srv/d && chown 1000:1000 /srv/d", check=True)
-    upper = rt.private(ve) / "upper"
+    upper = rt.upper(ve)
     conf = (rt.root / "conf" / f"{ve}.conf").read_text()
     shift = int(next(x for x in conf.splitlines() if x.startswith("ID_SHIFT=")).split('"')[1])
     assert shift >= 100000, "the VE's root is not a low host uid"

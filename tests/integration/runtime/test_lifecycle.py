@@ -254,7 +254,7 @@ def test_enter_gives_a_pty_shell(rt):
 def test_id_range_of_its_own(rt):
     veid = rt.create("--id-shift", "300000")
     rt.sh(veid, "touch /root/mine", check=True)
-    assert os.stat(rt.private(veid) / "upper/root/mine").st_uid == 300000
+    assert os.stat(rt.upper(veid) / "root/mine").st_uid == 300000
     assert rt.vzctl("exec", veid, "cat", "/proc/self/uid_map").stdout.split() == ["0", "300000", "65536"]
 
 

@@ -94,13 +94,13 @@ def test_set_nameserver_on_a_running_ve_writes_inside_it_only(rt, tmp_path):
     assert victim.read_text() == "host\n"
     out = rt.sh(veid, "test -L /etc/resolv.conf && echo link; cat /etc/resolv.conf", check=True).stdout
     assert out == "nameserver 10.199.0.53\nnameserver fd00::53\n"
-    assert os.stat(rt.private(veid) / "upper/etc/resolv.conf").st_uid == rt.id_shift(veid)  # as the VE's root
+    assert os.stat(rt.upper(veid) / "etc/resolv.conf").st_uid == rt.id_shift(veid)  # as the VE's root
 
 
 def test_set_of_what_applies_only_at_start(rt):
     """Keys read only at start: refused on a running VE without --save (exit 2, one line), saved with a note with
     it; on a stopped VE, set without --save is refused (it would change nothing)."""
-    veid = rt.create()
+    veid = rt.create("--layout", "overlay")  # (an image VE's DISKSPACE applies at once: see test_storage.py)
     conf = rt.root / "conf" / f"{veid}.conf"
     before = conf.read_text()
     p = rt.vzctl("set", veid, "--diskspace", "5G", check=False)

@@ -72,7 +72,7 @@ def test_vz_root_areas_are_roots_only(open_rt):
     """Other host users — nobody, uid 100000 (the template's owner) and the VE's own range — can neither stat nor
     execute anything under template/, private/ or root/<id>; the VEs (overlay and copy) still work."""
     rt = open_rt
-    overlay = rt.create()
+    overlay = rt.create("--layout", "overlay")
     copy = rt.create("--layout", "copy")
     for area in AREAS:
         st = os.stat(rt.root / area)

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Storage backend benchmark (issue 10): per layout, create + start -> first exec, and sequential write
+throughput inside a VE against the host's own disk.
+
+    sudo .venv/bin/python bench/bench_storage.py [--runs 5] [--mb 1024] [--cache-dir DIR] [--json FILE]
+
+Cases, each in a VZ root of its own under /var/tmp/vzpkg-bench-storage-PID (removed at the end; the btrfs one
+gets a loop-backed pool, `vzctl storage init --btrfs`):
+  overlay   vzctl create --layout overlay (no disk limit)
+  image     vzctl create --layout image --diskspace 4G (a sparse ext4 image, loop-mounted)
+  btrfs     vzctl create --layout btrfs --diskspace 4G (snapshot of a read-only template subvolume)
+  timed:    create, then start + `vzctl exec ID /bin/true` until it succeeds (start to first exec); the sum is
+            "create+start->exec"
+  write:    `dd if=/dev/zero of=/root/f bs=1M count=MB conv=fsync` inside the VE (MB/s from the wall time of
+            the exec); "host" is the same dd on the host into the VZ root's file system
+Runs are interleaved (overlay, image, btrfs, host, ...); medians with min/max; ratios against overlay (time)
+and host (throughput). Targets (issue 10): image <= 2x overlay, btrfs <= 1.2x overlay, quota cost <= 10 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+LAYOUTS = ("overlay", "image", "btrfs")
+
+
+def vzctl_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "vzctl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vzpkg.cli.vzctl"]
+
+
+def run(cmd, env=None, check=True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {p.stderr.strip()[-400:]}")
+    return p
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000
+
+
+class Root:
+    def __init__(self, base: Path, layout: str, cache_dir: str, template: str) -> None:
+        self.path = base / layout
+        self.path.mkdir(parents=True)
+        self.layout = layout
+        self.template = template
+        self.env = {**os.environ, "VZ_ROOT": str(self.path), "VZPKG_CACHE_DIR": cache_dir,
+                    "PYTHONPATH": str(PROJECT)}
+        self.vz = vzctl_cmd()
+        self.n = 0
+        if layout == "btrfs":
+            run([*self.vz, "storage", "init", "--btrfs", "8G", "-q"], env=self.env)
+
+    def opts(self) -> list[str]:
+        if self.layout == "overlay":
+            return ["--layout", "overlay", "--config", "unlimited"]
+        return ["--layout", self.layout, "--diskspace", "4G", "--diskinodes", "unlimited"]
+
+    def cycle(self, mb: int) -> dict[str, float]:
+        self.n += 1
+        veid = f"bs{os.getpid()}{self.layout[0]}{self.n}"
+        out: dict[str, float] = {}
+        out["create"] = timed(lambda: run([*self.vz, "create", veid, "--ostemplate", self.template, "-q",
+                                           *self.opts()], env=self.env))
+
+        def start() -> None:
+            run([*self.vz, "start", veid, "-q"], env=self.env)
+            deadline = time.monotonic() + 10
+            while run([*self.vz, "exec", veid, "/bin/true"], env=self.env, check=False).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"VE {veid} did not answer")
+
+        out["start_exec"] = timed(start)
+        out["create_start_exec"] = out["create"] + out["start_exec"]
+        if mb:
+            ms = timed(lambda: run([*self.vz, "exec", veid, "dd", "if=/dev/zero", "of=/root/f", "bs=1M",
+                                    f"count={mb}", "conv=fsync"], env=self.env))
+            out["write_mb_s"] = mb / (ms / 1000)
+        run([*self.vz, "destroy", veid, "--force", "-q"], env=self.env)
+        return out
+
+    def close(self) -> None:
+        if self.layout == "btrfs":
+            subprocess.run(["umount", str(self.path / "btrfs")], capture_output=True)
+
+
+def host_write(base: Path, mb: int) -> float:
+    f = base / "host-dd"
+    ms = timed(lambda: run(["dd", "if=/dev/zero", f"of={f}", "bs=1M", f"count={mb}", "conv=fsync"]))
+    f.unlink()
+    return mb / (ms / 1000)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--mb", type=int, default=1024, help="MB written by the throughput case (0: skip it)")
+    ap.add_argument("--cache-dir", default=os.environ.get("VZPKG_CACHE_DIR", "/var/tmp/vzpkg-test-cache"))
+    ap.add_argument("--template", default="debian-12-x86_64")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_storage: needs root (loop devices, mounts, namespaces)", file=sys.stderr)
+        return 2
+    layouts = [x for x in args.layouts.split(",") if x]
+    if "btrfs" in layouts and shutil.which("mkfs.btrfs") is None:
+        print("bench_storage: mkfs.btrfs missing: skipping btrfs (make setup installs btrfs-progs)", file=sys.stderr)
+        layouts.remove("btrfs")
+    base = Path(f"/var/tmp/vzpkg-bench-storage-{os.getpid()}")
+    roots = []
+    results: dict[str, dict[str, list[float]]] = {x: {} for x in [*layouts, "host"]}
+    try:
+        roots = [Root(base, x, args.cache_dir, args.template) for x in layouts]
+        for r in roots:
+            r.cycle(0)  # untimed: unpacks the template, prepares images, makes the template subvolume
+        for _ in range(args.runs):
+            for r in roots:
+                for k, v in r.cycle(args.mb).items():
+                    results[r.layout].setdefault(k, []).append(v)
+            if args.mb:
+                results["host"].setdefault("write_mb_s", []).append(host_write(base, args.mb))
+    finally:
+        for r in roots:
+            r.close()
+        shutil.rmtree(base, ignore_errors=True)
+    report = {name: {k: summary(v) for k, v in res.items()} for name, res in results.items() if res}
+    over = report.get("overlay", {}).get("create_start_exec", {}).get("median")
+    host = report.get("host", {}).get("write_mb_s", {}).get("median")
+    print(f"{'layout':<8} {'create ms':>10} {'start->exec ms':>15} {'sum ms':>8} {'x overlay':>10} "
+          f"{'write MB/s':>11} {'x host':>7}")
+    for name in layouts:
+        r = report.get(name, {})
+        s = r.get("create_start_exec", {}).get("median")
+        w = r.get("write_mb_s", {}).get("median")
+        print(f"{name:<8} {r['create']['median']:>10.0f} {r['start_exec']['median']:>15.0f} {s:>8.0f} "
+              f"{(s / over if over else 0):>10.2f} {(w or 0):>11.0f} {(w / host if w and host else 0):>7.2f}")
+    if host:
+        print(f"{'host':<8} {'':>10} {'':>15} {'':>8} {'':>10} {host:>11.0f} {1:>7.2f}")
+    print(f"({args.runs} runs, medians; {args.mb} MB written per run)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

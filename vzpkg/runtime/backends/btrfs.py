@@ -1,0 +1,294 @@
+"""The btrfs backend: a VE is a writable snapshot of its template's read-only subvolume; no overlay.
+
+    <pool>/templates/<generation>  the template generation (template/<...>) copied once into a subvolume, then
+                                   made read-only
+    <pool>/ves/<id>                the VE: `btrfs subvolume snapshot` of it (about 10 ms for 200 MB)
+    root/<id>                      a bind mount of <pool>/ves/<id> (an idmapped one for a private id range:
+                                   the snapshot keeps the shared generation's ids 100000.., seen as the VE's)
+
+The pool is <root>/btrfs: a directory when the VZ root is on btrfs, else the mount point of <root>/btrfs.img, a
+loop-backed btrfs made once by `vzctl storage init --btrfs SIZE` and mounted again by whatever needs it after a
+host reboot. Quotas are enabled on the pool; a VE's hard space limit is its subvolume's qgroup exclusive limit
+(EDQUOT inside the VE, raisable and lowerable while it runs). btrfs has no inode limits: they are refused.
+A destroyed subvolume's qgroup is removed by the kernel (6.x) or by us.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import struct
+from pathlib import Path
+
+from vzpkg import process
+from vzpkg.errors import DiskLimitError, MissingToolError, StorageError, StoragePoolError, VEError
+
+from .. import storage
+from ..layout import Layout
+from .base import Backend, Limits, Usage
+
+BTRFS_MAGIC = 0x9123683E
+POOL = "btrfs"
+POOL_IMAGE = "btrfs.img"
+POOL_MIN = 256 << 20
+
+
+def fs_type(path: Path | str) -> int | None:
+    """statfs(2)'s f_type (os.statvfs has none)."""
+    buf = ctypes.create_string_buffer(256)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return struct.unpack_from("l", buf.raw, 0)[0] & 0xFFFFFFFF
+
+
+def _run(argv: list[str], what: str, *, check: bool = True) -> process.Result:
+    try:
+        proc = process.run(argv, capture=True, text=True, check=False, error=MissingToolError, pdeathsig=signal.SIGKILL)
+    except MissingToolError:
+        raise MissingToolError(f"{argv[0]} is not installed: install btrfs-progs") from None
+    if check and proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise StorageError(f"{what} failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")
+    return proc
+
+
+def pool_dir(layout: Layout) -> Path:
+    return layout.root / POOL
+
+
+def pool_available(layout: Layout) -> bool:
+    """Is there a btrfs pool for this VZ root (without mounting anything)?"""
+    return (layout.root / POOL_IMAGE).is_file() or fs_type(layout.root) == BTRFS_MAGIC
+
+
+def ensure_pool(layout: Layout) -> Path:
+    """The pool's directory, mounted if it is the loop-backed image (after a reboot), with quotas on."""
+    pool = pool_dir(layout)
+    image = layout.root / POOL_IMAGE
+    if image.is_file():
+        pool.mkdir(mode=0o700, exist_ok=True)
+        if not storage.is_mounted(pool):
+            proc = process.run(["mount", "-t", "btrfs", "-o", "loop", str(image), str(pool)],
+                                  capture=True, text=True, check=False, error=VEError)
+            if proc.returncode != 0:
+                from .image import loop_error
+
+                err = loop_error(proc.stderr, image)
+                if type(err) is StorageError:
+                    raise StoragePoolError(f"cannot mount the btrfs pool {image} at {pool}: "
+                                           f"{proc.stderr.strip()}") from None
+                raise err
+    elif fs_type(layout.root) == BTRFS_MAGIC:
+        pool.mkdir(mode=0o700, exist_ok=True)
+    else:
+        raise StoragePoolError(f"the VZ root {layout.root} is not on btrfs and has no btrfs pool: run "
+                               "'vzctl storage init --btrfs SIZE' once (or use --layout image)")
+    for d in ("templates", "ves"):
+        (pool / d).mkdir(mode=0o700, exist_ok=True)
+    return pool
+
+
+def init_pool(layout: Layout, size: int) -> tuple[Path, bool]:
+    """`vzctl storage init --btrfs SIZE`: make <root>/btrfs.img (sparse) and mount it at <root>/btrfs.
+    Returns (pool directory, whether it was made now)."""
+    layout.secure_areas()
+    image = layout.root / POOL_IMAGE
+    if image.exists() or fs_type(layout.root) == BTRFS_MAGIC:
+        return ensure_pool(layout), False
+    if size < POOL_MIN:
+        raise DiskLimitError(f"--btrfs {size >> 20}M: a pool needs at least {POOL_MIN >> 20}M")
+    tmp = layout.root / f".{POOL_IMAGE}.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.truncate(size)
+        _run(["mkfs.btrfs", "-q", "-f", str(tmp)], f"mkfs.btrfs of {tmp}")
+        os.rename(tmp, image)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    pool = ensure_pool(layout)
+    _run(["btrfs", "quota", "enable", str(pool)], f"enabling quotas on {pool}")
+    return pool, True
+
+
+def ve_subvolume(layout: Layout, veid: str) -> Path:
+    return pool_dir(layout) / "ves" / veid
+
+
+def template_subvolume(layout: Layout, template: Path) -> Path:
+    """The template generation as a read-only subvolume, made once (under the generation's lock)."""
+    from vzpkg.flock import lock_file
+
+    pool = ensure_pool(layout)
+    sub = pool / "templates" / template.name
+    if sub.is_dir():
+        return sub
+    fd = lock_file(pool / "templates" / f".{template.name}.lock")
+    try:
+        if sub.is_dir():
+            return sub
+        tmp = pool / "templates" / f".tmp-{template.name}-{os.getpid()}"
+        _delete_subvolume(tmp)
+        _run(["btrfs", "subvolume", "create", str(tmp)], f"creating the subvolume {tmp}")
+        try:
+            # a reflink when the template area is on the same btrfs, a copy (once per generation) otherwise
+            _run(["cp", "-a", "--reflink=auto", f"{template}/.", str(tmp)], f"copying {template} into {tmp}")
+            os.chown(tmp, os.stat(template).st_uid, os.stat(template).st_gid)
+            os.chmod(tmp, 0o755)
+            _run(["btrfs", "property", "set", "-ts", str(tmp), "ro", "true"], f"making {tmp} read-only")
+            os.rename(tmp, sub)
+        except BaseException:
+            _delete_subvolume(tmp)
+            raise
+        return sub
+    finally:
+        os.close(fd)
+
+
+def _subvolume_id(path: Path) -> int | None:
+    proc = process.run(["btrfs", "subvolume", "show", str(path)], capture=True, text=True, check=False, error=VEError)
+    for line in proc.stdout.splitlines():
+        key, _, value = line.strip().partition(":")
+        if key == "Subvolume ID" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def _delete_subvolume(path: Path) -> bool:
+    if not os.path.lexists(path):
+        return False
+    sid = _subvolume_id(path)
+    if sid is None:  # not a subvolume (a directory a failed create left)
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    _run(["btrfs", "property", "set", "-ts", str(path), "ro", "false"], f"making {path} writable", check=False)
+    _run(["btrfs", "subvolume", "delete", "-c", str(path)], f"deleting the subvolume {path}")
+    # the qgroup can go once the subvolume is cleaned up (recent kernels drop it themselves; an error is fine)
+    process.run(["btrfs", "subvolume", "sync", str(path.parent), str(sid)], capture=True, check=False, error=VEError)
+    process.run(["btrfs", "qgroup", "destroy", f"0/{sid}", str(path.parent)], capture=True, check=False, error=VEError)
+    return True
+
+
+def remove_subvolume(layout: Layout, veid: str) -> list[tuple[Path, int]]:
+    """The VE's subvolume and those of its killed creates, if there is a pool (no config needed)."""
+    if not pool_available(layout):
+        return []
+    try:
+        pool = ensure_pool(layout)
+    except StorageError:
+        return []
+    removed = []
+    from ..state import pid_alive
+
+    for name in os.listdir(pool / "ves"):
+        tail = name.rsplit("-", 1)[-1]
+        dead_tmp = name.startswith(f".tmp-{veid}-") and tail.isdigit() and not pid_alive(int(tail))
+        if name == veid or dead_tmp:
+            path = pool / "ves" / name
+            storage.detach_below(path)
+            if _delete_subvolume(path):
+                removed.append((path, 0))
+    return removed
+
+
+def qgroup_usage(sub: Path) -> tuple[int, int | None] | None:
+    """(exclusive bytes, max exclusive or None) of SUB's qgroup, synced first."""
+    proc = _run(["btrfs", "qgroup", "show", "-f", "-e", "--raw", "--sync", str(sub)], f"reading the qgroup of {sub}",
+                check=False)
+    for line in proc.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[0].startswith("0/") and fields[2].isdigit():
+            limit = int(fields[3]) if fields[3].isdigit() else None
+            return int(fields[2]), limit
+    return None
+
+
+class BtrfsBackend(Backend):
+    kind = "btrfs"
+    space_limits = True
+
+    def check(self, layout: Layout, limits: Limits) -> None:
+        if limits.inodes_hard is not None:
+            raise DiskLimitError("btrfs has no inode limits: drop --diskinodes (or set it to unlimited), or use "
+                                 "--layout image for an inode limit")
+        if not pool_available(layout):
+            ensure_pool(layout)  # raises StoragePoolError, naming `vzctl storage init --btrfs SIZE`
+
+    def prepare(self, layout: Layout, veid: str, tmp: Path, template: Path, id_shift: int, *, idmapped: bool,
+                limits: Limits) -> None:
+        source = template_subvolume(layout, template)
+        final = ve_subvolume(layout, veid)
+        if os.path.lexists(final):
+            remove_subvolume(layout, veid)  # a killed create's (the VE has no config: the caller checked)
+        tmp_sub = final.with_name(f".tmp-{veid}-{os.getpid()}")
+        _run(["btrfs", "subvolume", "snapshot", str(source), str(tmp_sub)], f"snapshotting {source}")
+        try:
+            if limits.space_hard is not None:
+                _run(["btrfs", "qgroup", "limit", "-e", str(limits.space_hard), str(tmp_sub)],
+                     f"setting the qgroup limit of {tmp_sub}")
+            os.rename(tmp_sub, final)
+        except BaseException:
+            _delete_subvolume(tmp_sub)
+            raise
+
+    def mount(self, layout: Layout, veid: str, template: Path, id_shift: int, idmap_shift: int | None,
+              limits: Limits | None = None) -> Path:
+        from .. import ns
+
+        target = layout.ve_root(veid)
+        if storage.is_mounted(target):
+            return target
+        ensure_pool(layout)
+        sub = ve_subvolume(layout, veid)
+        if not sub.is_dir():
+            raise StorageError(f"VE {veid}: its subvolume {sub} is missing: the VE is damaged (destroy it)")
+        if os.path.islink(target):
+            os.unlink(target)
+        target.mkdir(parents=True, exist_ok=True)
+        if idmap_shift is None:
+            ns.mount(sub, target, None, ns.MS_BIND)
+        else:
+            userns = ns.idmap_userns(storage.DEFAULT_ID_SHIFT, idmap_shift, storage.ID_RANGE)
+            try:
+                tree = ns.open_tree_idmapped(sub, userns, readonly=False)
+            finally:
+                os.close(userns)
+            try:
+                ns.move_mount_fd(tree, target)
+            finally:
+                os.close(tree)
+        try:
+            ns.mount(None, target, None, ns.MS_PRIVATE)
+        except OSError:
+            pass
+        return target
+
+    def resize(self, layout: Layout, veid: str, old: Limits, new: Limits, *, running: bool) -> None:
+        if new.inodes_hard is not None:
+            raise DiskLimitError(f"VE {veid}: btrfs has no inode limits: leave --diskinodes unlimited on the "
+                                 "btrfs layout")
+        ensure_pool(layout)
+        sub = ve_subvolume(layout, veid)
+        limit = "none" if new.space_hard is None else str(new.space_hard)
+        _run(["btrfs", "qgroup", "limit", "-e", limit, str(sub)], f"setting the qgroup limit of {sub}")
+        return True
+
+    def usage(self, layout: Layout, veid: str) -> Usage | None:
+        try:
+            ensure_pool(layout)
+        except StorageError:
+            return None
+        got = qgroup_usage(ve_subvolume(layout, veid))
+        if got is None:
+            return None
+        used, limit = got
+        return Usage(used // 1024, None if limit is None else limit // 1024, None, None)
+
+    def destroy(self, layout: Layout, veid: str) -> None:
+        self.unmount(layout, veid)
+        remove_subvolume(layout, veid)
+        storage.remove_private(layout, veid)
