@@ -315,11 +315,12 @@ class VE:
         shell command line (/bin/sh -c, as `vzctl exec VEID 'a b'`). TIMEOUT seconds: then the command is killed
         (SIGKILL) and VECommandError raised. CHECK: a non-zero status raises VECommandError (exit code 35).
         A command killed by the VE's memory limit raises VEOutOfMemoryError (as vzctl exec)."""
-        from vzpkg.runtime import attach
 
         args = ["/bin/sh", "-c", argv] if isinstance(argv, str) else [os.fspath(a) for a in argv]
         data = input.encode() if isinstance(input, str) else input
-        cap = attach.run_captured(self.layout, self.veid, args, input=data, timeout=timeout, env=env)
+        from .runtime import capture
+
+        cap = capture.run_captured(self.layout, self.veid, args, input=data, timeout=timeout, env=env)
         out: str | bytes = cap.stdout
         err: str | bytes = cap.stderr
         if text:

@@ -52,3 +52,9 @@ def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None)
               file=sys.stderr)
         code = VzError.exit_code
     sys.exit(code)
+
+
+def say(args, text: str) -> None:
+    """Print TEXT unless the command was given -q/--quiet (vzctl's confirmations)."""
+    if not getattr(args, "quiet", False):
+        print(text, flush=True)

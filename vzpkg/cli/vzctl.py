@@ -220,89 +220,15 @@ def _note_host_cpus(changes: dict[str, str]) -> None:
 
 
 def _say(args, text: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(text, flush=True)
+    from .plain import say
+
+    say(args, text)
 
 
-def _format_beancounters(bc: dict) -> str:
-    lines = [f"{'resource':<12} {'held':>14} {'maxheld':>14} {'limit':>20} {'failcnt':>8}"]
-    for res, vals in bc.items():
-        if not isinstance(vals, dict) or "held" not in vals:
-            continue
-
-        def fmt(v):
-            return "unlimited" if v is None else str(v)
-
-        lines.append(f"{res:<12} {fmt(vals.get('held')):>14} {fmt(vals.get('maxheld')):>14} "
-                     f"{fmt(vals.get('limit')):>20} {fmt(vals.get('failcnt')):>8}")
-    cpu = bc.get("cpu") or {}
-    if cpu:
-        lines.append(f"cpu usage_ns={cpu.get('usage_ns')} nr_throttled={cpu.get('nr_throttled')}")
-    return "\n".join(lines)
 
 
-def _format_quota(q: dict, *, human: bool) -> str:
-    """OpenVZ's vzquota stat columns: resource, usage, softlimit, hardlimit (1K blocks; -h: K/M/G/T)."""
-
-    def fmt(v, blocks: bool) -> str:
-        if v is None:
-            return "-"
-        if not human or not blocks:
-            return str(v)
-        n = float(v)
-        for unit in ("K", "M", "G", "T"):
-            if n < 1024 or unit == "T":
-                return f"{n:.1f}{unit}" if unit != "K" else f"{n:.0f}K"
-            n /= 1024
-        return str(v)
-
-    lines = [f"layout {q['layout']}", f"{'resource':<12} {'usage':>12} {'softlimit':>12} {'hardlimit':>12}"]
-    for res, blocks in (("1k-blocks", True), ("inodes", False)):
-        d = q["diskspace" if blocks else "diskinodes"]
-        soft = fmt(d["soft"], blocks) if d["soft"] is not None else "unlimited"
-        hard = fmt(d["hard"], blocks) if d["hard"] is not None else "unlimited"
-        if not d["enforced"] and d["hard"] is not None:
-            hard += " (not enforced)"
-        lines.append(f"{res:<12} {fmt(d['used'], blocks):>12} {soft:>12} {hard:>12}")
-    return "\n".join(lines)
 
 
-def _storage(layout, args) -> None:
-    """`vzctl storage init [--btrfs SIZE] [--default-layout L]`, `vzctl storage show`."""
-    from vzpkg.runtime import backends
-
-    if args.action not in ("init", "show"):
-        from vzpkg.errors import UsageError
-
-        raise UsageError(f"vzctl storage {args.action}: unknown action; use init or show")
-    if args.action == "init":
-        if args.btrfs is None and args.default_layout is None:
-            from vzpkg.errors import UsageError
-
-            raise UsageError("vzctl storage init: give --btrfs SIZE and/or --default-layout LAYOUT")
-        if args.btrfs is not None:
-            from vzpkg.errors import UsageError
-            from vzpkg.runtime.backends import btrfs
-            from vzpkg.runtime.conf import parse_size
-
-            try:
-                size = parse_size(args.btrfs)
-            except Exception:
-                size = None
-            if not size:
-                raise UsageError(f"--btrfs {args.btrfs!r}: a size with K/M/G/T, e.g. 20G")
-            pool, made = btrfs.init_pool(layout, size)
-            _say(args, f"btrfs pool {'made' if made else 'already'} at {pool}"
-                       + (f" (image {layout.root / btrfs.POOL_IMAGE})" if (layout.root / btrfs.POOL_IMAGE).exists()
-                          else " (the VZ root is on btrfs)"))
-        if args.default_layout is not None:
-            backends.write_storage_conf(layout, {"DEFAULT_LAYOUT": args.default_layout})
-            _say(args, f"new VEs in {layout.root} get layout {args.default_layout}")
-    else:
-        from vzpkg.runtime.backends import btrfs
-
-        print(f"default layout: {backends.default_layout(layout)}")
-        print(f"btrfs pool: {btrfs.pool_dir(layout) if btrfs.pool_available(layout) else 'none'}")
 
 
 def _command_of(argv: list[str]) -> str | None:
@@ -451,41 +377,6 @@ def _unalias(argv: list[str]) -> list[str]:
     return argv
 
 
-def _criu_commands(args, layout) -> int:
-    """chkpnt, restore, clone, migrate (vzpkg.runtime.checkpoint and migrate; docs/checkpoint.md)."""
-    from vzpkg.runtime import checkpoint
-
-    cmd = args.command
-    if cmd == "chkpnt":
-        info = checkpoint.chkpnt(layout, args.veid, dumpdir=args.dumpdir, leave_running=args.leave_running)
-        _say(args, f"VE {args.veid} checkpointed into {info['dir']} ({info['size'] >> 10} KiB, dump "
-                   f"{info['dump_s'] * 1000:.0f} ms){'' if args.leave_running else '; suspended'}")
-    elif cmd == "restore":
-        source = getattr(args, "from")  # --from: `from` is a keyword
-        if source:
-            info = checkpoint.restore_as(layout, args.veid, source, hostname=args.hostname, ipadd=args.ipadd)
-        else:
-            if args.hostname or args.ipadd:
-                from vzpkg.errors import UsageError
-
-                raise UsageError("--hostname and --ipadd go with --from (a VE restores with its own config)")
-            info = checkpoint.restore(layout, args.veid, dumpdir=args.dumpdir)
-        _say(args, f"VE {args.veid} restored from {info['dir']} (init pid {info['pid']}, "
-                   f"{info['restore_s'] * 1000:.0f} ms)")
-    elif cmd == "clone":
-        info = checkpoint.clone(layout, args.veid, args.dst, live=args.live, hostname=args.hostname,
-                                ipadd=args.ipadd)
-        _say(args, f"VE {args.veid} cloned to {args.dst}{' (running)' if args.live else ''} in "
-                   f"{info['clone_s'] * 1000:.0f} ms")
-    elif cmd == "migrate":
-        from vzpkg.runtime import migrate
-
-        times = migrate.migrate(layout, args.veid, args.dest, online=args.online, keep_dst=args.keep_dst)
-        if args.times:
-            for phase, secs in times.items():
-                print(f"{phase:<12} {secs * 1000:9.1f} ms")
-        _say(args, f"VE {args.veid} migrated to {args.dest}{' online' if args.online else ''}")
-    return 0
 
 
 def run(argv: list[str]) -> int:
@@ -497,7 +388,9 @@ def run(argv: list[str]) -> int:
     layout = Layout.at(getattr(args, "root", None))
     cmd = args.command
     if cmd in ("chkpnt", "restore", "clone", "migrate"):
-        return _criu_commands(args, layout)
+        from . import vzctl_more
+
+        return vzctl_more._criu_commands(args, layout)
     if cmd == "create":
         cache_dir = args.cache_dir or os.environ.get("VZPKG_CACHE_DIR")
         if not cache_dir:
@@ -528,6 +421,8 @@ def run(argv: list[str]) -> int:
         _say(args, f"VE {args.veid} restarted (init pid {pid})")
     elif cmd == "status":
         st = ve.status(layout, args.veid, beancounters=args.beancounters, quota=args.quota)
+        if args.beancounters or args.quota:
+            from . import vzctl_more
         if args.json:
             import json
 
@@ -535,9 +430,9 @@ def run(argv: list[str]) -> int:
         else:
             print(ve.status_line(st))
             if args.beancounters:
-                print(_format_beancounters(st.get("beancounters") or {}))
+                print(vzctl_more._format_beancounters(st.get("beancounters") or {}))
             if args.quota and st.get("quota"):
-                print(_format_quota(st["quota"], human=args.human))
+                print(vzctl_more._format_quota(st["quota"], human=args.human))
     elif cmd == "exec":
         cmd_argv = args.cmd  # a '--' after the VEID is gone already (both parsers drop it)
         if not cmd_argv:
@@ -568,7 +463,9 @@ def run(argv: list[str]) -> int:
         _say(args, f"VE {args.veid}: {done}")
         _note_host_cpus(changes)
     elif cmd == "storage":
-        _storage(layout, args)
+        from . import vzctl_more
+
+        vzctl_more._storage(layout, args)
     elif cmd == "destroy":
         ve.destroy(layout, args.veid, force=args.force)
         _say(args, f"VE {args.veid} destroyed")

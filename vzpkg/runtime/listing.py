@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from vzpkg.errors import VEError, VENotFoundError
 
 from . import storage
@@ -67,3 +69,52 @@ def list_ves(layout: Layout, veids: list[str] | None = None, *, disk: bool = Tru
         rows.append(row)
     return rows
 
+
+def status(layout: Layout, veid: str, *, beancounters: bool = False, quota: bool = False) -> dict:
+    veid = check_veid(veid)
+    exists = layout.conf(veid).exists()
+    mounted = storage.is_mounted(layout.ve_root(veid))
+    rec = running_init(layout, veid)
+    out: dict = {
+        "veid": veid,
+        "exist": exists,
+        "mounted": mounted,
+        "running": rec is not None,
+        "init_pid": rec.pid if rec else None,
+        "suspended": rec is None and os.path.exists(layout.run_dir / f"{veid}.suspended"),
+        "layout": _layout_of(layout, veid) if exists else None,
+    }
+    if quota and exists:
+        from .backends import quota_report
+        from .confcache import load_conf
+
+        out["quota"] = quota_report(layout, veid, load_conf(layout, veid))
+    if beancounters:
+        try:
+            cg = _cgroups()
+            name = layout.cgroup_name(veid)
+            out["beancounters"] = cg.counters(name) if cg.exists(name) else {}
+        except VEError:
+            out["beancounters"] = {}
+    return out
+
+
+def _layout_of(layout: Layout, veid: str) -> str | None:
+    """LAYOUT from the config without parsing it all (status is cheap)."""
+    from vzpkg.safeio import CONF_MAX, read_small_text
+
+    try:
+        text = read_small_text(layout.conf(veid), CONF_MAX)
+    except (OSError, UnicodeDecodeError):
+        return None
+    kind = "overlay"
+    for line in text.splitlines():
+        if line.startswith("LAYOUT="):
+            kind = line[7:].strip().strip('"')
+    return kind
+
+
+def status_line(st: dict) -> str:
+    words = ["exist" if st["exist"] else "deleted", "mounted" if st["mounted"] else "unmounted",
+             "running" if st["running"] else "down"] + (["suspended"] if st.get("suspended") else [])
+    return f"VEID {st['veid']} {' '.join(words)}"
