@@ -79,9 +79,10 @@ class ExecResult:
 
 class VEStatus:
     """VE.status(): exist (config present), mounted (root mounted), running (init alive), init_pid (host pid),
-    beancounters (with beancounters=True: the resource counters vzctl status --beancounters prints)."""
+    suspended (checkpointed by `vzctl chkpnt`), layout (its storage backend), beancounters (with
+    beancounters=True: the resource counters vzctl status --beancounters prints)."""
 
-    __slots__ = ("veid", "exist", "mounted", "running", "init_pid", "beancounters")
+    __slots__ = ("veid", "exist", "mounted", "running", "init_pid", "suspended", "layout", "beancounters")
 
     def __init__(self, st: dict) -> None:
         self.veid: str = st["veid"]
@@ -89,6 +90,8 @@ class VEStatus:
         self.mounted: bool = st["mounted"]
         self.running: bool = st["running"]
         self.init_pid: int | None = st["init_pid"]
+        self.suspended: bool = bool(st.get("suspended"))
+        self.layout: str | None = st.get("layout")
         self.beancounters: dict | None = st.get("beancounters")
 
     def as_dict(self) -> dict:

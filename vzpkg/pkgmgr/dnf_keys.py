@@ -54,7 +54,7 @@ _GPG_COUNT = re.compile(r"^(gpg: )?\s*(Total number processed|[\w /-]+): \d+$")
 def gpg_reason(lines: list[str]) -> str:
     """gpg's last line that says something: not the import counters (`Total number processed: 0`, ...) it ends
     with, and without its `gpg: ` prefix."""
-    said = [ln for ln in lines if ln.strip() and not _GPG_COUNT.match(ln.strip())]
+    said = [ln for ln in lines if ln.strip() and not _GPG_COUNT.match(ln.strip()) and not ln.startswith("[GNUPG:]")]
     return said[-1].strip().removeprefix("gpg: ") if said else ""
 
 
@@ -68,9 +68,12 @@ def verify_repomd_signature(repo: DnfRepo, baseurl: str, data: bytes, asc: bytes
                 key = ref[len("file://"):]
                 # a key gpg cannot import must fail here, naming it: ignored, it surfaced as "signature check
                 # failed" with no hint that the key file is the problem
-                imported = process.run(["gpg", "--batch", "--homedir", home, "--import", key], capture=True,
-                                       text=True, check=False)
-                if imported.returncode != 0:
+                # judged by gpg's status lines, not its exit status: without a usable agent socket (a host
+                # without /run/user/0) gpg imports a public key fine and still exits 2 ("can't connect to the
+                # agent")
+                imported = process.run(["gpg", "--batch", "--homedir", home, "--status-fd", "1", "--import", key],
+                                       capture=True, text=True, check=False)
+                if "[GNUPG:] IMPORT_OK" not in (imported.stdout or ""):
                     raise SignatureError(f"repository {repo.id}: GPG key {key} cannot be imported: gpg: "
                                          f"{gpg_reason(imported.tail) or process.status_text(imported.returncode)}")
             (Path(home) / "repomd.xml").write_bytes(data)

@@ -41,6 +41,7 @@ from . import criu as criu_mod
 from . import state, storage
 from .confcache import _conf_params, _idmap_shift, _limits_from_conf, _template_of, load_conf
 from .layout import Layout, check_veid
+from .limits import Limits
 from .ve import VELock, _cgroups, _cleanup, exists, running_init
 
 META = "vzpkg-checkpoint.json"
@@ -60,6 +61,16 @@ def suspended_at(layout: Layout, veid: str) -> Path | None:
         return Path(marker(layout, veid).read_text().strip())
     except OSError:
         return None
+
+
+def require_file_layout(veid: str, kind: str, what: str) -> None:
+    """Checkpoints, clones and migrations copy the VE's files as a tree (overlay upper/ or copy root/); the
+    image, btrfs and projquota layouts keep them in a filesystem of their own, which these do not move yet."""
+    if kind not in ("overlay", "copy"):
+        from vzpkg.errors import StorageUnsupportedError
+
+        raise StorageUnsupportedError(f"VE {veid}: {what} of a VE on the {kind} layout is not supported yet (only "
+                                      "overlay and copy); create the VE with --layout overlay")
 
 
 def _private_payload(layout: Layout, veid: str, kind: str) -> Path:
@@ -104,6 +115,7 @@ def _chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> d
                            "if it is suspended)")
     criu = criu_mod.find()
     _, _, kind, _ = _conf_params(conf)
+    require_file_layout(veid, kind, "a checkpoint")
     problem = criu_mod.undumpable(_cgroups().pids(layout.cgroup_name(veid)))
     if problem:
         raise CheckpointError(f"VE {veid}: cannot checkpoint, the VE keeps running: {problem}")
@@ -253,7 +265,7 @@ def _restore_into(layout: Layout, veid: str, conf, images: Path, mac: str | None
     with ExitStack() as undo:
         undo.callback(_cleanup, layout, veid)
         cg.create(cgname)
-        cg.set_limits(cgname, **_limits_from_conf(conf))
+        cg.set_limits(cgname, Limits(**_limits_from_conf(conf)))
         cg.setup_devices(cgname, DEVICE_RULES)
         root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
         script = _action_script(layout, veid, conf, mac)
@@ -422,6 +434,7 @@ def clone(layout: Layout, src: str, dst: str, *, live: bool = False, hostname: s
         else:
             with VELock(layout, src):
                 _, _, kind, _ = _conf_params(load_conf(layout, src))
+                require_file_layout(src, kind, "a clone")
                 fs = tmp / "fs"
                 fs.mkdir(parents=True, mode=0o700)
                 payload = _private_payload(layout, src, kind)

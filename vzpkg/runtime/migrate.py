@@ -110,8 +110,9 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
     if not layout.conf(veid).exists():
         raise VENotFoundError(f"VE {veid} does not exist")
     conf = load_conf(layout, veid)
-    _check_dest(layout, dst, veid, conf)
     _, _, kind, _ = _conf_params(conf)
+    checkpoint.require_file_layout(veid, kind, "a migration")
+    _check_dest(layout, dst, veid, conf)
     running = ve.running_init(layout, veid) is not None
     if online and not running:
         raise VEStateError(f"VE {veid} is not running: --online needs a running VE (drop --online)")
