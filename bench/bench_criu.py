@@ -54,7 +54,7 @@ def wait_service(root: Path, veid: str, t0: float, timeout: float = 30.0) -> flo
 
 
 def memory_ve(root: Path, veid: str, mb: int) -> None:
-    vzctl(root, "create", veid, "--ostemplate", TEMPLATE)
+    vzctl(root, "create", veid, "--ostemplate", TEMPLATE, "--layout", "overlay")  # CRIU moves file trees
     vzctl(root, "set", veid, "--ram", f"{mb + 512}M", "--numproc", "200", "--save")
     vzctl(root, "start", veid)
     # (every background process off vzctl exec's pipes, or exec waits for them)
@@ -110,7 +110,7 @@ def main() -> int:
             else:
                 ve.destroy(layout, veid, force=True)
         # warm checkpoint vs cold start of a service that needs a second to become ready
-        vzctl(root, "create", "svc", "--ostemplate", TEMPLATE)
+        vzctl(root, "create", "svc", "--ostemplate", TEMPLATE, "--layout", "overlay")
         cold = []
         for _ in range(args.runs):
             t0 = time.monotonic()

@@ -10,6 +10,8 @@ Cases, each timed as the wall time of the commands a user would type (Python sta
             destroy  vzctl destroy ID
             (each VE with a private id range: the template through an idmapped mount, the default)
   vzpkg-shared       the same with `vzctl create --idmap shared` (one id range for all VEs, no idmapped mount)
+  vzpkg-overlay      the same with `vzctl create --layout overlay` (the basic sample's disk limit makes `vzpkg`
+                     an image-layout VE: a loop-mounted ext4 image; this case is the overlay layout without one)
   floor     start    unshare -pmuin --fork chroot ROOT /bin/true (ROOT: the unpacked template)
   lxc       create   lxc-copy -s -B overlayfs (snapshot of a base container made from the same rootfs)
             start    lxc-start -d, then lxc-attach -- /bin/true until it succeeds
@@ -343,6 +345,9 @@ def main() -> int:
         if "vzpkg-shared" in cases:
             runners.append(Vzpkg(work, Path(args.cache_dir), args.template, name="vzpkg-shared",
                                  create_opts=("--idmap", "shared")))
+        if "vzpkg-overlay" in cases:  # the default sample has disk limits: image layout; this one has none
+            runners.append(Vzpkg(work, Path(args.cache_dir), args.template, name="vzpkg-overlay",
+                                 create_opts=("--layout", "overlay")))
         if "api" in cases:
             runners.append(Api(work, Path(args.cache_dir), args.template))
         if "api-noserver" in cases:
@@ -399,7 +404,7 @@ def main() -> int:
         for op, s in ops.items():
             print(f"{name:<13} {op:<9} {s['median']:>10.1f} {s['min']:>8.1f} {s['max']:>8.1f}")
     vzc = results["cases"].get("vzpkg", {})
-    for other in ("vzpkg-shared", "floor", "lxc", "podman"):
+    for other in ("vzpkg-shared", "vzpkg-overlay", "floor", "lxc", "podman"):
         oc = results["cases"].get(other, {})
         if "error" in oc or not oc:
             continue

@@ -115,10 +115,14 @@ def backend_of(conf) -> Backend:
 def unmount_all(layout: Layout, veid: str) -> None:
     """The VE's root, and its image's file system if one is mounted (so the loop device is detached)."""
     from .. import storage
-    from .image import unmount_fs
 
     storage.umount_root(layout, veid)
-    unmount_fs(layout, veid)
+    # only an image VE has private/<id>/fs: stop of every other VE need not import the image backend (and with
+    # it the process layer), ~7 ms of `vzctl stop` and `destroy`
+    if os.path.isdir(layout.private(veid) / "fs"):
+        from .image import unmount_fs
+
+        unmount_fs(layout, veid)
 
 
 def destroy_all(layout: Layout, veid: str) -> None:
@@ -143,9 +147,6 @@ def recover_all(layout: Layout, veid: str, *, gone: bool) -> list[tuple[Path, in
     removed += image.recover_leftovers(layout, veid)
     if gone:
         removed += btrfs.remove_subvolume(layout, veid)
-    return removed
-    if not gone:
-        removed += image.finish_grow(layout, veid)
     return removed
 
 
