@@ -128,11 +128,19 @@ def unmount_all(layout: Layout, veid: str) -> None:
 def destroy_all(layout: Layout, veid: str) -> None:
     """Remove the VE's storage of any backend: mounts, loop devices, btrfs subvolume and qgroup, private area."""
     from .. import storage
-    from . import btrfs, image
 
     unmount_all(layout, veid)
-    image.recover_leftovers(layout, veid)
-    btrfs.remove_subvolume(layout, veid)
+    # the image and btrfs modules (and the process layer they load) only where there can be something of theirs:
+    # a loop device attached at all, a btrfs pool in this VZ root; ~7 ms of every other `vzctl destroy`
+    if any(os.path.exists(f"/sys/block/{d}/loop/backing_file") for d in os.listdir("/sys/block")
+           if d.startswith("loop")):
+        from . import image
+
+        image.recover_leftovers(layout, veid)
+    if (layout.root / "btrfs").is_dir():
+        from . import btrfs
+
+        btrfs.remove_subvolume(layout, veid)
     storage.remove_private(layout, veid)
 
 
