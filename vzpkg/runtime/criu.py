@@ -106,22 +106,28 @@ _DUMPABLE_ANON = {"[eventfd]", "[eventpoll]", "[signalfd]", "inotify", "[fanotif
                   "[pidfd]", "[memfd]"}
 
 
+def _undumpable_fds(pid: int | str) -> list[str]:
+    """PID's descriptors CRIU has no dumper for ("fd 7 anon_inode:[io_uring]", ...); [] if it is gone."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    odd = []
+    for fd in sorted(fds, key=int):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("anon_inode:") and target[11:] not in _DUMPABLE_ANON:
+            odd.append(f"fd {fd} {target}")
+    return odd
+
+
 def undumpable(pids: list[int]) -> str | None:
     """What CRIU would fail on among PIDS (the VE's processes), checked before it touches them: a failed
     parasite injection (io_uring descriptors, for one) can cost the process its life."""
     for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        odd = []
-        for fd in sorted(fds, key=int):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("anon_inode:") and target[11:] not in _DUMPABLE_ANON:
-                odd.append(f"fd {fd} {target}")
+        odd = _undumpable_fds(pid)
         if odd:
             try:
                 comm = Path(f"/proc/{pid}/comm").read_text().strip()
@@ -147,17 +153,9 @@ def explain_dump_failure(log: Path) -> str | None:
     for pid in dict.fromkeys(pids):
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
-        odd = []
-        for fd in sorted(fds, key=int):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("anon_inode:") and target[11:] not in _DUMPABLE_ANON:
-                odd.append(f"fd {fd} {target}")
+        odd = _undumpable_fds(pid)
         if odd:
             return f"process {pid} ({comm}) holds {', '.join(odd)}, which CRIU cannot dump: stop it and try again"
     return None
