@@ -139,11 +139,7 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
     frozen0 = t
     try:
         t = time.monotonic()
-        _copy_tree(_payload(layout, veid, kind), staged / _payload(layout, veid, kind).name)
-        if kind == "overlay":
-            (staged / "work").mkdir(exist_ok=True, mode=0o700)
-        staged.rename(dst.private(veid))
-        _install_conf(layout, dst, veid)
+        _sync_and_install(layout, dst, veid, kind, staged)
         phase("sync", t)
         t = time.monotonic()
         checkpoint.restore(dst, veid, dumpdir=images)
@@ -171,6 +167,16 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
     return times
 
 
+def _sync_and_install(layout: Layout, dst: Layout, veid: str, kind: str, staged: Path) -> None:
+    """The last copy of the VE's files (the VE no longer runs on the source), moved into place on DEST with its
+    config."""
+    _copy_tree(_payload(layout, veid, kind), staged / _payload(layout, veid, kind).name)
+    if kind == "overlay":
+        (staged / "work").mkdir(exist_ok=True, mode=0o700)
+    staged.rename(dst.private(veid))
+    _install_conf(layout, dst, veid)
+
+
 def _offline(layout: Layout, dst: Layout, veid: str, kind: str, running: bool, staged: Path, keep_dst: bool,
              times: dict[str, float]) -> dict[str, float]:
     t = time.monotonic()
@@ -179,11 +185,7 @@ def _offline(layout: Layout, dst: Layout, veid: str, kind: str, running: bool, s
     times["stop"] = time.monotonic() - t
     try:
         t = time.monotonic()
-        _copy_tree(_payload(layout, veid, kind), staged / _payload(layout, veid, kind).name)
-        if kind == "overlay":
-            (staged / "work").mkdir(exist_ok=True, mode=0o700)
-        staged.rename(dst.private(veid))
-        _install_conf(layout, dst, veid)
+        _sync_and_install(layout, dst, veid, kind, staged)
         times["sync"] = time.monotonic() - t
         t = time.monotonic()
         if running:
