@@ -17,7 +17,7 @@ from vzpkg.errors import VEError, VENotFoundError, VEOutOfMemoryError, VEStateEr
 
 from . import ns, state
 from .layout import Layout, check_veid
-from .spawn import VE_ENV, _harden
+from .spawn import VE_ENV, _harden, exec_or_exit
 from .state import live_init as running_init
 
 _MOUNTS_CACHE: list[tuple[set[str], str]] | None = None
@@ -223,11 +223,8 @@ def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] |
                 # signals reach it through _forward_signals, not the terminal
                 os.setsid()
             _harden(rec.privileged)
-            os.execvpe(argv[0], argv, environ)
-        except FileNotFoundError:
-            os.write(2, f"vzctl exec: {argv[0]}: command not found\n".encode())
-            os._exit(127)
-        except BaseException as e:
+            exec_or_exit(argv, environ)
+        except BaseException as e:  # the set-up before the exec failed
             os.write(2, f"vzctl exec: {argv[0]}: {e}\n".encode())
             os._exit(126)
     _forward_signals(pid)

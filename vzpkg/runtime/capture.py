@@ -20,7 +20,7 @@ from .attach import (  # noqa: F401
     join_cgroups,
 )
 from .layout import Layout, check_veid
-from .spawn import VE_ENV, _harden
+from .spawn import VE_ENV, _harden, exec_or_exit
 from .state import live_init as running_init
 
 
@@ -250,11 +250,8 @@ def _captured_helper(veid: str, argv: list[str], environ: dict[str, str], privil
                 os.setpgid(0, 0)  # a group of its own: a timeout kills what it started too
                 os.closerange(3, 1 << 20)
                 _harden(privileged)
-                os.execvpe(argv[0], argv, environ)
-            except FileNotFoundError:
-                os.write(2, f"vzctl exec: {argv[0]}: command not found\n".encode())
-                os._exit(127)
-            except BaseException as e:
+                exec_or_exit(argv, environ)
+            except BaseException as e:  # the set-up before the exec failed
                 os.write(2, f"vzctl exec: {argv[0]}: {e}\n".encode())
                 os._exit(126)
         os.write(st_w, f"P{pid}\n".encode())

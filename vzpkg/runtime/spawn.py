@@ -338,6 +338,18 @@ def _ve_init(up_w: int, spec: InitSpec) -> None:
     os.execve(spec.init_path, spec.init_argv, VE_ENV)
 
 
+def exec_or_exit(argv: list[str], environ: dict[str, str]) -> None:
+    """In a forked child: exec ARGV, or say why not on stderr and exit 127 (not found) or 126, as a shell does."""
+    try:
+        os.execvpe(argv[0], argv, environ)
+    except FileNotFoundError:
+        os.write(2, f"vzctl exec: {argv[0]}: command not found\n".encode())
+        os._exit(127)
+    except BaseException as e:
+        os.write(2, f"vzctl exec: {argv[0]}: {e}\n".encode())
+        os._exit(126)
+
+
 def _harden(privileged: bool) -> None:
     if privileged:
         ns.drop_bounding_caps(PRIVILEGED_CAPS)
