@@ -39,7 +39,8 @@ DEFAULT_TEMPLATE = "debian-12-x86_64"
 PARAMS = {
     "ram": "RAM", "swap": "SWAP", "cpuunits": "CPUUNITS", "cpulimit": "CPULIMIT", "cpus": "CPUS",
     "numproc": "NUMPROC", "diskspace": "DISKSPACE", "diskinodes": "DISKINODES", "hostname": "HOSTNAME",
-    "ipadd": "IP_ADDRESS", "nameserver": "NAMESERVER", "onboot": "ONBOOT", "init": "INIT",
+    "ipadd": "IP_ADDRESS", "ipdel": "IPDEL", "nameserver": "NAMESERVER", "searchdomain": "SEARCHDOMAIN",
+    "onboot": "ONBOOT", "init": "INIT", "quotaugidlimit": "QUOTAUGIDLIMIT",
 }
 
 

@@ -158,6 +158,30 @@ def rt(vz_root, debian12_cache):
 
 
 @pytest.fixture(scope="session")
+def ve_template(vz_root, debian12_cache):
+    """The session template of vzpkg's own pytest plugin (the `ve` and `ve_factory` fixtures,
+    vzpkg/pytest_plugin.py), pointed at this session's VZ root and the shared test cache."""
+    from vzpkg.pytest_plugin import VETemplate
+
+    cache_dir, name = debian12_cache
+    return VETemplate(name, cache_dir, vz_root)
+
+
+@pytest.fixture
+def ve_factory(ve_factory, vz_root):
+    """The plugin's ve_factory, with the check `rt` makes after a test: each VE destroyed leaves no cgroup and
+    no mount (the plugin's own teardown then finds nothing left to do)."""
+    yield ve_factory
+    veids = [v.veid for v in ve_factory.made]
+    problems = ve_factory.destroy_all()
+    for veid in veids:
+        left = cgroup_dirs(cgroup_name(vz_root, veid)) + mounts_below(vz_root / "root" / veid)
+        if left:
+            problems.append(f"{veid} left {left}")
+    assert not problems, problems
+
+
+@pytest.fixture(scope="session")
 def open_root(debian12_cache):
     """A second VZ root that other host users could reach if the runtime let them: under /var/tmp with mode 0755
     all the way (pytest's own temporary directories are 0700, which would hide everything)."""

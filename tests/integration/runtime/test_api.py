@@ -71,45 +71,42 @@ def test_lifecycle_exec_and_context_manager(api):
     assert not mounts_below(root / "root" / veid)
 
 
-def test_exec_check_timeout_and_missing_command(api):
-    with VE.create(**api) as v:
-        v.start()
-        with pytest.raises(VECommandError) as info:
-            v.exec(["sh", "-c", "echo bad >&2; exit 4"], check=True)
-        assert info.value.exit_code == 35 and info.value.result.returncode == 4
-        assert "exited with status 4: bad" in str(info.value)
-        t = time.monotonic()
-        with pytest.raises(VECommandError) as info:
-            v.exec("echo started; sleep 30", timeout=0.5)
-        assert time.monotonic() - t < 5
-        assert info.value.result.timed_out and info.value.result.stdout == "started\n"
-        # the timeout killed what the command started too: no sleep left in the VE
-        assert "sleep" not in v.exec(["ps", "-e", "-o", "comm="]).stdout
-        r = v.exec(["no-such-command"])
-        assert r.returncode == 127 and "command not found" in r.stderr
-        # the command runs with the VE's environment, not the caller's
-        os.environ["VZPKG_API_TEST_SECRET"] = "x"
-        try:
-            assert "VZPKG_API_TEST_SECRET" not in v.exec(["env"]).stdout
-        finally:
-            del os.environ["VZPKG_API_TEST_SECRET"]
-        assert v.exec(["sh", "-c", "echo $FOO"], env={"FOO": "bar"}).stdout == "bar\n"
+def test_exec_check_timeout_and_missing_command(ve):
+    with pytest.raises(VECommandError) as info:
+        ve.exec(["sh", "-c", "echo bad >&2; exit 4"], check=True)
+    assert info.value.exit_code == 35 and info.value.result.returncode == 4
+    assert "exited with status 4: bad" in str(info.value)
+    t = time.monotonic()
+    with pytest.raises(VECommandError) as info:
+        ve.exec("echo started; sleep 30", timeout=0.5)
+    assert time.monotonic() - t < 5
+    assert info.value.result.timed_out and info.value.result.stdout == "started\n"
+    # the timeout killed what the command started too: no sleep left in the VE
+    assert "sleep" not in ve.exec(["ps", "-e", "-o", "comm="]).stdout
+    r = ve.exec(["no-such-command"])
+    assert r.returncode == 127 and "command not found" in r.stderr
+    # the command runs with the VE's environment, not the caller's
+    os.environ["VZPKG_API_TEST_SECRET"] = "x"
+    try:
+        assert "VZPKG_API_TEST_SECRET" not in ve.exec(["env"]).stdout
+    finally:
+        del os.environ["VZPKG_API_TEST_SECRET"]
+    assert ve.exec(["sh", "-c", "echo $FOO"], env={"FOO": "bar"}).stdout == "bar\n"
 
 
-def test_exec_leaves_the_caller_alone(api):
+def test_exec_leaves_the_caller_alone(ve_factory):
     """The caller's namespaces, cgroups, cwd and signal handlers are as before (exec runs in a helper)."""
     def ids():
         return ([os.readlink(f"/proc/self/ns/{n}") for n in ("mnt", "pid", "user", "net", "uts", "cgroup")],
                 Path("/proc/self/cgroup").read_text(), os.getcwd())
 
     before = ids()
-    with VE.create(**api) as v:
-        v.start()
-        v.exec(["true"], check=True)
-        assert ids() == before
-        # and the helper is not something the VE's root could ptrace: it never shows up as a VE process
-        # that keeps running (it exits with the command)
-        assert v.exec(["ps", "-e", "-o", "comm="]).stdout.split() == ["vzinit", "ps"]
+    v = ve_factory()
+    v.exec(["true"], check=True)
+    assert ids() == before
+    # and the helper is not something the VE's root could ptrace: it never shows up as a VE process
+    # that keeps running (it exits with the command)
+    assert v.exec(["ps", "-e", "-o", "comm="]).stdout.split() == ["vzinit", "ps"]
 
 
 def test_errors_are_vzctls(api):
@@ -262,71 +259,70 @@ def _read_as_ve_root(init: int, path: str) -> str:
     return out
 
 
-def test_exec_server(api, rt):
+def test_exec_server(ve_factory, rt):
     """An API-started VE's commands come from its exec server: a process in the VE's cgroups and namespaces that
     the VE cannot see or read; gone with stop; replaced by the helper when it is gone."""
-    with VE.create(**api) as v:
-        v.start()
-        assert v.exec(["true"]).returncode == 0
-        pid = _server_pid(v)
-        assert pid
-        # in the VE's cgroups, user and mount namespaces ...
-        assert f"/vzpkg/{cgroup_name(v.root, v.veid)}" in Path(f"/proc/{pid}/cgroup").read_text()
-        init = v.status().init_pid
-        for n in ("user", "mnt", "net", "uts", "ipc"):
-            assert os.readlink(f"/proc/{pid}/ns/{n}") == os.readlink(f"/proc/{init}/ns/{n}")
-        # ... its commands in the VE's pid namespace, while it is not: the VE sees only its own processes
-        assert os.readlink(f"/proc/{pid}/ns/pid_for_children") == os.readlink(f"/proc/{init}/ns/pid")
-        assert v.exec(["ps", "-e", "-o", "comm="]).stdout.split() == ["vzinit", "ps"]
-        # not dumpable: with the VE root's credentials, its memory cannot be read (the VE's init's can)
-        assert _read_as_ve_root(init, f"/proc/{init}/environ") == "ok"
-        assert _read_as_ve_root(init, f"/proc/{pid}/environ") == "PermissionError"
-        # many commands at once from threads
-        results: list[ExecResult] = []
-        ts = [threading.Thread(target=lambda i=i: results.append(v.exec(["echo", str(i)]))) for i in range(16)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        assert sorted(int(r.stdout) for r in results) == list(range(16))
-        # the server killed: exec falls back to the helper
-        os.kill(pid, 9)
-        assert v.exec(["echo", "still"]).stdout == "still\n"
-        assert _server_pid(v) == 0
-        # a restart by vzctl (another process): exec works, the old server is dropped
-        v.stop()
-        v.start()
-        pid = _server_pid(v)
-        rt.vzctl("stop", v.veid)
-        rt.vzctl("start", v.veid)
-        assert v.exec(["echo", "again"]).stdout == "again\n"
-        with pytest.raises(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
+    v = ve_factory()
+    assert v.exec(["true"]).returncode == 0
+    pid = _server_pid(v)
+    assert pid
+    # in the VE's cgroups, user and mount namespaces ...
+    assert f"/vzpkg/{cgroup_name(v.root, v.veid)}" in Path(f"/proc/{pid}/cgroup").read_text()
+    init = v.status().init_pid
+    for n in ("user", "mnt", "net", "uts", "ipc"):
+        assert os.readlink(f"/proc/{pid}/ns/{n}") == os.readlink(f"/proc/{init}/ns/{n}")
+    # ... its commands in the VE's pid namespace, while it is not: the VE sees only its own processes
+    assert os.readlink(f"/proc/{pid}/ns/pid_for_children") == os.readlink(f"/proc/{init}/ns/pid")
+    assert v.exec(["ps", "-e", "-o", "comm="]).stdout.split() == ["vzinit", "ps"]
+    # not dumpable: with the VE root's credentials, its memory cannot be read (the VE's init's can)
+    assert _read_as_ve_root(init, f"/proc/{init}/environ") == "ok"
+    assert _read_as_ve_root(init, f"/proc/{pid}/environ") == "PermissionError"
+    # many commands at once from threads
+    results: list[ExecResult] = []
+    ts = [threading.Thread(target=lambda i=i: results.append(v.exec(["echo", str(i)]))) for i in range(16)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert sorted(int(r.stdout) for r in results) == list(range(16))
+    # the server killed: exec falls back to the helper
+    os.kill(pid, 9)
+    assert v.exec(["echo", "still"]).stdout == "still\n"
+    assert _server_pid(v) == 0
+    # a restart by vzctl (another process): exec works, the old server is dropped
+    v.stop()
+    v = ve_factory()
+    pid = _server_pid(v)
+    rt.vzctl("stop", v.veid)
+    rt.vzctl("start", v.veid)
+    assert v.exec(["echo", "again"]).stdout == "again\n"
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
     # without a server: the helper, as before
-    with VE.create(**api) as v:
-        v.start(exec_server=False)
-        assert _server_pid(v) == 0
-        assert v.exec(["echo", "helper"]).stdout == "helper\n"
+    v = ve_factory(start=False)
+    v.start(exec_server=False)
+    assert _server_pid(v) == 0
+    assert v.exec(["echo", "helper"]).stdout == "helper\n"
 
 
 @pytest.mark.parametrize("exec_server", [True, False])
-def test_exec_at_the_process_limit(api, rt, exec_server):
+def test_exec_at_the_process_limit(ve_factory, rt, exec_server):
     """At NUMPROC the command cannot start: the error vzctl exec gives (VEError, exit 30), in its words."""
-    with VE.create(**api) as v:
-        v.start(exec_server=exec_server)
-        busy = threading.Thread(target=lambda: v.exec("sleep 5 & wait", timeout=30))
-        busy.start()
-        try:
-            deadline = time.monotonic() + 10
-            while "sleep" not in v.exec(["ps", "-e", "-o", "comm="]).stdout and time.monotonic() < deadline:
-                time.sleep(0.05)
-            held = int(_cgroup_file(v.root, v.veid, "pids.current"))
-            v.set(numproc=held)  # full now: init, (the exec server,) the shell and its sleep
-            with pytest.raises(VEError) as info:
-                v.exec(["true"])
-            p = rt.vzctl("exec", v.veid, "true", check=False)
-        finally:
-            busy.join()
+    v = ve_factory(start=False)
+    v.start(exec_server=exec_server)
+    busy = threading.Thread(target=lambda: v.exec("sleep 5 & wait", timeout=30))
+    busy.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "sleep" not in v.exec(["ps", "-e", "-o", "comm="]).stdout and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held = int(_cgroup_file(v.root, v.veid, "pids.current"))
+        v.set(numproc=held)  # full now: init, (the exec server,) the shell and its sleep
+        with pytest.raises(VEError) as info:
+            v.exec(["true"])
+        p = rt.vzctl("exec", v.veid, "true", check=False)
+    finally:
+        busy.join()
     err = info.value
     assert err.exit_code == 30 == p.returncode
     assert str(err) == f"VE {v.veid} is at its process limit (NUMPROC): cannot start 'true'; stop some of its " \

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -10,7 +9,7 @@ import sys
 
 import pytest
 
-from .conftest import PROJECT, mounts_below
+from .conftest import PROJECT, cgroup_dirs, cgroup_name, mounts_below
 
 pytestmark = pytest.mark.root
 
@@ -74,15 +73,11 @@ def test_limits_beyond_the_kernel_are_refused(rt, opt, value, key, accepted):
     assert p.returncode == 13 and str(conf) in msg and accepted in msg
 
 
-def test_largest_accepted_limits_start(rt):
+@pytest.mark.ve(numproc=4194304, cpulimit=819200, ram="1024T", swap="1024T", cpus=8192, cpuunits=500000)
+def test_largest_accepted_limits_start(ve):
     """The upper ends of the ranges are what the kernel takes: the VE starts with them."""
-    veid = rt.create(start=False)
-    rt.vzctl("set", veid, "--numproc", "4194304", "--cpulimit", "819200", "--ram", "1024T", "--swap", "1024T",
-             "--cpus", "8192", "--cpuunits", "500000", "--save")
-    rt.vzctl("start", veid)
-    bc = json.loads(rt.vzctl("status", veid, "--json", "--beancounters").stdout)["beancounters"]
-    assert bc["numproc"]["limit"] == 4194304
-    assert rt.vzctl("exec", veid, "true").returncode == 0
+    assert ve.status(beancounters=True).beancounters["numproc"]["limit"] == 4194304
+    assert ve.exec(["true"]).returncode == 0
 
 
 @pytest.mark.parametrize("timeout", ["nan", "inf", "-inf", "1e300", "-1", "3601", "soon"])
@@ -97,16 +92,12 @@ def test_bad_stop_timeouts_are_usage_errors(rt, timeout):
     assert rt.init_pid(veid) == pid and rt.vzctl("exec", veid, "true").returncode == 0
 
 
-def test_stop_in_the_library_survives_any_timeout(rt):
+def test_stop_in_the_library_survives_any_timeout(ve):
     """The library clamps what the CLI refuses: stop never fails half-way, and leaves nothing behind."""
-    from vzpkg.runtime import ve
-    from vzpkg.runtime.layout import Layout
-
-    veid = rt.create()
     for t in (math.nan, math.inf, 1e300, -5.0):
-        assert ve.stop(Layout(rt.root), veid, timeout=t) is True
-        assert rt.cgroup_dirs(veid) == [] and mounts_below(rt.ve_root(veid)) == []
-        rt.vzctl("start", veid)
+        assert ve.stop(timeout=t) is True
+        assert cgroup_dirs(cgroup_name(ve.root, ve.veid)) == [] and mounts_below(ve.root / "root" / ve.veid) == []
+        ve.start()
 
 
 @pytest.mark.parametrize("veid,why", [("0", "host"), ("0101", "leading zeros"), ("-5", "cannot start with '-'"),

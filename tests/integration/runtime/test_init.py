@@ -10,10 +10,10 @@ import pytest
 pytestmark = pytest.mark.root
 
 
-def test_start_scripts_run_once(rt):
-    veid = rt.create(start=False)
-    rt.vzctl("mount", veid)
-    root = rt.ve_root(veid)
+def test_start_scripts_run_once(ve_factory):
+    v = ve_factory(start=False)
+    v.mount()
+    root = v.path
     (root / "etc/vzpkg/start").mkdir(parents=True)
     script = root / "etc/vzpkg/start/10-hello"
     script.write_text("#!/bin/sh\necho started >> /root/start-log\n")
@@ -21,33 +21,32 @@ def test_start_scripts_run_once(rt):
     rc_local = root / "etc/rc.local"
     rc_local.write_text("#!/bin/sh\necho rc.local >> /root/start-log\n")
     rc_local.chmod(0o755)
-    rt.vzctl("umount", veid)
-    rt.vzctl("start", veid)
+    v.umount()
+    v.start()
     deadline = time.monotonic() + 10
-    while rt.sh(veid, "test $(wc -l < /root/start-log) -ge 2").returncode != 0:
+    while v.exec("test $(wc -l < /root/start-log) -ge 2").returncode != 0:
         assert time.monotonic() < deadline, "start-up scripts did not run"
         time.sleep(0.05)
-    assert rt.vzctl("exec", veid, "cat", "/root/start-log").stdout == "started\nrc.local\n"
+    assert v.exec(["cat", "/root/start-log"], check=True).stdout == "started\nrc.local\n"
 
 
-def test_orphans_are_reaped(rt):
-    veid = rt.create()
+def test_orphans_are_reaped(ve):
     # a double fork: the grandchild is orphaned to pid 1 and exits soon after
-    rt.sh(veid, "(sh -c 'sleep 0.2' &) ; true", check=True)
+    ve.exec("(sh -c 'sleep 0.2' &) ; true", check=True)
     time.sleep(0.8)
-    states = rt.vzctl("exec", veid, "ps", "-eo", "stat=,comm=").stdout
+    states = ve.exec(["ps", "-eo", "stat=,comm="], check=True).stdout
     assert "Z" not in "".join(line.split()[0] for line in states.strip().splitlines()), states
 
 
-def test_sigterm_reaches_every_process(rt):
+@pytest.mark.ve(fs_layout="overlay")  # (its upper dir is read after the stop)
+def test_sigterm_reaches_every_process(ve):
     """stop sends SIGTERM through init to all processes, which can shut down cleanly before the kill."""
-    veid = rt.create("--layout", "overlay")  # (its upper dir is read after the stop)
-    rt.vzctl("exec", veid, "bash", "-c",
+    ve.exec(["bash", "-c",
              "nohup bash -c 'trap \"echo bye > /root/term-seen; exit 0\" TERM; while :; do sleep 0.1; done' "
-             ">/dev/null 2>&1 &", check=True)
+             ">/dev/null 2>&1 &"], check=True)
     time.sleep(0.3)
-    rt.vzctl("stop", veid)
-    assert (rt.private(veid) / "upper/root/term-seen").read_text() == "bye\n"
+    assert ve.stop() is True
+    assert (ve.root / "private" / ve.veid / "upper/root/term-seen").read_text() == "bye\n"
 
 
 def test_distro_init_missing_is_a_clean_error(rt):

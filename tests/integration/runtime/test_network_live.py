@@ -244,24 +244,24 @@ def test_sigkill_mid_start(rt, bridge, next_command):
     _nothing_left(rt, a, "10.199.82.2")
 
 
-def test_hostname_and_resolver_at_once(rt):
+def test_hostname_and_resolver_at_once(ve):
     """--hostname rewrites /etc/hostname and the VE's hostname; --searchdomain alone rewrites the search line and
     keeps the VE's nameserver lines (and --nameserver keeps the search line)."""
-    veid = rt.create()
-    rt.sh(veid, "printf 'nameserver 10.199.0.53\\noptions ndots:2\\n' > /etc/resolv.conf", check=True)
-    rt.vzctl("set", veid, "--hostname", "web1.example.test")
-    assert rt.vzctl("exec", veid, "cat", "/etc/hostname").stdout == "web1.example.test\n"
-    assert rt.vzctl("exec", veid, "hostname").stdout.strip() == "web1.example.test"
-    rt.vzctl("set", veid, "--searchdomain", "example.test")
-    assert rt.vzctl("exec", veid, "cat", "/etc/resolv.conf").stdout == (
-        "nameserver 10.199.0.53\noptions ndots:2\nsearch example.test\n")
-    rt.vzctl("set", veid, "--nameserver", "10.199.0.54", "--save")
-    assert rt.vzctl("exec", veid, "cat", "/etc/resolv.conf").stdout == (
-        "nameserver 10.199.0.54\noptions ndots:2\nsearch example.test\n")
+    def cat(path: str) -> str:
+        return ve.exec(["cat", path], check=True).stdout
+
+    ve.exec("printf 'nameserver 10.199.0.53\\noptions ndots:2\\n' > /etc/resolv.conf", check=True)
+    ve.set(hostname="web1.example.test")
+    assert cat("/etc/hostname") == "web1.example.test\n"
+    assert ve.exec(["hostname"], check=True).stdout.strip() == "web1.example.test"
+    ve.set(searchdomain="example.test")
+    assert cat("/etc/resolv.conf") == "nameserver 10.199.0.53\noptions ndots:2\nsearch example.test\n"
+    ve.set(nameserver="10.199.0.54", save=True)
+    assert cat("/etc/resolv.conf") == "nameserver 10.199.0.54\noptions ndots:2\nsearch example.test\n"
     # a restart writes the same from the saved config
-    rt.vzctl("stop", veid)
-    rt.vzctl("start", veid)
-    assert "nameserver 10.199.0.54\n" in rt.vzctl("exec", veid, "cat", "/etc/resolv.conf").stdout
+    ve.stop()
+    ve.start()
+    assert "nameserver 10.199.0.54\n" in cat("/etc/resolv.conf")
 
 
 def test_routes_of_a_ve_that_died(rt, bridge):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .conftest import PROJECT, VZCTL
+from .conftest import PROJECT, VZCTL, cgroup_dirs, cgroup_name
 
 pytestmark = pytest.mark.root
 
@@ -22,22 +22,20 @@ def beancounters(rt, veid):
     return json.loads(rt.vzctl("status", veid, "--json", "--beancounters").stdout)["beancounters"]
 
 
-def test_memory_limit_kills_inside_only(rt):
-    a = rt.create(start=False)
-    rt.vzctl("set", a, "--ram", "64M", "--swap", "0", "--save")
-    rt.vzctl("start", a)
-    b = rt.create()
-    before = beancounters(rt, a)["memory"]
-    p = rt.sh(a, GROW.format(mb=300))
+def test_memory_limit_kills_inside_only(ve_factory):
+    a = ve_factory(ram="64M", swap="0")
+    b = ve_factory()
+    before = a.status(beancounters=True).beancounters["memory"]
+    p = a.exec(GROW.format(mb=300))
     assert p.returncode == 137, f"the allocation was not killed: {p.returncode} {p.stderr}"
-    after = beancounters(rt, a)["memory"]
+    after = a.status(beancounters=True).beancounters["memory"]
     assert after["failcnt"] > before["failcnt"]
     assert after["limit"] == 64 << 20
     assert after["maxheld"] <= 64 << 20
     # the VE, another VE and the host run on
-    assert rt.vzctl("exec", a, "true").returncode == 0
-    assert rt.vzctl("exec", b, "true").returncode == 0
-    assert rt.sh(b, GROW.format(mb=100)).returncode == 0
+    assert a.exec(["true"]).returncode == 0
+    assert b.exec(["true"]).returncode == 0
+    assert b.exec(GROW.format(mb=100)).returncode == 0
     assert subprocess.run(["true"]).returncode == 0
 
 
@@ -104,62 +102,52 @@ def test_numproc_contains_fork_bomb(rt):
         time.sleep(0.2)
 
 
-def _usage_ns(rt, veid: str) -> int:
-    acct = [d for d in rt.cgroup_dirs(veid) if (d / "cpuacct.usage").exists()]
+def _cgroups(v) -> list:
+    return cgroup_dirs(cgroup_name(v.root, v.veid))
+
+
+def _usage_ns(v) -> int:
+    acct = [d for d in _cgroups(v) if (d / "cpuacct.usage").exists()]
     if acct:
         return int((acct[0] / "cpuacct.usage").read_text())
-    for d in rt.cgroup_dirs(veid):
+    for d in _cgroups(v):
         if (d / "cpu.stat").exists():
             stat = dict(line.split() for line in (d / "cpu.stat").read_text().splitlines())
             return int(stat["usage_usec"]) * 1000
     raise AssertionError("no cpu accounting")
 
 
-def _burn(rt, veid):
-    return subprocess.Popen([*VZCTL, "exec", veid, "/bin/sh", "-c", "while :; do :; done"], env=rt.env,
-                            cwd=PROJECT)
+def _burn(v) -> None:
+    """A busy loop in the background of VE V, until the VE is destroyed."""
+    v.exec("while :; do :; done </dev/null >/dev/null 2>&1 &", check=True)
 
 
-def _measure(rt, veids, seconds):
-    start = [_usage_ns(rt, v) for v in veids]
+def _measure(ves, seconds):
+    start = [_usage_ns(v) for v in ves]
     t0 = time.monotonic()
     time.sleep(seconds)
     wall = time.monotonic() - t0
-    return [(_usage_ns(rt, v) - s) / 1e9 for v, s in zip(veids, start, strict=True)], wall
+    return [(_usage_ns(v) - s) / 1e9 for v, s in zip(ves, start, strict=True)], wall
 
 
-def test_cpuunits_share_one_core_1_to_3(rt):
-    a = rt.create(start=False)
-    b = rt.create(start=False)
-    rt.vzctl("set", a, "--cpuunits", "1000", "--cpus", "1", "--save")
-    rt.vzctl("set", b, "--cpuunits", "3000", "--cpus", "1", "--save")
-    rt.vzctl("start", a)
-    rt.vzctl("start", b)
-    burners = [_burn(rt, a), _burn(rt, b)]
-    try:
-        time.sleep(0.5)
-        (ua, ub), _ = _measure(rt, [a, b], 4.0)
-    finally:
-        for p in burners:
-            p.terminate()
-            p.wait()
+def test_cpuunits_share_one_core_1_to_3(ve_factory):
+    a = ve_factory(cpuunits=1000, cpus=1)
+    b = ve_factory(cpuunits=3000, cpus=1)
+    _burn(a)
+    _burn(b)
+    time.sleep(0.5)
+    (ua, ub), _ = _measure([a, b], 4.0)
     ratio = ub / ua
     assert 3 * 0.85 <= ratio <= 3 * 1.15, f"CPU time {ua:.2f}s : {ub:.2f}s = 1 : {ratio:.2f}"
 
 
-def test_cpulimit_25_percent(rt):
-    veid = rt.create(start=False)
-    rt.vzctl("set", veid, "--cpulimit", "25", "--save")
-    rt.vzctl("start", veid)
-    burner = _burn(rt, veid)
-    try:
-        time.sleep(0.5)
-        before = _throttling(rt, veid)
-        (used,), wall = _measure(rt, [veid], 4.0)
-        periods, throttled = (a - b for a, b in zip(_throttling(rt, veid), before, strict=True))
-    finally:
-        burner.terminate()
-        burner.wait()
+@pytest.mark.ve(cpulimit=25)
+def test_cpulimit_25_percent(ve):
+    _burn(ve)
+    time.sleep(0.5)
+    before = _throttling(ve)
+    (used,), wall = _measure([ve], 4.0)
+    periods, throttled = (a - b for a, b in zip(_throttling(ve), before, strict=True))
     share = 100 * used / wall
     assert share <= 30, f"{share:.1f}% of a core"
     # Below 20 % is a too strict limit only if the limit is what held the burner back (throttled in most periods);
@@ -167,9 +155,9 @@ def test_cpulimit_25_percent(rt):
     assert share >= 20 or throttled < periods / 2, f"{share:.1f}% of a core, throttled in {throttled}/{periods} periods"
 
 
-def _throttling(rt, veid) -> tuple[int, int]:
+def _throttling(v) -> tuple[int, int]:
     """(periods, periods throttled) from the VE's cpu controller: the kernel's own count of when the quota bit."""
-    for d in rt.cgroup_dirs(veid):
+    for d in _cgroups(v):
         if (d / "cpu.stat").exists():
             stat = dict(line.split() for line in (d / "cpu.stat").read_text().splitlines())
             if "nr_periods" in stat:
@@ -184,26 +172,24 @@ def test_beancounters_text(rt):
     assert "memory" in out and "numproc" in out and "failcnt" in out
 
 
-def _df_kib(rt, veid, path):
-    return int(rt.vzctl("exec", veid, "df", "-k", "--output=size", path).stdout.split()[-1])
+def _df_kib(v, path):
+    return int(v.exec(["df", "-k", "--output=size", path], check=True).stdout.split()[-1])
 
 
-def test_tmpfs_in_the_ve_are_sized_from_its_ram(rt):
+def test_tmpfs_in_the_ve_are_sized_from_its_ram(ve_factory):
     """/dev/shm gets half of RAM and /run an eighth: filling both leaves memory for the VE's processes, and
     exec still works (unbounded, a full /dev/shm got every later command OOM-killed)."""
-    veid = rt.create(start=False)
-    rt.vzctl("set", veid, "--ram", "128M", "--swap", "0", "--save")
-    rt.vzctl("start", veid)
-    assert _df_kib(rt, veid, "/dev/shm") == 64 * 1024
-    assert _df_kib(rt, veid, "/run") == 16 * 1024
-    p = rt.sh(veid, "dd if=/dev/zero of=/dev/shm/fill bs=1M count=1000; dd if=/dev/zero of=/run/fill bs=1M count=1000")
+    v = ve_factory(ram="128M", swap="0")
+    assert _df_kib(v, "/dev/shm") == 64 * 1024
+    assert _df_kib(v, "/run") == 16 * 1024
+    p = v.exec("dd if=/dev/zero of=/dev/shm/fill bs=1M count=1000; dd if=/dev/zero of=/run/fill bs=1M count=1000")
     assert p.stderr.count("No space left on device") == 2, p.stderr
     for _ in range(3):
-        p = rt.vzctl("exec", veid, "sh", "-c", "head -c 20M /dev/zero | tail -c 1 | wc -c")
+        p = v.exec(["sh", "-c", "head -c 20M /dev/zero | tail -c 1 | wc -c"], check=True)
         assert p.stdout.strip() == "1"
     # without a RAM limit /run keeps its 64 MB bound
-    other = rt.create("--config", "unlimited")
-    assert _df_kib(rt, other, "/run") == 64 * 1024
+    other = ve_factory(config="unlimited")
+    assert _df_kib(other, "/run") == 64 * 1024
 
 
 def test_exec_killed_by_the_memory_limit_says_so(rt):
