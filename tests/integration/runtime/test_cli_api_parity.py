@@ -32,6 +32,10 @@ class Cli:
     def status(self) -> dict:
         return json.loads(self.rt.vzctl("status", self.veid, "--json").stdout)
 
+    def beancounters(self) -> dict:
+        bc = json.loads(self.rt.vzctl("status", self.veid, "--json", "--beancounters").stdout)["beancounters"]
+        return {name: c["limit"] for name, c in bc.items() if "limit" in c}
+
 
 class Api:
     def __init__(self, rt, veid: str) -> None:
@@ -48,6 +52,10 @@ class Api:
                 return r.returncode, "", r.stdout, r.stderr
             elif verb == "destroy":
                 self.ve.destroy(force="--force" in args)
+            elif verb == "set":
+                opts = [a for a in args if a != "--save"]
+                params = {opts[i].removeprefix("--"): opts[i + 1] for i in range(0, len(opts), 2)}
+                self.ve.set(save="--save" in args, **params)
             else:
                 getattr(self.ve, verb)()
         except VzError as e:
@@ -56,6 +64,21 @@ class Api:
 
     def status(self) -> dict:
         return self.ve.status().as_dict()
+
+    def beancounters(self) -> dict:
+        return {name: c["limit"] for name, c in self.ve.status(beancounters=True).beancounters.items() if "limit" in c}
+
+
+SAVED = ("RAM", "SWAP", "NUMPROC", "CPUUNITS", "HOSTNAME")
+
+
+def _saved(rt, veid: str) -> dict[str, str | None]:
+    """The settable keys in the VE's config file (None: no such file)."""
+    conf = rt.root / "conf" / f"{veid}.conf"
+    if not conf.exists():
+        return dict.fromkeys(SAVED)
+    lines = dict(line.split("=", 1) for line in conf.read_text().splitlines() if "=" in line)
+    return {k: lines.get(k) for k in SAVED}
 
 
 def _same_state(cli: Cli, api: Api) -> None:
@@ -66,23 +89,39 @@ def _same_state(cli: Cli, api: Api) -> None:
         return st
 
     assert norm(cli.status(), cli.veid) == norm(api.status(), api.veid)
+    assert _saved(cli.rt, cli.veid) == _saved(api.rt, api.veid)
+    if cli.status()["running"]:
+        # what a live set changed: the same limits in the kernel
+        assert cli.beancounters() == api.beancounters()
 
 
 STEPS = [
     # (verb, args, expected exit code)
     ("start", (), 31),  # does not exist
     ("destroy", (), 31),
+    ("stop", (), 31),
+    ("exec", ("true",), 31),
+    ("set", ("--ram", "256M", "--save"), 31),
     ("create", (), 0),
     ("create", (), 32),  # exists
     ("exec", ("true",), 32),  # not running
+    ("set", ("--ram", "256M"), 2),  # not running and not saved: would change nothing
+    ("set", ("--ram", "lots", "--save"), 13),  # a bad value: the config's own check
+    ("set", ("--cpuunits", "7", "--save"), 13),  # out of range
+    ("set", ("--numproc", "-1", "--save"), 13),
+    ("set", ("--ram", "256M", "--numproc", "300", "--hostname", "same", "--save"), 0),
     ("start", (), 0),
     ("start", (), 32),  # running
+    ("set", ("--ram", "192M", "--numproc", "250"), 0),  # live, not saved
+    ("set", ("--ram", "lots"), 13),  # refused before anything is applied: the limits stay
+    ("exec", ("hostname",), 0),
     ("exec", ("sh", "-c", "echo out; echo err >&2; exit 7"), 7),
     ("exec", ("no-such-command",), 127),
     ("exec", ("sh", "-c", "kill -TERM $$"), None),  # killed by a signal: see below
     ("destroy", (), 32),  # running, no --force
     ("stop", (), 0),
     ("exec", ("true",), 32),
+    ("stop", (), 0),  # not running: cleaned up all the same
     ("start", (), 0),
     ("destroy", ("--force",), 0),
     ("destroy", (), 31),
@@ -102,7 +141,7 @@ def test_cli_and_api_agree(rt):
         else:
             assert c[0] == a[0] == expected, (verb, args, c, a)
         assert c[1] == a[1], (verb, args)  # the same error message
-        if verb == "exec" and expected not in (32, None):
+        if verb == "exec" and expected not in (31, 32, None):
             assert (c[2], c[3]) == (a[2], a[3])  # the same output
         _same_state(cli, api)
     assert not (rt.root / "conf" / f"{cli.veid}.conf").exists()
@@ -116,3 +155,11 @@ def test_invalid_veid_is_a_usage_error_in_both(rt):
     assert p.returncode == info.value.exit_code == 2
     assert p.stderr.strip() == f"vzctl: error: {info.value}"
     assert os.path.isdir(rt.root)
+
+
+def test_the_api_takes_every_set_option_of_vzctl():
+    """VE.create(**params) and VE.set(**params) name the same parameters, for the same config keys, as `vzctl set`."""
+    from vzpkg.api import PARAMS
+    from vzpkg.cli.vzctl import SET_OPTIONS
+
+    assert PARAMS == SET_OPTIONS
