@@ -16,6 +16,7 @@ import click
 from ..errors import NotWritableError, VzError
 from ..interrupt import terminate_like_interrupt
 from ..space import disk_full_error, is_full
+from .plain import exit_stdout_closed, stdout_closed
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,7 +56,9 @@ def handle_errors(prog: str) -> Callable[[F], F]:
         def inner(*args: Any, **kwargs: Any) -> Any:
             terminate_like_interrupt()
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                sys.stdout.flush()  # here, not at exit: a closed output is then an exception handled below
+                return result
             except VzError as e:
                 click.echo(f"{prog}: error: {e.message}", err=True)
                 sys.exit(e.exit_code)
@@ -63,6 +66,8 @@ def handle_errors(prog: str) -> Callable[[F], F]:
                 click.echo(f"{prog}: interrupted; nothing was published", err=True)
                 sys.exit(130)
             except OSError as e:
+                if stdout_closed(e):  # `vzpkg list | head -1`: quiet, as other tools
+                    exit_stdout_closed()
                 known = os_error(e)
                 if known is None:
                     _unexpected(prog, e)

@@ -6,6 +6,39 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what the shell reports for a tool its closed pipe killed (`yes | head -1`)
+
+
+def stdout_closed(e: BaseException) -> bool:
+    """E is a write to our standard output after its reader went away (`vzlist | head -1`), not a broken pipe
+    to some child of ours: the pipe on fd 1 reports an error once it has no reader left."""
+    if not isinstance(e, BrokenPipeError):
+        return False
+    try:
+        import select  # (a builtin module in Debian's Python: importable inside a VE's mount namespace too)
+
+        poll = select.poll()
+        poll.register(1, 0)  # POLLERR and POLLHUP are always reported
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (ImportError, OSError, ValueError):
+        return True  # cannot tell: a broken pipe that reached the entry point is most likely the output's
+
+
+def exit_stdout_closed() -> NoReturn:
+    """Exit as Unix tools do when the reader of their output goes away: silently, status 141. Python ignores
+    SIGPIPE (so that a write fails with EPIPE instead of killing the process half-way); the exception has
+    unwound every clean-up by now. Standard output is pointed at /dev/null first so that the interpreter's
+    last flush of what is still buffered does not fail again ("Exception ignored ... BrokenPipeError")."""
+    import os
+
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, 1)
+        os.close(fd)
+    except OSError:
+        pass
+    sys.exit(SIGPIPE_STATUS)
+
 
 def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None) -> NoReturn:
     """Run RUN(argv) and exit with its status; errors become `PROG: message` and their exit code."""
@@ -21,6 +54,7 @@ def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = run(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # here, not at exit: a closed output is then an exception handled below
     except VzError as e:
         print(f"{prog}: error: {e.message}", file=sys.stderr)
         code = e.exit_code
@@ -28,6 +62,8 @@ def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None)
         print(f"{prog}: interrupted", file=sys.stderr)
         code = 130
     except OSError as e:
+        if stdout_closed(e):
+            exit_stdout_closed()
         try:
             from vzpkg.space import disk_full_error, is_full
         except ImportError:
