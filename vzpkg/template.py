@@ -149,38 +149,17 @@ def short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-RENDER_MAX = 1 << 20  # the largest sequence (characters, items) one `*` of a template expression may build
-
-
-def _sandbox_class():
-    """jinja2's immutable sandbox, with `*` and `**` bounded: 'a' * 10**10 would take the host's memory."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Sandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**"})
-
-        def call_binop(self, context, operator, left, right):  # type: ignore[override]
-            if operator == "**" and isinstance(right, int) and right > 64 and isinstance(left, int) \
-                    and abs(left) > 1:
-                raise OverflowError(f"{left} ** {right} is too large for a template")
-            if operator == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > RENDER_MAX:
-                        raise OverflowError(f"a sequence of {len(seq)} * {n} items is too large for a template")
-            return super().call_binop(context, operator, left, right)
-
-    return Sandbox
-
-
 def _jinja_render(text: str, context: dict[str, Any], filename: str) -> str:
     """Render TEXT with undefined variables as errors; no loader, so include/import/extends find nothing.
 
     Sandboxed: a template is data, and `vzpkg validate` of one from elsewhere must not run code on the host
     ({{ cycler.__init__.__globals__.os.system(...) }} does in a plain Environment), nor loop for ever
-    (the sandbox caps range() at 100000 items)."""
+    (the sandbox caps range() at 100000 items), nor take the host's memory (vzpkg/template_sandbox.py)."""
     import jinja2
 
-    env = _sandbox_class()(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+    from .template_sandbox import sandbox_class
+
+    env = sandbox_class()(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                            loader=jinja2.DictLoader({}))
     code = env.compile(text, name=filename, filename=filename)
     return env.template_class.from_code(env, code, env.make_globals(None)).render(context)
