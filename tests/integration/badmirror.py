@@ -3,6 +3,7 @@
     mirror = BadMirror(root)                        # files below ROOT, like a plain mirror
     mirror.set("/dists/s/InRelease", "hang")        # accepts, then never answers
     mirror.set(path, "trickle", delay=0.5)          # the file's headers, then one byte every DELAY seconds
+                                                    # (size=N: N bytes each time)
     mirror.set(path, "truncate")                    # promises the file's length, sends half, closes
     mirror.set(path, "huge")                        # a body without end (no Content-Length)
     mirror.set(path, "bytes", body=b"...")          # this body instead of the file (a bomb, garbage, ...)
@@ -71,15 +72,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _hang(self, path: str) -> None:
         self.mirror.stopped.wait()
 
-    def _trickle(self, path: str, delay: float = 0.5) -> None:
+    def _trickle(self, path: str, delay: float = 0.5, size: int = 1) -> None:
         body = self._file_body(path) or b"x" * 4096
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        for i in range(len(body)):
+        for i in range(0, len(body), size):
             if self.mirror.stopped.wait(delay):
                 return
-            self.wfile.write(body[i:i + 1])
+            self.wfile.write(body[i:i + size])
             self.wfile.flush()
 
     def _truncate(self, path: str) -> None:

@@ -255,6 +255,41 @@ def test_failing_mount_is_a_build_error_not_a_traceback(rpmenv, tmp_path):
     _nothing_published(cache, "vztest-1-x86_64")
 
 
+def test_trickling_package_ends_at_build_timeout(rpmenv, tmp_path):
+    """dnf's own limits stop a repository that stalls (timeout 15 s below minrate, 1000 B/s), not one that trickles
+    just above it (here ~2.5 kB/s: the 2 MB busybox package would take 13 minutes): build_timeout around the dnf
+    run does, as around apt's (exit 7, one line, nothing published, no dnf process left)."""
+    from badmirror import BadMirror
+
+    rpm = next(rpmenv.repo.rglob("vzt-busybox-*.rpm"))
+    mirror = BadMirror(rpmenv.tmp)
+    rpm_path = "/" + str(rpm.relative_to(rpmenv.tmp))
+    mirror.set(rpm_path, "trickle", delay=0.05, size=128)
+    cache = tmp_path / "cache"
+    start = time.monotonic()
+    try:
+        proc = rpmenv.run("create-cache", "vztest-1-x86_64", cache=cache, mirror=mirror.start(),
+                          extra_env={"VZPKG_BUILD_TIMEOUT": "15"})
+    finally:
+        mirror.stop()
+    took = time.monotonic() - start
+    assert proc.returncode == EXIT["mirror"], proc.stderr
+    [line] = proc.stderr.strip().splitlines()[-1:]
+    assert line.startswith("vzpkg: error: dnf install ") and "not finished within 15 s (build_timeout)" in line, line
+    assert "still downloading" in line and "Traceback" not in proc.stderr, line
+    assert rpm_path in mirror.requests  # the trickle is what it waited for
+    assert took < 60, f"create-cache took {took:.0f} s with build_timeout 15"
+    _nothing_published(cache, "vztest-1-x86_64")
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, str(tmp_path))]
+
+
+def _cmdline_has(proc: Path, text: str) -> bool:
+    try:
+        return text.encode() in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def test_unreachable_repository(rpmenv, tmp_path):
     cache = tmp_path / "cache"
     proc = rpmenv.run("create-cache", "vztest-1-x86_64-unreachable", cache=cache, mirror=rpmenv.server.url)

@@ -24,6 +24,7 @@ from ..errors import BuildError, MirrorError, MissingToolError, SignatureError, 
 from ..manifest.model import Manifest
 from ..template import DEFINITION_FILE, Template, render_string
 from . import gnupg
+from .apt_errors import TIMEOUT_EXIT
 from .base import AvailableUpdates, BuildContext, PackageManager
 from .dnf_keys import fetch_keys, verify_repomd_signature
 from .dnf_repos import CACHE_IN_ROOT, DnfRepo, expand_repository, main_options, normalize_repositories, render_config
@@ -217,7 +218,10 @@ class DnfBackend(PackageManager):
             raise self._error(ctx, what, rc, output)
 
     def _run(self, ctx: BuildContext, cmd: list[str]) -> tuple[int, list[str]]:
-        """Run dnf, its output to the log (and the terminal with -v) and kept for the error message."""
+        """Run dnf within build_timeout, its output to the log (and the terminal with -v) and kept for the error
+        message. dnf's own limits (timeout, minrate) stop a mirror that stalls, not one that trickles just above
+        minrate: timeout(1) around the whole run does, as for apt (it stops the run's whole process group)."""
+        cmd = ["timeout", "--kill-after=10", str(ctx.settings.build_timeout), *cmd]
         output: list[str] = []
         with ctx.log.open("ab") as log:
 
@@ -232,6 +236,16 @@ class DnfBackend(PackageManager):
 
     def _error(self, ctx: BuildContext, what: str, rc: int, output: list[str]) -> Exception:
         tool = self.tool() or self.name
+        if rc == TIMEOUT_EXIT:
+            deadline = ctx.settings.build_timeout
+            last = next((ln.strip() for ln in reversed(output) if ln.strip()), "")
+            said = f" (its last line: {last[:120]!r})" if last else ""
+            if not any(ln.startswith("Running transaction") for ln in output):  # before it: downloads
+                return MirrorError(f"{what}: not finished within {deadline} s (build_timeout): the repository is "
+                                   f"too slow; {tool} was still downloading{said}; check the mirror or raise "
+                                   f"build_timeout")
+            return BuildError(f"{what}: not finished within {deadline} s (build_timeout){said} (full log: "
+                              f"{ctx.log})")
         important = [ln.strip() for ln in output if ln.strip() and (
             ln.startswith(("Error", "error:", " - ", "Problem", "No match", "Package ", "Public key", "warning:"))
             or any(p in ln for p in SIGNATURE_PATTERNS + CORRUPT_PATTERNS + MIRROR_PATTERNS + RESOLVE_PATTERNS))]
