@@ -4,7 +4,6 @@ loops in macros and at the top. `vzpkg validate` and `create-cache` fail with th
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,16 +90,26 @@ def _template_dir(root: Path, name: str, payload: str) -> Path:
     return d
 
 
+# Starts ARGV from a small process of its own and writes its peak RSS (KiB) to a file. Measured directly, a child
+# of the test process starts with the test process's own peak: Linux carries the peak RSS of the memory a process
+# had before exec (the forked copy of a pytest process hundreds of MB large) into its ru_maxrss.
+_MEASURE = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_pid, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _run_measured(argv: list[str], env: dict[str, str], tmp: Path) -> tuple[int, str, str, int]:
-    """(exit status, stdout, stderr, peak RSS in bytes) of a child, from the kernel's accounting of that child
-    (wait4: Popen's own wait would reap it without the usage)."""
-    with open(tmp / "out", "w+") as out, open(tmp / "err", "w+") as err:
-        p = subprocess.Popen(argv, env=env, stdout=out, stderr=err, text=True, cwd=PROJECT_DIR)
-        _pid, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return p.returncode, out.read(), err.read(), usage.ru_maxrss * 1024
+    """(exit status, stdout, stderr, peak RSS in bytes) of ARGV, from the kernel's accounting of that process."""
+    peak = tmp / "peak"
+    p = subprocess.run([sys.executable, "-c", _MEASURE, str(peak), *argv], env=env, capture_output=True, text=True,
+                       cwd=PROJECT_DIR, timeout=300)
+    return p.returncode, p.stdout, p.stderr, int(peak.read_text()) * 1024
 
 
 def test_every_payload_is_one_line_exit_3_and_little_memory(tmp_path: Path) -> None:
