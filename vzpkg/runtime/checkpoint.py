@@ -257,7 +257,8 @@ def _action_script(layout: Layout, veid: str, conf, mac: str | None) -> Path:
                          + body)
 
 
-def _restore_into(layout: Layout, veid: str, conf, images: Path, mac: str | None, *, clone: bool) -> tuple[int, float]:
+def _restore_into(layout: Layout, veid: str, conf, images: Path, mac: str | None, *, clone: bool,
+                  lazy: bool = False) -> tuple[int, float]:
     """Set up the VE's cgroups, root and network hook, and let CRIU restore IMAGES into them. Undone on failure."""
     from .spawn import DEVICE_RULES
 
@@ -284,6 +285,9 @@ def _restore_into(layout: Layout, veid: str, conf, images: Path, mac: str | None
         args = criu_mod.restore_args(images, root, pidfile, f"/vzpkg/{cgname}", script)
         if clone:
             args.append("--tcp-close")  # its connections were bound to the source's address
+        if lazy:
+            undo.callback(criu_mod.stop_lazy_pages, criu_mod.start_lazy_pages(criu, images, log))
+            args.append("--lazy-pages")
         ok, took = criu_mod.run(criu, args, log)
         if not ok:
             raise RestoreError(f"VE {veid}: restore failed, the images in {images} are kept: CRIU says: "
@@ -329,8 +333,20 @@ def _set_hostname(pid: int, hostname: str) -> None:
         raise RestoreError(f"restored, but setting the hostname {hostname!r} in pid {pid}'s namespace failed")
 
 
-def restore(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = None) -> dict:
-    """Bring the VE back from its checkpoint (DUMPDIR, else where chkpnt put it). Returns {"pid", "restore_s"}."""
+def check_lazy(conf) -> None:
+    """Refuse --lazy (LazyRestoreUnavailableError) where post-copy restore cannot work, before anything changes."""
+    from vzpkg.errors import LazyRestoreUnavailableError
+
+    privileged, _, _, _ = _conf_params(conf)
+    why = criu_mod.lazy_unavailable(criu_mod.find(), privileged=privileged)
+    if why:
+        raise LazyRestoreUnavailableError(f"--lazy (post-copy restore) is not available: {why}; restore without "
+                                          "--lazy")
+
+
+def restore(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = None, lazy: bool = False) -> dict:
+    """Bring the VE back from its checkpoint (DUMPDIR, else where chkpnt put it). Returns {"pid", "restore_s"}.
+    LAZY: post-copy, the memory paged in on demand by a `criu lazy-pages` daemon."""
     veid = check_veid(veid)
     layout.secure_areas()
     with VELock(layout, veid):
@@ -342,15 +358,19 @@ def restore(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = No
         images = Path(dumpdir).absolute() if dumpdir else (suspended_at(layout, veid) or layout.dump(veid))
         meta = _load_meta(images)
         conf = load_conf(layout, veid)
+        if lazy:
+            check_lazy(conf)
         if meta.get("fs"):
             # a --leave-running checkpoint: roll the files back to the moment of the dump, or open files and
             # memory would disagree
             _cleanup(layout, veid)
             _install_payload(images / "fs", layout, veid, conf, replace=True)
-        pid, took = _restore_into(layout, veid, conf, images, meta.get("mac"), clone=False)
+        pid, took = _restore_into(layout, veid, conf, images, meta.get("mac"), clone=False, lazy=lazy)
         marker(layout, veid).unlink(missing_ok=True)
-        if images == layout.dump(veid) and not meta.get("fs"):
-            shutil.rmtree(images, ignore_errors=True)  # a suspend's images are used up (OpenVZ does the same)
+        if images == layout.dump(veid) and not meta.get("fs") and not lazy:
+            # a suspend's images are used up (OpenVZ does the same); after a lazy restore the lazy-pages daemon
+            # still reads them: the next chkpnt (or destroy) replaces them
+            shutil.rmtree(images, ignore_errors=True)
         return {"pid": pid, "restore_s": took, "dir": str(images)}
 
 
@@ -384,7 +404,7 @@ def _install_payload(fs: Path, layout: Layout, veid: str, conf, *, replace: bool
 
 
 def restore_as(layout: Layout, veid: str, images: str | os.PathLike, *, hostname: str | None = None,
-               ipadd: str | None = None, _move: bool = False) -> dict:
+               ipadd: str | None = None, lazy: bool = False, _move: bool = False) -> dict:
     """A new VE VEID from a --leave-running checkpoint IMAGES (`vzctl restore NEW --from DIR`): its config is the
     checkpointed one with its own VE_ROOT/VE_PRIVATE, hostname (HOSTNAME or the VEID) and address (IPADD, else
     none), its files a copy of the snapshot; then restored into its own cgroups and network."""
@@ -413,13 +433,15 @@ def restore_as(layout: Layout, veid: str, images: str | os.PathLike, *, hostname
         else:
             conf.unset("IP_ADDRESS")
         conf.set("IDRANGE_SHARED", "yes")  # the user-namespace map is the source's (CRIU restores it as dumped)
+        if lazy:
+            check_lazy(conf)
         lock.begin("create")  # killed from here: the next command on VEID removes the half-made VE
         try:
             _install_payload(images / "fs", layout, veid, conf, replace=False, move=_move)
             layout.ve_root(veid).mkdir(parents=True, exist_ok=True)
             conf.save(layout.conf(veid))
             conf = load_conf(layout, veid)
-            pid, took = _restore_into(layout, veid, conf, images, None, clone=True)
+            pid, took = _restore_into(layout, veid, conf, images, None, clone=True, lazy=lazy)
             _set_hostname(pid, conf.get("HOSTNAME"))
         except BaseException:
             _cleanup(layout, veid)

@@ -91,8 +91,8 @@ def _remove_dest(dst: Layout, veid: str, backend) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_dst: bool = False
-            ) -> dict[str, float]:
+def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_dst: bool = False,
+            lazy: bool = False) -> dict[str, float]:
     """Returns the time of each phase (seconds) and, online, "frozen"."""
     veid = check_veid(veid)
     if dest.startswith("ssh://"):
@@ -110,6 +110,10 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
     running = ve.running_init(layout, veid) is not None
     if online and not running:
         raise VEStateError(f"VE {veid} is not running: --online needs a running VE (drop --online)")
+    if lazy and not online:
+        raise UsageError("migrate: --lazy goes with --online (a post-copy restore on DEST)")
+    if lazy:
+        checkpoint.check_lazy(conf)
     times: dict[str, float] = {}
     staged = dst.private_dir / f".tmp-{veid}-migrate"
 
@@ -140,7 +144,7 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
         _sync_and_install(layout, dst, veid, store, staged)
         phase("sync", t)
         t = time.monotonic()
-        checkpoint.restore(dst, veid, dumpdir=images)
+        checkpoint.restore(dst, veid, dumpdir=images, lazy=lazy)
         phase("restore", t)
         times["frozen"] = time.monotonic() - frozen0
         times["dump_frozen"] = info["frozen_s"]

@@ -302,3 +302,59 @@ def test_failed_restore_keeps_the_dump_and_the_ve_restorable(lrt):
     rt.vzctl("restore", veid)
     _goes_on(rt, veid)
     _over_limit_fails(rt, veid)
+
+
+PERL_MEM = ("perl -e '$x = q(a) x (50 << 20); substr($x, 40 << 20, 6) = q(MARKER); while (1) { "
+            "select(undef, undef, undef, 0.1); $i++; open F, q(>/root/mem); print F $i, q( ), substr($x, 40 << 20, 6), "
+            "qq(\\n); close F }' >/dev/null 2>&1 </dev/null &")
+
+
+def _lazy_possible(criu_bin: str) -> bool:
+    return all(subprocess.run([criu_bin, "check", "--feature", f], capture_output=True).returncode == 0
+               for f in ("uffd", "uffd-noncoop"))
+
+
+def test_lazy_restore_post_copy_or_a_clear_refusal(rt, have_criu):
+    """--lazy: a VE with its own user namespace where vm.unprivileged_userfaultfd is 0 is refused in one line
+    (67), still suspended, and restores normally after; a privileged VE (tasks that may open a userfaultfd) is
+    restored post-copy: its 50 MB process goes on with its memory intact, the lazy-pages daemon copies every
+    page and exits."""
+    if not _lazy_possible(have_criu):
+        pytest.skip("criu check --feature uffd/uffd-noncoop fails here")
+    unpriv = _ve(rt, "image")
+    rt.vzctl("chkpnt", unpriv)
+    p = rt.vzctl("restore", unpriv, "--lazy", check=False)
+    if Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() != "1":
+        assert p.returncode == 67 and "vm.unprivileged_userfaultfd" in p.stderr and p.stderr.count("\n") == 1
+        assert rt.vzctl("status", unpriv).stdout.split()[-1] == "suspended"
+        rt.vzctl("restore", unpriv)
+    else:
+        assert p.returncode == 0, p.stderr
+    _goes_on(rt, unpriv)
+    priv = rt.create("--layout", "image", *LIMIT, "--privileged")
+    rt.sh(priv, PERL_MEM, check=True)
+
+    def mem() -> tuple[int, str]:
+        text = rt.sh(priv, "cat /root/mem 2>/dev/null").stdout.split()
+        return (int(text[0]), text[1]) if len(text) == 2 else (0, "")
+
+    _wait(lambda: mem()[0] > 0, what="the perl process")
+    rt.vzctl("chkpnt", priv)
+    rt.vzctl("restore", priv, "--lazy")
+    n = mem()[0]
+    assert _wait(lambda: (m := mem())[0] > n + 5 and m[1] == "MARKER" and m)
+    log = max((rt.root / "dump" / ".logs").glob(f"{priv}-lazy-pages-*.log"), key=os.path.getmtime)
+
+    def daemon_done() -> bool:
+        text = log.read_text(errors="replace")
+        return "Error" not in text and not [p for p in os.listdir("/proc") if p.isdigit()
+                                            and str(log) in _cmdline(p)]
+    assert _wait(daemon_done, what="the lazy-pages daemon to copy every page and exit")
+    assert "UFFD transferred pages" in log.read_text()
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
