@@ -164,6 +164,7 @@ def test_live_clone_own_storage_and_limit_then_destroy_leaves_nothing(lrt):
     assert rt.sh(cold, "cat /root/only-src", check=True).stdout.strip() == "mine"
     ids[cold] = _own_storage(rt, kind, cold)
     _over_limit_fails(rt, cold)
+    rt.vzctl("chkpnt", src, "--leave-running")  # its files' snapshot goes with the VE's own dump/<id>
     for v in (src, dst, cold):
         rt.vzctl("destroy", v, "--force")
         _assert_gone(rt, kind, v, ids[v])

@@ -398,7 +398,8 @@ def snapshot_of(layout: Layout, fs: Path) -> Path:
 
 def drop_orphans(layout: Layout, veid: str) -> list[tuple[Path, int]]:
     """Snapshots of VEID whose checkpoint is gone (its directory removed by hand): the .owner file names the
-    checkpoint's fs/, which names the snapshot while it exists."""
+    checkpoint's fs/, which names the snapshot while it exists. (Called as VEID's storage is removed: the
+    checkpoint in its own dump/<id>, which goes with it, counts as gone.)"""
     removed = []
     snaps = pool_dir(layout) / SNAPSHOTS
     try:
@@ -411,7 +412,7 @@ def drop_orphans(layout: Layout, veid: str) -> list[tuple[Path, int]]:
         owner = snaps / f"{name}.owner"
         try:
             fs = Path(owner.read_text().strip())
-            alive = (fs / SNAPSHOT_REF).read_text().strip() == name
+            alive = (fs / SNAPSHOT_REF).read_text().strip() == name and fs.parent != layout.dump(veid)
         except OSError:
             alive = False
         if not alive:
