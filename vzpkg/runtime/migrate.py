@@ -2,7 +2,9 @@
 
 Offline: stop, copy (config, private area, template generation if DEST lacks it), start there, destroy here.
 Online: copy the private area while the VE runs, checkpoint it (CRIU dumps straight into DEST's dump/<id>; the
-VE is frozen from here), copy what changed (rsync), restore on DEST, destroy on the source. Iterative pre-dumps
+VE is frozen from here), copy what changed, restore on DEST, destroy on the source. The VE's storage backend
+copies its storage (Backend.copy_to: rsync of overlay's upper/, the image file once after the dump, a btrfs
+subvolume rsynced onto a snapshot of DEST's template subvolume). Iterative pre-dumps
 need memory change tracking (`criu check --feature mem_dirty_track`); without it (this machine's kernel has no
 MEM_SOFT_DIRTY) the one dump carries all memory, and vzctl says so once.
 
