@@ -165,6 +165,10 @@ def test_live_clone_own_storage_and_limit_then_destroy_leaves_nothing(lrt):
     ids[cold] = _own_storage(rt, kind, cold)
     _over_limit_fails(rt, cold)
     rt.vzctl("chkpnt", src, "--leave-running")  # its files' snapshot goes with the VE's own dump/<id>
+    if kind == "image":  # copied frozen (fsfreeze): a clean file system, not one that needs journal recovery
+        sb = subprocess.run(["dumpe2fs", "-h", str(rt.root / "dump" / src / "fs" / "root.img")], capture_output=True,
+                            text=True, check=True).stdout
+        assert "needs_recovery" not in sb and "clean" in sb.split("Filesystem state:")[1].splitlines()[0], sb
     for v in (src, dst, cold):
         rt.vzctl("destroy", v, "--force")
         _assert_gone(rt, kind, v, ids[v])

@@ -361,8 +361,9 @@ class ImageBackend(Backend):
         copy = f"cp --sparse=always --reflink=auto {image} {q(str(dest / IMAGE))}"
         if not storage.is_mounted(private / FS):
             return [copy]
-        return [f"if mountpoint -q {fs} && fsfreeze -f {fs}; then trap 'fsfreeze -u {fs}' EXIT; fi", copy,
-                f"fsfreeze -u {fs} 2>/dev/null || true", "trap - EXIT"]
+        # thawed on every way out of the script that a shell can see (a failed copy, a signal)
+        return [f"F={fs}", """if mountpoint -q "$F" && fsfreeze -f "$F"; then trap 'fsfreeze -u "$F"' EXIT HUP INT TERM; fi""",
+                copy, 'fsfreeze -u "$F" 2>/dev/null || true', "trap - EXIT HUP INT TERM"]
 
     def install_snapshot(self, layout: Layout, veid: str, fs: Path, tmp: Path, limits: Limits, *,
                          move: bool = False) -> None:
