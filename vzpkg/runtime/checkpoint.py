@@ -4,8 +4,9 @@ A checkpoint is a directory of CRIU images plus `vzpkg-checkpoint.json` (the VE'
 address, times) and, when the VE kept running (`--leave-running`), `fs/`: a copy of its private area made in
 the same freeze (CRIU's `post-dump` action runs while the tasks are still frozen), so files and memory agree for
 a clone or a later restore. The VE's storage backend makes that copy and mounts the root for restore
-(backends/base.py: snapshot_lines, install_snapshot, drop_snapshot, mount): nothing here depends on the layout. Images are written to `<dir>.tmp-<pid>` and renamed into place: a failed or killed
-dump never leaves something that looks like a checkpoint.
+(backends/base.py: snapshot_lines, install_snapshot, drop_snapshot, mount): nothing here depends on the layout.
+Images are written to `<dir>.tmp-<pid>` and renamed into place: a failed or killed dump never leaves something
+that looks like a checkpoint.
 
 Restore (own VE or a new one `--from` a checkpoint): vzctl creates the VE's cgroups with its limits, mounts its
 root and lets CRIU restore the process tree into them (`--cgroup-root`), in an empty network namespace that an

@@ -120,7 +120,8 @@ class Backend:
         src = self._payload(fs)
         if not src.is_dir():
             raise CheckpointNotFoundError(f"the checkpoint's file snapshot {src} is missing")
-        _run_copy(["cp", "-a", "--reflink=auto", str(src), str(tmp / src.name)], f"copying the checkpoint's files {src}")
+        _run_copy(["cp", "-a", "--reflink=auto", str(src), str(tmp / src.name)],
+                  f"copying the checkpoint's files {src}")
         if self.kind == "overlay":
             (tmp / "work").mkdir(mode=0o700)
 

@@ -362,7 +362,8 @@ class ImageBackend(Backend):
         if not storage.is_mounted(private / FS):
             return [copy]
         # thawed on every way out of the script that a shell can see (a failed copy, a signal)
-        return [f"F={fs}", """if mountpoint -q "$F" && fsfreeze -f "$F"; then trap 'fsfreeze -u "$F"' EXIT HUP INT TERM; fi""",
+        return [f"F={fs}",
+                """if mountpoint -q "$F" && fsfreeze -f "$F"; then trap 'fsfreeze -u "$F"' EXIT HUP INT TERM; fi""",
                 copy, 'fsfreeze -u "$F" 2>/dev/null || true', "trap - EXIT HUP INT TERM"]
 
     def install_snapshot(self, layout: Layout, veid: str, fs: Path, tmp: Path, limits: Limits, *,
