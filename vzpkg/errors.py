@@ -242,3 +242,9 @@ class CriuUnavailableError(VEError):
     """No CRIU >= 4.2 that passes `criu check` (run `make criu`, or set VZ_CRIU)."""
 
     exit_code = 64
+
+
+class LazyRestoreUnavailableError(VEError):
+    """`--lazy` (post-copy restore with userfaultfd) cannot work here; nothing was changed."""
+
+    exit_code = 67

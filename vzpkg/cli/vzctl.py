@@ -97,6 +97,7 @@ TABLE: dict[str, dict] = {
         "--from": {"help": "a new VE VEID from a --leave-running checkpoint DIR"},
         "--hostname": {"help": "with --from: its hostname (default VEID)"},
         "--ipadd": {"help": "with --from: its addresses (default none)"},
+        "--lazy": {"flag": True, "help": "post-copy: run at once, memory paged in on demand (userfaultfd)"},
     }},
     "clone": {"help": "copy a VE; --live: a running copy of a running VE", "args": ("dst",), "opts": {
         "--live": {"flag": True},
@@ -106,6 +107,7 @@ TABLE: dict[str, dict] = {
     "migrate": {"help": "move a VE to another VZ root", "args": ("dest",), "opts": {
         "--online": {"flag": True, "help": "checkpoint and restore instead of stop and start"},
         "--keep-dst": {"flag": True, "help": "keep what reached DEST if the migration fails"},
+        "--lazy": {"flag": True, "help": "with --online: restore on DEST post-copy (userfaultfd)"},
         "--times": {"aliases": ("-t",), "flag": True, "help": "print each phase's time and the frozen time"},
     }},
 }

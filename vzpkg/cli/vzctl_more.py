@@ -99,13 +99,14 @@ def _criu_commands(args, layout) -> int:
     elif cmd == "restore":
         source = getattr(args, "from")  # --from: `from` is a keyword
         if source:
-            info = checkpoint.restore_as(layout, args.veid, source, hostname=args.hostname, ipadd=args.ipadd)
+            info = checkpoint.restore_as(layout, args.veid, source, hostname=args.hostname, ipadd=args.ipadd,
+                                         lazy=args.lazy)
         else:
             if args.hostname or args.ipadd:
                 from vzpkg.errors import UsageError
 
                 raise UsageError("--hostname and --ipadd go with --from (a VE restores with its own config)")
-            info = checkpoint.restore(layout, args.veid, dumpdir=args.dumpdir)
+            info = checkpoint.restore(layout, args.veid, dumpdir=args.dumpdir, lazy=args.lazy)
         _say(args, f"VE {args.veid} restored from {info['dir']} (init pid {info['pid']}, "
                    f"{info['restore_s'] * 1000:.0f} ms)")
     elif cmd == "clone":
@@ -116,7 +117,8 @@ def _criu_commands(args, layout) -> int:
     elif cmd == "migrate":
         from vzpkg.runtime import migrate
 
-        times = migrate.migrate(layout, args.veid, args.dest, online=args.online, keep_dst=args.keep_dst)
+        times = migrate.migrate(layout, args.veid, args.dest, online=args.online, keep_dst=args.keep_dst,
+                                lazy=args.lazy)
         if args.times:
             for phase, secs in times.items():
                 print(f"{phase:<12} {secs * 1000:9.1f} ms")

@@ -3,8 +3,10 @@
 A checkpoint is a directory of CRIU images plus `vzpkg-checkpoint.json` (the VE's config as it was, eth0's MAC
 address, times) and, when the VE kept running (`--leave-running`), `fs/`: a copy of its private area made in
 the same freeze (CRIU's `post-dump` action runs while the tasks are still frozen), so files and memory agree for
-a clone or a later restore. Images are written to `<dir>.tmp-<pid>` and renamed into place: a failed or killed
-dump never leaves something that looks like a checkpoint.
+a clone or a later restore. The VE's storage backend makes that copy and mounts the root for restore
+(backends/base.py: snapshot_lines, install_snapshot, drop_snapshot, mount): nothing here depends on the layout.
+Images are written to `<dir>.tmp-<pid>` and renamed into place: a failed or killed dump never leaves something
+that looks like a checkpoint.
 
 Restore (own VE or a new one `--from` a checkpoint): vzctl creates the VE's cgroups with its limits, mounts its
 root and lets CRIU restore the process tree into them (`--cgroup-root`), in an empty network namespace that an
@@ -63,20 +65,6 @@ def suspended_at(layout: Layout, veid: str) -> Path | None:
         return None
 
 
-def require_file_layout(veid: str, kind: str, what: str) -> None:
-    """Checkpoints, clones and migrations copy the VE's files as a tree (overlay upper/ or copy root/); the
-    image, btrfs and projquota layouts keep them in a filesystem of their own, which these do not move yet."""
-    if kind not in ("overlay", "copy"):
-        from vzpkg.errors import StorageUnsupportedError
-
-        raise StorageUnsupportedError(f"VE {veid}: {what} of a VE on the {kind} layout is not supported yet (only "
-                                      "overlay and copy); create the VE with --layout overlay")
-
-
-def _private_payload(layout: Layout, veid: str, kind: str) -> Path:
-    return layout.private(veid) / ("upper" if kind == "overlay" else "root")
-
-
 def _eth0_mac(pid: int) -> str | None:
     proc = process.run(["nsenter", f"--net=/proc/{pid}/ns/net", "--", "ip", "-j", "link", "show", "eth0"],
                        capture=True, text=True, check=False, error=VEError)
@@ -115,7 +103,6 @@ def _chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> d
                            "if it is suspended)")
     criu = criu_mod.find()
     _, _, kind, _ = _conf_params(conf)
-    require_file_layout(veid, kind, "a checkpoint")
     problem = criu_mod.undumpable(_cgroups().pids(layout.cgroup_name(veid)))
     if problem:
         raise CheckpointError(f"VE {veid}: cannot checkpoint, the VE keeps running: {problem}")
@@ -136,9 +123,11 @@ def _chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> d
     # is put in place (and, without --leave-running, the VE marked suspended) even if vzctl is killed meanwhile;
     # before it nothing looks like a checkpoint, after it the VE is restorable
     lines = ['[ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0', "set -e"]
-    if leave_running:  # the private area, copied in the same freeze: files and memory agree
-        src = _private_payload(layout, veid, kind)
-        lines += [f"mkdir -p {q(str(tmp / 'fs'))}", f"cp -a --reflink=auto {q(str(src))} {q(str(tmp / 'fs' / src.name))}"]
+    if leave_running:  # the private area, copied by its storage backend in the same freeze: files and memory agree
+        from . import backends
+
+        lines += [f"mkdir -p {q(str(tmp / 'fs'))}",
+                  *backends.get(kind).snapshot_lines(layout, veid, tmp / "fs", target / "fs")]
     lines += [f"if [ -e {q(str(target))} ]; then mv {q(str(target))} {q(str(old))}; fi", f"mv {q(str(tmp))} {q(str(target))}"]
     if not leave_running:
         lines.append(f"printf '%s\\n' {q(str(target))} > {q(str(m))}.tmp && mv {q(str(m))}.tmp {q(str(m))}")
@@ -157,8 +146,10 @@ def _chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> d
                                   f": {why + '; ' if why else ''}CRIU says: {criu_mod.last_errors(log)} "
                                   f"(full log: {log})")
         frozen = _frozen_seconds(log, took)
+        _drop_snapshot(layout, old)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        _drop_snapshot(layout, tmp, kind)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
@@ -166,6 +157,24 @@ def _chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> d
     if not leave_running:
         _cleanup(layout, veid)  # CRIU killed the tasks: the cgroups, the root mount, the record, the veth
     return {"dir": str(target), "dump_s": took, "frozen_s": frozen, "size": _du(target), "log": str(log)}
+
+
+def _drop_snapshot(layout: Layout, images: Path, kind: str | None = None) -> None:
+    """What a checkpoint's file snapshot holds outside IMAGES (a btrfs snapshot in the pool), before IMAGES is
+    removed; KIND: its layout, else from its META."""
+    if not (images / "fs").is_dir():
+        return
+    if kind is None:
+        try:
+            kind = json.loads((images / META).read_text()).get("layout")
+        except (OSError, ValueError):
+            return
+    from . import backends
+
+    try:
+        backends.get(kind).drop_snapshot(layout, images / "fs")
+    except VEError:
+        pass
 
 
 def _frozen_seconds(log: Path, total: float) -> float:
@@ -250,7 +259,8 @@ def _action_script(layout: Layout, veid: str, conf, mac: str | None) -> Path:
                          + body)
 
 
-def _restore_into(layout: Layout, veid: str, conf, images: Path, mac: str | None, *, clone: bool) -> tuple[int, float]:
+def _restore_into(layout: Layout, veid: str, conf, images: Path, mac: str | None, *, clone: bool,
+                  lazy: bool = False) -> tuple[int, float]:
     """Set up the VE's cgroups, root and network hook, and let CRIU restore IMAGES into them. Undone on failure."""
     from .spawn import DEVICE_RULES
 
@@ -267,13 +277,19 @@ def _restore_into(layout: Layout, veid: str, conf, images: Path, mac: str | None
         cg.create(cgname)
         cg.set_limits(cgname, Limits(**_limits_from_conf(conf)))
         cg.setup_devices(cgname, DEVICE_RULES)
-        root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
+        try:
+            root = _mount_for_restore(layout, veid, conf, template, kind)
+        except VEError as e:
+            raise RestoreError(f"VE {veid}: restore failed, the images in {images} are kept: {e}") from None
         script = _action_script(layout, veid, conf, mac)
         undo.callback(script.unlink, missing_ok=True)
         undo.callback(pidfile.unlink, missing_ok=True)
         args = criu_mod.restore_args(images, root, pidfile, f"/vzpkg/{cgname}", script)
         if clone:
             args.append("--tcp-close")  # its connections were bound to the source's address
+        if lazy:
+            undo.callback(criu_mod.stop_lazy_pages, criu_mod.start_lazy_pages(criu, images, log))
+            args.append("--lazy-pages")
         ok, took = criu_mod.run(criu, args, log)
         if not ok:
             raise RestoreError(f"VE {veid}: restore failed, the images in {images} are kept: CRIU says: "
@@ -287,6 +303,18 @@ def _restore_into(layout: Layout, veid: str, conf, images: Path, mac: str | None
         pidfile.unlink(missing_ok=True)
         undo.pop_all()
     return pid, took
+
+
+def _mount_for_restore(layout: Layout, veid: str, conf, template: Path, kind: str) -> Path:
+    """The VE's root, made available by its storage backend (the image mounted on its loop device, the btrfs
+    subvolume bound) with its disk limits enforced: CRIU is told only the root (--root), never the loop device
+    or the pool below it."""
+    if kind == "overlay":  # (the common case without importing the backends)
+        return storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
+    from . import backends
+
+    _, id_shift, _, _ = _conf_params(conf)
+    return backends.get(kind).mount(layout, veid, template, id_shift, _idmap_shift(conf), backends.Limits.of(conf))
 
 
 def _set_hostname(pid: int, hostname: str) -> None:
@@ -307,8 +335,20 @@ def _set_hostname(pid: int, hostname: str) -> None:
         raise RestoreError(f"restored, but setting the hostname {hostname!r} in pid {pid}'s namespace failed")
 
 
-def restore(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = None) -> dict:
-    """Bring the VE back from its checkpoint (DUMPDIR, else where chkpnt put it). Returns {"pid", "restore_s"}."""
+def check_lazy(conf) -> None:
+    """Refuse --lazy (LazyRestoreUnavailableError) where post-copy restore cannot work, before anything changes."""
+    from vzpkg.errors import LazyRestoreUnavailableError
+
+    privileged, _, _, _ = _conf_params(conf)
+    why = criu_mod.lazy_unavailable(criu_mod.find(), privileged=privileged)
+    if why:
+        raise LazyRestoreUnavailableError(f"--lazy (post-copy restore) is not available: {why}; restore without "
+                                          "--lazy")
+
+
+def restore(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = None, lazy: bool = False) -> dict:
+    """Bring the VE back from its checkpoint (DUMPDIR, else where chkpnt put it). Returns {"pid", "restore_s"}.
+    LAZY: post-copy, the memory paged in on demand by a `criu lazy-pages` daemon."""
     veid = check_veid(veid)
     layout.secure_areas()
     with VELock(layout, veid):
@@ -320,33 +360,38 @@ def restore(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = No
         images = Path(dumpdir).absolute() if dumpdir else (suspended_at(layout, veid) or layout.dump(veid))
         meta = _load_meta(images)
         conf = load_conf(layout, veid)
+        if lazy:
+            check_lazy(conf)
         if meta.get("fs"):
             # a --leave-running checkpoint: roll the files back to the moment of the dump, or open files and
             # memory would disagree
-            _, _, kind, _ = _conf_params(conf)
             _cleanup(layout, veid)
-            _install_payload(images / "fs", layout, veid, kind, replace=True)
-        pid, took = _restore_into(layout, veid, conf, images, meta.get("mac"), clone=False)
+            _install_payload(images / "fs", layout, veid, conf, replace=True)
+        pid, took = _restore_into(layout, veid, conf, images, meta.get("mac"), clone=False, lazy=lazy)
         marker(layout, veid).unlink(missing_ok=True)
-        if images == layout.dump(veid) and not meta.get("fs"):
-            shutil.rmtree(images, ignore_errors=True)  # a suspend's images are used up (OpenVZ does the same)
+        if images == layout.dump(veid) and not meta.get("fs") and not lazy:
+            # a suspend's images are used up (OpenVZ does the same); after a lazy restore the lazy-pages daemon
+            # still reads them: the next chkpnt (or destroy) replaces them
+            shutil.rmtree(images, ignore_errors=True)
         return {"pid": pid, "restore_s": took, "dir": str(images)}
 
 
-def _install_payload(fs: Path, layout: Layout, veid: str, kind: str, *, replace: bool) -> None:
-    """Make private/<id> hold a copy of the snapshot FS (upper/ or root/), built aside and renamed into place."""
-    src = fs / ("upper" if kind == "overlay" else "root")
-    if not src.is_dir():
-        raise CheckpointNotFoundError(f"the checkpoint's file snapshot {src} is missing")
+def _install_payload(fs: Path, layout: Layout, veid: str, conf, *, replace: bool, move: bool = False) -> None:
+    """Make private/<id> from the checkpoint's file snapshot FS (its storage backend's: CONF's LAYOUT, limits
+    from CONF), built aside and renamed into place. MOVE: FS is used up (a live clone's)."""
+    from . import backends
+
     layout.private_dir.mkdir(parents=True, exist_ok=True)
     tmp = layout.private_dir / f".tmp-{veid}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700)
     try:
-        process.run(["cp", "-a", "--reflink=auto", str(src), str(tmp / src.name)], capture=True, text=True,
-                    error=RestoreError, what=f"copying the checkpoint's files {src}")
-        if kind == "overlay":
-            (tmp / "work").mkdir(mode=0o700)
+        try:
+            backends.backend_of(conf).install_snapshot(layout, veid, fs, tmp, backends.Limits.of(conf), move=move)
+        except VEError as e:
+            if isinstance(e, CheckpointNotFoundError):
+                raise
+            raise RestoreError(f"VE {veid}: installing the checkpoint's files from {fs} failed: {e}") from None
         final = layout.private(veid)
         if replace and final.exists():
             old = layout.private_dir / f".tmp-{veid}-old-{os.getpid()}"
@@ -361,7 +406,7 @@ def _install_payload(fs: Path, layout: Layout, veid: str, kind: str, *, replace:
 
 
 def restore_as(layout: Layout, veid: str, images: str | os.PathLike, *, hostname: str | None = None,
-               ipadd: str | None = None) -> dict:
+               ipadd: str | None = None, lazy: bool = False, _move: bool = False) -> dict:
     """A new VE VEID from a --leave-running checkpoint IMAGES (`vzctl restore NEW --from DIR`): its config is the
     checkpointed one with its own VE_ROOT/VE_PRIVATE, hostname (HOSTNAME or the VEID) and address (IPADD, else
     none), its files a copy of the snapshot; then restored into its own cgroups and network."""
@@ -390,23 +435,32 @@ def restore_as(layout: Layout, veid: str, images: str | os.PathLike, *, hostname
         else:
             conf.unset("IP_ADDRESS")
         conf.set("IDRANGE_SHARED", "yes")  # the user-namespace map is the source's (CRIU restores it as dumped)
+        if lazy:
+            check_lazy(conf)
         lock.begin("create")  # killed from here: the next command on VEID removes the half-made VE
         try:
-            _install_payload(images / "fs", layout, veid, meta.get("layout") or "overlay", replace=False)
+            _install_payload(images / "fs", layout, veid, conf, replace=False, move=_move)
             layout.ve_root(veid).mkdir(parents=True, exist_ok=True)
             conf.save(layout.conf(veid))
             conf = load_conf(layout, veid)
-            pid, took = _restore_into(layout, veid, conf, images, None, clone=True)
+            pid, took = _restore_into(layout, veid, conf, images, None, clone=True, lazy=lazy)
             _set_hostname(pid, conf.get("HOSTNAME"))
         except BaseException:
             _cleanup(layout, veid)
             layout.conf(veid).unlink(missing_ok=True)
-            storage.remove_private(layout, veid)
+            _remove_storage(layout, veid)
             shutil.rmtree(layout.ve_root(veid), ignore_errors=True)
             raise
         finally:
             lock.done()
         return {"pid": pid, "restore_s": took, "dir": str(images)}
+
+
+def _remove_storage(layout: Layout, veid: str) -> None:
+    """A half-made VE's storage of any layout (its private area, image, btrfs subvolume)."""
+    from .backends import destroy_all
+
+    destroy_all(layout, veid)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -426,30 +480,33 @@ def clone(layout: Layout, src: str, dst: str, *, live: bool = False, hostname: s
         raise VEStateError(f"VE {dst} already exists: pick another VEID or destroy it")
     tmp = layout.root / "dump" / f".clone-{src}-{dst}-{os.getpid()}"
     t0 = time.monotonic()
+    kind = None
     try:
         if live:
             info = chkpnt(layout, src, dumpdir=tmp, leave_running=True)
-            out = restore_as(layout, dst, tmp, hostname=hostname, ipadd=ipadd)
+            out = restore_as(layout, dst, tmp, hostname=hostname, ipadd=ipadd, _move=True)
             out.update(dump_s=info["dump_s"], frozen_s=info["frozen_s"])
         else:
             with VELock(layout, src):
+                from . import backends
+
                 _, _, kind, _ = _conf_params(load_conf(layout, src))
-                require_file_layout(src, kind, "a clone")
                 fs = tmp / "fs"
                 fs.mkdir(parents=True, mode=0o700)
-                payload = _private_payload(layout, src, kind)
-                process.run(["cp", "-a", "--reflink=auto", str(payload), str(fs / payload.name)], capture=True,
-                            text=True, error=VEStateError, what=f"copying VE {src}'s files")
+                script = "set -e\n" + "\n".join(backends.get(kind).snapshot_lines(layout, src, fs)) + "\n"
+                process.run(["sh", "-c", script], capture=True, text=True, error=VEStateError,
+                            what=f"copying VE {src}'s files")
                 conf_text = layout.conf(src).read_text()
-            _clone_stopped(layout, dst, conf_text, fs, kind, hostname, ipadd)
+            _clone_stopped(layout, dst, conf_text, fs, hostname, ipadd)
             out = {}
     finally:
+        _drop_snapshot(layout, tmp, kind if not live else None)
         shutil.rmtree(tmp, ignore_errors=True)
     out["clone_s"] = time.monotonic() - t0
     return out
 
 
-def _clone_stopped(layout: Layout, dst: str, conf_text: str, fs: Path, kind: str, hostname, ipadd) -> None:
+def _clone_stopped(layout: Layout, dst: str, conf_text: str, fs: Path, hostname, ipadd) -> None:
     from .conf import VEConfig, validate_value
 
     if hostname:
@@ -470,12 +527,12 @@ def _clone_stopped(layout: Layout, dst: str, conf_text: str, fs: Path, kind: str
         conf.set("IDRANGE_SHARED", "yes")  # the files are owned by the source's id range
         lock.begin("create")
         try:
-            _install_payload(fs, layout, dst, kind, replace=False)
+            _install_payload(fs, layout, dst, conf, replace=False, move=True)
             layout.ve_root(dst).mkdir(parents=True, exist_ok=True)
             conf.save(layout.conf(dst))
         except BaseException:
             layout.conf(dst).unlink(missing_ok=True)
-            storage.remove_private(layout, dst)
+            _remove_storage(layout, dst)
             raise
         finally:
             lock.done()

@@ -223,3 +223,59 @@ def cgroup_root_args(cgroup_root: str) -> list[str]:
 def restore_args(images: Path, root: Path, pidfile: Path, cgroup_root: str, action_script: Path) -> list[str]:
     return ["restore", "-d", "-D", str(images), "--root", str(root), *COMMON, *cgroup_root_args(cgroup_root),
             "--empty-ns", "net", "--action-script", str(action_script), "--pidfile", str(pidfile)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lazy (post-copy) restore: the tasks run at once, their memory is paged in from the images on first touch by
+# a `criu lazy-pages` daemon (userfaultfd), which copies the rest in the background and exits when done
+
+
+def lazy_unavailable(criu: str, *, privileged: bool) -> str | None:
+    """Why lazy restore cannot work here, or None: the kernel's userfaultfd (non-cooperative, for a process tree)
+    as CRIU checks it, and whether the restored tasks may open one: in a VE's own user namespace they lack
+    CAP_SYS_PTRACE over the host, so the kernel lets them only with vm.unprivileged_userfaultfd = 1."""
+    for feature in ("uffd", "uffd-noncoop"):
+        proc = process.run([criu, "check", "--feature", feature], capture=True, text=True, timeout=60, check=False,
+                           error=VEError)
+        if proc.returncode != 0:
+            return f"`criu check --feature {feature}` fails here (the kernel's userfaultfd)"
+    if not privileged:
+        try:
+            allowed = Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() == "1"
+        except OSError:
+            allowed = False
+        if not allowed:
+            return ("the VE's tasks run in their own user namespace and vm.unprivileged_userfaultfd is 0, so they may "
+                    "not open a userfaultfd (the host's administrator can set it to 1 with sysctl)")
+    return None
+
+
+def start_lazy_pages(criu: str, images: Path, log: Path) -> int:
+    """Start the lazy-pages daemon serving IMAGES (it listens on IMAGES/lazy-pages.socket once this returns);
+    returns its pid."""
+    pidfile = images / f".lazy-pages-{os.getpid()}.pid"
+    pidfile.unlink(missing_ok=True)
+    lazy_log = log.with_name(log.name.replace("-restore-", "-lazy-pages-"))
+    proc = process.run([criu, "lazy-pages", "-D", str(images), "--daemon", "--pidfile", str(pidfile),
+                        "-o", str(lazy_log), "-v4"], capture=True, text=True, timeout=60, check=False, error=VEError)
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        pid = 0
+    finally:
+        pidfile.unlink(missing_ok=True)
+    if proc.returncode != 0 or not pid:
+        from vzpkg.errors import RestoreError
+
+        raise RestoreError(f"criu lazy-pages did not start: {last_errors(lazy_log)} (full log: {lazy_log})")
+    return pid
+
+
+def stop_lazy_pages(pid: int) -> None:
+    """A restore failed: the daemon has nobody to serve."""
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass

@@ -2,7 +2,9 @@
 
 Offline: stop, copy (config, private area, template generation if DEST lacks it), start there, destroy here.
 Online: copy the private area while the VE runs, checkpoint it (CRIU dumps straight into DEST's dump/<id>; the
-VE is frozen from here), copy what changed (rsync), restore on DEST, destroy on the source. Iterative pre-dumps
+VE is frozen from here), copy what changed, restore on DEST, destroy on the source. The VE's storage backend
+copies its storage (Backend.copy_to: rsync of overlay's upper/, the image file once after the dump, a btrfs
+subvolume rsynced onto a snapshot of DEST's template subvolume). Iterative pre-dumps
 need memory change tracking (`criu check --feature mem_dirty_track`); without it (this machine's kernel has no
 MEM_SOFT_DIRTY) the one dump carries all memory, and vzctl says so once.
 
@@ -27,20 +29,6 @@ from vzpkg.errors import MigrationError, UsageError, VEError, VENotFoundError, V
 from . import checkpoint, criu, ve
 from .confcache import _conf_params, load_conf
 from .layout import Layout, check_veid
-
-
-def _copy_tree(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if shutil.which("rsync"):
-        cmd = ["rsync", "-aHAX", "--numeric-ids", "--delete", f"{src}/", f"{dst}/"]
-    else:
-        shutil.rmtree(dst, ignore_errors=True)
-        cmd = ["cp", "-a", "--reflink=auto", str(src), str(dst)]
-    process.run(cmd, capture=True, text=True, error=MigrationError, what=f"copying {src} to {dst}")
-
-
-def _payload(layout: Layout, veid: str, kind: str) -> Path:
-    return layout.private(veid) / ("upper" if kind == "overlay" else "root")
 
 
 def _ensure_template(src: Layout, dst: Layout, conf) -> None:
@@ -68,6 +56,12 @@ def _check_dest(src: Layout, dst: Layout, veid: str, conf) -> None:
         raise UsageError(f"migrate: {dst.root} is this VE's own VZ root")
     if ve.exists(dst, veid):
         raise VEStateError(f"VE {veid} already exists in {dst.root}: destroy it there first")
+    from . import backends
+
+    try:  # what DEST cannot hold (no btrfs pool there) is refused before anything moves
+        backends.backend_of(conf).check(dst, backends.Limits.of(conf))
+    except VEError as e:
+        raise MigrationError(f"VE {veid} cannot move to {dst.root}: {e}") from None
     privileged, shift, _, _ = _conf_params(conf)
     if not privileged and conf.get("IDMAP") == "private":
         from .idrange import overlapping
@@ -88,18 +82,19 @@ def _install_conf(src: Layout, dst: Layout, veid: str) -> None:
     conf.save(dst.conf(veid))
 
 
-def _remove_dest(dst: Layout, veid: str) -> None:
+def _remove_dest(dst: Layout, veid: str, backend) -> None:
     try:
         if dst.conf(veid).exists():
             ve.destroy(dst, veid, force=True)
+        backend.discard_copy(dst, veid)
     except VEError:
         pass
     for p in (dst.private(veid), dst.private_dir / f".tmp-{veid}-migrate", dst.ve_root(veid), dst.dump(veid)):
         shutil.rmtree(p, ignore_errors=True)
 
 
-def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_dst: bool = False
-            ) -> dict[str, float]:
+def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_dst: bool = False,
+            lazy: bool = False) -> dict[str, float]:
     """Returns the time of each phase (seconds) and, online, "frozen"."""
     veid = check_veid(veid)
     if dest.startswith("ssh://"):
@@ -110,12 +105,17 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
     if not layout.conf(veid).exists():
         raise VENotFoundError(f"VE {veid} does not exist")
     conf = load_conf(layout, veid)
-    _, _, kind, _ = _conf_params(conf)
-    checkpoint.require_file_layout(veid, kind, "a migration")
     _check_dest(layout, dst, veid, conf)
+    from . import backends
+
+    store = _Storage(backends.backend_of(conf), layout, dst, veid, backends.Limits.of(conf))
     running = ve.running_init(layout, veid) is not None
     if online and not running:
         raise VEStateError(f"VE {veid} is not running: --online needs a running VE (drop --online)")
+    if lazy and not online:
+        raise UsageError("migrate: --lazy goes with --online (a post-copy restore on DEST)")
+    if lazy:
+        checkpoint.check_lazy(conf)
     times: dict[str, float] = {}
     staged = dst.private_dir / f".tmp-{veid}-migrate"
 
@@ -124,11 +124,15 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
 
     t = time.monotonic()
     _ensure_template(layout, dst, conf)
-    (staged).mkdir(parents=True, exist_ok=True, mode=0o700)
-    _copy_tree(_payload(layout, veid, kind), staged / _payload(layout, veid, kind).name)
+    try:
+        store.copy(staged, final=False)
+    except BaseException:
+        if not keep_dst:
+            _remove_dest(dst, veid, store.backend)
+        raise
     phase("copy", t)
     if not online:
-        return _offline(layout, dst, veid, kind, running, staged, keep_dst, times)
+        return _offline(layout, dst, veid, store, running, staged, keep_dst, times)
     if not _dirty_tracking():
         print("vzctl: note: this kernel has no memory change tracking (criu check --feature mem_dirty_track): "
               "migrating without iterative pre-dumps", file=sys.stderr)
@@ -139,10 +143,10 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
     frozen0 = t
     try:
         t = time.monotonic()
-        _sync_and_install(layout, dst, veid, kind, staged)
+        _sync_and_install(layout, dst, veid, store, staged)
         phase("sync", t)
         t = time.monotonic()
-        checkpoint.restore(dst, veid, dumpdir=images)
+        checkpoint.restore(dst, veid, dumpdir=images, lazy=lazy)
         phase("restore", t)
         times["frozen"] = time.monotonic() - frozen0
         times["dump_frozen"] = info["frozen_s"]
@@ -156,7 +160,7 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
                                  ) from None
         finally:
             if not keep_dst:
-                _remove_dest(dst, veid)
+                _remove_dest(dst, veid, store.backend)
         if isinstance(e, VEError):
             raise MigrationError(f"VE {veid}: migration to {dst.root} failed, the VE runs on the source again: "
                                  f"{e}") from None
@@ -167,17 +171,30 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
     return times
 
 
-def _sync_and_install(layout: Layout, dst: Layout, veid: str, kind: str, staged: Path) -> None:
+class _Storage:
+    """The VE's storage backend copying it to DEST (copy failures are the migration's)."""
+
+    def __init__(self, backend, src: Layout, dst: Layout, veid: str, limits) -> None:
+        self.backend, self.src, self.dst, self.veid, self.limits = backend, src, dst, veid, limits
+
+    def copy(self, staged: Path, *, final: bool) -> None:
+        try:
+            self.backend.copy_to(self.src, self.dst, self.veid, staged, self.limits, final=final)
+        except VEError as e:
+            if isinstance(e, MigrationError):
+                raise
+            raise MigrationError(f"VE {self.veid}: copying its storage to {self.dst.root} failed: {e}") from None
+
+
+def _sync_and_install(layout: Layout, dst: Layout, veid: str, store: _Storage, staged: Path) -> None:
     """The last copy of the VE's files (the VE no longer runs on the source), moved into place on DEST with its
     config."""
-    _copy_tree(_payload(layout, veid, kind), staged / _payload(layout, veid, kind).name)
-    if kind == "overlay":
-        (staged / "work").mkdir(exist_ok=True, mode=0o700)
+    store.copy(staged, final=True)
     staged.rename(dst.private(veid))
     _install_conf(layout, dst, veid)
 
 
-def _offline(layout: Layout, dst: Layout, veid: str, kind: str, running: bool, staged: Path, keep_dst: bool,
+def _offline(layout: Layout, dst: Layout, veid: str, store: _Storage, running: bool, staged: Path, keep_dst: bool,
              times: dict[str, float]) -> dict[str, float]:
     t = time.monotonic()
     if running:
@@ -185,7 +202,7 @@ def _offline(layout: Layout, dst: Layout, veid: str, kind: str, running: bool, s
     times["stop"] = time.monotonic() - t
     try:
         t = time.monotonic()
-        _sync_and_install(layout, dst, veid, kind, staged)
+        _sync_and_install(layout, dst, veid, store, staged)
         times["sync"] = time.monotonic() - t
         t = time.monotonic()
         if running:
@@ -193,7 +210,7 @@ def _offline(layout: Layout, dst: Layout, veid: str, kind: str, running: bool, s
         times["start"] = time.monotonic() - t
     except BaseException as e:
         if not keep_dst:
-            _remove_dest(dst, veid)
+            _remove_dest(dst, veid, store.backend)
         if running:
             ve.start(layout, veid)
         if isinstance(e, VEError):

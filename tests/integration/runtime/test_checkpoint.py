@@ -314,14 +314,3 @@ def test_migration_killed_midway_leaves_the_ve_on_the_source(rt, have_criu, seco
     assert rt.vzctl("status", veid).stdout.strip().endswith("running"), st
     n = _count(rt, veid)
     assert _wait(lambda: _count(rt, veid) > n, what="the counter on the source")
-
-
-def test_image_layout_is_refused_clearly(rt):
-    """The image layout keeps a VE's files in a filesystem of its own, which chkpnt/clone/migrate do not move
-    yet: one line and exit 53, the VE untouched and still running."""
-    veid = rt.create("--layout", "image", "--diskspace", "1G")
-    for args in (("chkpnt", veid), ("clone", veid, rt.new_id()), ("migrate", veid, str(rt.root) + "-elsewhere")):
-        p = rt.vzctl(*args, check=False)
-        assert p.returncode == 53, (args, p.stderr)
-        assert p.stderr.count("\n") == 1 and "image layout is not supported yet" in p.stderr, p.stderr
-    assert rt.vzctl("status", veid).stdout.split()[-1] == "running"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from ..layout import Layout
@@ -93,3 +94,72 @@ class Backend:
     def recover(self, layout: Layout, veid: str) -> list[tuple[Path, int]]:
         """Finish or undo what a killed create/resize/destroy left (the caller holds the VE's lock)."""
         return []
+
+    # -- checkpoints, clones, migration: the private area as a snapshot ---------------------------------
+    # A snapshot is a directory (a checkpoint's fs/) made by snapshot_lines and turned into a VE's private area
+    # by install_snapshot; checkpoint.py and migrate.py know nothing else of the layouts.
+
+    def snapshot_lines(self, layout: Layout, veid: str, dest: Path, final: Path | None = None) -> list[str]:
+        """Shell lines (sh, set -e) that copy the VE's private area cheaply into DEST, which exists. CRIU's
+        post-dump action runs them while the VE's tasks are frozen (files and memory agree); a clone of a
+        stopped VE runs them as they are. FINAL: where DEST will be once the checkpoint is in place."""
+        q = shlex.quote
+        src = self._payload(layout.private(veid))
+        return [f"cp -a --reflink=auto {q(str(src))} {q(str(dest / src.name))}"]
+
+    def _payload(self, private: Path) -> Path:
+        return private / ("root" if self.kind == "copy" else "upper")
+
+    def install_snapshot(self, layout: Layout, veid: str, fs: Path, tmp: Path, limits: Limits, *,
+                         move: bool = False) -> None:
+        """Fill TMP (VEID's private area being built; the caller renames it into place) from the snapshot FS,
+        and put in place, with LIMITS, whatever of the VE lives outside it. MOVE: FS is used up (a live
+        clone's), its files may be moved rather than copied."""
+        from vzpkg.errors import CheckpointNotFoundError
+
+        src = self._payload(fs)
+        if not src.is_dir():
+            raise CheckpointNotFoundError(f"the checkpoint's file snapshot {src} is missing")
+        _run_copy(["cp", "-a", "--reflink=auto", str(src), str(tmp / src.name)],
+                  f"copying the checkpoint's files {src}")
+        if self.kind == "overlay":
+            (tmp / "work").mkdir(mode=0o700)
+
+    def drop_snapshot(self, layout: Layout, fs: Path) -> None:
+        """Free what the snapshot FS holds outside itself (before FS is removed)."""
+
+    def copy_to(self, layout: Layout, dst: Layout, veid: str, staged: Path, limits: Limits, *, final: bool) -> None:
+        """Migration: copy the VE's storage to the VZ root DST: its private area's files into STAGED (renamed to
+        DST's private/<id> by the caller), the rest straight into DST. Called while the VE runs (a first pass,
+        may copy nothing) and once more, FINAL, after it stopped."""
+        src = self._payload(layout.private(veid))
+        staged.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _sync_tree(src, staged / src.name)
+        if final and self.kind == "overlay":
+            (staged / "work").mkdir(exist_ok=True, mode=0o700)
+
+    def discard_copy(self, dst: Layout, veid: str) -> None:
+        """Remove what a failed copy_to put into DST outside STAGED."""
+
+
+def _run_copy(argv: list[str], what: str) -> None:
+    from vzpkg import process
+    from vzpkg.errors import StorageError
+
+    proc = process.run(argv, capture=True, text=True, check=False, error=StorageError, what=what)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise StorageError(f"{what} failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")
+
+
+def _sync_tree(src: Path, dst: Path) -> None:
+    """DST made equal to the tree SRC (rsync: a second pass copies only what changed)."""
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.which("rsync"):
+        argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", f"{src}/", f"{dst}/"]
+    else:
+        shutil.rmtree(dst, ignore_errors=True)
+        argv = ["cp", "-a", "--reflink=auto", str(src), str(dst)]
+    _run_copy(argv, f"copying {src} to {dst}")

@@ -23,6 +23,7 @@ again at every mount, so nothing else can be left half-done.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import struct
 from pathlib import Path
@@ -347,6 +348,54 @@ class ImageBackend(Backend):
 
     def recover(self, layout: Layout, veid: str) -> list[tuple[Path, int]]:
         return recover_leftovers(layout, veid)
+
+    # -- checkpoints, clones, migration -----------------------------------------------------------------
+
+    def snapshot_lines(self, layout: Layout, veid: str, dest: Path, final: Path | None = None) -> list[str]:
+        """A sparse copy (a reflink where the file system has them) of the image file. A mounted image is
+        frozen (FIFREEZE) for the copy: its journal is flushed and nothing is written to the file meanwhile, so
+        the copy is a clean file system. Only a mount point is frozen: a directory would freeze the host's."""
+        q = shlex.quote
+        private = layout.private(veid)
+        image, fs = q(str(private / IMAGE)), q(str(private / FS))
+        copy = f"cp --sparse=always --reflink=auto {image} {q(str(dest / IMAGE))}"
+        if not storage.is_mounted(private / FS):
+            return [copy]
+        # thawed on every way out of the script that a shell can see (a failed copy, a signal)
+        return [f"F={fs}",
+                """if mountpoint -q "$F" && fsfreeze -f "$F"; then trap 'fsfreeze -u "$F"' EXIT HUP INT TERM; fi""",
+                copy, 'fsfreeze -u "$F" 2>/dev/null || true', "trap - EXIT HUP INT TERM"]
+
+    def install_snapshot(self, layout: Layout, veid: str, fs: Path, tmp: Path, limits: Limits, *,
+                         move: bool = False) -> None:
+        """The snapshot's image is the new VE's (its size and inode count are the source's, which are its
+        limits too: the config carries them; the reservation is set at every mount)."""
+        from vzpkg.errors import CheckpointNotFoundError
+
+        src = fs / IMAGE
+        if not src.is_file():
+            raise CheckpointNotFoundError(f"the checkpoint's image {src} is missing")
+        try:
+            if not move:
+                raise OSError
+            os.rename(src, tmp / IMAGE)
+        except OSError:
+            _run(["cp", "--sparse=always", "--reflink=auto", str(src), str(tmp / IMAGE)], f"copying {src}")
+        (tmp / FS).mkdir(mode=0o700)
+
+    def copy_to(self, layout: Layout, dst: Layout, veid: str, staged: Path, limits: Limits, *, final: bool) -> None:
+        """The image once, after the VE stopped (a copy of a mounted image would be inconsistent; a sparse copy
+        reads only what is allocated, so there is little to gain from a first pass)."""
+        if not final:
+            return
+        staged.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private = layout.private(veid)
+        if storage.is_mounted(private / FS):
+            raise StorageError(f"VE {veid}: its image is still mounted at {private / FS}: cannot copy it")
+        (staged / IMAGE).unlink(missing_ok=True)
+        _run(["cp", "--sparse=always", "--reflink=auto", str(private / IMAGE), str(staged / IMAGE)],
+             f"copying {private / IMAGE}")
+        (staged / FS).mkdir(mode=0o700, exist_ok=True)
 
 
 def _spares(fs: Path) -> int:
