@@ -154,12 +154,8 @@ def _enter_namespaces(layout: Layout, veid: str, oom: list | None = None):
         if not layout.conf(veid).exists():
             raise VENotFoundError(f"VE {veid} does not exist")
         raise VEStateError(f"VE {veid} is not running: start it with 'vzctl start {veid}'")
-    fds = []
+    fds = ns.open_namespaces(rec.pid, rec.privileged)
     try:
-        for name, flag in ns.NS_ORDER:
-            if name == "user" and rec.privileged:
-                continue
-            fds.append((os.open(f"/proc/{rec.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag))
         if not state.record_alive(rec):
             raise VEStateError(f"VE {veid} stopped while entering it")
         memdir = join_cgroups_of(rec.pid)

@@ -91,10 +91,7 @@ def run_captured(layout: Layout, veid: str, argv: list[str], *, input: bytes | N
         else:
             if srv is not None:
                 execserver.stop_server(key)  # gone (killed, or the VE restarted by someone else)
-            for name, flag in ns.NS_ORDER:
-                if name == "user" and rec.privileged:
-                    continue
-                fds.append((os.open(f"/proc/{rec.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag))
+            fds.extend(ns.open_namespaces(rec.pid, rec.privileged))
             if not state.record_alive(rec):
                 raise VEStateError(f"VE {veid} stopped while entering it")
             helper = os.fork()

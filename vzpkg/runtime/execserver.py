@@ -227,12 +227,8 @@ def _serve(sock_fd: int, privileged: bool, harden) -> None:
 
 def _join(init_pid: int, privileged: bool) -> None:
     """Into the VE's namespaces (all but pid; pid for the children), as attach._enter_namespaces."""
-    fds = []
+    fds = ns.open_namespaces(init_pid, privileged)
     try:
-        for name, flag in ns.NS_ORDER:
-            if name == "user" and privileged:
-                continue
-            fds.append((os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC), flag))
         for fd, flag in fds:
             ns.setns(fd, flag)
             if flag == ns.CLONE_NEWUSER:

@@ -18,6 +18,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWTIME = 0x00000080
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -42,6 +43,7 @@ SECCOMP_MODE_FILTER = 2
 # others are entered with the capabilities the VE's user namespace grants; mnt last, since it moves / and cwd).
 NS_ORDER = (
     ("user", CLONE_NEWUSER),
+    ("time", CLONE_NEWTIME),
     ("uts", CLONE_NEWUTS),
     ("ipc", CLONE_NEWIPC),
     ("net", CLONE_NEWNET),
@@ -49,6 +51,36 @@ NS_ORDER = (
     ("pid", CLONE_NEWPID),
     ("mnt", CLONE_NEWNS),
 )
+
+
+
+def open_namespaces(pid: int, privileged: bool) -> list[tuple[int, int]]:
+    """(fd, clone flag) of each namespace of PID to join, in NS_ORDER, for setns. A privileged VE shares the host's
+    user namespace, so that one is left out. The time namespace only where it is not ours: a VE that CRIU restored
+    lives in a time namespace of its own (its clocks continue from the dump), and a process started in it must
+    share that one, or the VE's next dump cannot be restored ("Can't restore sub-task in NS")."""
+    fds: list[tuple[int, int]] = []
+    try:
+        for name, flag in NS_ORDER:
+            path = f"/proc/{pid}/ns/{name}"
+            if name == "user" and privileged:
+                continue
+            if name == "time" and _same_namespace(path, "/proc/self/ns/time"):
+                continue
+            fds.append((os.open(path, os.O_RDONLY | os.O_CLOEXEC), flag))
+    except BaseException:
+        for fd, _ in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def _same_namespace(a: str, b: str) -> bool:
+    try:
+        return os.stat(a).st_ino == os.stat(b).st_ino
+    except FileNotFoundError:
+        return True  # a kernel without time namespaces: nothing to join
+
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}
 # the new mount API: the same numbers on every architecture (added after the syscall tables were unified)

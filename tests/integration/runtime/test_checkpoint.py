@@ -8,6 +8,7 @@ the VE, its request count (memory again) and the marker. The client runs in anot
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -314,3 +315,41 @@ def test_migration_killed_midway_leaves_the_ve_on_the_source(rt, have_criu, seco
     assert rt.vzctl("status", veid).stdout.strip().endswith("running"), st
     n = _count(rt, veid)
     assert _wait(lambda: _count(rt, veid) > n, what="the counter on the source")
+
+
+def test_processes_started_after_a_restore_share_its_time_namespace(rt, have_criu):
+    """CRIU restores a VE into a time namespace of its own; a process `vzctl exec` starts afterwards must join it,
+    or the VE's next dump cannot be restored ("Can't restore sub-task in NS")."""
+    veid = rt.create("--layout", "overlay")
+    rt.sh(veid, COUNTER, check=True)
+    rt.vzctl("chkpnt", veid)
+    rt.vzctl("restore", veid)
+    init = _init_pid(rt, veid)
+    init_time = os.readlink(f"/proc/{init}/ns/time")
+    rt.sh(veid, "sleep 1000 >/dev/null 2>&1 </dev/null &", check=True)
+    sleepers = _wait(lambda: _in_ve(init, "sleep"), what="the sleeper")
+    assert [os.readlink(f"/proc/{p}/ns/time") for p in sleepers] == [init_time] * len(sleepers)
+    assert init_time != os.readlink("/proc/self/ns/time")  # (else this test proves nothing)
+    rt.vzctl("chkpnt", veid)
+    rt.vzctl("restore", veid)
+    c = _count(rt, veid)
+    assert _wait(lambda: _count(rt, veid) > c, what="the counter")
+    assert "sleep" in rt.sh(veid, "ps -e -o comm").stdout
+
+
+def _init_pid(rt, veid: str) -> int:
+    return json.loads(rt.vzctl("status", veid, "--json").stdout)["init_pid"]
+
+
+def _in_ve(init: int, comm: str) -> list[int]:
+    """Host pids of the processes named COMM in the pid namespace of the VE whose init is INIT."""
+    pidns = os.readlink(f"/proc/{init}/ns/pid")
+    found = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and os.readlink(f"/proc/{d}/ns/pid") == pidns and \
+                    open(f"/proc/{d}/comm").read().strip() == comm:
+                found.append(int(d))
+        except OSError:
+            pass
+    return found
