@@ -104,10 +104,10 @@ def chkpnt(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = Non
     veid = check_veid(veid)
     layout.secure_areas()
     with VELock(layout, veid):
-        return _chkpnt_locked(layout, veid, dumpdir, leave_running)
+        return chkpnt_locked(layout, veid, dumpdir, leave_running)
 
 
-def _chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> dict:
+def chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> dict:
     conf = load_conf(layout, veid)
     rec = running_init(layout, veid)
     if rec is None:
@@ -312,25 +312,30 @@ def restore(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = No
     veid = check_veid(veid)
     layout.secure_areas()
     with VELock(layout, veid):
-        if not layout.conf(veid).exists():
-            raise VENotFoundError(f"VE {veid} does not exist (to restore a checkpoint as a new VE: "
-                                  f"'vzctl restore {veid} --from DIR')")
-        if running_init(layout, veid):
-            raise VEStateError(f"VE {veid} is running: stop it (or checkpoint it) before restoring")
-        images = Path(dumpdir).absolute() if dumpdir else (suspended_at(layout, veid) or layout.dump(veid))
-        meta = _load_meta(images)
-        conf = load_conf(layout, veid)
-        if meta.get("fs"):
-            # a --leave-running checkpoint: roll the files back to the moment of the dump, or open files and
-            # memory would disagree
-            _, _, kind, _ = _conf_params(conf)
-            _cleanup(layout, veid)
-            _install_payload(images / "fs", layout, veid, kind, replace=True)
-        pid, took = _restore_into(layout, veid, conf, images, meta.get("mac"), clone=False)
-        marker(layout, veid).unlink(missing_ok=True)
-        if images == layout.dump(veid) and not meta.get("fs"):
-            shutil.rmtree(images, ignore_errors=True)  # a suspend's images are used up (OpenVZ does the same)
-        return {"pid": pid, "restore_s": took, "dir": str(images)}
+        return restore_locked(layout, veid, dumpdir=dumpdir)
+
+
+def restore_locked(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = None) -> dict:
+    """restore's work, under the VE's lock (held by the caller: restore, or a migration)."""
+    if not layout.conf(veid).exists():
+        raise VENotFoundError(f"VE {veid} does not exist (to restore a checkpoint as a new VE: "
+                              f"'vzctl restore {veid} --from DIR')")
+    if running_init(layout, veid):
+        raise VEStateError(f"VE {veid} is running: stop it (or checkpoint it) before restoring")
+    images = Path(dumpdir).absolute() if dumpdir else (suspended_at(layout, veid) or layout.dump(veid))
+    meta = _load_meta(images)
+    conf = load_conf(layout, veid)
+    if meta.get("fs"):
+        # a --leave-running checkpoint: roll the files back to the moment of the dump, or open files and
+        # memory would disagree
+        _, _, kind, _ = _conf_params(conf)
+        _cleanup(layout, veid)
+        _install_payload(images / "fs", layout, veid, kind, replace=True)
+    pid, took = _restore_into(layout, veid, conf, images, meta.get("mac"), clone=False)
+    marker(layout, veid).unlink(missing_ok=True)
+    if images == layout.dump(veid) and not meta.get("fs"):
+        shutil.rmtree(images, ignore_errors=True)  # a suspend's images are used up (OpenVZ does the same)
+    return {"pid": pid, "restore_s": took, "dir": str(images)}
 
 
 def _install_payload(fs: Path, layout: Layout, veid: str, kind: str, *, replace: bool) -> None:
