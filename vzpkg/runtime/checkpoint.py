@@ -103,8 +103,12 @@ def chkpnt(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = Non
     suspended. Returns {"dir", "dump_s", "frozen_s", "size"}."""
     veid = check_veid(veid)
     layout.secure_areas()
-    with VELock(layout, veid):
-        return chkpnt_locked(layout, veid, dumpdir, leave_running)
+    with VELock(layout, veid) as lock:
+        lock.begin("chkpnt")  # killed: the next command on the VE removes the images' temporary directory
+        try:
+            return chkpnt_locked(layout, veid, dumpdir, leave_running)
+        finally:
+            lock.done()
 
 
 def chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> dict:
