@@ -293,30 +293,16 @@ def _restore_into(layout: Layout, veid: str, conf, images: Path, mac: str | None
     return pid, took
 
 
-def _set_hostname(pid: int, hostname: str) -> None:
-    """The kernel hostname of the restored VE (its uts namespace came from the image)."""
-    from . import ns
-
-    child = os.fork()
-    if child == 0:
-        try:
-            fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY)
-            ns.setns(fd, 0x04000000)  # CLONE_NEWUTS
-            ns.sethostname(hostname)
-            os._exit(0)
-        except BaseException:
-            os._exit(1)
-    _, status = os.waitpid(child, 0)
-    if status != 0:
-        raise RestoreError(f"restored, but setting the hostname {hostname!r} in pid {pid}'s namespace failed")
-
-
 def restore(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = None) -> dict:
     """Bring the VE back from its checkpoint (DUMPDIR, else where chkpnt put it). Returns {"pid", "restore_s"}."""
     veid = check_veid(veid)
     layout.secure_areas()
-    with VELock(layout, veid):
-        return restore_locked(layout, veid, dumpdir=dumpdir)
+    with VELock(layout, veid) as lock:
+        lock.begin("restore")  # killed: the next command on the VE undoes what was set up (the images stay)
+        try:
+            return restore_locked(layout, veid, dumpdir=dumpdir)
+        finally:
+            lock.done()
 
 
 def restore_locked(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = None) -> dict:
@@ -406,7 +392,12 @@ def restore_as(layout: Layout, veid: str, images: str | os.PathLike, *, hostname
             conf.save(layout.conf(veid))
             conf = load_conf(layout, veid)
             pid, took = _restore_into(layout, veid, conf, images, None, clone=True)
-            _set_hostname(pid, conf.get("HOSTNAME"))
+            # its kernel hostname and its own /etc/hostname (the source's came with the files), written from
+            # inside the VE: a symlink the VE planted there resolves within the VE, never on the host
+            from . import live
+
+            name = conf.get("HOSTNAME")
+            live._in_ve(state.InitRecord(pid, 0, _conf_params(conf)[0]), name, {"etc/hostname": f"{name}\n"})
         except BaseException:
             _cleanup(layout, veid)
             layout.conf(veid).unlink(missing_ok=True)

@@ -12,6 +12,7 @@ loss): `recover` (run by ve.VELock for every operation, and by `vzpkg clean --ve
     save      a temporary config file conf/.<id>.conf.XXXXXXXX.tmp is removed
 
     chkpnt    (a checkpoint cut off) only the temporaries below
+    restore   (a restore cut off) the cgroups and root mount it set up, if the VE does not run (ve.py)
     migrate   the migration is finished or undone (migrate_journal.py); receive: its destination side
 
 and always removes the VE's dead temporary directories (private/.tmp-<id>-<pid>, .tmp-<id>-destroy-<pid>,

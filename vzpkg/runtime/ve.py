@@ -109,6 +109,8 @@ def _recover(layout: Layout, veid: str, intent: str, fd: int) -> list[tuple[Path
         intent = migrate_journal.recover(layout, veid)
     elif op == "receive":  # a half-received migration (migrate_agent.py): kept only if the VE runs here
         intent = "" if running_init(layout, veid) is not None else "destroy"
+    elif op == "restore" and running_init(layout, veid) is None:  # cgroups and root mount of a restore cut off
+        _cleanup(layout, veid)  # (not _stop_locked: the suspend marker stays, the VE stays restorable)
     if intent and intent.split()[0] in ("destroy", "start"):  # a start cut off half-way is undone: stopped
         _stop_locked(layout, veid, fast=True, timeout=DEFAULT_STOP_TIMEOUT)
     removed = leftovers.recover_files(layout, veid, intent)
