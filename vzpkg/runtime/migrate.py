@@ -57,7 +57,7 @@ class Agent:
     def __enter__(self) -> Agent:
         # no parent-death signal: if this vzctl is killed the agent sees its stdin end and undoes its work itself
         self._cm = process.spawn(self.argv, stdin=process.PIPE, stdout=process.PIPE, stderr=self.err,
-                                 error=MigrationError, what=f"the receiving vzctl on {self.dest.describe()}",
+                                 error=MigrationRemoteError, what=f"the receiving vzctl on {self.dest.describe()}",
                                  pdeathsig=None)
         self.proc = self._cm.__enter__()
         return self
@@ -87,8 +87,14 @@ class Agent:
                 rc = -1
             self.err.seek(0)
             raise self.dest.failure(rc, self.err.read().decode(errors="replace"))
-        reply = json.loads(line)
-        if not reply.get("ok"):
+        try:
+            reply = json.loads(line)
+        except ValueError:  # (a login shell that prints something, or not our vzctl at the other end)
+            raise MigrationRemoteError(f"migrate: the receiving vzctl on {self.dest.describe()} answered "
+                                       f"{line[:80].decode(errors='replace').strip()!r}, not the migration "
+                                       "protocol: check --remote-vzctl and that the login prints nothing") from None
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            reply = reply if isinstance(reply, dict) else {}
             raise _CODES.get(reply.get("code"), MigrationError)(f"{self.dest.describe()}: {reply.get('error')}")
         return reply
 
@@ -136,6 +142,7 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
             raise VEStateError(f"VE {veid} is not running: --online needs a running VE (drop --online)")
         if not running and checkpoint.suspended_at(layout, veid):
             raise VEStateError(f"VE {veid} is suspended: 'vzctl restore {veid}' first, then migrate it --online")
+        migrate_journal.clear(layout, veid)  # (details of a migration killed before its journal entry was made)
         return _Migration(layout, veid, d, lock, kind, running, online, keep_dst).run(conf)
 
 

@@ -144,7 +144,20 @@ def serve(layout: Layout, veid: str, inp: IO[bytes], out: IO[bytes]) -> int:
     """The session (see the module docstring); returns the exit status."""
     veid = check_veid(veid)
     layout.secure_areas()
-    with ve.VELock(layout, veid, wait=False) as lock, storage.templates_lock(layout, exclusive=False):
+    lock = ve.VELock(layout, veid, wait=False)
+    try:
+        lock.__enter__()
+    except BlockingIOError:
+        raise VEStateError(f"VE {veid} in {layout.root} is locked by another vzctl (a migration to the VE's own "
+                           "VZ root, or one in progress there): try again when it is done") from None
+    try:
+        return _serve_locked(layout, veid, lock, inp, out)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _serve_locked(layout: Layout, veid: str, lock: ve.VELock, inp: IO[bytes], out: IO[bytes]) -> int:
+    with storage.templates_lock(layout, exclusive=False):
         # (the shared hold on the template area: `vzpkg clean` must not take a template/.tmp-* being copied in)
         s = _Session(layout, veid, lock)
         ended = False

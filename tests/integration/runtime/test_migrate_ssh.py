@@ -156,6 +156,8 @@ def test_unreachable_or_incomplete_destination_fails_clearly(rt, sshd, node2):
     p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online")
     assert p.returncode == 32 and "already exists" in p.stderr, p.stderr
     _vzctl(there, "destroy", veid)
+    p = _vzctl(here, "migrate", veid, sshd.url(rt.root))  # its own VZ root, over ssh: the receiving end says so
+    assert p.returncode == 63 and p.stderr.count("\n") == 1 and "is locked by another vzctl" in p.stderr, p.stderr
     assert rt.vzctl("status", veid).stdout.strip().endswith("running")
     assert _gone(node2, veid) == []
     assert not (rt.root / "run" / f"{veid}.migrate").exists()
