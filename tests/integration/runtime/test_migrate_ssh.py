@@ -99,6 +99,13 @@ def _criu_writing(dump: Path, veid: str) -> bool:
     return False
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
 def _gone(root: Path, veid: str) -> list[str]:
     """What a VZ root still holds of VEID (config, private area, temporaries, images, journal, cgroups, mounts)."""
     left = [str(p) for p in (root / "conf" / f"{veid}.conf", root / "private" / veid, root / "dump" / veid,
@@ -163,10 +170,10 @@ def test_unreachable_or_incomplete_destination_fails_clearly(rt, sshd, node2):
     assert not (rt.root / "run" / f"{veid}.migrate").exists()
 
 
-@pytest.mark.parametrize("point", ["copied", "dumped", "restoring"])
+@pytest.mark.parametrize("point", ["copied", "dumped", "restoring", "committing", "committed"])
 def test_ssh_migration_killed_midway(rt, sshd, node2, point):
-    """SIGKILL of `vzctl migrate --online` after the copy (the dump begun), after the dump, and while the
-    destination restores: the VE runs on exactly one node afterwards — on the destination only if it got there,
+    """SIGKILL of `vzctl migrate --online` after the copy (the dump begun), after the dump, while the
+    destination restores, when it has restored (the commit being sent) and once the commit reached it: the VE runs on exactly one node afterwards — on the destination only if it got there,
     else restorable on the source (the next command there finishes or undoes the migration) — and the
     destination keeps nothing of it that its next command does not remove."""
     veid = rt.create("--layout", "overlay")
@@ -185,6 +192,9 @@ def test_ssh_migration_killed_midway(rt, sshd, node2, point):
         "copied": lambda: d1.is_dir() and any(p.name.startswith(f".{veid}.tmp-") for p in d1.iterdir()),
         "dumped": lambda: '"frozen"' in phase(),
         "restoring": lambda: '"restoring"' in phase(),
+        "committing": lambda: '"committing"' in phase(),
+        # the destination emptied its journal: the commit reached it, the source has not destroyed the VE yet
+        "committed": lambda: '"committing"' in phase() and _size(node2 / "lock" / f"{veid}.lock") == 0,
     }[point]
     proc = subprocess.Popen([sys.executable, "-m", "vzpkg.cli.vzctl", "migrate", veid, sshd.url(node2), "--online"],
                             env=here, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -199,12 +209,14 @@ def test_ssh_migration_killed_midway(rt, sshd, node2, point):
     assert q.returncode == 0, q.stderr
     where = q.stdout.strip()
     assert where in ("running", "absent"), where
+    print(f"killed at {point}: the VE is {where} on the destination")
     # CRIU is not killed with vzctl (a dump stopped half-way would leave the VE frozen): let it end
     _wait(lambda: not _criu_writing(d1, veid), what="CRIU to end")
     st = rt.vzctl("status", veid).stdout
     if where == "running":
         assert "running" not in st.split()  # never on both
-        rt.vzctl("destroy", veid, check=False)  # (finds the migration finished: the VE is gone here)
+        # any command on the VE here finishes the migration: the VE is destroyed here (then it is not found)
+        assert rt.vzctl("set", veid, "--cpuunits", "1000", check=False).returncode == 31
         assert _gone(rt.root, veid) == []
         rt.created.remove(veid)
         n = _count(there, veid)
