@@ -127,6 +127,7 @@ def test_ssh_migration_online_then_offline_back(rt, sshd, node2):
     p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online", "-t")
     assert p.returncode == 0, p.stderr
     assert "frozen" in p.stdout and "restore" in p.stdout
+    print(p.stdout)  # (-t: each phase's time; -s shows it)
     assert _vzctl(there, "status", veid).stdout.split()[2:5] == ["exist", "mounted", "running"]
     after = _count(there, veid)
     assert before <= after
