@@ -7,11 +7,11 @@ export VZPKG_CACHE_DIR ?= $(CURDIR)/cache
 DEMO_TEMPLATE ?= debian-12-x86_64
 
 APT_PACKAGES := debootstrap mmdebstrap btrfs-progs e2fsprogs zstd tar gnupg gpgv debian-archive-keyring arch-test \
-	uidmap iproute2 apt-utils python3-venv util-linux procps psmisc \
+	uidmap iproute2 apt-utils openssh-client rsync python3-venv util-linux procps psmisc \
 	dnf rpm python3-rpm createrepo-c busybox-static gcc libc6-dev strace \
 	docker-registry skopeo umoci openssl
 
-.PHONY: setup system-packages venv criu demo test lint unit integration bench clean
+.PHONY: setup system-packages venv criu sshd demo test lint unit integration bench clean
 
 setup: system-packages venv criu
 
@@ -22,6 +22,13 @@ CRIU_PREFIX ?= /opt/vzpkg/criu
 
 criu: system-packages venv
 	$(VPY) -m vzpkg.runtime.criu_install --prefix $(CRIU_PREFIX)
+
+# An OpenSSH server for the ssh migration tests, unpacked into $(SSHD_PREFIX) from the host suite's packages
+# (apt-get download + dpkg-deb -x): never installed, never a service; each test starts its own on 127.0.0.1.
+SSHD_PREFIX ?= /opt/vzpkg/sshd
+
+sshd: system-packages venv
+	$(VPY) tests/integration/sshd_install.py --prefix $(SSHD_PREFIX)
 
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 && echo "system packages: present" || { \
@@ -55,7 +62,7 @@ demo: setup
 lint: venv
 	$(VENV)/bin/ruff check vzpkg tests bench
 
-test: setup lint
+test: setup sshd lint
 	$(VENV)/bin/pytest -ra tests
 
 unit: venv

@@ -238,6 +238,20 @@ class MigrationError(VEError):
     exit_code = 63
 
 
+class MigrationRemoteError(MigrationError):
+    """vzctl migrate: the destination lacks what it needs (a working vzctl, rsync, CRIU for --online); the message
+    names it. Nothing was moved; the VE is as it was on the source."""
+
+    exit_code = 65
+
+
+class MigrationUnreachableError(MigrationError):
+    """vzctl migrate: ssh cannot reach or log in to the destination (host, port, user, key, host key); nothing was
+    moved."""
+
+    exit_code = 66
+
+
 class CriuUnavailableError(VEError):
     """No CRIU >= 4.2 that passes `criu check` (run `make criu`, or set VZ_CRIU)."""
 

@@ -109,6 +109,11 @@ TABLE: dict[str, dict] = {
         "--keep-dst": {"flag": True, "help": "keep what reached DEST if the migration fails"},
         "--lazy": {"flag": True, "help": "with --online: restore on DEST post-copy (userfaultfd)"},
         "--times": {"aliases": ("-t",), "flag": True, "help": "print each phase's time and the frozen time"},
+        "--remote-vzctl": {"help": "the vzctl command on DEST (shell words; default $VZ_REMOTE_VZCTL, else this "
+                                   "vzctl's path); ssh options: $VZ_SSH_OPTS"},
+    }},
+    "migrate-receive": {"help": "(internal) the receiving end of a migration, run by the source's vzctl", "opts": {
+        "--query": {"flag": True, "help": "print running, stopped or absent (after any half-done receive is undone)"},
     }},
 }
 COMMANDS = tuple(TABLE)
@@ -389,7 +394,7 @@ def run(argv: list[str]) -> int:
 
     layout = Layout.at(getattr(args, "root", None))
     cmd = args.command
-    if cmd in ("chkpnt", "restore", "clone", "migrate"):
+    if cmd in ("chkpnt", "restore", "clone", "migrate", "migrate-receive"):
         from . import vzctl_more
 
         return vzctl_more._criu_commands(args, layout)

@@ -118,9 +118,16 @@ def _criu_commands(args, layout) -> int:
         from vzpkg.runtime import migrate
 
         times = migrate.migrate(layout, args.veid, args.dest, online=args.online, keep_dst=args.keep_dst,
-                                lazy=args.lazy)
+                                lazy=args.lazy, remote_vzctl=args.remote_vzctl)
         if args.times:
             for phase, secs in times.items():
                 print(f"{phase:<12} {secs * 1000:9.1f} ms")
         _say(args, f"VE {args.veid} migrated to {args.dest}{' online' if args.online else ''}")
+    elif cmd == "migrate-receive":
+        from vzpkg.runtime import migrate_agent
+
+        if args.query:
+            print(migrate_agent.query(layout, args.veid))
+            return 0
+        return migrate_agent.main(layout, args.veid)
     return 0

@@ -91,11 +91,15 @@ def chkpnt(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = Non
     suspended. Returns {"dir", "dump_s", "frozen_s", "size"}."""
     veid = check_veid(veid)
     layout.secure_areas()
-    with VELock(layout, veid):
-        return _chkpnt_locked(layout, veid, dumpdir, leave_running)
+    with VELock(layout, veid) as lock:
+        lock.begin("chkpnt")  # killed: the next command on the VE removes the images' temporary directory
+        try:
+            return chkpnt_locked(layout, veid, dumpdir, leave_running)
+        finally:
+            lock.done()
 
 
-def _chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> dict:
+def chkpnt_locked(layout: Layout, veid: str, dumpdir, leave_running: bool) -> dict:
     conf = load_conf(layout, veid)
     rec = running_init(layout, veid)
     if rec is None:
@@ -317,24 +321,6 @@ def _mount_for_restore(layout: Layout, veid: str, conf, template: Path, kind: st
     return backends.get(kind).mount(layout, veid, template, id_shift, _idmap_shift(conf), backends.Limits.of(conf))
 
 
-def _set_hostname(pid: int, hostname: str) -> None:
-    """The kernel hostname of the restored VE (its uts namespace came from the image)."""
-    from . import ns
-
-    child = os.fork()
-    if child == 0:
-        try:
-            fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY)
-            ns.setns(fd, 0x04000000)  # CLONE_NEWUTS
-            ns.sethostname(hostname)
-            os._exit(0)
-        except BaseException:
-            os._exit(1)
-    _, status = os.waitpid(child, 0)
-    if status != 0:
-        raise RestoreError(f"restored, but setting the hostname {hostname!r} in pid {pid}'s namespace failed")
-
-
 def check_lazy(conf) -> None:
     """Refuse --lazy (LazyRestoreUnavailableError) where post-copy restore cannot work, before anything changes."""
     from vzpkg.errors import LazyRestoreUnavailableError
@@ -351,29 +337,39 @@ def restore(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = No
     LAZY: post-copy, the memory paged in on demand by a `criu lazy-pages` daemon."""
     veid = check_veid(veid)
     layout.secure_areas()
-    with VELock(layout, veid):
-        if not layout.conf(veid).exists():
-            raise VENotFoundError(f"VE {veid} does not exist (to restore a checkpoint as a new VE: "
-                                  f"'vzctl restore {veid} --from DIR')")
-        if running_init(layout, veid):
-            raise VEStateError(f"VE {veid} is running: stop it (or checkpoint it) before restoring")
-        images = Path(dumpdir).absolute() if dumpdir else (suspended_at(layout, veid) or layout.dump(veid))
-        meta = _load_meta(images)
-        conf = load_conf(layout, veid)
-        if lazy:
-            check_lazy(conf)
-        if meta.get("fs"):
-            # a --leave-running checkpoint: roll the files back to the moment of the dump, or open files and
-            # memory would disagree
-            _cleanup(layout, veid)
-            _install_payload(images / "fs", layout, veid, conf, replace=True)
-        pid, took = _restore_into(layout, veid, conf, images, meta.get("mac"), clone=False, lazy=lazy)
-        marker(layout, veid).unlink(missing_ok=True)
-        if images == layout.dump(veid) and not meta.get("fs") and not lazy:
-            # a suspend's images are used up (OpenVZ does the same); after a lazy restore the lazy-pages daemon
-            # still reads them: the next chkpnt (or destroy) replaces them
-            shutil.rmtree(images, ignore_errors=True)
-        return {"pid": pid, "restore_s": took, "dir": str(images)}
+    with VELock(layout, veid) as lock:
+        lock.begin("restore")  # killed: the next command on the VE undoes what was set up (the images stay)
+        try:
+            return restore_locked(layout, veid, dumpdir=dumpdir, lazy=lazy)
+        finally:
+            lock.done()
+
+
+def restore_locked(layout: Layout, veid: str, *, dumpdir: str | os.PathLike | None = None,
+                   lazy: bool = False) -> dict:
+    """restore's work, under the VE's lock (held by the caller: restore, or a migration)."""
+    if not layout.conf(veid).exists():
+        raise VENotFoundError(f"VE {veid} does not exist (to restore a checkpoint as a new VE: "
+                              f"'vzctl restore {veid} --from DIR')")
+    if running_init(layout, veid):
+        raise VEStateError(f"VE {veid} is running: stop it (or checkpoint it) before restoring")
+    images = Path(dumpdir).absolute() if dumpdir else (suspended_at(layout, veid) or layout.dump(veid))
+    meta = _load_meta(images)
+    conf = load_conf(layout, veid)
+    if lazy:
+        check_lazy(conf)
+    if meta.get("fs"):
+        # a --leave-running checkpoint: roll the files back to the moment of the dump, or open files and
+        # memory would disagree
+        _cleanup(layout, veid)
+        _install_payload(images / "fs", layout, veid, conf, replace=True)
+    pid, took = _restore_into(layout, veid, conf, images, meta.get("mac"), clone=False, lazy=lazy)
+    marker(layout, veid).unlink(missing_ok=True)
+    if images == layout.dump(veid) and not meta.get("fs") and not lazy:
+        # a suspend's images are used up (OpenVZ does the same); after a lazy restore the lazy-pages daemon
+        # still reads them: the next chkpnt (or destroy) replaces them
+        shutil.rmtree(images, ignore_errors=True)
+    return {"pid": pid, "restore_s": took, "dir": str(images)}
 
 
 def _install_payload(fs: Path, layout: Layout, veid: str, conf, *, replace: bool, move: bool = False) -> None:
@@ -444,7 +440,12 @@ def restore_as(layout: Layout, veid: str, images: str | os.PathLike, *, hostname
             conf.save(layout.conf(veid))
             conf = load_conf(layout, veid)
             pid, took = _restore_into(layout, veid, conf, images, None, clone=True, lazy=lazy)
-            _set_hostname(pid, conf.get("HOSTNAME"))
+            # its kernel hostname and its own /etc/hostname (the source's came with the files), written from
+            # inside the VE: a symlink the VE planted there resolves within the VE, never on the host
+            from . import live
+
+            name = conf.get("HOSTNAME")
+            live._in_ve(state.InitRecord(pid, 0, _conf_params(conf)[0]), name, {"etc/hostname": f"{name}\n"})
         except BaseException:
             _cleanup(layout, veid)
             layout.conf(veid).unlink(missing_ok=True)

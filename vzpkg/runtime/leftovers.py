@@ -11,7 +11,13 @@ loss): `recover` (run by ve.VELock for every operation, and by `vzpkg clean --ve
     start     the VE is stopped and everything it held removed (ve.py: processes, cgroups, mount, veth, routes)
     save      a temporary config file conf/.<id>.conf.XXXXXXXX.tmp is removed
 
-and always removes the VE's dead temporary directories (private/.tmp-<id>-<pid>, .tmp-<id>-destroy-<pid>).
+    chkpnt    (a checkpoint cut off) only the temporaries below
+    restore   (a restore cut off) the cgroups and root mount it set up, if the VE does not run (ve.py)
+    migrate   the migration is finished or undone (migrate_journal.py); receive: its destination side
+
+and always removes the VE's dead temporary directories (private/.tmp-<id>-<pid>, .tmp-<id>-destroy-<pid>,
+.tmp-<id>-migrate-<pid>) and CRIU's (dump/.<id>.tmp-<pid> ..., see dead_dump_tmps; CRIU's action scripts and
+pid files in run/ are swept by `vzpkg clean --ves`).
 `sweep.py` is the whole-root pass of `vzpkg clean --ves`: the VEs of dead API owners (owners.py), every VE's
 journal, dead temporary directories and files of any VE, the host routes (run/<id>.routes) of VEs that are not
 running, lock files of VEs that do not exist, empty mount points of VEs that do not exist, and interrupted
@@ -96,6 +102,38 @@ def dead_private_tmps(layout: Layout, veid: str | None = None) -> list[Path]:
     return out
 
 
+def _criu_uses(path: Path) -> bool:
+    """Whether a live process names PATH on its command line (a CRIU that outlived its vzctl writes there)."""
+    needle = os.fsencode(str(path))
+    for pid in _listdir(Path("/proc")):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def dead_dump_tmps(layout: Layout, veid: str | None = None) -> list[Path]:
+    """CRIU temporaries in dump/ of vzctl runs that died (of VEID, or of any VE): a chkpnt's images being written
+    (.<id>.tmp-<pid>), the images it replaced (.<id>.old-<pid>), a clone's checkpoint (.clone-<src>-<dst>-<pid>)
+    — unless a CRIU still running writes there."""
+    area = layout.root / "dump"
+    out = []
+    for name in _listdir(area):
+        if not name.startswith("."):
+            continue
+        if veid is not None and not (name.startswith((f".{veid}.tmp-", f".{veid}.old-")) or (
+                name.startswith((".clone-", "..clone-")) and f"-{veid}-" in name)):  # (the clone's SRC or DST)
+            continue
+        pid = _tmp_pid(name)
+        if pid is not None and not pid_alive(pid) and not _criu_uses(area / name):
+            out.append(area / name)
+    return out
+
+
 def recover_files(layout: Layout, veid: str, intent: str) -> list[tuple[Path, int]]:
     """The file-level part of recovery (the caller holds the VE's lock and has stopped a half-destroyed VE)."""
     removed: list[tuple[Path, int]] = []
@@ -118,8 +156,13 @@ def recover_files(layout: Layout, veid: str, intent: str) -> list[tuple[Path, in
             for p in (layout.ve_root(veid), layout.dump(veid)):
                 if os.path.lexists(p):
                     removed.append((p, remove_tree(p)))
-    for p in dead_private_tmps(layout, veid):
+    for p in dead_private_tmps(layout, veid) + dead_dump_tmps(layout, veid):
         removed.append((p, remove_tree(p)))
+    for name in _listdir(layout.run_dir):  # CRIU's action scripts and pid files of the VE's dead runs
+        if name.startswith(f".{veid}.criu-") and (pid := _tmp_pid(name.removesuffix(".sh"))) is not None \
+                and not pid_alive(pid):
+            p = layout.run_dir / name
+            removed.append((p, remove_tree(p)))
     for name in _listdir(layout.conf_dir):
         if _is_conf_tmp(name, veid):
             p = layout.conf_dir / name

@@ -1,226 +1,259 @@
-"""vzctl migrate VEID DEST [--online] [--keep-dst]: move a VE to another VZ root on this machine.
+"""vzctl migrate VEID DEST [--online] [--keep-dst] [-t]: move a VE to another VZ root, here or over ssh.
 
-Offline: stop, copy (config, private area, template generation if DEST lacks it), start there, destroy here.
-Online: copy the private area while the VE runs, checkpoint it (CRIU dumps straight into DEST's dump/<id>; the
-VE is frozen from here), copy what changed, restore on DEST, destroy on the source. The VE's storage backend
-copies its storage (Backend.copy_to: rsync of overlay's upper/, the image file once after the dump, a btrfs
-subvolume rsynced onto a snapshot of DEST's template subvolume). Iterative pre-dumps
-need memory change tracking (`criu check --feature mem_dirty_track`); without it (this machine's kernel has no
-MEM_SOFT_DIRTY) the one dump carries all memory, and vzctl says so once.
+DEST is a VZ root on this machine or ssh://[user@]host[:port][/vzroot] (migrate_dest.py: the only part that
+differs). On DEST a receiving vzctl (`migrate-receive`, migrate_agent.py) holds that side's lock and does that
+side's work; files and images go with rsync (over ssh for a remote node), as OpenVZ's vzmigrate did.
 
-Failure safety: until DEST's restore succeeded the source is the VE — a failure restores it on the source from
-the images (or starts it again, offline) and removes what reached DEST (unless --keep-dst). A vzctl killed
-after the dump leaves the source *suspended* with its marker naming the images in DEST: `vzctl restore VEID`
-on the source brings it back. The source is destroyed only after DEST runs, so the VE never runs on both.
-`ssh://` destinations are not implemented yet (MigrationError says so).
+Offline: copy the private area while the VE runs, stop, copy what changed, install, start there, destroy here.
+Online: copy the private area while the VE runs, checkpoint it here (dump/<id>; the VE is frozen from here on),
+copy what changed and the images, restore there, destroy here. Iterative pre-dumps need memory change tracking
+(`criu check --feature mem_dirty_track`); without it (this machine's kernel has no MEM_SOFT_DIRTY) the one dump
+carries all memory, and vzctl says so once. If the destination lacks the VE's unpacked template, it is copied.
+
+Failure safety (migrate_journal.py has the phases): the VE's lock is held throughout, with a `migrate` journal
+entry. Until the destination runs the VE, the source is the VE: a failure undoes the destination's part and
+restores (or starts) the VE here again; a vzctl killed half-way leaves the entry, and the next command on the
+VE finishes the migration (the VE runs there: destroyed here) or undoes it (left suspended or stopped here,
+restorable). The VE runs here again only after the destination said it does not run there.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from vzpkg import process
-from vzpkg.errors import MigrationError, UsageError, VEError, VENotFoundError, VEStateError
+from vzpkg.errors import (
+    MigrationError,
+    MigrationRemoteError,
+    MigrationUnreachableError,
+    UsageError,
+    VEError,
+    VENotFoundError,
+    VEStateError,
+)
 
-from . import checkpoint, criu, ve
-from .confcache import _conf_params, load_conf
+from . import checkpoint, criu, migrate_dest, migrate_journal, ve
+from .confcache import _conf_params, _template_of, load_conf
 from .layout import Layout, check_veid
 
+_CODES = {65: MigrationRemoteError, 66: MigrationUnreachableError, 32: VEStateError}
 
-def _ensure_template(src: Layout, dst: Layout, conf) -> None:
-    from .confcache import _template_of
 
-    there = _template_of(dst, "x", conf)
-    if there.is_dir():
+class Agent:
+    """The receiving end on DEST, as a child process (local, or ssh running it there) spoken to in JSON lines."""
+
+    def __init__(self, dest: migrate_dest.Destination, veid: str) -> None:
+        self.dest = dest
+        self.argv = dest.command(["migrate-receive", veid])
+        self.err = tempfile.TemporaryFile()
+        self.proc = None
+        self._cm = None
+
+    def __enter__(self) -> Agent:
+        # no parent-death signal: if this vzctl is killed the agent sees its stdin end and undoes its work itself
+        self._cm = process.spawn(self.argv, stdin=process.PIPE, stdout=process.PIPE, stderr=self.err,
+                                 error=MigrationRemoteError, what=f"the receiving vzctl on {self.dest.describe()}",
+                                 pdeathsig=None)
+        self.proc = self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.proc.poll() is None and exc[0] is None:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+        except Exception:  # noqa: BLE001 (the block below kills it)
+            pass
+        finally:
+            self._cm.__exit__(*exc)
+            self.err.close()
+
+    def call(self, op: str, **kw) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **kw}).encode() + b"\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except OSError:
+            line = b""
+        if not line:
+            try:
+                rc = self.proc.wait(timeout=30)
+            except process.TimeoutExpired:
+                rc = -1
+            self.err.seek(0)
+            raise self.dest.failure(rc, self.err.read().decode(errors="replace"))
+        try:
+            reply = json.loads(line)
+        except ValueError:  # (a login shell that prints something, or not our vzctl at the other end)
+            raise MigrationRemoteError(f"migrate: the receiving vzctl on {self.dest.describe()} answered "
+                                       f"{line[:80].decode(errors='replace').strip()!r}, not the migration "
+                                       "protocol: check --remote-vzctl and that the login prints nothing") from None
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            reply = reply if isinstance(reply, dict) else {}
+            raise _CODES.get(reply.get("code"), MigrationError)(f"{self.dest.describe()}: {reply.get('error')}")
+        return reply
+
+    def abort(self, keep: bool) -> None:
+        """Best effort: the agent undoes its work and ends (if it is gone, its journal entry does that there)."""
+        try:
+            self.call("abort", keep=keep)
+        except (VEError, ValueError):
+            pass
+
+
+def _rsync(dest: migrate_dest.Destination, src: Path, there: str) -> None:
+    cmd = ["rsync", "-aHAX", "--numeric-ids", "--delete", *dest.rsync_shell(), f"{src}/",
+           dest.rsync_path(there.rstrip("/") + "/")]
+    proc = process.run(cmd, capture=True, text=True, check=False, error=MigrationError,
+                       what=f"rsync of {src} to {dest.describe()}")
+    if proc.returncode == 0:
         return
-    here = _template_of(src, "x", conf)
-    tmp = there.with_name(f".tmp-{there.name}-{os.getpid()}")
-    try:
-        process.run(["cp", "-a", "--reflink=auto", str(here), str(tmp)], capture=True, text=True,
-                    error=MigrationError, what=f"copying the template {here} to {there}")
-    except MigrationError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        tmp.rename(there)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another migration put it there first
+    if proc.returncode == 255 or "connection unexpectedly closed" in (proc.stderr or ""):
+        raise dest.failure(255, proc.stderr)
+    tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+    raise MigrationError(f"rsync of {src} to {dest.describe()} failed: {tail[0]}")
 
 
-def _check_dest(src: Layout, dst: Layout, veid: str, conf) -> None:
-    if dst.real_root() == src.real_root():
-        raise UsageError(f"migrate: {dst.root} is this VE's own VZ root")
-    if ve.exists(dst, veid):
-        raise VEStateError(f"VE {veid} already exists in {dst.root}: destroy it there first")
-    from . import backends
-
-    try:  # what DEST cannot hold (no btrfs pool there) is refused before anything moves
-        backends.backend_of(conf).check(dst, backends.Limits.of(conf))
-    except VEError as e:
-        raise MigrationError(f"VE {veid} cannot move to {dst.root}: {e}") from None
-    privileged, shift, _, _ = _conf_params(conf)
-    if not privileged and conf.get("IDMAP") == "private":
-        from .idrange import overlapping
-
-        others = overlapping(dst, veid, shift)
-        if others:
-            raise MigrationError(f"VE {veid}'s id range (ID_SHIFT={shift}) overlaps VE {others[0][0]}'s in "
-                                 f"{dst.root}: a checkpoint keeps its ids, so it cannot move there")
-
-
-def _install_conf(src: Layout, dst: Layout, veid: str) -> None:
-    from .conf import VEConfig
-
-    conf = VEConfig.load(src.conf(veid))
-    conf.set("VE_ROOT", str(dst.ve_root(veid)))
-    conf.set("VE_PRIVATE", str(dst.private(veid)))
-    dst.ve_root(veid).mkdir(parents=True, exist_ok=True)
-    conf.save(dst.conf(veid))
-
-
-def _remove_dest(dst: Layout, veid: str, backend) -> None:
-    try:
-        if dst.conf(veid).exists():
-            ve.destroy(dst, veid, force=True)
-        backend.discard_copy(dst, veid)
-    except VEError:
-        pass
-    for p in (dst.private(veid), dst.private_dir / f".tmp-{veid}-migrate", dst.ve_root(veid), dst.dump(veid)):
-        shutil.rmtree(p, ignore_errors=True)
+def _payload(layout: Layout, veid: str, kind: str) -> Path:
+    return layout.private(veid) / ("upper" if kind == "overlay" else "root")
 
 
 def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_dst: bool = False,
-            lazy: bool = False) -> dict[str, float]:
+            remote_vzctl: str | None = None) -> dict[str, float]:
     """Returns the time of each phase (seconds) and, online, "frozen"."""
     veid = check_veid(veid)
-    if dest.startswith("ssh://"):
-        raise MigrationError("migrate: ssh:// destinations are not implemented yet: migrate to a VZ root on this "
-                             "machine (a directory), or copy the VE with rsync and 'vzctl restore' there")
-    dst = Layout.at(dest)
-    dst.secure_areas()
-    if not layout.conf(veid).exists():
-        raise VENotFoundError(f"VE {veid} does not exist")
-    conf = load_conf(layout, veid)
-    _check_dest(layout, dst, veid, conf)
-    from . import backends
+    d = migrate_dest.parse(dest, vzctl=remote_vzctl)
+    if isinstance(d, migrate_dest.LocalRoot) and os.path.realpath(d.root) == layout.real_root():
+        raise UsageError(f"migrate: {d.root} is this VE's own VZ root")
+    layout.secure_areas()
+    with ve.VELock(layout, veid) as lock:
+        if not layout.conf(veid).exists():
+            raise VENotFoundError(f"VE {veid} does not exist")
+        conf = load_conf(layout, veid)
+        _, _, kind, _ = _conf_params(conf)
+        checkpoint.require_file_layout(veid, kind, "a migration")
+        running = ve.running_init(layout, veid) is not None
+        if online and not running:
+            raise VEStateError(f"VE {veid} is not running: --online needs a running VE (drop --online)")
+        if not running and checkpoint.suspended_at(layout, veid):
+            raise VEStateError(f"VE {veid} is suspended: 'vzctl restore {veid}' first, then migrate it --online")
+        migrate_journal.clear(layout, veid)  # (details of a migration killed before its journal entry was made)
+        return _Migration(layout, veid, d, lock, kind, running, online, keep_dst).run(conf)
 
-    store = _Storage(backends.backend_of(conf), layout, dst, veid, backends.Limits.of(conf))
-    running = ve.running_init(layout, veid) is not None
-    if online and not running:
-        raise VEStateError(f"VE {veid} is not running: --online needs a running VE (drop --online)")
-    if lazy and not online:
-        raise UsageError("migrate: --lazy goes with --online (a post-copy restore on DEST)")
-    if lazy:
-        checkpoint.check_lazy(conf)
-    times: dict[str, float] = {}
-    staged = dst.private_dir / f".tmp-{veid}-migrate"
 
-    def phase(name: str, t0: float) -> None:
-        times[name] = time.monotonic() - t0
+class _Migration:
+    def __init__(self, layout: Layout, veid: str, dest: migrate_dest.Destination, lock: ve.VELock, kind: str,
+                 running: bool, online: bool, keep_dst: bool) -> None:
+        self.layout, self.veid, self.dest, self.lock, self.kind = layout, veid, dest, lock, kind
+        self.running, self.online, self.keep_dst = running, online, keep_dst
+        self.times: dict[str, float] = {}
+        self.rec = {"dest": migrate_dest.to_record(dest), "online": online, "running": running, "phase": "copy"}
 
-    t = time.monotonic()
-    _ensure_template(layout, dst, conf)
-    try:
-        store.copy(staged, final=False)
-    except BaseException:
-        if not keep_dst:
-            _remove_dest(dst, veid, store.backend)
-        raise
-    phase("copy", t)
-    if not online:
-        return _offline(layout, dst, veid, store, running, staged, keep_dst, times)
-    if not _dirty_tracking():
-        print("vzctl: note: this kernel has no memory change tracking (criu check --feature mem_dirty_track): "
-              "migrating without iterative pre-dumps", file=sys.stderr)
-    images = dst.dump(veid)
-    t = time.monotonic()
-    info = checkpoint.chkpnt(layout, veid, dumpdir=images)  # the VE is frozen, then gone from the source
-    phase("dump", t)
-    frozen0 = t
-    try:
+    def _phase(self, name: str) -> None:
+        self.rec["phase"] = name
+        migrate_journal.write(self.layout, self.veid, self.rec)
+
+    def _timed(self, name: str, t0: float) -> None:
+        self.times[name] = time.monotonic() - t0
+
+    def run(self, conf) -> dict[str, float]:
+        layout, veid = self.layout, self.veid
+        with Agent(self.dest, veid) as agent:
+            t = time.monotonic()
+            info = agent.call("hello", conf=layout.conf(veid).read_text(), online=self.online)
+            # from here the destination holds a half-received VE: the journal says where, for the next command
+            migrate_journal.write(layout, veid, self.rec)
+            self.lock.begin("migrate")
+            try:
+                self._move(agent, info, conf, t)
+            except BaseException as e:
+                self._fail(agent, e)  # raises
+        # the VE runs there: it goes from here (the journal now says destroy: a kill finishes it)
+        migrate_journal.clear(layout, veid)
         t = time.monotonic()
-        _sync_and_install(layout, dst, veid, store, staged)
-        phase("sync", t)
-        t = time.monotonic()
-        checkpoint.restore(dst, veid, dumpdir=images, lazy=lazy)
-        phase("restore", t)
-        times["frozen"] = time.monotonic() - frozen0
-        times["dump_frozen"] = info["frozen_s"]
-    except BaseException as e:
-        # the source is the VE until DEST runs it: bring it back there from the same images
+        ve._destroy_locked(layout, veid, self.lock, force=True)
+        self._timed("destroy", t)
+        return self.times
+
+    def _move(self, agent: Agent, info: dict, conf, t: float) -> None:
+        layout, veid, dest = self.layout, self.veid, self.dest
+        if info.get("template"):
+            _rsync(dest, _template_of(layout, veid, conf), info["template"])
+            agent.call("template_done")
+        payload = _payload(layout, veid, self.kind)
+        staged = f"{info['staged']}/{payload.name}"
+        _rsync(dest, payload, staged)
+        self._timed("copy", t)
+        if self.online:
+            if not _dirty_tracking():
+                print("vzctl: note: this kernel has no memory change tracking (criu check --feature "
+                      "mem_dirty_track): migrating without iterative pre-dumps", file=sys.stderr)
+            t = frozen0 = time.monotonic()
+            dump = checkpoint.chkpnt_locked(layout, veid, layout.dump(veid), False)  # frozen, then gone from here
+            self._phase("frozen")
+            self._timed("dump", t)
+            t = time.monotonic()
+            _rsync(dest, payload, staged)
+            _rsync(dest, layout.dump(veid), info["images"])
+            agent.call("install", kind=self.kind)
+            self._timed("sync", t)
+            t = time.monotonic()
+            self._phase("restoring")
+            agent.call("restore")
+            self._timed("restore", t)
+            self.times["frozen"] = time.monotonic() - frozen0
+            self.times["dump_frozen"] = dump["frozen_s"]
+        else:
+            t = time.monotonic()
+            if self.running:
+                ve._stop_locked(layout, veid, fast=False, timeout=ve.DEFAULT_STOP_TIMEOUT)
+            self._phase("stopped")
+            self._timed("stop", t)
+            t = time.monotonic()
+            _rsync(dest, payload, staged)
+            agent.call("install", kind=self.kind)
+            self._timed("sync", t)
+            t = time.monotonic()
+            self._phase("restoring")
+            if self.running:
+                agent.call("start")
+            self._timed("start", t)
+        self._phase("committing")
+        agent.call("commit")
+
+    def _fail(self, agent: Agent, e: BaseException) -> None:
+        """Undo (or, if the VE runs there after all, finish) and raise."""
+        layout, veid = self.layout, self.veid
+        agent.abort(self.keep_dst)
+        result = migrate_journal.outcome(veid, self.rec)
+        if result == "finish":  # the commit reached it: the migration went through (run() destroys it here)
+            return
+        if result == "unknown":
+            raise MigrationError(f"VE {veid}: migration to {self.dest.describe()} failed ({e}) and that node "
+                                 "cannot be asked whether the VE runs there; when it answers again, any vzctl "
+                                 f"command on {veid} finishes or undoes the migration") from None
+        self.lock.done()
+        migrate_journal.clear(layout, veid)
         try:
-            checkpoint.restore(layout, veid, dumpdir=images)
+            if self.rec["phase"] != "copy" and self.online:
+                checkpoint.restore_locked(layout, veid)
+            elif self.rec["phase"] != "copy" and self.running:
+                ve._start_locked(layout, veid, self.lock)
         except VEError as again:
-            raise MigrationError(f"VE {veid}: migration failed ({e}) and restoring it on the source failed too "
-                                 f"({again}): the images are in {images}; 'vzctl restore {veid} --dumpdir {images}'"
-                                 ) from None
-        finally:
-            if not keep_dst:
-                _remove_dest(dst, veid, store.backend)
+            raise MigrationError(f"VE {veid}: migration to {self.dest.describe()} failed ({e}) and bringing it "
+                                 f"back on the source failed too ({again}): "
+                                 f"'vzctl {'restore' if self.online else 'start'} {veid}'") from None
+        if isinstance(e, MigrationError):
+            raise e from None
         if isinstance(e, VEError):
-            raise MigrationError(f"VE {veid}: migration to {dst.root} failed, the VE runs on the source again: "
-                                 f"{e}") from None
-        raise
-    t = time.monotonic()
-    ve.destroy(layout, veid, force=True)
-    phase("destroy", t)
-    return times
-
-
-class _Storage:
-    """The VE's storage backend copying it to DEST (copy failures are the migration's)."""
-
-    def __init__(self, backend, src: Layout, dst: Layout, veid: str, limits) -> None:
-        self.backend, self.src, self.dst, self.veid, self.limits = backend, src, dst, veid, limits
-
-    def copy(self, staged: Path, *, final: bool) -> None:
-        try:
-            self.backend.copy_to(self.src, self.dst, self.veid, staged, self.limits, final=final)
-        except VEError as e:
-            if isinstance(e, MigrationError):
-                raise
-            raise MigrationError(f"VE {self.veid}: copying its storage to {self.dst.root} failed: {e}") from None
-
-
-def _sync_and_install(layout: Layout, dst: Layout, veid: str, store: _Storage, staged: Path) -> None:
-    """The last copy of the VE's files (the VE no longer runs on the source), moved into place on DEST with its
-    config."""
-    store.copy(staged, final=True)
-    staged.rename(dst.private(veid))
-    _install_conf(layout, dst, veid)
-
-
-def _offline(layout: Layout, dst: Layout, veid: str, store: _Storage, running: bool, staged: Path, keep_dst: bool,
-             times: dict[str, float]) -> dict[str, float]:
-    t = time.monotonic()
-    if running:
-        ve.stop(layout, veid)
-    times["stop"] = time.monotonic() - t
-    try:
-        t = time.monotonic()
-        _sync_and_install(layout, dst, veid, store, staged)
-        times["sync"] = time.monotonic() - t
-        t = time.monotonic()
-        if running:
-            ve.start(dst, veid)
-        times["start"] = time.monotonic() - t
-    except BaseException as e:
-        if not keep_dst:
-            _remove_dest(dst, veid, store.backend)
-        if running:
-            ve.start(layout, veid)
-        if isinstance(e, VEError):
-            raise MigrationError(f"VE {veid}: migration to {dst.root} failed, the VE is back on the source: "
-                                 f"{e}") from None
-        raise
-    t = time.monotonic()
-    ve.destroy(layout, veid, force=True)
-    times["destroy"] = time.monotonic() - t
-    return times
+            raise MigrationError(f"VE {veid}: migration to {self.dest.describe()} failed, the VE is back on the "
+                                 f"source: {e}") from None
+        raise e
 
 
 def _dirty_tracking() -> bool:

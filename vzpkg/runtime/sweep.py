@@ -10,7 +10,16 @@ from pathlib import Path
 
 from . import owners, storage, ve
 from .layout import Layout, valid_veid
-from .leftovers import TMP_PREFIX, _conf_tmp_veid, _listdir, _tmp_pid, dead_private_tmps, pid_alive, remove_tree
+from .leftovers import (
+    TMP_PREFIX,
+    _conf_tmp_veid,
+    _listdir,
+    _tmp_pid,
+    dead_dump_tmps,
+    dead_private_tmps,
+    pid_alive,
+    remove_tree,
+)
 
 
 def sweep(layout: Layout) -> list[tuple[Path, int]]:
@@ -41,7 +50,7 @@ def sweep(layout: Layout) -> list[tuple[Path, int]]:
                         removed.append((layout.lock(veid), 0))  # VELock removes it on the way out
         except BlockingIOError:
             continue  # a command runs on this VE right now: it recovers what it finds itself
-    for p in dead_private_tmps(layout):
+    for p in dead_private_tmps(layout) + dead_dump_tmps(layout):
         removed.append((p, remove_tree(p)))
     for name in _listdir(layout.run_dir):
         pid = _tmp_pid(name) if name.startswith(".") else None

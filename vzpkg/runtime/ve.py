@@ -66,7 +66,12 @@ class VELock:
         self.fd = fd
         intent = os.pread(fd, 256, 0)
         if intent.strip():
-            self.recovered = _recover(self.layout, self.veid, intent.decode(errors="replace").strip(), fd)
+            try:
+                self.recovered = _recover(self.layout, self.veid, intent.decode(errors="replace").strip(), fd)
+            except BaseException:
+                os.close(fd)
+                self.fd = -1
+                raise
         return self
 
     def begin(self, what: str) -> None:
@@ -97,7 +102,16 @@ def _recover(layout: Layout, veid: str, intent: str, fd: int) -> list[tuple[Path
     """Finish or undo what an operation killed half-way left (its name is INTENT, read from the journal)."""
     from . import leftovers
 
-    if intent.split()[0] in ("destroy", "start"):  # a start cut off half-way is undone: stopped, cleaned up
+    op = intent.split()[0]
+    if op == "migrate":  # a migration cut off: finished (-> the destroy here) or undone (migrate_journal.py)
+        from . import migrate_journal
+
+        intent = migrate_journal.recover(layout, veid)
+    elif op == "receive":  # a half-received migration (migrate_agent.py): kept only if the VE runs here
+        intent = "" if running_init(layout, veid) is not None else "destroy"
+    elif op == "restore" and running_init(layout, veid) is None:  # cgroups and root mount of a restore cut off
+        _cleanup(layout, veid)  # (not _stop_locked: the suspend marker stays, the VE stays restorable)
+    if intent and intent.split()[0] in ("destroy", "start"):  # a start cut off half-way is undone: stopped
         _stop_locked(layout, veid, fast=True, timeout=DEFAULT_STOP_TIMEOUT)
     removed = leftovers.recover_files(layout, veid, intent)
     leftovers.clear_intent(fd)
@@ -294,25 +308,29 @@ def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
             if lock.recovered:
                 return  # the leftovers of an interrupted create or destroy of it were just removed
             raise VENotFoundError(f"VE {veid} does not exist")
-        if running_init(layout, veid):
-            if not force:
-                raise VEStateError(f"VE {veid} is running: stop it first, or use 'vzctl destroy {veid} --force'")
-        _stop_locked(layout, veid, fast=True, timeout=DEFAULT_STOP_TIMEOUT)
-        # the point of no return: from here a SIGKILL leaves a journal entry and the next command on the VE (or
-        # `vzpkg clean --ves`) finishes the destroy; the config goes first, so a half-destroyed VE never looks
-        # like one that exists
-        lock.begin("destroy")
-        layout.conf(veid).unlink(missing_ok=True)
-        (layout.run_dir / f"{veid}.conf-cache").unlink(missing_ok=True)
-        from .backends import destroy_all
+        _destroy_locked(layout, veid, lock, force=force)
 
-        destroy_all(layout, veid)  # mounts, loop device, image, btrfs subvolume and qgroup, private area
-        for p in (layout.ve_root(veid), layout.dump(veid)):
-            if p.is_dir():
-                import shutil
 
-                shutil.rmtree(p, ignore_errors=True)
-        lock.done()  # (the lock file itself goes on the way out: the VE no longer exists)
+def _destroy_locked(layout: Layout, veid: str, lock: VELock, *, force: bool) -> None:
+    if running_init(layout, veid):
+        if not force:
+            raise VEStateError(f"VE {veid} is running: stop it first, or use 'vzctl destroy {veid} --force'")
+    _stop_locked(layout, veid, fast=True, timeout=DEFAULT_STOP_TIMEOUT)
+    # the point of no return: from here a SIGKILL leaves a journal entry and the next command on the VE (or
+    # `vzpkg clean --ves`) finishes the destroy; the config goes first, so a half-destroyed VE never looks
+    # like one that exists
+    lock.begin("destroy")
+    layout.conf(veid).unlink(missing_ok=True)
+    (layout.run_dir / f"{veid}.conf-cache").unlink(missing_ok=True)
+    from .backends import destroy_all
+
+    destroy_all(layout, veid)  # mounts, loop device, image, btrfs subvolume and qgroup, private area
+    for p in (layout.ve_root(veid), layout.dump(veid)):
+        if p.is_dir():
+            import shutil
+
+            shutil.rmtree(p, ignore_errors=True)
+    lock.done()  # (the lock file itself goes on the way out: the VE no longer exists)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,79 +340,84 @@ def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
 def start(layout: Layout, veid: str, *, timeout: float = 30.0, exec_server: bool = False) -> int:
     """Start the VE; returns the host pid of its init. EXEC_SERVER (the Python API): with an exec server for this
     process (execserver.py)."""
-    from .spawn import DEVICE_RULES, _spawn
-
     veid = check_veid(veid)
     layout.secure_areas()
     with VELock(layout, veid) as lock:
-        conf = load_conf_cached(layout, veid)
-        if running_init(layout, veid):
-            raise VEStateError(f"VE {veid} is already running")
-        if os.path.exists(layout.run_dir / f"{veid}.suspended"):
-            raise VEStateError(f"VE {veid} is suspended (checkpoint in "
-                               f"{(layout.run_dir / f'{veid}.suspended').read_text().strip()}): resume it with "
-                               f"'vzctl restore {veid}', or discard the checkpoint with 'vzctl stop {veid}'")
-        # whatever a crashed start or a dead VE left behind
-        _cleanup(layout, veid, keep_mount=True)
-        privileged, id_shift, kind, _ = _conf_params(conf)
-        template = _template_of(layout, veid, conf)  # before anything is set up: a bad config changes nothing
-        if conf.get("IDMAP") == "private" and not privileged:
-            _check_private_range(layout, veid, conf, id_shift)
-        init_kind = conf.get("INIT") or "minimal"
-        vzinit = None
-        if init_kind != "distro":
-            from . import init as init_mod
+        return _start_locked(layout, veid, lock, exec_server=exec_server)
 
-            path = init_mod.build(layout.lib_dir)
-            vzinit = path.read_bytes() if path else None
-        cg = _cgroups()
-        cgname = layout.cgroup_name(veid)
-        lock.begin("start")  # a SIGKILL from here on: the next command on the VE stops what was started
-        with _done(lock), ExitStack() as undo:  # a failure from here on undoes it all (last in, first out)
-            cg.create(cgname)
-            undo.callback(_cleanup, layout, veid)  # processes in its cgroups, cgroups, root mount, record, veth
-            undo.callback(_kill_recorded_init, layout, veid)
-            cg.set_limits(cgname, Limits(**conf.limits))
-            cg.setup_devices(cgname, DEVICE_RULES)
-            try:
-                if kind == "overlay":
-                    root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
-                else:
-                    from . import backends
 
-                    root = backends.get(kind).mount(layout, veid, template, id_shift, _idmap_shift(conf),
-                                                    backends.Limits.of(conf))
-                server = None
-                if exec_server:
-                    from . import execserver
+def _start_locked(layout: Layout, veid: str, lock: VELock, *, exec_server: bool = False) -> int:
+    """start's work, under the VE's lock (held by the caller: start, or a migration's receiving end)."""
+    from .spawn import DEVICE_RULES, _spawn
 
-                    server = execserver.fork_server(privileged)
-                    undo.callback(server.close)
-                pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit,
-                             server.pid if server else 0)
-            except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or kind == "overlay":
-                    raise
-                from vzpkg.errors import DiskLimitError
+    conf = load_conf_cached(layout, veid)
+    if running_init(layout, veid):
+        raise VEStateError(f"VE {veid} is already running")
+    if os.path.exists(layout.run_dir / f"{veid}.suspended"):
+        raise VEStateError(f"VE {veid} is suspended (checkpoint in "
+                           f"{(layout.run_dir / f'{veid}.suspended').read_text().strip()}): resume it with "
+                           f"'vzctl restore {veid}', or discard the checkpoint with 'vzctl stop {veid}'")
+    # whatever a crashed start or a dead VE left behind
+    _cleanup(layout, veid, keep_mount=True)
+    privileged, id_shift, kind, _ = _conf_params(conf)
+    template = _template_of(layout, veid, conf)  # before anything is set up: a bad config changes nothing
+    if conf.get("IDMAP") == "private" and not privileged:
+        _check_private_range(layout, veid, conf, id_shift)
+    init_kind = conf.get("INIT") or "minimal"
+    vzinit = None
+    if init_kind != "distro":
+        from . import init as init_mod
 
-                raise DiskLimitError(f"VE {veid} cannot start: its disk is full (its {kind} layout's limits "
-                                     "DISKSPACE/DISKINODES are reached; see 'vzctl status --quota'): raise "
-                                     f"them with 'vzctl set {veid} --diskspace ... --save', or 'vzctl mount "
-                                     f"{veid}' and remove files below {layout.ve_root(veid)}") from None
-            if conf.get("IP_ADDRESS"):
-                from . import net
+        path = init_mod.build(layout.lib_dir)
+        vzinit = path.read_bytes() if path else None
+    cg = _cgroups()
+    cgname = layout.cgroup_name(veid)
+    lock.begin("start")  # a SIGKILL from here on: the next command on the VE stops what was started
+    with _done(lock), ExitStack() as undo:  # a failure from here on undoes it all (last in, first out)
+        cg.create(cgname)
+        undo.callback(_cleanup, layout, veid)  # processes in its cgroups, cgroups, root mount, record, veth
+        undo.callback(_kill_recorded_init, layout, veid)
+        cg.set_limits(cgname, Limits(**conf.limits))
+        cg.setup_devices(cgname, DEVICE_RULES)
+        try:
+            if kind == "overlay":
+                root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
+            else:
+                from . import backends
 
-                net.setup_veth(layout.real_root(), veid, pid, conf.get("IP_ADDRESS"),
-                               net.bridge_name(conf.get("BRIDGE")))
-            undo.pop_all()  # started: keep it
-            if server is not None:
-                rec = state.read_record(layout, veid)
-                if rec is not None and rec.pid == pid:
-                    execserver.register(execserver.key(layout, veid), server, rec)
-                    execserver.join(server)
-                else:
-                    server.close()
-            return pid
+                root = backends.get(kind).mount(layout, veid, template, id_shift, _idmap_shift(conf),
+                                                backends.Limits.of(conf))
+            server = None
+            if exec_server:
+                from . import execserver
+
+                server = execserver.fork_server(privileged)
+                undo.callback(server.close)
+            pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit,
+                         server.pid if server else 0)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or kind == "overlay":
+                raise
+            from vzpkg.errors import DiskLimitError
+
+            raise DiskLimitError(f"VE {veid} cannot start: its disk is full (its {kind} layout's limits "
+                                 "DISKSPACE/DISKINODES are reached; see 'vzctl status --quota'): raise "
+                                 f"them with 'vzctl set {veid} --diskspace ... --save', or 'vzctl mount "
+                                 f"{veid}' and remove files below {layout.ve_root(veid)}") from None
+        if conf.get("IP_ADDRESS"):
+            from . import net
+
+            net.setup_veth(layout.real_root(), veid, pid, conf.get("IP_ADDRESS"),
+                           net.bridge_name(conf.get("BRIDGE")))
+        undo.pop_all()  # started: keep it
+        if server is not None:
+            rec = state.read_record(layout, veid)
+            if rec is not None and rec.pid == pid:
+                execserver.register(execserver.key(layout, veid), server, rec)
+                execserver.join(server)
+            else:
+                server.close()
+        return pid
 
 
 def _kill_recorded_init(layout: Layout, veid: str) -> None:

@@ -288,11 +288,11 @@ def test_migration_killed_midway_leaves_the_ve_on_the_source(rt, have_criu, seco
 
     veid = rt.create("--layout", "overlay")
     rt.sh(veid, COUNTER, check=True)
-    d2 = second_root / "dump"
+    d1 = rt.root / "dump"
     seen = {
         "copying": lambda: (second_root / "private").is_dir(),
-        "dumping": lambda: d2.is_dir() and any(p.name.startswith(f".{veid}.tmp-") for p in d2.iterdir()),
-        "dumped": lambda: (d2 / veid / "inventory.img").exists(),
+        "dumping": lambda: d1.is_dir() and any(p.name.startswith(f".{veid}.tmp-") for p in d1.iterdir()),
+        "dumped": lambda: (d1 / veid / "inventory.img").exists(),
         "restoring": lambda: (second_root / "conf" / f"{veid}.conf").exists(),
     }[point]
     proc = subprocess.Popen([sys.executable, "-m", "vzpkg.cli.vzctl", "migrate", veid, str(second_root), "--online"],
