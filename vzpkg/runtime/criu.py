@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from vzpkg.errors import CriuUnavailableError, VEError
 PRIVATE_CRIU = Path("/opt/vzpkg/criu/bin/criu")
 MIN_VERSION = (4, 2)
 COMMON = ["--tcp-established", "--file-locks", "--link-remap", "--external", "mnt[]", "--manage-cgroups=soft"]
+KDAT_DIR = Path("/dev/shm/vzpkg-criu-run")  # see kdat_preexec
 # lines of CRIU's log that say "Error" but are harmless here (the machine's hard RLIMIT_NOFILE is low)
 _NOISE = ("RLIMIT_NOFILE",)
 
@@ -44,7 +46,59 @@ def _configured() -> str | None:
         return None
 
 
+_versions: dict[str, tuple[int, ...] | None] = {}
+
+
+def _kdat_dir_ok(create: bool = False) -> bool:
+    """KDAT_DIR is a directory of root's, not a link (/dev/shm is writable by anyone)."""
+    import stat
+
+    try:
+        if create:
+            KDAT_DIR.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(KDAT_DIR)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
+
+
+def _version_key(criu: str) -> str | None:
+    try:
+        st = os.stat(criu)
+    except OSError:
+        return None
+    return f"{os.path.abspath(criu)} {st.st_ino} {st.st_size} {st.st_mtime_ns}"
+
+
 def version_of(criu: str) -> tuple[int, ...] | None:
+    """CRIU's version (criu --version: ~7 ms through the private prefix's loader), remembered per process and,
+    keyed by the file's inode, size and mtime, in KDAT_DIR (a tmpfs: forgotten at reboot) for the next vzctl."""
+    key = _version_key(criu)
+    if key is not None and key in _versions:
+        return _versions[key]
+    cache = KDAT_DIR / "versions"
+    if key is not None and _kdat_dir_ok():
+        try:
+            for line in cache.read_text().splitlines():
+                k, _, v = line.rpartition(" ")
+                if k == key:
+                    _versions[key] = tuple(int(x) for x in v.split("."))
+                    return _versions[key]
+        except (OSError, ValueError):
+            pass
+    v = _run_version(criu)
+    if key is not None and v is not None:
+        _versions[key] = v
+        try:
+            if _kdat_dir_ok(create=True):
+                with open(cache, "a") as f:
+                    f.write(f"{key} {'.'.join(map(str, v))}\n")
+        except OSError:
+            pass
+    return v
+
+
+def _run_version(criu: str) -> tuple[int, ...] | None:
     try:
         out = process.run([criu, "--version"], capture=True, text=True, timeout=30, check=False, error=VEError).stdout
     except VEError:
@@ -161,8 +215,55 @@ def explain_dump_failure(log: Path) -> str | None:
     return None
 
 
-def run(criu: str, args: list[str], log: Path, *, timeout: float = 600) -> tuple[bool, float]:
-    """Run `criu ARGS -o LOG -v4`; (succeeded, seconds). stdout/stderr are appended to the log too."""
+# CRIU keeps what it probed of the kernel (~20 ms of every run: test namespaces, a veth, vdso parsing) in
+# /run/criu.kdat, but only where /run is a tmpfs; where it is not, CRIU runs in a mount namespace of its own whose
+# /run is this directory on /dev/shm (a tmpfs), so the probe is paid once per boot
+
+
+def _is_tmpfs(path: str) -> bool:
+    """statfs(PATH).f_type is tmpfs's (os.statvfs has no f_type: read it from the mount table instead)."""
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                pre, _, post = line.partition(" - ")
+                point = pre.split()[4]
+                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                    best, fstype = point, post.split()[0]
+    except OSError:
+        return False
+    return fstype == "tmpfs"
+
+
+def kdat_preexec():
+    """A preexec_fn for criu (or None where it would not help): in the child, a mount namespace of its own (all
+    mounts slaves of the host's, so nothing it mounts reaches the host) with KDAT_DIR bound on /run. Any failure
+    leaves the child as it was: CRIU then probes the kernel as usual."""
+    if _is_tmpfs("/run") or not _is_tmpfs(str(KDAT_DIR.parent)):
+        return None
+    if not _kdat_dir_ok(create=True):
+        return None
+    from . import ns
+
+    ns.libc()  # loaded in the parent: the child must not import
+    target = str(KDAT_DIR)
+
+    def child() -> None:
+        try:
+            ns.unshare(ns.CLONE_NEWNS)
+            ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)
+            ns.mount(target, "/run", None, ns.MS_BIND)
+        except OSError:
+            pass
+
+    return child
+
+
+def run(criu: str, args: list[str], log: Path, *, timeout: float = 600, kdat_cache: bool = False
+        ) -> tuple[bool, float]:
+    """Run `criu ARGS -o LOG -v4`; (succeeded, seconds). stdout/stderr are appended to the log too. KDAT_CACHE:
+    let CRIU keep its kernel probe across runs where /run is no tmpfs (kdat_preexec)."""
+    preexec = kdat_preexec() if kdat_cache else None
     t0 = time.monotonic()
     interrupted = None
     with open(log.with_suffix(".out"), "wb") as out:
@@ -171,16 +272,21 @@ def run(criu: str, args: list[str], log: Path, *, timeout: float = 600) -> tuple
         # no parent-death signal either: a SIGKILLed vzctl leaves CRIU to finish (its post-dump step records
         # the outcome)
         with process.spawn([criu, *args, "-o", str(log), "-v4"], stdout=out, stderr=process.STDOUT,
-                           error=VEError, what="criu", pdeathsig=None) as proc:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                    break
-                except process.TimeoutExpired:
-                    proc.kill()
-                except KeyboardInterrupt as e:
-                    interrupted = e
+                           error=VEError, what="criu", pdeathsig=None, preexec=preexec) as proc:
+            # a blocking wait, the timeout from a timer: Popen.wait(timeout=) polls with sleeps growing to 50 ms,
+            # which made every ~170 ms restore take 214 ms (measured; docs/performance.md)
+            timer = threading.Timer(timeout, proc.kill)
+            timer.daemon = True
+            timer.start()
+            try:
+                while True:
+                    try:
+                        proc.wait()
+                        break
+                    except KeyboardInterrupt as e:
+                        interrupted = e
+            finally:
+                timer.cancel()
         ok = proc.returncode == 0
     took = time.monotonic() - t0
     try:  # one file per run: CRIU's own output (rarely anything) appended to its log
