@@ -8,6 +8,7 @@ the VE, its request count (memory again) and the marker. The client runs in anot
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -202,6 +203,12 @@ def test_warm_checkpoint_five_clones_side_by_side(rt, net, have_criu, tmp_path):
         rt.vzctl("restore", new, "--from", str(d), "--ipadd", f"{net}.{20 + i}/24")
         clones.append(new)
     cli = _client_ve(rt, f"{net}.30", f"{net}.10")
+    for i in range(5):  # the host reaches each clone through the bridge (its host route), never the default route
+        got = subprocess.run(["ip", "-j", "route", "get", f"{net}.{20 + i}"], capture_output=True, text=True, check=True)
+        assert json.loads(got.stdout)[0].get("dev") == rt.env["VZ_BRIDGE"], got.stdout
+    if not criu._is_tmpfs("/run"):  # CRIU's kernel probe, kept in vzctl's /run for CRIU (criu.kdat_preexec)
+        log = sorted((rt.root / "dump" / ".logs").glob(f"{clones[-1]}-restore-*.log"))[-1]
+        assert "Loaded kdat cache" in log.read_text(errors="replace")
     for i, c in enumerate(clones):
         assert rt.sh(c, "hostname", check=True).stdout.strip() == c
         assert f"{net}.{20 + i}/24" in rt.sh(c, "ip -o addr show dev eth0", check=True).stdout
