@@ -220,7 +220,7 @@ _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _BATCH_SAFE = re.compile(r"^[A-Za-z0-9 _./+:,@%=-]*$")
 
 
-def _action_script(layout: Layout, veid: str, conf, mac: str | None) -> Path:
+def _action_script(layout: Layout, veid: str, conf, mac: str | None, *, clone: bool = False) -> Path:
     """The script CRIU runs at each restore stage; at setup-namespaces it gives the VE's empty network namespace
     lo and (with IP_ADDRESS) eth0 on the bridge with the config's addresses.
 
@@ -249,14 +249,17 @@ def _action_script(layout: Layout, veid: str, conf, mac: str | None) -> Path:
         alias = net.host_alias(root, veid)
         peer = "peer name eth0" + (f" address {mac}" if mac and _MAC.match(mac) else "")
         # the host end stays down until CRIU unlocks the network: a peer's retransmission reaching the address
-        # before the TCP sockets are back would be answered with a reset
+        # before the TCP sockets are back would be answered with a reset. A clone has a new address and its
+        # connections closed (--tcp-close): no peer to protect, so up at once (one `ip` less)
         host_batch = [f"link add {host} master {bridge} type veth {peer} netns $CRTOOLS_INIT_PID"]
         if _BATCH_SAFE.match(alias):
             host_batch.append(f'link set {host} alias "{alias}"')
+        if clone:
+            host_batch.append(f"link set {host} up")
         setup.append("ip -batch - <<EOF\n" + "\n".join(host_batch) + "\nEOF")
         if not _BATCH_SAFE.match(alias):
             setup.append(f"ip link set {host} alias {q(alias)} || true")
-        unlock = f"exec ip link set {host} up"
+        unlock = "exit 0" if clone else f"exec ip link set {host} up"
         inside += [f"addr add {a} dev eth0" for a in addrs]
         inside.append("link set eth0 up")
         if any(a.version == 4 for a in addrs):
@@ -296,7 +299,7 @@ def _restore_into(layout: Layout, veid: str, conf, images: Path, mac: str | None
         cg.set_limits(cgname, Limits(**_limits_from_conf(conf)))
         cg.setup_devices(cgname, DEVICE_RULES)
         root = storage.mount_root(layout, veid, template, kind, _idmap_shift(conf))
-        script = _action_script(layout, veid, conf, mac)
+        script = _action_script(layout, veid, conf, mac, clone=clone)
         undo.callback(script.unlink, missing_ok=True)
         undo.callback(_net_batch(script).unlink, missing_ok=True)
         undo.callback(pidfile.unlink, missing_ok=True)
