@@ -286,6 +286,19 @@ def test_migrate_online_and_offline_to_another_vz_root(rt, have_criu, second_roo
     assert rt.sh(veid, "cat /root/file", check=True).stdout.strip() == "kept"
 
 
+def _criu_running(path: str) -> bool:
+    """A criu process whose command line names PATH is alive."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"criu") for a in argv[:4]) and any(path.encode() in a for a in argv):
+            return True
+    return False
+
+
 @pytest.mark.parametrize("point", ["copying", "dumping", "dumped", "restoring"])
 def test_migration_killed_midway_leaves_the_ve_on_the_source(rt, have_criu, second_root, point):
     """SIGKILL at several points (seen on disk as they happen): the VE runs on the source, or is suspended there
@@ -309,6 +322,9 @@ def test_migration_killed_midway_leaves_the_ve_on_the_source(rt, have_criu, seco
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # CRIU outlives the killed vzctl on purpose (its post-dump step records the outcome): until it exits, the VE
+    # is still "running" (frozen) and becomes "suspended" a moment later, so look only once it is done
+    _wait(lambda: not _criu_running(str(second_root)), timeout=60, what="CRIU to finish")
     there = {**rt.env, "VZ_ROOT": str(second_root)}
     st_dst = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzctl", "status", veid], env=there,
                             capture_output=True, text=True, cwd=rt.env["PYTHONPATH"]).stdout
