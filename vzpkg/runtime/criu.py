@@ -225,8 +225,17 @@ def explain_dump_failure(log: Path) -> str | None:
 # /run is this directory on /dev/shm (a tmpfs), so the probe is paid once per boot
 
 
+_fstypes: dict[str, bool] = {}
+
+
 def _is_tmpfs(path: str) -> bool:
-    """statfs(PATH).f_type is tmpfs's (os.statvfs has no f_type: read it from the mount table instead)."""
+    """PATH is on a tmpfs (os.statvfs has no f_type: the mount table says), asked once per process."""
+    if path not in _fstypes:
+        _fstypes[path] = _mounted_fstype(path) == "tmpfs"
+    return _fstypes[path]
+
+
+def _mounted_fstype(path: str) -> str:
     best, fstype = "", ""
     try:
         with open("/proc/self/mountinfo") as f:
@@ -236,8 +245,8 @@ def _is_tmpfs(path: str) -> bool:
                 if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
                     best, fstype = point, post.split()[0]
     except OSError:
-        return False
-    return fstype == "tmpfs"
+        return ""
+    return fstype
 
 
 def kdat_preexec():
@@ -254,11 +263,11 @@ def kdat_preexec():
     target = str(KDAT_DIR)
 
     def child() -> None:
-        try:
+        try:  # (in this order: the bind only once nothing propagates back to the host)
             ns.unshare(ns.CLONE_NEWNS)
             ns.mount(None, "/", None, ns.MS_REC | ns.MS_SLAVE)
             ns.mount(target, "/run", None, ns.MS_BIND)
-        except OSError:
+        except Exception:  # noqa: BLE001 - CRIU then probes the kernel itself, as it would anyway
             pass
 
     return child

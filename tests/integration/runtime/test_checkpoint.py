@@ -206,9 +206,11 @@ def test_warm_checkpoint_five_clones_side_by_side(rt, net, have_criu, tmp_path):
     for i in range(5):  # the host reaches each clone through the bridge (its host route), never the default route
         got = subprocess.run(["ip", "-j", "route", "get", f"{net}.{20 + i}"], capture_output=True, text=True, check=True)
         assert json.loads(got.stdout)[0].get("dev") == rt.env["VZ_BRIDGE"], got.stdout
-    if not criu._is_tmpfs("/run"):  # CRIU's kernel probe, kept in vzctl's /run for CRIU (criu.kdat_preexec)
+    if not criu._is_tmpfs("/run"):  # CRIU's kernel probe, kept in vzctl's /run for CRIU (criu.kdat_preexec)...
         log = sorted((rt.root / "dump" / ".logs").glob(f"{clones[-1]}-restore-*.log"))[-1]
         assert "Loaded kdat cache" in log.read_text(errors="replace")
+        with open("/proc/self/mountinfo") as f:  # ...in CRIU's own mount namespace: the host's /run is untouched
+            assert not [ln for ln in f if ln.split()[4] == "/run" and "vzpkg-criu-run" in ln.split()[3]]
     for i, c in enumerate(clones):
         assert rt.sh(c, "hostname", check=True).stdout.strip() == c
         assert f"{net}.{20 + i}/24" in rt.sh(c, "ip -o addr show dev eth0", check=True).stdout
