@@ -230,7 +230,7 @@ def test_warm_checkpoint_fixtures(plugin_root, tmp_path):
     """--ve-warm=always, CRIU working: every `ve` is restored from one checkpoint of a warmed-up VE (the warm-up's
     stamp and process are the same in all of them, the warm-up ran once), yet each is its own — its own id, init,
     hostname, address, files (a file written in one test is not in the next); the image is gone after the run.
-    --ve-warm=never: each VE boots and warms up by itself (different stamps)."""
+    A second run at the same time has its own. --ve-warm=never: each VE boots and warms up by itself."""
     from vzpkg.runtime import criu, criu_install
 
     try:
@@ -239,11 +239,19 @@ def test_warm_checkpoint_fixtures(plugin_root, tmp_path):
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"no CRIU ({e}): run make criu")
     root, cache = plugin_root
-    suite = tmp_path / "suite"
-    suite.mkdir()
-    (suite / "test_warm.py").write_text(WARM_SUITE.replace("{n}", str(os.getpid() % 200 + 20)))
-    code, out = _run(root, cache, "-s", "-W", "error::pytest.PytestWarning", "--ve-warm=always", str(suite))
+    suite, other = tmp_path / "suite", tmp_path / "other"
+    for d, n in ((suite, os.getpid() % 100 + 20), (other, os.getpid() % 100 + 120)):
+        d.mkdir()
+        (d / "test_warm.py").write_text(WARM_SUITE.replace("{n}", str(n)))
+    # two runs at once on one VZ root (as xdist workers): each its own images and VEs, neither touches the other's
+    second = _pytest(root, cache, "-s", "-W", "error::pytest.PytestWarning", "--ve-warm=always", str(other))
+    try:
+        code, out = _run(root, cache, "-s", "-W", "error::pytest.PytestWarning", "--ve-warm=always", str(suite))
+    finally:
+        out2, _ = second.communicate(timeout=300)
     assert code == 0 and "3 passed" in out, out
+    assert second.returncode == 0 and "3 passed" in out2, out2
+    assert len({v[0] for v in _reports(out).values()} | {v[0] for v in _reports(out2).values()}) == 8
     r = _reports(out)
     assert len(r) == 4, out
     assert len({r[t][0] for t in r}) == 4, r  # four VEs, four ids
