@@ -93,3 +93,23 @@ def test_run_returns_when_criu_exits_and_kills_it_at_the_timeout(tmp_path: Path)
     t0 = time.monotonic()
     ok, took = criu.run(fake, [], tmp_path / "b.log", timeout=0.3)
     assert not ok and time.monotonic() - t0 < 5
+
+
+def _mi(point: str, fstype: str, opts: str) -> str:
+    return f"30 25 0:26 / {point} rw,nosuid - {fstype} {fstype} {opts}\n"
+
+
+def test_cgroup_yard_only_where_the_host_is_laid_out_as_criu_wants() -> None:
+    """--cgroup-yard /sys/fs/cgroup (CRIU then mounts no yard of its own) only when every hierarchy is there,
+    named by CRIU's convention: systemd's v1/hybrid layouts yes, comounted controllers too; pure v2 no."""
+    hybrid = (_mi("/sys/fs/cgroup", "tmpfs", "mode=755") + _mi("/sys/fs/cgroup/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct")
+              + _mi("/sys/fs/cgroup/memory", "cgroup", "rw,memory") + _mi("/sys/fs/cgroup/systemd", "cgroup",
+                                                                         "rw,xattr,name=systemd")
+              + _mi("/sys/fs/cgroup/unified", "cgroup2", "rw,nsdelegate"))
+    cg = "4:name=systemd:/\n3:memory:/x\n2:cpu,cpuacct:/\n0::/\n"
+    assert criu.yard_matches(hybrid, cg)
+    assert not criu.yard_matches(hybrid, cg + "5:pids:/\n")  # a hierarchy mounted elsewhere (or not at all)
+    assert not criu.yard_matches(hybrid.replace("/sys/fs/cgroup/memory", "/cg/memory"), cg)
+    pure_v2 = _mi("/sys/fs/cgroup", "cgroup2", "rw,nsdelegate")
+    assert not criu.yard_matches(pure_v2, "0::/user.slice\n")
+    assert not criu.yard_matches(hybrid, "")

@@ -340,6 +340,52 @@ def cgroup_root_args(cgroup_root: str) -> list[str]:
     return [a for h in v1 for a in ("--cgroup-root", f"{h}:{cgroup_root}")]
 
 
+CGROUP_DIR = "/sys/fs/cgroup"
+
+
+def cgroup_yard() -> str | None:
+    """/sys/fs/cgroup if it is laid out as CRIU wants a yard (--cgroup-yard): every hierarchy this process is in
+    mounted at a directory named after its controllers (comma-separated; a named one without "name="; cgroup v2
+    "unified"), as systemd's v1 and hybrid layouts are. Then CRIU uses those mounts instead of mounting every
+    hierarchy again in a yard of its own (8-12 ms of each restore here, measured). None otherwise."""
+    if os.environ.get("VZ_CRIU_NO_YARD"):  # (the A/B measurement's switch; docs/performance.md)
+        return None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            mountinfo = f.read()
+        with open("/proc/self/cgroup") as f:
+            cgroups = f.read()
+    except OSError:
+        return None
+    return CGROUP_DIR if yard_matches(mountinfo, cgroups) else None
+
+
+def yard_matches(mountinfo: str, cgroups: str) -> bool:
+    """MOUNTINFO (/proc/self/mountinfo) has each hierarchy of CGROUPS (/proc/self/cgroup) mounted where CRIU's
+    --cgroup-yard convention puts it below CGROUP_DIR."""
+    mounts: dict[str, tuple[str, set[str]]] = {}
+    for line in mountinfo.splitlines():
+        pre, _, post = line.partition(" - ")
+        fields = post.split()
+        if len(fields) >= 3 and fields[0] in ("cgroup", "cgroup2") and len(pre.split()) > 4:
+            mounts[pre.split()[4]] = (fields[0], set(fields[2].split(",")))
+    entries = [line.split(":", 2) for line in cgroups.splitlines() if line.count(":") >= 2]
+    if not entries:
+        return False
+    for _, controllers, _ in entries:
+        if not controllers:
+            fstype, want, name = "cgroup2", set(), "unified"
+        else:
+            fstype, want = "cgroup", set(controllers.split(","))
+            name = ",".join(c.removeprefix("name=") for c in controllers.split(","))
+        got = mounts.get(f"{CGROUP_DIR}/{name}")
+        if got is None or got[0] != fstype or not want <= got[1]:
+            return False
+    return True
+
+
 def restore_args(images: Path, root: Path, pidfile: Path, cgroup_root: str, action_script: Path) -> list[str]:
+    yard = cgroup_yard()
     return ["restore", "-d", "-D", str(images), "--root", str(root), *COMMON, *cgroup_root_args(cgroup_root),
-            "--empty-ns", "net", "--action-script", str(action_script), "--pidfile", str(pidfile)]
+            *(["--cgroup-yard", yard] if yard else []), "--empty-ns", "net", "--action-script", str(action_script),
+            "--pidfile", str(pidfile)]
