@@ -243,12 +243,16 @@ def test_warm_checkpoint_fixtures(plugin_root, tmp_path):
     for d, n in ((suite, os.getpid() % 100 + 20), (other, os.getpid() % 100 + 120)):
         d.mkdir()
         (d / "test_warm.py").write_text(WARM_SUITE.replace("{n}", str(n)))
+    bridge = f"vzpw{os.getpid() % 100000}"  # the addresses of test_addresses on a bridge of this test's own
+    env = {**os.environ, "VZ_BRIDGE": bridge}
     # two runs at once on one VZ root (as xdist workers): each its own images and VEs, neither touches the other's
-    second = _pytest(root, cache, "-s", "-W", "error::pytest.PytestWarning", "--ve-warm=always", str(other))
+    second = _pytest(root, cache, "-s", "-W", "error::pytest.PytestWarning", "--ve-warm=always", str(other), env=env)
     try:
-        code, out = _run(root, cache, "-s", "-W", "error::pytest.PytestWarning", "--ve-warm=always", str(suite))
+        code, out = _run(root, cache, "-s", "-W", "error::pytest.PytestWarning", "--ve-warm=always", str(suite),
+                         env=env)
     finally:
         out2, _ = second.communicate(timeout=300)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
     assert code == 0 and "3 passed" in out, out
     assert second.returncode == 0 and "3 passed" in out2, out2
     assert len({v[0] for v in _reports(out).values()} | {v[0] for v in _reports(out2).values()}) == 8
@@ -260,7 +264,10 @@ def test_warm_checkpoint_fixtures(plugin_root, tmp_path):
     assert len({r[t][2] for t in r}) == 1, r  # ...and its process, alive, with the pid it had in the image
     assert _warm_images(root) == [] and _leftovers(root) == []
 
-    code, out = _run(root, cache, "-s", "--ve-warm=never", str(suite))
+    try:
+        code, out = _run(root, cache, "-s", "--ve-warm=never", str(suite), env=env)
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
     assert code == 0 and "3 passed" in out, out
     r = _reports(out)
     assert len(r) == 4, out
