@@ -335,6 +335,61 @@ class VE:
         return result
 
     # ------------------------------------------------------------------------------------------------------
+    # checkpoint and restore (CRIU: vzpkg.runtime.checkpoint, docs/checkpoint.md)
+
+    def checkpoint(self, dumpdir: str | os.PathLike[str] | None = None, *, leave_running: bool = False) -> Path:
+        """`vzctl chkpnt VEID [--dumpdir DIR] [--leave-running]`: the VE's processes, memory and (with
+        LEAVE_RUNNING, copied in the same freeze) files into DUMPDIR (default dump/<id>); returns the directory.
+        A checkpoint made with LEAVE_RUNNING is a warm image: VE.restore(dir) makes new VEs from it. This
+        process's exec server in the VE is stopped first (CRIU cannot dump its connection to this process)."""
+        from vzpkg.runtime import checkpoint, execserver
+
+        execserver.stop_server(execserver.key(self.layout, self.veid), kill=True)
+        info = checkpoint.chkpnt(self.layout, self.veid, dumpdir=dumpdir, leave_running=leave_running)
+        return Path(info["dir"])
+
+    def resume(self, dumpdir: str | os.PathLike[str] | None = None) -> int:
+        """`vzctl restore VEID [--dumpdir DIR]`: the VE back from its own checkpoint; returns its init's host pid."""
+        from vzpkg.runtime import checkpoint
+
+        return checkpoint.restore(self.layout, self.veid, dumpdir=dumpdir)["pid"]
+
+    @classmethod
+    def restore(cls, images: str | os.PathLike[str], veid: str | None = None, *,
+                root: str | os.PathLike[str] | None = None, hostname: str | None = None,
+                ipadd: str | None = None) -> VE:
+        """`vzctl restore VEID --from IMAGES [--hostname H] [--ipadd A]`: a new, running VE from a warm checkpoint
+        (one made with leave_running=True), its processes as they were at the dump, with its own id, cgroups,
+        hostname (HOSTNAME, default its id) and address (IPADD, else none). Without VEID an id of this process's
+        own is allocated (see the module docstring), as VE.create. Any number of VEs from one checkpoint."""
+        from vzpkg.runtime import checkpoint, ve
+
+        layout = layout_for(root)
+        if veid is not None:
+            checkpoint.restore_as(layout, str(veid), images, hostname=hostname, ipadd=ipadd)
+            return cls(str(veid), layout=layout)
+        owner = owner_for(layout)
+        while True:
+            new = owner.next_id()
+            if ve.exists(layout, new):
+                continue
+            _owned_add(owner, new)  # before: a restore interrupted half-way is destroyed at exit all the same
+            try:
+                checkpoint.restore_as(layout, new, images, hostname=hostname, ipadd=ipadd)
+            except VEStateError:
+                _owned_discard(layout, new)
+                if ve.exists(layout, new):
+                    continue
+                raise
+            except BaseException:
+                _owned_discard(layout, new)
+                raise
+            break
+        obj = cls(new, layout=layout)
+        obj.owned = True
+        return obj
+
+    # ------------------------------------------------------------------------------------------------------
     # context manager: destroyed on exit (stopped first), however the block ends
 
     def __enter__(self) -> VE:

@@ -253,6 +253,7 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     pdeathsig: int | None = signal.SIGTERM,
+    preexec: Callable[[], None] | None = None,
 ) -> Iterator[subprocess.Popen]:
     """A running CMD (process group and parent-death signal as for `run`) whose pipes the caller reads or writes.
 
@@ -261,7 +262,7 @@ def spawn(
     argv = [os.fspath(c) for c in cmd]
     try:
         proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd, close_fds=True,
-                                start_new_session=True, preexec_fn=_preexec(pdeathsig, None))
+                                start_new_session=True, preexec_fn=_preexec(pdeathsig, preexec))
     except OSError as e:
         raise error(f"{what or describe(argv)}: cannot run {argv[0]}: {e.strerror}") from e
     try:

@@ -15,8 +15,17 @@ a run killed with SIGKILL leaves an owner file nobody holds, and the next sessio
 root) or `vzpkg clean --ves` destroys its VEs. SIGTERM is turned into KeyboardInterrupt during the session so that
 teardown runs.
 
-Hook (for a faster source of VEs, e.g. a warm checkpoint restored instead of a boot):
+Warm checkpoints (--ve-warm auto|always|never, ini ve_warm; default auto): where CRIU works (`criu check`), a
+started VE is restored from a checkpoint of one VE booted and warmed up once per session (per template and
+parameters; hostname and ipadd are each VE's own), under an id of this process's owner. `auto` takes that path
+when there is something to warm up — a `warmup` command (marker or ve_factory parameter), INIT="distro", or a
+pytest_vzpkg_warm_up hook — because a bare VE with the minimal init starts faster than CRIU restores one
+(docs/performance.md). The images are removed at session end; those of a run killed with SIGKILL by the next
+sweep (they are named after the owner). Any failure on that path: one warning, then create + start.
+
+Hooks:
   pytest_vzpkg_make_ve(config, template, params, start) -> VE | None    (firstresult; see VzpkgHooks)
+  pytest_vzpkg_warm_up(config, ve, template, params)                    (every freshly started VE / image)
 """
 
 from __future__ import annotations
@@ -48,6 +57,12 @@ class VzpkgHooks:
         process's owner (`vzpkg.api.owner_for(layout).next_id()`), so that teardown and the SIGKILL sweep treat
         it like any other. Whatever it returns is destroyed after the test by the fixture."""
 
+    def pytest_vzpkg_warm_up(self, config: pytest.Config, ve: VE, template: VETemplate, params: dict[str, Any]
+                             ) -> None:
+        """Prepare a freshly started VE (start services, load data): called on every VE the plugin starts, and
+        on the warm path once per checkpoint, before it is taken — the VEs restored from it have what this did,
+        already running. A process started here must leave the exec's stdout/stderr (`... >/dev/null 2>&1 &`)."""
+
 
 class VETemplate:
     """The session's template: NAME (a cache in CACHE_DIR) and the VZ root VEs are made in (None: the default)."""
@@ -70,6 +85,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--ve-template", default=None, help=f"template of the `ve` fixture (default {DEFAULT_TEMPLATE})")
     group.addoption("--vz-root", default=None, help="VZ root of the test VEs (default $VZ_ROOT or the config)")
     group.addoption("--ve-cache-dir", default=None, help="where the template caches are (default $VZPKG_CACHE_DIR)")
+    group.addoption("--ve-warm", default=None, choices=WARM_MODES,
+                    help="VEs restored from a warm checkpoint where CRIU works: auto (when there is a warm-up), "
+                         "always, never (default auto)")
+    parser.addini("ve_warm", "auto, always or never (see --ve-warm)", default=None)
     parser.addini("ve_template", "template of the `ve` fixture", default=None)
     parser.addini("vz_root", "VZ root of the test VEs", default=None)
     parser.addini("ve_cache_dir", "where the template caches are", default=None)
@@ -77,7 +96,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ve(template=None, **params): the template and parameters (ram, numproc, "
-                                       "cpus, hostname, ...) of the VEs of the `ve` and `ve_factory` fixtures")
+                                       "cpus, hostname, ..., warmup=SHELL COMMAND) of the VEs of the `ve` and "
+                                       "`ve_factory` fixtures")
 
 
 def _setting(config: pytest.Config, name: str) -> str | None:
@@ -127,6 +147,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     global _previous_sigterm
     import sys
 
+    warm = session.config.stash.get(_WARM_KEY, None)
+    if warm is not None:
+        warm.remove_all()
     api = sys.modules.get("vzpkg.api")
     if api is not None:
         for problem in api.destroy_owned():
@@ -187,15 +210,148 @@ class VEFactory:
         return problems
 
 
+WARM_MODES = ("auto", "always", "never")
+# parameters each restored VE gets for itself (restore --hostname/--ipadd), not part of the checkpoint's key
+_OWN_PARAMS = ("hostname", "ipadd")
+# parameters that need a storage layout with a quota (image, btrfs), which checkpoints do not support yet
+_QUOTA_PARAMS = ("diskspace", "diskinodes")
+
+
+class WarmImages:
+    """The session's warm checkpoints, one per (template, VZ root, parameters without hostname/ipadd), made on
+    first use under dump/<owner token>-warm<n> (owners.sweep removes them when the owner dies)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.images: dict[tuple, Path] = {}
+        self.failed: dict[tuple, str] = {}
+        self.criu: bool | None = None
+
+    def mode(self) -> str:
+        value = _setting(self.config, "ve_warm") or "auto"
+        if value not in WARM_MODES:
+            raise pytest.UsageError(f"vzpkg: ve_warm = {value!r}: use one of {', '.join(WARM_MODES)}")
+        return value
+
+    def wanted(self, params: dict[str, Any]) -> bool:
+        mode = self.mode()
+        if mode == "never" or any(params.get(k) for k in _QUOTA_PARAMS):
+            return False
+        if mode == "auto" and not (params.get("warmup") or str(params.get("init", "")) == "distro"
+                                   or self.config.pluginmanager.hook.pytest_vzpkg_warm_up.get_hookimpls()):
+            return False
+        return self.criu_works()
+
+    def criu_works(self) -> bool:
+        if self.criu is None:
+            from vzpkg.errors import VzError
+            from vzpkg.runtime import criu, criu_install
+
+            try:
+                self.criu = criu_install.check(criu.find())[0]
+            except VzError:
+                self.criu = False
+        return self.criu
+
+    @staticmethod
+    def key(template: VETemplate, params: dict[str, Any]) -> tuple:
+        rest = tuple(sorted((k, repr(v)) for k, v in params.items() if k not in _OWN_PARAMS))
+        return (template.name, str(template.cache_dir), str(template.root), rest)
+
+    def image(self, template: VETemplate, params: dict[str, Any]) -> Path | None:
+        """The checkpoint for TEMPLATE and PARAMS (made now if needed), or None if it cannot be made."""
+        k = self.key(template, params)
+        if k in self.images:
+            return self.images[k]
+        if k in self.failed:
+            return None
+        from vzpkg.errors import VzError
+
+        try:
+            self.images[k] = self._make(template, params, len(self.images) + len(self.failed) + 1)
+            return self.images[k]
+        except VzError as e:
+            self.fail(k, f"could not make a warm checkpoint ({e})")
+            return None
+
+    def fail(self, k: tuple, why: str) -> None:
+        import warnings
+
+        self.failed[k] = why
+        self.images.pop(k, None)
+        warnings.warn(pytest.PytestWarning(f"vzpkg: {why}: VEs of {k[0]} are created and started instead"),
+                      stacklevel=2)
+
+    def _make(self, template: VETemplate, params: dict[str, Any], n: int) -> Path:
+        from vzpkg.api import VE, owner_for
+
+        base = {k: v for k, v in params.items() if k not in (*_OWN_PARAMS, "warmup")}
+        # overlay: checkpoints copy the VE's files as a tree (the image and btrfs layouts are not supported yet)
+        src = VE.create(template=template.name, root=template.root, cache_dir=template.cache_dir,
+                        fs_layout="overlay", **base)
+        try:
+            src.start(exec_server=False)  # (a server's connection to this process is nothing CRIU can dump)
+            _warm_up(self.config, src, template, params)
+            target = src.layout.root / "dump" / f"{owner_for(src.layout).token}-warm{n}"
+            return src.checkpoint(target, leave_running=True)
+        finally:
+            src.destroy(force=True)
+
+    def restore(self, template: VETemplate, params: dict[str, Any]) -> VE | None:
+        image = self.image(template, params)
+        if image is None:
+            return None
+        from vzpkg.api import VE
+        from vzpkg.errors import VzError
+
+        try:
+            return VE.restore(image, root=template.root, hostname=params.get("hostname"), ipadd=params.get("ipadd"))
+        except VzError as e:
+            self.fail(self.key(template, params), f"restoring the warm checkpoint {image} failed ({e})")
+            return None
+
+    def remove_all(self) -> None:
+        import shutil
+
+        while self.images:
+            shutil.rmtree(self.images.popitem()[1], ignore_errors=True)
+
+
+_WARM_KEY = pytest.StashKey[WarmImages]()
+
+
+def _warm(config: pytest.Config) -> WarmImages:
+    warm = config.stash.get(_WARM_KEY, None)
+    if warm is None:
+        warm = config.stash[_WARM_KEY] = WarmImages(config)
+    return warm
+
+
+def _warm_up(config: pytest.Config, v: VE, template: VETemplate, params: dict[str, Any]) -> None:
+    """The `warmup` command, then the pytest_vzpkg_warm_up hooks, on the freshly started V."""
+    cmd = params.get("warmup")
+    if cmd:
+        v.exec(["/bin/sh", "-c", str(cmd)], check=True, timeout=600)
+    config.hook.pytest_vzpkg_warm_up(config=config, ve=v, template=template, params=params)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_vzpkg_make_ve(config: pytest.Config, template: VETemplate, params: dict[str, Any], start: bool) -> VE:
-    """The plugin's own: create (an id of this process's owner) and start."""
+    """The plugin's own: restored from the session's warm checkpoint (WarmImages), else created (an id of this
+    process's owner), started and warmed up."""
     from vzpkg.api import VE
 
-    v = VE.create(template=template.name, root=template.root, cache_dir=template.cache_dir, **params)
+    warm = _warm(config)
+    if start and warm.wanted(params):
+        v = warm.restore(template, params)
+        if v is not None:
+            return v
+    create = {k: v for k, v in params.items() if k != "warmup"}
+    v = VE.create(template=template.name, root=template.root, cache_dir=template.cache_dir, **create)
     if start:
         try:
             v.start()
+            _warm_up(config, v, template, params)
         except BaseException:
             v.destroy(force=True)
             raise

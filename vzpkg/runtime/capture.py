@@ -244,7 +244,9 @@ def _captured_helper(veid: str, argv: list[str], environ: dict[str, str], privil
             os._exit(1)
         if pid == 0:
             try:
-                os.setpgid(0, 0)  # a group of its own: a timeout kills what it started too
+                # a session (and so a group) of its own inside the VE: a timeout kills what it started too, and what it
+                # leaves running (`sh -c 'srv &'`) is in no session led from outside the VE, which CRIU cannot dump
+                os.setsid()
                 os.closerange(3, 1 << 20)
                 _harden(privileged)
                 exec_or_exit(argv, environ)

@@ -240,7 +240,9 @@ def _join(init_pid: int, privileged: bool) -> None:
 
 def _exec(argv: list[str], env: dict[str, str], fds: list[int], privileged: bool, harden) -> None:
     try:
-        os.setpgid(0, 0)  # a group of its own: a timeout kills what it started too
+        # a session (and so a group) of its own inside the VE: a timeout kills what it started too, and what it
+        # leaves running (`sh -c 'srv &'`) is in no session led from outside the VE, which CRIU cannot dump
+        os.setsid()
         for i in range(3):
             os.dup2(fds[i], i)
         os.closerange(3, 1 << 20)

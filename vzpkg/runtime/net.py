@@ -86,6 +86,12 @@ def ensure_bridge(bridge: str) -> None:
         proc = _ip("link", "add", bridge, "type", "bridge", "stp_state", "0", check=False)
         if proc.returncode != 0 and not os.path.isdir(f"/sys/class/net/{bridge}"):
             raise VEError(f"cannot create bridge {bridge}: {proc.stderr.strip()}")
+    try:
+        with open(f"/sys/class/net/{bridge}/flags") as f:
+            if int(f.read(), 16) & 1:  # IFF_UP already: no `ip` (a process on every start and restore)
+                return
+    except (OSError, ValueError):
+        pass
     _ip("link", "set", bridge, "up")
 
 

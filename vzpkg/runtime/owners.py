@@ -2,6 +2,7 @@
 with allocated ids, and whose VEs go when it goes — even when it is killed with SIGKILL.
 
     lock/owners/<token>     flock'ed (exclusive) by the owning process for as long as it lives
+    dump/<token>-*          its checkpoints (the pytest plugin's warm images), removed with its VEs
 
 An owner's VEs are named `<token>-<n>` (n = 1, 2, ...: from a counter of the process, so threads get distinct
 ids without asking anyone; a VE of that name that exists already is skipped). The token is 8 random hex digits
@@ -94,6 +95,24 @@ def _ves_of(layout: Layout, token: str) -> list[str]:
     return sorted(found)
 
 
+def _remove_checkpoints(layout: Layout, token: str) -> list[tuple[Path, int]]:
+    """The owner's checkpoints (the pytest plugin's warm images dump/<token>-warm<n>, and a dump it was making:
+    dump/.<token>-...tmp-<pid>)."""
+    import shutil
+
+    gone = []
+    d = layout.root / "dump"
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return gone
+    for name in names:
+        if name.startswith((f"{token}-", f".{token}-")):
+            shutil.rmtree(d / name, ignore_errors=True)
+            gone.append((d / name, 0))
+    return gone
+
+
 def _remove_dead_tmp(path: Path) -> None:
     """.<token>.<pid>.tmp of an owner killed while making its file."""
     from .leftovers import pid_alive
@@ -136,6 +155,7 @@ def sweep(layout: Layout) -> list[tuple[Path, int]]:
                     removed.append((layout.conf(veid), 0))
                 except VzError:
                     pass  # gone already, or its leftovers were just recovered by the VE lock
+            removed += _remove_checkpoints(layout, token)
             path.unlink(missing_ok=True)
             removed.append((path, 0))
         finally:

@@ -203,6 +203,14 @@ def test_warm_checkpoint_five_clones_side_by_side(rt, net, have_criu, tmp_path):
         rt.vzctl("restore", new, "--from", str(d), "--ipadd", f"{net}.{20 + i}/24")
         clones.append(new)
     cli = _client_ve(rt, f"{net}.30", f"{net}.10")
+    for i in range(5):  # the host reaches each clone through the bridge (its host route), never the default route
+        got = subprocess.run(["ip", "-j", "route", "get", f"{net}.{20 + i}"], capture_output=True, text=True, check=True)
+        assert json.loads(got.stdout)[0].get("dev") == rt.env["VZ_BRIDGE"], got.stdout
+    if not criu._is_tmpfs("/run"):  # CRIU's kernel probe, kept in vzctl's /run for CRIU (criu.kdat_preexec)...
+        log = sorted((rt.root / "dump" / ".logs").glob(f"{clones[-1]}-restore-*.log"))[-1]
+        assert "Loaded kdat cache" in log.read_text(errors="replace")
+        with open("/proc/self/mountinfo") as f:  # ...in CRIU's own mount namespace: the host's /run is untouched
+            assert not [ln for ln in f if ln.split()[4] == "/run" and "vzpkg-criu-run" in ln.split()[3]]
     for i, c in enumerate(clones):
         assert rt.sh(c, "hostname", check=True).stdout.strip() == c
         assert f"{net}.{20 + i}/24" in rt.sh(c, "ip -o addr show dev eth0", check=True).stdout
@@ -280,6 +288,19 @@ def test_migrate_online_and_offline_to_another_vz_root(rt, have_criu, second_roo
     assert rt.sh(veid, "cat /root/file", check=True).stdout.strip() == "kept"
 
 
+def _criu_running(path: str) -> bool:
+    """A criu process whose command line names PATH is alive."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"criu") for a in argv[:4]) and any(path.encode() in a for a in argv):
+            return True
+    return False
+
+
 @pytest.mark.parametrize("point", ["copying", "dumping", "dumped", "restoring"])
 def test_migration_killed_midway_leaves_the_ve_on_the_source(rt, have_criu, second_root, point):
     """SIGKILL at several points (seen on disk as they happen): the VE runs on the source, or is suspended there
@@ -303,6 +324,9 @@ def test_migration_killed_midway_leaves_the_ve_on_the_source(rt, have_criu, seco
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # CRIU outlives the killed vzctl on purpose (its post-dump step records the outcome): until it exits, the VE
+    # is still "running" (frozen) and becomes "suspended" a moment later, so look only once it is done
+    _wait(lambda: not _criu_running(str(second_root)), timeout=60, what="CRIU to finish")
     there = {**rt.env, "VZ_ROOT": str(second_root)}
     st_dst = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzctl", "status", veid], env=there,
                             capture_output=True, text=True, cwd=rt.env["PYTHONPATH"]).stdout

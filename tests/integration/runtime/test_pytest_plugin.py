@@ -179,3 +179,128 @@ def test_an_interrupted_run_destroys_its_ves(plugin_root, tmp_path, sig):
             run.kill()
     assert run.returncode != 0, out
     assert _leftovers(root) == []
+
+
+WARM_SUITE = """
+import pytest
+
+# the warm-up leaves a process and a file that only a restore from the one checkpoint shares between VEs:
+# /run is a tmpfs, restored from the image, and the stamp is taken once per boot
+pytestmark = pytest.mark.ve(warmup="date +%s%N > /run/stamp; sh -c 'while :; do sleep 1; done' "
+                                   ">/dev/null 2>&1 </dev/null & echo $! > /run/loop")
+
+def _report(ve, tag):
+    stamp = ve.exec(["cat", "/run/stamp"], check=True).stdout.strip()
+    loop = ve.exec(["sh", "-c", "kill -0 $(cat /run/loop) && cat /run/loop"], check=True).stdout.strip()
+    print(tag, ve.veid, stamp, loop, ve.status().init_pid, flush=True)
+
+def test_one(ve):
+    _report(ve, "ONE")
+    ve.exec(["sh", "-c", "echo mine > /root/written"], check=True)
+
+def test_two(ve):
+    _report(ve, "TWO")
+    assert ve.exec(["test", "-e", "/root/written"]).returncode == 1  # test_one's file is not here
+
+def test_addresses(ve_factory):
+    a = ve_factory(hostname="wa", ipadd="10.218.{n}.2/24")
+    b = ve_factory(hostname="wb", ipadd="10.218.{n}.3/24")
+    assert a.veid != b.veid and a.status().init_pid != b.status().init_pid
+    assert a.exec(["hostname"]).stdout.strip() == "wa" and b.exec(["hostname"]).stdout.strip() == "wb"
+    assert "10.218.{n}.2/24" in a.exec(["ip", "-o", "addr", "show", "dev", "eth0"]).stdout
+    assert "10.218.{n}.3/24" in b.exec(["ip", "-o", "addr", "show", "dev", "eth0"]).stdout
+    _report(a, "A")
+    _report(b, "B")
+"""
+
+
+def _reports(out: str) -> dict[str, list[str]]:
+    """{tag: [veid, stamp, warm-up pid, init pid]} of the suite's lines (pytest -s may print a dot before one)."""
+    import re
+
+    return {m[0]: list(m[1:]) for m in re.findall(r"\b(ONE|TWO|A|B) (o\S+) (\d+) (\d+) (\d+)$", out, re.M)}
+
+
+def _warm_images(root: Path) -> list[str]:
+    d = root / "dump"
+    return sorted(n for n in os.listdir(d) if "warm" in n) if d.is_dir() else []
+
+
+def test_warm_checkpoint_fixtures(plugin_root, tmp_path):
+    """--ve-warm=always, CRIU working: every `ve` is restored from one checkpoint of a warmed-up VE (the warm-up's
+    stamp and process are the same in all of them, the warm-up ran once), yet each is its own — its own id, init,
+    hostname, address, files (a file written in one test is not in the next); the image is gone after the run.
+    A second run at the same time has its own. --ve-warm=never: each VE boots and warms up by itself."""
+    from vzpkg.runtime import criu, criu_install
+
+    try:
+        if not criu_install.check(criu.find())[0]:
+            pytest.skip("criu check fails here")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no CRIU ({e}): run make criu")
+    root, cache = plugin_root
+    suite, other = tmp_path / "suite", tmp_path / "other"
+    for d, n in ((suite, os.getpid() % 100 + 20), (other, os.getpid() % 100 + 120)):
+        d.mkdir()
+        (d / "test_warm.py").write_text(WARM_SUITE.replace("{n}", str(n)))
+    bridge = f"vzpw{os.getpid() % 100000}"  # the addresses of test_addresses on a bridge of this test's own
+    env = {**os.environ, "VZ_BRIDGE": bridge}
+    # two runs at once on one VZ root (as xdist workers): each its own images and VEs, neither touches the other's
+    second = _pytest(root, cache, "-s", "-W", "error::pytest.PytestWarning", "--ve-warm=always", str(other), env=env)
+    try:
+        code, out = _run(root, cache, "-s", "-W", "error::pytest.PytestWarning", "--ve-warm=always", str(suite),
+                         env=env)
+    finally:
+        out2, _ = second.communicate(timeout=300)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    assert code == 0 and "3 passed" in out, out
+    assert second.returncode == 0 and "3 passed" in out2, out2
+    assert len({v[0] for v in _reports(out).values()} | {v[0] for v in _reports(out2).values()}) == 8
+    r = _reports(out)
+    assert len(r) == 4, out
+    assert len({r[t][0] for t in r}) == 4, r  # four VEs, four ids
+    assert len({r[t][3] for t in r}) == 4, r  # four inits on the host
+    assert len({r[t][1] for t in r}) == 1, r  # one warm-up: the same stamp in each...
+    assert len({r[t][2] for t in r}) == 1, r  # ...and its process, alive, with the pid it had in the image
+    assert _warm_images(root) == [] and _leftovers(root) == []
+
+    try:
+        code, out = _run(root, cache, "-s", "--ve-warm=never", str(suite), env=env)
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    assert code == 0 and "3 passed" in out, out
+    r = _reports(out)
+    assert len(r) == 4, out
+    assert len({r[t][1] for t in r}) == 4, r  # a warm-up per VE
+    assert _leftovers(root) == []
+
+
+def test_warm_images_of_a_sigkilled_run_are_swept(plugin_root, tmp_path):
+    """A run killed after its warm checkpoint was made leaves the image (and the VE); the next session removes
+    both."""
+    from vzpkg.runtime import criu, criu_install
+
+    try:
+        if not criu_install.check(criu.find())[0]:
+            pytest.skip("criu check fails here")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no CRIU ({e}): run make criu")
+    root, cache = plugin_root
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_killed.py").write_text(textwrap.dedent("""
+        import os
+        import pytest
+
+        @pytest.mark.ve(warmup="true")
+        def test_killed(ve):
+            print("VEID", ve.veid, flush=True)
+            os.kill(os.getpid(), 9)
+    """))
+    code, out = _run(root, cache, "-s", str(suite / "test_killed.py"))
+    assert code == -9, out
+    assert len(_warm_images(root)) == 1, out  # auto: a warm-up, so the warm path
+    (suite / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+    code, out = _run(root, cache, str(suite / "test_nothing.py"))
+    assert code == 0, out
+    assert _warm_images(root) == [] and _leftovers(root) == []
