@@ -322,7 +322,7 @@ def destroy(layout: Layout, veid: str, *, force: bool = False) -> None:
 def start(layout: Layout, veid: str, *, timeout: float = 30.0, exec_server: bool = False) -> int:
     """Start the VE; returns the host pid of its init. EXEC_SERVER (the Python API): with an exec server for this
     process (execserver.py)."""
-    from .spawn import DEVICE_RULES, _spawn
+    from .spawn import DEVICE_RULES, _spawn, open_join_fds
 
     veid = check_veid(veid)
     layout.secure_areas()
@@ -368,10 +368,10 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0, exec_server: bool
                 if exec_server:
                     from . import execserver
 
-                    server = execserver.fork_server(privileged)
+                    server = execserver.fork_server(privileged, open_join_fds(cg, cgname))
                     undo.callback(server.close)
                 pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit,
-                             server.pid if server else 0)
+                             server.pid if server and not server.joined else 0)
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT) or kind == "overlay":
                     raise
