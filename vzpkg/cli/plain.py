@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import NoReturn
+
+TYPE_CHECKING = False  # not from typing: importing it costs ~1.7 ms of every vzctl run (type checkers know the name)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NoReturn
 
 
 def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None) -> NoReturn:

@@ -107,6 +107,51 @@ def prepared_image(layout: Layout, size: int, inodes: int | None) -> Path:
         os.close(fd)
 
 
+FICLONE = 0x40049409
+
+
+def _copy_sparse(source: Path, dest: Path) -> bool:
+    """`cp --sparse=always --reflink=auto SOURCE DEST` in-process (the cp process was ~5 ms of a create): a clone
+    (FICLONE) where the file system can, else the data extents (SEEK_DATA/SEEK_HOLE) with copy_file_range, the
+    holes left holes. False (DEST possibly half-written: the caller removes it) where a call is not supported
+    here: then cp does it."""
+    import fcntl
+
+    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(src)
+        dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, st.st_mode & 0o777)
+        try:
+            try:
+                fcntl.ioctl(dst, FICLONE, src)
+                return True
+            except OSError:
+                pass
+            os.ftruncate(dst, st.st_size)
+            pos = 0
+            while pos < st.st_size:
+                try:
+                    data = os.lseek(src, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # only a hole from here on
+                        break
+                    raise
+                end = os.lseek(src, data, os.SEEK_HOLE)
+                while data < end:
+                    n = os.copy_file_range(src, dst, end - data, data, data)
+                    if n <= 0:
+                        return False
+                    data += n
+                pos = end
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
 def superblock(image: Path) -> dict[str, int]:
     """The counters of an unmounted image's ext4 superblock (read directly: 1 KB at offset 1024)."""
     with open(image, "rb") as f:
@@ -282,8 +327,10 @@ class ImageBackend(Backend):
     def prepare(self, layout: Layout, veid: str, tmp: Path, template: Path, id_shift: int, *, idmapped: bool,
                 limits: Limits) -> None:
         source = prepared_image(layout, fs_size(image_size(limits), limits.inodes_hard), limits.inodes_hard)
-        # --reflink=auto: a clone on btrfs/xfs; elsewhere only the few MB of metadata are copied
-        _run(["cp", "--sparse=always", "--reflink=auto", str(source), str(tmp / IMAGE)], f"copying {source}")
+        # a clone on btrfs/xfs; elsewhere only the few MB of metadata are copied
+        if not _copy_sparse(source, tmp / IMAGE):
+            (tmp / IMAGE).unlink(missing_ok=True)
+            _run(["cp", "--sparse=always", "--reflink=auto", str(source), str(tmp / IMAGE)], f"copying {source}")
         (tmp / FS).mkdir(mode=0o700)  # upper/ and work/ are made in the image at its first mount
 
     # -- mounting ---------------------------------------------------------------------------------------
