@@ -6,9 +6,11 @@ Start, in one picture (no subprocess, only fork and system calls through ctypes)
     ─────────────────                 ─────                              ─────────────────────
     cgroups: create, limits, devices
     mount root/<id> (overlay/bind)
-    fork ───────────────────────────► unshare(USER)  ── "U" ──►
+    open the cgroups' tasks files
+    fork ───────────────────────────► "0" to each tasks file (v1: into the VE's cgroups, no grace period)
+                                      unshare(USER)  ── "U" ──►
     write uid_map/gid_map
-    attach child to the VE cgroups ── "G" ──►
+    (v2: attach child to the VE cgroup) ── "G" ──►
                                       setresuid(0) (= host 100000)
                                       unshare(MNT UTS IPC NET CGROUP PID)
                                       fork ─────────────────────────────► setsid; rprivate; bind root/<id>
