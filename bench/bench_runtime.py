@@ -21,10 +21,13 @@ Cases, each timed as the wall time of the commands a user would type (Python sta
   api       the Python API in this process (vzpkg.api, issue 13): create = VE.create(), start = .start() then
             .exec(["/bin/true"]) (start to first exec), stop = .stop(), destroy = .destroy(); per-test = one
             more VE created, started, one exec, destroyed (with force), timed as a whole (a test's `ve` fixture)
+  api-overlay        the same with VE.create(fs_layout="overlay") (like for like with vzpkg-overlay and LXC's overlayfs)
   api-noserver       the same with .start(exec_server=False): every exec joins the VE's cgroups itself (A/B
                      of the exec server, interleaved with `api`)
   parallel  --parallel N VEs (default 100) created and started by --workers W processes (default 8) through
             the API, each running one exec; wall time until all are up, errors (run once, after the rounds)
+Then issue 13's targets, each met or not: CLI create, start -> first exec and stop <= 2x LXC (vzpkg, vzpkg-overlay),
+API start -> first exec <= 1x LXC and per-test <= 50 ms (api, api-overlay), parallel without errors.
 Idle memory: MemAvailable before and after starting --idle VEs (vzpkg, minimal init), divided by their number.
 
 Runs are interleaved (vzpkg, lxc, floor, ...) so that load from other processes affects all alike; medians
@@ -174,14 +177,14 @@ class Api:
     """The Python API in this process (bytecode warm, modules imported: what a test suite sees)."""
 
     def __init__(self, work: Path, cache_dir: Path, template: str, *, name: str = "api",
-                 exec_server: bool = True) -> None:
+                 exec_server: bool = True, fs_layout: str | None = None) -> None:
         from vzpkg.api import VE
 
         self.VE = VE
         self.name = name
         self.exec_server = exec_server
-        self.root = work / "api"  # both API runners share a VZ root (ids are allocated per owner)
-        self.kw = {"template": template, "root": self.root, "cache_dir": cache_dir}
+        self.root = work / "api"  # the API runners share a VZ root (ids are allocated per owner)
+        self.kw = {"template": template, "root": self.root, "cache_dir": cache_dir, "fs_layout": fs_layout}
         with VE.create(**self.kw) as v:  # warm-up: unpack the template, compile the init
             v.start(exec_server=exec_server)
             v.exec(["/bin/true"], check=True)
@@ -318,13 +321,45 @@ class Podman:
         return {"start": timed(lambda: run(["podman", "run", "--rm", "--network=none", self.image, "/bin/true"]))}
 
 
+def issue13_targets(results: dict) -> list[str]:
+    """Issue 13's targets against this run's medians, one line each: from the CLI, create, start -> first exec
+    and stop each <= 2x LXC (the default image layout and the overlay layout); through the API, start -> first
+    exec <= 1x LXC and a VE per test <= 50 ms; 100 VEs by 8 workers without errors."""
+    cases = results["cases"]
+    lxc = cases.get("lxc", {})
+    lines = []
+
+    def ratio(case: str, op: str, limit: float) -> None:
+        c = cases.get(case, {})
+        if op in c and op in lxc:
+            r = c[op]["median"] / lxc[op]["median"]
+            lines.append(f"target {case} {op} <= {limit:g}x LXC: {r:.2f}x ({c[op]['median']:.1f} / "
+                         f"{lxc[op]['median']:.1f} ms) {'met' if r <= limit else 'NOT met'}")
+
+    for case in ("vzpkg", "vzpkg-overlay"):
+        for op in ("create", "start", "stop"):
+            ratio(case, op, 2.0)
+    for case in ("api", "api-overlay"):
+        ratio(case, "start", 1.0)
+        if "per-test" in cases.get(case, {}):
+            ms = cases[case]["per-test"]["median"]
+            lines.append(f"target {case} per-test <= 50 ms: {ms:.1f} ms {'met' if ms <= 50 else 'NOT met'}")
+    par = results.get("parallel")
+    if par:
+        ok = par["errors"] == 0 and par["left_after"] == 0
+        lines.append(f"target parallel {par['ves']} VEs by {par['workers']} workers without errors: errors "
+                     f"{par['errors']}, left {par['left_after']} {'met' if ok else 'NOT met'}")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--idle", type=int, default=100, help="VEs for the idle memory figure (0 to skip)")
     ap.add_argument("--cache-dir", default=os.environ.get("VZPKG_CACHE_DIR", "/var/tmp/vzpkg-test-cache"))
     ap.add_argument("--template", default="debian-12-x86_64")
-    ap.add_argument("--cases", default="vzpkg,vzpkg-shared,api,api-noserver,floor,lxc,podman,parallel")
+    ap.add_argument("--cases", default="vzpkg,vzpkg-shared,vzpkg-overlay,api,api-overlay,api-noserver,floor,lxc,podman,"
+                                       "parallel")
     ap.add_argument("--parallel", type=int, default=100, help="VEs of the parallel case")
     ap.add_argument("--workers", type=int, default=8, help="processes of the parallel case")
     ap.add_argument("--json", help="also write the results to this file")
@@ -350,6 +385,8 @@ def main() -> int:
                                  create_opts=("--layout", "overlay")))
         if "api" in cases:
             runners.append(Api(work, Path(args.cache_dir), args.template))
+        if "api-overlay" in cases:
+            runners.append(Api(work, Path(args.cache_dir), args.template, name="api-overlay", fs_layout="overlay"))
         if "api-noserver" in cases:
             runners.append(Api(work, Path(args.cache_dir), args.template, name="api-noserver", exec_server=False))
         if "floor" in cases:
@@ -406,16 +443,23 @@ def main() -> int:
     vzc = results["cases"].get("vzpkg", {})
     for other in ("vzpkg-shared", "vzpkg-overlay", "floor", "lxc", "podman"):
         oc = results["cases"].get(other, {})
-        if "error" in oc or not oc:
+        if "error" in oc or not oc or not vzc:
             continue
         ratios = [f"{op} {vzc[op]['median'] / oc[op]['median']:.2f}x" for op in vzc if op in oc]
         print(f"vzpkg / {other}: {', '.join(ratios)}")
-    api = results["cases"].get("api", {})
-    for other in ("lxc", "api-noserver"):
-        oc = results["cases"].get(other, {})
+    ovl, lxc_ = results["cases"].get("vzpkg-overlay", {}), results["cases"].get("lxc", {})
+    if ovl and lxc_ and "error" not in lxc_:
+        ratios = [f"{op} {ovl[op]['median'] / lxc_[op]['median']:.2f}x" for op in ovl if op in lxc_]
+        print(f"vzpkg-overlay / lxc: {', '.join(ratios)}")
+    for case, other in (("api", "lxc"), ("api-overlay", "lxc"), ("api", "api-noserver")):
+        api, oc = results["cases"].get(case, {}), results["cases"].get(other, {})
         if api and "error" not in api and oc and "error" not in oc:
             ratios = [f"{op} {api[op]['median'] / oc[op]['median']:.2f}x" for op in api if op in oc]
-            print(f"api / {other}: {', '.join(ratios)}")
+            print(f"{case} / {other}: {', '.join(ratios)}")
+    targets = issue13_targets(results)
+    for line in targets:
+        print(line)
+    results["targets"] = targets
     if "parallel" in results:
         par = results["parallel"]
         print(f"parallel: {par['ves']} VEs by {par['workers']} processes in {par['wall_ms']:.0f} ms "

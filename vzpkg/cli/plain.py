@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import NoReturn
+
+TYPE_CHECKING = False  # not from typing: importing it costs ~1.7 ms of every vzctl run (type checkers know the name)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NoReturn
 
 SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what the shell reports for a tool its closed pipe killed (`yes | head -1`)
 

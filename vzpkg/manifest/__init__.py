@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from ..safeio import MANIFEST_MAX, NotRegularFileError, read_small_text
+
+TYPE_CHECKING = False  # not from typing: importing it costs ~1.7 ms of `vzctl create` (type checkers know the name)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class ManifestReadError(Exception):

@@ -215,9 +215,7 @@ class VEConfig:
         """Atomically replace path: a crash leaves either the old or the new file, never a torn one."""
         p = Path(path)
         mode = p.stat().st_mode & 0o7777 if p.exists() else 0o644
-        import tempfile
-
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        fd, tmp = _mkstemp(p)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(self.render())
@@ -304,3 +302,17 @@ def sample_path(name: str) -> Path:
     if "/" in name or not p.is_file():
         raise ConfigError(f'sample config "{name}" not found; available: {", ".join(list_samples()) or "none"}')
     return p
+
+
+_TMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def _mkstemp(p: Path) -> tuple[int, str]:
+    """tempfile.mkstemp(prefix=".<name>.", suffix=".tmp", dir=<its dir>), the same names (leftovers.py knows them:
+    8 random characters), without importing tempfile (shutil, random, bz2, lzma: ~3 ms of `vzctl create`)."""
+    while True:
+        tmp = f"{p.parent}/.{p.name}.{''.join(_TMP_CHARS[b % 37] for b in os.urandom(8))}.tmp"
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:
+            continue

@@ -4,8 +4,9 @@ Each `vzctl exec` (and the API's helper path, attach.run_captured) moves itself 
 cgroup.procs; on cgroup v1 the first such write waits for an RCU grace period (cgroup_threadgroup_rwsem: 7-14 ms
 on this machine), most of an exec. A process forked by a process that is in the cgroups is born there, and a
 second migration right after another one does not wait again. So `ve.start(exec_server=True)` (what the API
-does) forks one more process from the caller before the VE's first one, and moves it into the VE's cgroups right
-after that one (spawn._spawn's also_attach, ~0.1 ms):
+does) forks one more process from the caller before the VE's first one; on cgroup v1 it moves itself into the
+VE's cgroups (a single thread writing "0" to `tasks`: no grace period at all, spawn.join_self), on v2 start moves
+it right after the VE's first process (spawn._spawn's also_attach, ~0.1 ms):
 
     caller ── fork ──► exec server: not dumpable, every fd but its socket closed, waits
     start: cgroups, mounts, fork the VE's first process, attach it, attach the server, ... init runs
@@ -43,6 +44,7 @@ class Server:
         self.pid = pid
         self.sock = sock
         self.init: tuple[int, int] = (0, 0)  # (pid, start time) of the VE's init
+        self.joined = False  # in the VE's cgroups from its start (fork_server's JOIN_FDS)
 
     def close(self, *, kill: bool = False) -> None:
         """Our end closed: the server exits (commands it started run on); reaped here, or later. KILL: SIGKILL it
@@ -136,24 +138,33 @@ def join(srv: Server) -> None:
         pass
 
 
-def fork_server(privileged: bool) -> Server:
-    """Fork the server (it waits for its first request; start attaches it to the VE's cgroups)."""
-    from .spawn import _harden  # imported here: the server does no import after joining the VE
+def fork_server(privileged: bool, join_fds: list[tuple[str, int]] | None = None) -> Server:
+    """Fork the server (it waits for its first request). JOIN_FDS (spawn.open_join_fds, cgroup v1; closed here):
+    it moves itself into the VE's cgroups at once; without them start attaches it (spawn._spawn's also_attach)."""
+    from .spawn import _harden, join_self  # imported here: the server does no import after joining the VE
 
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    join_fds = join_fds or []
     try:
-        pid = os.fork()
-    except BaseException:
-        mine.close()
-        theirs.close()
-        raise
-    if pid == 0:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            _serve(theirs.fileno(), privileged, _harden)
-        finally:
-            os._exit(1)
+            pid = os.fork()
+        except BaseException:
+            mine.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            try:
+                join_self(join_fds)
+                _serve(theirs.fileno(), privileged, _harden)
+            finally:
+                os._exit(1)
+    finally:
+        for _, fd in join_fds:
+            os.close(fd)
     theirs.close()
-    return Server(pid, mine)
+    srv = Server(pid, mine)
+    srv.joined = bool(join_fds)
+    return srv
 
 
 # ---------------------------------------------------------------------------------------------------------

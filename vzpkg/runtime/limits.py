@@ -9,7 +9,9 @@ Frozen, like a frozen dataclass, but written out: `vzctl start` applies limits o
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # not from typing: importing it costs ~1.7 ms of every vzctl verb (type checkers know the name)
+if TYPE_CHECKING:
+    from typing import Any
 
 Limit = int | str | None   # bytes or a count; "unlimited"; None: unchanged
 

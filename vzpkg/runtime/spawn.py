@@ -6,9 +6,11 @@ Start, in one picture (no subprocess, only fork and system calls through ctypes)
     ─────────────────                 ─────                              ─────────────────────
     cgroups: create, limits, devices
     mount root/<id> (overlay/bind)
-    fork ───────────────────────────► unshare(USER)  ── "U" ──►
+    open the cgroups' tasks files
+    fork ───────────────────────────► "0" to each tasks file (v1: into the VE's cgroups, no grace period)
+                                      unshare(USER)  ── "U" ──►
     write uid_map/gid_map
-    attach child to the VE cgroups ── "G" ──►
+    (v2: attach child to the VE cgroup) ── "G" ──►
                                       setresuid(0) (= host 100000)
                                       unshare(MNT UTS IPC NET CGROUP PID)
                                       fork ─────────────────────────────► setsid; rprivate; bind root/<id>
@@ -133,19 +135,28 @@ def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit
     if conf.get("NAMESERVER") or conf.get("SEARCHDOMAIN"):
         files["etc/resolv.conf"] = _resolv_conf(conf)
     init_path, init_argv = init_mod.argv_for(init_kind, vzinit)
+    spec = InitSpec(privileged, root, hostname, init_path, init_argv, vzinit, files, _tmpfs_sizes(conf.limits.get("ram")))
+    cgname = layout.cgroup_name(veid)
+    join_fds = open_join_fds(cg, cgname)  # v1: the child moves itself (no grace period); else we attach it
     up_r, up_w = os.pipe2(os.O_CLOEXEC)
     down_r, down_w = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except BaseException:
+        for fd in (up_r, up_w, down_r, down_w, *(fd for _, fd in join_fds)):
+            os.close(fd)
+        raise
     if pid == 0:
         os.close(up_r)
         os.close(down_w)
-        _child(parent, up_w, down_r, InitSpec(privileged, root, hostname, init_path, init_argv, vzinit, files,
-                                              _tmpfs_sizes(conf.limits.get("ram"))))
+        _child(parent, up_w, down_r, spec, join_fds)
     os.close(up_w)
     os.close(down_r)
+    for _, fd in join_fds:
+        os.close(fd)
     init_pid = 0
     error = None
     try:
@@ -156,9 +167,10 @@ def _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit
         else:
             if not privileged:
                 ns.write_id_maps(pid, id_shift, ID_RANGE)
-            cg.attach(layout.cgroup_name(veid), pid)
+            if not join_fds:
+                cg.attach(cgname, pid)
             if also_attach:
-                cg.attach(layout.cgroup_name(veid), also_attach)
+                cg.attach(cgname, also_attach)
             os.write(down_w, b"G")
             for msg in msgs:
                 if msg.startswith("P"):
@@ -189,12 +201,37 @@ def _report(fd: int, exc: BaseException) -> None:
         pass
 
 
-def _child(parent: int, up_w: int, down_r: int, spec: InitSpec) -> None:
+def open_join_fds(cg, cgname: str) -> list[tuple[str, int]]:
+    """[(path, fd)] of the cgroup files through which a forked child moves itself into the VE's cgroups
+    (join_self; cgroup v1's `tasks`), opened here, as host root; [] where the parent attaches it instead."""
+    out: list[tuple[str, int]] = []
+    try:
+        for f in cg.self_join_files(cgname):
+            out.append((str(f), os.open(f, os.O_WRONLY | os.O_CLOEXEC)))
+    except OSError as e:
+        for _, fd in out:
+            os.close(fd)
+        raise VEError(f"cannot open {e.filename}: {e.strerror}") from None
+    return out
+
+
+def join_self(join_fds: list[tuple[str, int]]) -> None:
+    """In a freshly forked (so single-threaded) child: into the VE's cgroups through the fds of open_join_fds."""
+    for path, fd in join_fds:
+        try:
+            os.write(fd, b"0")
+        except OSError as e:
+            raise OSError(e.errno, f"cannot join the VE's cgroup {path.rpartition('/')[0]}: {e.strerror}") from None
+        os.close(fd)
+
+
+def _child(parent: int, up_w: int, down_r: int, spec: InitSpec, join_fds: list[tuple[str, int]]) -> None:
     """The middle process: makes the user namespace, then the others, then forks the VE's pid 1."""
     try:
         ns.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(1)
+        join_self(join_fds)  # before the cgroup namespace is made: its root is then the VE's cgroup
         if not spec.privileged:
             ns.unshare(ns.CLONE_NEWUSER)
         os.write(up_w, b"U\n")

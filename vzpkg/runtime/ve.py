@@ -348,7 +348,7 @@ def start(layout: Layout, veid: str, *, timeout: float = 30.0, exec_server: bool
 
 def _start_locked(layout: Layout, veid: str, lock: VELock, *, exec_server: bool = False) -> int:
     """start's work, under the VE's lock (held by the caller: start, or a migration's receiving end)."""
-    from .spawn import DEVICE_RULES, _spawn
+    from .spawn import DEVICE_RULES, _spawn, open_join_fds
 
     conf = load_conf_cached(layout, veid)
     if running_init(layout, veid):
@@ -391,10 +391,10 @@ def _start_locked(layout: Layout, veid: str, lock: VELock, *, exec_server: bool 
             if exec_server:
                 from . import execserver
 
-                server = execserver.fork_server(privileged)
+                server = execserver.fork_server(privileged, open_join_fds(cg, cgname))
                 undo.callback(server.close)
             pid = _spawn(layout, veid, cg, root, conf, privileged, id_shift, init_kind, vzinit,
-                         server.pid if server else 0)
+                         server.pid if server and not server.joined else 0)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT) or kind == "overlay":
                 raise

@@ -296,6 +296,11 @@ class CgroupDriver:
         for f in self.procs_files(ve_id):
             _write(f, pid)
 
+    def self_join_files(self, ve_id: str) -> list[Path]:
+        """Files to which a single-threaded process writes "0" to move itself into the VE's cgroups without an RCU
+        grace period (v1 `tasks`: see V1Driver); [] where there are none (v2: the parent attaches the pid)."""
+        return []
+
     def attach_self_fn(self, ve_id: str) -> Callable[[], None]:
         """A function for a forked child (preexec_fn) that moves the calling process into the VE's cgroups.
 
