@@ -16,22 +16,35 @@ A destroyed subvolume's qgroup is removed by the kernel (6.x) or by us.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
 import struct
 from pathlib import Path
 
 from vzpkg import process
-from vzpkg.errors import DiskLimitError, MissingToolError, StorageError, StoragePoolError, VEError
+from vzpkg.errors import (
+    DiskLimitError,
+    LoopDevicesExhaustedError,
+    MissingToolError,
+    StorageError,
+    StoragePoolError,
+)
 
 from .. import storage
 from ..layout import Layout
+from . import btrfs_ioctl
 from .base import Backend, Limits, Usage
 
 BTRFS_MAGIC = 0x9123683E
 POOL = "btrfs"
 POOL_IMAGE = "btrfs.img"
 POOL_MIN = 256 << 20
+# The pool's own mount options (see docs/runtime.md, "Storage"): its loop device does direct I/O (loop.py), so the
+# VEs' data is cached once; no other non-default option (nodatacow would turn off checksums and compression
+# and still copy on the first write after every snapshot: it buys little for snapshot-born VEs).
+POOL_MOUNT_OPTS = None
+QGROUP_WAIT = 5.0  # seconds a destroy waits for the cleaner before leaving a stale qgroup (harmless)
 
 
 def fs_type(path: Path | str) -> int | None:
@@ -70,16 +83,14 @@ def ensure_pool(layout: Layout) -> Path:
     if image.is_file():
         pool.mkdir(mode=0o700, exist_ok=True)
         if not storage.is_mounted(pool):
-            proc = process.run(["mount", "-t", "btrfs", "-o", "loop", str(image), str(pool)],
-                                  capture=True, text=True, check=False, error=VEError)
-            if proc.returncode != 0:
-                from .image import loop_error
+            from .. import loop
 
-                err = loop_error(proc.stderr, image)
-                if type(err) is StorageError:
-                    raise StoragePoolError(f"cannot mount the btrfs pool {image} at {pool}: "
-                                           f"{proc.stderr.strip()}") from None
-                raise err
+            try:
+                loop.mount(image, pool, "btrfs", POOL_MOUNT_OPTS)
+            except LoopDevicesExhaustedError:
+                raise
+            except StorageError as e:
+                raise StoragePoolError(f"cannot mount the btrfs pool {image} at {pool}: {e}") from None
     elif fs_type(layout.root) == BTRFS_MAGIC:
         pool.mkdir(mode=0o700, exist_ok=True)
     else:
@@ -148,15 +159,11 @@ def template_subvolume(layout: Layout, template: Path) -> Path:
 
 
 def _subvolume_id(path: Path) -> int | None:
-    proc = process.run(["btrfs", "subvolume", "show", str(path)], capture=True, text=True, check=False, error=VEError)
-    for line in proc.stdout.splitlines():
-        key, _, value = line.strip().partition(":")
-        if key == "Subvolume ID" and value.strip().isdigit():
-            return int(value)
-    return None
+    return btrfs_ioctl.subvolume_id(path)
 
 
 def _delete_subvolume(path: Path) -> bool:
+    """Delete the subvolume PATH and its qgroup (or a plain directory a failed create left there)."""
     if not os.path.lexists(path):
         return False
     sid = _subvolume_id(path)
@@ -165,12 +172,30 @@ def _delete_subvolume(path: Path) -> bool:
 
         shutil.rmtree(path, ignore_errors=True)
         return True
-    _run(["btrfs", "property", "set", "-ts", str(path), "ro", "false"], f"making {path} writable", check=False)
-    _run(["btrfs", "subvolume", "delete", "-c", str(path)], f"deleting the subvolume {path}")
-    # the qgroup can go once the subvolume is cleaned up (recent kernels drop it themselves; an error is fine)
-    process.run(["btrfs", "subvolume", "sync", str(path.parent), str(sid)], capture=True, check=False, error=VEError)
-    process.run(["btrfs", "qgroup", "destroy", f"0/{sid}", str(path.parent)], capture=True, check=False, error=VEError)
+    try:
+        btrfs_ioctl.destroy(path)
+    except OSError as e:
+        raise StorageError(f"deleting the subvolume {path} failed: {e.strerror}") from None
+    _destroy_qgroup(path.parent, sid)
     return True
+
+
+def _destroy_qgroup(pool_path: Path, sid: int) -> None:
+    """The deleted subvolume's qgroup 0/SID. The kernel refuses (EBUSY) until its cleaner has dropped the
+    subvolume's tree: BTRFS_IOC_SYNC commits and wakes the cleaner, which takes a few ms for a VE."""
+    import fcntl
+    import time
+
+    fd = os.open(pool_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, btrfs_ioctl.SYNC)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + QGROUP_WAIT
+    while btrfs_ioctl.qgroup_destroy(pool_path, sid) == errno.EBUSY and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def remove_subvolume(layout: Layout, veid: str) -> list[tuple[Path, int]]:
@@ -193,6 +218,18 @@ def remove_subvolume(layout: Layout, veid: str) -> list[tuple[Path, int]]:
             if _delete_subvolume(path):
                 removed.append((path, 0))
     return removed
+
+
+def _set_limit(sub: Path, max_excl: int | None) -> None:
+    """SUB's qgroup 0/<its id> gets the exclusive limit MAX_EXCL (None: none), at once, also while it is in use."""
+    sid = _subvolume_id(sub)
+    if sid is None:
+        raise StorageError(f"{sub} is not a btrfs subvolume: the VE is damaged (destroy it)")
+    try:
+        btrfs_ioctl.set_limit(sub, sid, max_excl)
+    except OSError as e:
+        hint = ": are quotas enabled on the pool? ('btrfs quota enable POOL')" if e.errno == errno.ENOTCONN else ""
+        raise StorageError(f"setting the qgroup limit of {sub} failed: {e.strerror}{hint}") from None
 
 
 def qgroup_usage(sub: Path) -> tuple[int, int | None] | None:
@@ -225,11 +262,13 @@ class BtrfsBackend(Backend):
         if os.path.lexists(final):
             remove_subvolume(layout, veid)  # a killed create's (the VE has no config: the caller checked)
         tmp_sub = final.with_name(f".tmp-{veid}-{os.getpid()}")
-        _run(["btrfs", "subvolume", "snapshot", str(source), str(tmp_sub)], f"snapshotting {source}")
+        try:
+            btrfs_ioctl.snapshot(source, tmp_sub)
+        except OSError as e:
+            raise StorageError(f"snapshotting {source} failed: {e.strerror}") from None
         try:
             if limits.space_hard is not None:
-                _run(["btrfs", "qgroup", "limit", "-e", str(limits.space_hard), str(tmp_sub)],
-                     f"setting the qgroup limit of {tmp_sub}")
+                _set_limit(tmp_sub, limits.space_hard)
             os.rename(tmp_sub, final)
         except BaseException:
             _delete_subvolume(tmp_sub)
@@ -273,8 +312,7 @@ class BtrfsBackend(Backend):
                                  "btrfs layout")
         ensure_pool(layout)
         sub = ve_subvolume(layout, veid)
-        limit = "none" if new.space_hard is None else str(new.space_hard)
-        _run(["btrfs", "qgroup", "limit", "-e", limit, str(sub)], f"setting the qgroup limit of {sub}")
+        _set_limit(sub, new.space_hard)
         return True
 
     def usage(self, layout: Layout, veid: str) -> Usage | None:
