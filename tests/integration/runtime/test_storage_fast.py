@@ -90,11 +90,19 @@ def test_btrfs_ioctls_give_the_snapshot_and_limit_the_commands_gave(brt):  # noq
         assert limit(mine["Subvolume ID"]) == limit(theirs["Subvolume ID"]) == str(50 * MB)
     finally:
         subprocess.run(["btrfs", "subvolume", "delete", str(ref)], capture_output=True)
+    # the pool is mounted nodatasum (see btrfs.POOL_MOUNT_OPTS): the limit holds for direct writes too
+    opts = Path("/proc/self/mounts").read_text().split(f" {pool} btrfs ")[1].split()[0]
+    assert "nodatasum" in opts.split(","), opts
+    brt.vzctl("start", veid)
+    over = brt.sh(veid, "dd if=/dev/zero of=/root/d bs=1M count=60 oflag=direct 2>&1")
+    assert "Disk quota exceeded" in over.stdout, over.stdout
+    brt.sh(veid, "rm -f /root/d; sync", check=True)
     brt.vzctl("set", veid, "--diskspace", "70M:70M", "--save")
     assert limit(mine["Subvolume ID"]) == str(70 * MB)
+    assert brt.sh(veid, "dd if=/dev/zero of=/root/d bs=1M count=60 oflag=direct 2>&1").returncode == 0
     brt.vzctl("set", veid, "--diskspace", "unlimited", "--save")
     assert limit(mine["Subvolume ID"]) == "none"
-    brt.vzctl("destroy", veid)
+    brt.vzctl("destroy", veid, "--force")
     # no subvolume, no qgroup (not even a stale one: destroy waited for the cleaner), no private area
     assert not sub.exists() and not brt.private(veid).exists() and mounts_below(brt.ve_root(veid)) == []
     assert f"0/{mine['Subvolume ID']}" not in _qgroups(pool)

@@ -40,10 +40,14 @@ BTRFS_MAGIC = 0x9123683E
 POOL = "btrfs"
 POOL_IMAGE = "btrfs.img"
 POOL_MIN = 256 << 20
-# The pool's own mount options (see docs/runtime.md, "Storage"): its loop device does direct I/O (loop.py), so the
-# VEs' data is cached once; no other non-default option (nodatacow would turn off checksums and compression
-# and still copy on the first write after every snapshot: it buys little for snapshot-born VEs).
-POOL_MOUNT_OPTS = None
+# The loop-backed pool's mount options. Its loop device does direct I/O (loop.py): the VEs' data is cached once.
+# nodatasum: no data checksums (metadata keeps its own). Measured here (1 GB dd in a snapshot with a qgroup
+# limit): O_DIRECT writes 0.25x of the host's disk with checksums, ~0.9x without, since btrfs cannot write
+# checksummed data directly; buffered writes unchanged (~0.35x: btrfs's own write path, with or without
+# qgroups, CoW or nodatacow). Copy-on-write stays (snapshots and qgroup limits work as before, unlike
+# nodatacow's in-place writes); the file system under the pool's image (and the image layout) checksums no
+# data either. A VZ root that is itself btrfs keeps the host's options.
+POOL_MOUNT_OPTS = "nodatasum"
 QGROUP_WAIT = 5.0  # seconds a destroy waits for the cleaner before leaving a stale qgroup (harmless)
 
 
