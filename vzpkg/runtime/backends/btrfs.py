@@ -2,15 +2,16 @@
 
     <pool>/templates/<generation>  the template generation (template/<...>) copied once into a subvolume, then
                                    made read-only
-    <pool>/ves/<id>                the VE: `btrfs subvolume snapshot` of it (about 10 ms for 200 MB)
+    <pool>/ves/<id>                the VE: a snapshot of it (BTRFS_IOC_SNAP_CREATE_V2, a few ms for 200 MB)
     root/<id>                      a bind mount of <pool>/ves/<id> (an idmapped one for a private id range:
                                    the snapshot keeps the shared generation's ids 100000.., seen as the VE's)
 
 The pool is <root>/btrfs: a directory when the VZ root is on btrfs, else the mount point of <root>/btrfs.img, a
 loop-backed btrfs made once by `vzctl storage init --btrfs SIZE` and mounted again by whatever needs it after a
-host reboot. Quotas are enabled on the pool; a VE's hard space limit is its subvolume's qgroup exclusive limit
-(EDQUOT inside the VE, raisable and lowerable while it runs). btrfs has no inode limits: they are refused.
-A destroyed subvolume's qgroup is removed by the kernel (6.x) or by us.
+host reboot (loop.py: autoclear, direct I/O; POOL_MOUNT_OPTS). Quotas are enabled on the pool; a VE's hard space
+limit is its subvolume's qgroup exclusive limit (EDQUOT inside the VE, raisable and lowerable while it runs).
+btrfs has no inode limits: they are refused. Create, limit changes and destroy are ioctls (btrfs_ioctl.py): no
+`btrfs` process on those paths; a destroyed subvolume's qgroup is removed once the cleaner has dropped it.
 """
 
 from __future__ import annotations
