@@ -128,15 +128,60 @@ def _exhausted_message(why: str) -> str:
             "(modprobe loop max_loop=N, or loop.max_loop=N on the kernel command line), then retry")
 
 
+def _already_bound(backing: Path, st: os.stat_result, mode: int) -> tuple[str, int] | None:
+    """A loop device still bound to BACKING (same file, offset 0), opened: (device, fd). As mount(8) does: a file
+    system on it may still be alive, e.g. held by the mount namespace of a VE that is just exiting after the
+    mount point itself was unmounted, and a second device on the same file would mount a second, independent
+    instance of that file system (btrfs gives it a temporary fsid; ext4 just mounts it) that sees neither the
+    first one's uncommitted changes nor keeps the two from overwriting each other."""
+    want = os.fsencode(os.path.realpath(backing))
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return None
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        d = f"/sys/block/{name}/loop"
+        try:
+            with open(f"{d}/backing_file", "rb") as f:
+                path = f.read().rstrip(b"\n")
+            with open(f"{d}/offset") as f:
+                offset = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if path != want or offset != 0:
+            continue
+        try:
+            fd = os.open(f"/dev/{name}", mode | os.O_CLOEXEC)
+        except OSError:
+            continue
+        info = LoopInfo64()
+        try:
+            fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+        except OSError:
+            os.close(fd)
+            continue  # unbound meanwhile (autoclear finished)
+        if (info.lo_device, info.lo_inode) == (st.st_dev, st.st_ino) and info.lo_offset == 0:
+            return f"/dev/{name}", fd
+        os.close(fd)
+    return None
+
+
 def attach(backing: Path, *, direct_io: bool = True, readonly: bool = False) -> tuple[str, int]:
-    """Bind BACKING to a free loop device with autoclear (and direct I/O if asked): (device path, open fd). Keep
-    the fd until the device is mounted (closing it before detaches the device), then close it."""
+    """Bind BACKING to a free loop device with autoclear (and direct I/O if asked): (device path, open fd); a
+    device still bound to it is used again instead (_already_bound). Keep the fd until the device is mounted
+    (closing it before detaches a device nothing else holds), then close it."""
     flags = LO_FLAGS_AUTOCLEAR | (LO_FLAGS_DIRECT_IO if direct_io else 0) | (LO_FLAGS_READ_ONLY if readonly else 0)
     mode = os.O_RDONLY if readonly else os.O_RDWR
     try:
         file_fd = os.open(backing, mode | os.O_CLOEXEC)
     except OSError as e:
         raise StorageError(f"cannot open {backing}: {e.strerror}") from None
+    bound = _already_bound(backing, os.fstat(file_fd), mode)
+    if bound is not None:
+        os.close(file_fd)
+        return bound
     tried: list[str] = []
     try:
         for dev in _devices():

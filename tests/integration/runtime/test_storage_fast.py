@@ -175,3 +175,26 @@ def test_loop_exhaustion_is_exit_51_and_leaves_nothing(rt, tmp_path):
     assert _loops_below(rt.private(veid)) == []
     rt.vzctl("start", veid)
     assert rt.vzctl("exec", veid, "true").returncode == 0
+
+
+def test_a_second_mount_of_a_live_pool_is_the_same_file_system(brt, tmp_path):  # noqa: F811
+    """Attaching a file that a loop device still serves reuses that device (as mount(8) did): a VE's mount
+    namespace that is still going away can keep the pool's file system alive after its mount point was
+    unmounted, and a second device would mount a second, independent btrfs (a temporary fsid) on the same
+    file that sees neither the first one's uncommitted changes nor keeps the two from overwriting each other."""
+    from vzpkg.runtime import loop, ns
+    from vzpkg.runtime.backends import btrfs
+    from vzpkg.runtime.layout import Layout
+
+    pool = btrfs.ensure_pool(Layout(brt.root))  # (mounted again if a previous test unmounted it)
+    first = _loop_of(brt.root / "btrfs.img")
+    other = tmp_path / "again"
+    other.mkdir()
+    dev = loop.mount(brt.root / "btrfs.img", other, "btrfs")
+    try:
+        assert dev == f"/dev/{first}"
+        (pool / "ves" / "probe").write_text("uncommitted")
+        assert (other / "ves" / "probe").read_text() == "uncommitted"  # one file system, not two
+    finally:
+        (pool / "ves" / "probe").unlink(missing_ok=True)
+        ns.umount(other)
