@@ -49,7 +49,7 @@ POOL_MIN = 256 << 20
 # nodatacow's in-place writes); the file system under the pool's image (and the image layout) checksums no
 # data either. A VZ root that is itself btrfs keeps the host's options.
 POOL_MOUNT_OPTS = "nodatasum"
-QGROUP_WAIT = 5.0  # seconds a destroy waits for the cleaner before leaving a stale qgroup (harmless)
+QGROUP_WAIT = 30.0  # seconds a destroy waits for the cleaner at most (a few ms normally): then a stale qgroup
 
 
 def fs_type(path: Path | str) -> int | None:
@@ -187,20 +187,27 @@ def _delete_subvolume(path: Path) -> bool:
 
 def _destroy_qgroup(pool_path: Path, sid: int) -> None:
     """The deleted subvolume's qgroup 0/SID. The kernel refuses (EBUSY) until its cleaner has dropped the
-    subvolume's tree: BTRFS_IOC_SYNC commits and wakes the cleaner, which takes a few ms for a VE."""
+    subvolume's tree: BTRFS_IOC_SYNC commits and wakes the cleaner (a few ms for a VE), again every 50 ms in
+    case it went back to sleep before reaching this subvolume (as `btrfs subvolume sync` waits, but bounded)."""
     import fcntl
     import time
 
     fd = os.open(pool_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, btrfs_ioctl.SYNC)
-    except OSError:
-        pass
+        deadline = time.monotonic() + QGROUP_WAIT
+        while True:
+            try:
+                fcntl.ioctl(fd, btrfs_ioctl.SYNC)
+            except OSError:
+                pass
+            for _ in range(10):
+                if btrfs_ioctl.qgroup_destroy(pool_path, sid) != errno.EBUSY:
+                    return
+                time.sleep(0.005)
+            if time.monotonic() > deadline:
+                return  # a stale qgroup (harmless: no subvolume, no limit on anything)
     finally:
         os.close(fd)
-    deadline = time.monotonic() + QGROUP_WAIT
-    while btrfs_ioctl.qgroup_destroy(pool_path, sid) == errno.EBUSY and time.monotonic() < deadline:
-        time.sleep(0.005)
 
 
 def remove_subvolume(layout: Layout, veid: str) -> list[tuple[Path, int]]:
