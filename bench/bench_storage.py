@@ -11,10 +11,15 @@ gets a loop-backed pool, `vzctl storage init --btrfs`):
   btrfs     vzctl create --layout btrfs --diskspace 4G (snapshot of a read-only template subvolume)
   timed:    create, then start + `vzctl exec ID /bin/true` until it succeeds (start to first exec); the sum is
             "create+start->exec"
-  write:    `dd if=/dev/zero of=/root/f bs=1M count=MB conv=fsync` inside the VE (MB/s from the wall time of
-            the exec); "host" is the same dd on the host into the VZ root's file system
+  write:    `dd if=/dev/zero of=/root/f bs=1M count=MB conv=fsync` (buffered, then one fsync) and the same with
+            `oflag=direct` (no page cache) inside the VE, MB/s from dd's own figures (so vzctl exec's start-up
+            is not counted); "host" is the same dd on the host into a file in the directory that holds the
+            VZ roots, i.e. on the file system under the images and the btrfs pool's image file. The page cache
+            is dropped (sync; drop_caches=3) before every dd: a write must not find its predecessor's dirty
+            pages still being written back.
 Runs are interleaved (overlay, image, btrfs, host, ...); medians with min/max; ratios against overlay (time)
-and host (throughput). Targets (issue 10): image <= 2x overlay, btrfs <= 1.2x overlay, quota cost <= 10 %.
+and host (throughput, per dd variant). Targets (issue 10): image <= 2x overlay, btrfs <= 1.2x overlay, quota
+cost <= 10 %. Dropping caches slows every process on the machine for a moment: run it on a machine of your own.
 """
 
 from __future__ import annotations
@@ -87,10 +92,11 @@ class Root:
 
         out["start_exec"] = timed(start)
         out["create_start_exec"] = out["create"] + out["start_exec"]
-        if mb:
-            ms = timed(lambda: run([*self.vz, "exec", veid, "dd", "if=/dev/zero", "of=/root/f", "bs=1M",
-                                    f"count={mb}", "conv=fsync"], env=self.env))
-            out["write_mb_s"] = mb / (ms / 1000)
+        for variant, flag in DD_VARIANTS if mb else ():
+            drop_caches()
+            p = run([*self.vz, "exec", veid, "/bin/sh", "-c",
+                     f"dd if=/dev/zero of=/root/f bs=1M count={mb} {flag} 2>&1; rm -f /root/f"], env=self.env)
+            out[f"write_{variant}"] = dd_mb_s(p.stdout)
         run([*self.vz, "destroy", veid, "--force", "-q"], env=self.env)
         return out
 
@@ -99,11 +105,34 @@ class Root:
             subprocess.run(["umount", str(self.path / "btrfs")], capture_output=True)
 
 
-def host_write(base: Path, mb: int) -> float:
+DD_VARIANTS = (("fsync", "conv=fsync"), ("direct", "oflag=direct"))
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def dd_mb_s(output: str) -> float:
+    """MB/s (10^6 bytes) from dd's summary line: "N bytes (...) copied, S s, ..."."""
+    for line in output.splitlines():
+        if " bytes" in line and " copied, " in line:
+            nbytes = int(line.split()[0])
+            seconds = float(line.split(" copied, ")[1].split()[0].replace(",", "."))
+            return nbytes / 1e6 / seconds
+    raise RuntimeError(f"no dd summary in: {output.strip()[-300:]}")
+
+
+def host_write(base: Path, mb: int) -> dict[str, float]:
+    """The dd variants on the host, into BASE: the file system the VZ roots (their images, the pool) live on."""
     f = base / "host-dd"
-    ms = timed(lambda: run(["dd", "if=/dev/zero", f"of={f}", "bs=1M", f"count={mb}", "conv=fsync"]))
-    f.unlink()
-    return mb / (ms / 1000)
+    out = {}
+    for variant, flag in DD_VARIANTS:
+        drop_caches()
+        p = run(["dd", "if=/dev/zero", f"of={f}", "bs=1M", f"count={mb}", flag])
+        out[f"write_{variant}"] = dd_mb_s(p.stderr)
+        f.unlink()
+    return out
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -138,24 +167,31 @@ def main() -> int:
                 for k, v in r.cycle(args.mb).items():
                     results[r.layout].setdefault(k, []).append(v)
             if args.mb:
-                results["host"].setdefault("write_mb_s", []).append(host_write(base, args.mb))
+                for k, v in host_write(base, args.mb).items():
+                    results["host"].setdefault(k, []).append(v)
     finally:
         for r in roots:
             r.close()
         shutil.rmtree(base, ignore_errors=True)
     report = {name: {k: summary(v) for k, v in res.items()} for name, res in results.items() if res}
     over = report.get("overlay", {}).get("create_start_exec", {}).get("median")
-    host = report.get("host", {}).get("write_mb_s", {}).get("median")
+    host = {v: report.get("host", {}).get(f"write_{v}", {}).get("median") for v, _ in DD_VARIANTS}
     print(f"{'layout':<8} {'create ms':>10} {'start->exec ms':>15} {'sum ms':>8} {'x overlay':>10} "
-          f"{'write MB/s':>11} {'x host':>7}")
+          f"{'fsync MB/s':>11} {'x host':>7} {'direct MB/s':>12} {'x host':>7}")
+
+    def cols(r: dict, variant: str) -> str:
+        w = r.get(f"write_{variant}", {}).get("median")
+        ratio = w / host[variant] if w and host[variant] else 0
+        return f"{(w or 0):>{12 if variant == 'direct' else 11}.0f} {ratio:>7.2f}"
+
     for name in layouts:
         r = report.get(name, {})
         s = r.get("create_start_exec", {}).get("median")
-        w = r.get("write_mb_s", {}).get("median")
         print(f"{name:<8} {r['create']['median']:>10.0f} {r['start_exec']['median']:>15.0f} {s:>8.0f} "
-              f"{(s / over if over else 0):>10.2f} {(w or 0):>11.0f} {(w / host if w and host else 0):>7.2f}")
-    if host:
-        print(f"{'host':<8} {'':>10} {'':>15} {'':>8} {'':>10} {host:>11.0f} {1:>7.2f}")
+              f"{(s / over if over else 0):>10.2f} {cols(r, 'fsync')} {cols(r, 'direct')}")
+    if args.mb:
+        print(f"{'host':<8} {'':>10} {'':>15} {'':>8} {'':>10} {cols(report['host'], 'fsync')} "
+              f"{cols(report['host'], 'direct')}")
     print(f"({args.runs} runs, medians; {args.mb} MB written per run)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

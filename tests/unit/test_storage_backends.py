@@ -1,5 +1,5 @@
 """The storage backends' pure parts: choice of backend, limits from configs, the project-quota backend's
-commands (this kernel cannot run them), loop-device error classification, image sizing, superblock reading."""
+commands (this kernel cannot run them), loop/btrfs ioctl structs, image sizing, superblock reading."""
 
 from __future__ import annotations
 
@@ -84,16 +84,27 @@ def test_projquota_is_refused_here_naming_the_kernel_option(tmp_path):
     projquota.check_quotaugidlimit(0)  # 0 = none: nothing to refuse
 
 
-def test_loop_errors_are_classified():
-    err = image.loop_error("mount: /x: failed to setup loop device for /y/root.img.", Path("/y/root.img"))
-    # whether it counts as exhausted depends on `losetup -f` on this host: either way one clear error
-    assert isinstance(err, (LoopDevicesExhaustedError, StorageError))
-    if isinstance(err, LoopDevicesExhaustedError):
-        assert err.exit_code == 51 and "max_loop" in err.message
-    err = image.loop_error("mount: /x: could not find any free loop device", Path("/y/root.img"))
-    assert isinstance(err, LoopDevicesExhaustedError) and err.exit_code == 51
-    err = image.loop_error("mount: /x: wrong fs type, bad option", Path("/y/root.img"))
-    assert type(err) is StorageError and err.exit_code == 50 and "/y/root.img" in err.message
+def test_loop_and_btrfs_ioctl_structs_have_the_kernels_sizes():
+    # the kernel reads these many bytes (uapi/linux/loop.h, uapi/linux/btrfs.h): a wrong layout is EFAULT or,
+    # worse, a misread field
+    import ctypes
+
+    from vzpkg.runtime import loop
+    from vzpkg.runtime.backends import btrfs_ioctl as b
+
+    assert ctypes.sizeof(loop.LoopInfo64) == 232 and ctypes.sizeof(loop.LoopConfig) == 304
+    assert ctypes.sizeof(b.QgroupLimit) == 40 and ctypes.sizeof(b.QgroupLimitArgs) == 48
+    assert ctypes.sizeof(b.QgroupCreateArgs) == 16
+    # the ioctl numbers btrfs-progs uses (_IOW(0x94, 23, 4096) etc.)
+    assert (b.SNAP_CREATE_V2, b.SNAP_DESTROY_V2, b.INO_LOOKUP) == (0x50009417, 0x5000943F, 0xD0009412)
+    assert (b.QGROUP_LIMIT, b.QGROUP_CREATE, b.SYNC) == (0x8030942B, 0x4010942A, 0x9408)
+
+
+def test_loop_exhaustion_message_names_the_way_out():
+    from vzpkg.runtime import loop
+
+    err = LoopDevicesExhaustedError(loop._exhausted_message("x"))
+    assert err.exit_code == 51 and "max_loop" in err.message and "stop VEs" in err.message
 
 
 def test_image_sizes():
@@ -103,9 +114,14 @@ def test_image_sizes():
         image.image_size(Limits((4 << 20, 4 << 20)))
     assert image.image_size(Limits((50 << 20, 50 << 20))) == 50 << 20
     assert image.image_size(Limits((1, (50 << 20) + 1))) == (50 << 20) + 4096
-    # twice the limit (room to raise it live), at least 64M more, plus the inode tables
-    assert image.fs_size(1 << 30) >= 2 << 30
+    # without an inode limit: at least 256G (a limit raised live up to that needs no resize2fs), one prepared
+    # image for every limit up to ~126G; twice the limit beyond
+    assert image.fs_size(50 << 20) == image.fs_size(1 << 30) == image.GROW_ROOM
+    assert image.fs_size(200 << 30) >= 400 << 30
+    # with one: twice the limit (at least 64M more), plus the inode tables (ext4 puts >= 16 inodes in each block
+    # group, so a huge file system would break a small inode limit)
     assert image.fs_size(50 << 20, 2000) >= (50 << 20) + (64 << 20) + 2000 * 256
+    assert image.fs_size(50 << 20, 2000) < 1 << 30
 
 
 @pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="needs e2fsprogs")

@@ -150,7 +150,8 @@ def register(group: click.Group) -> None:
     @click.option("--generations", is_flag=True, help="Earlier caches kept for rollback (of NAMES, or all).")
     @click.option("--stages", is_flag=True, help="Build stages that speed up rebuilds (<cache_dir>/.stages).")
     @click.option("--templates", is_flag=True,
-                  help="Unpacked template generations in the VZ root that no VE uses any more.")
+                  help="Unpacked template generations in the VZ root that no VE uses any more, and prepared "
+                       "disk images (template/.images) that no VE's or sample's limits would copy.")
     @click.option("--ves", is_flag=True,
                   help="What interrupted vzctl runs left in the VZ root: half-created or half-destroyed VEs, "
                        "temporary files, lock files of VEs that do not exist, interrupted template unpacks.")
@@ -183,9 +184,11 @@ def register(group: click.Group) -> None:
 
                 found += sweep(layout)
             if templates:
+                from ..runtime.backends.image import remove_unused_prepared
                 from ..runtime.storage import remove_unused_templates
 
                 found += remove_unused_templates(layout)
+                found += remove_unused_prepared(layout)
             for path, size in found:
                 report["removed"].append(str(path))
                 report["freed"] += size

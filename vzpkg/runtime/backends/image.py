@@ -1,19 +1,20 @@
 """The image backend: a VE's private area is a sparse ext4 image, loop-mounted (OpenVZ's ploop idea).
 
-    private/<id>/root.img          sparse ext4 image (twice the hard limit, see fs_size); its inode count is
+    private/<id>/root.img          sparse ext4 image (at least 256G, see fs_size); its inode count is
                                    the inode limit (mkfs -N)
     private/<id>/fs/               where the image is mounted (loop, autoclear) while the VE is mounted
     private/<id>/fs/upper, work    the overlay's upper and work dirs; the template stays the shared lower layer
     private/<id>/resize.e2undo     an offline grow in progress (resize2fs -z): rolled back if it was cut off
     template/.images/<key>.img     prepared images, made once per (size, inodes) by mkfs and copied per VE with
-                                   cp --sparse=always --reflink=auto (5 ms against mkfs's 20 ms for 11G)
+                                   cp --sparse=always --reflink=auto (~1 MB of metadata for 256G)
 
 The hard space limit: ext4 keeps "reserved clusters" (/sys/fs/ext4/<loop>/reserved_clusters) that nobody
 without CAP_SYS_RESOURCE may allocate, and a VE never has it in the host's user namespace: the reservation is
 set to everything above the limit at every mount, so writes past it fail with ENOSPC inside the VE and nothing
 outside is touched. Raising or lowering the limit (down to what is used) is a new reservation, at once, also on
-a running VE. Past the file system's size the image must grow: online with resize2fs where root has
-CAP_SYS_RESOURCE (this kind of machine's bounding set lacks it), else offline at the next start.
+a running VE. Past the file system's size (256G, or twice the limit: fs_size) the image must grow: online with
+resize2fs where root has CAP_SYS_RESOURCE (this kind of machine's bounding set lacks it), else offline at the
+next start.
 
 Crash safety: a create is journaled by the VE lock (leftovers.py removes the private area and detaches its
 loop device); an offline grow by its e2undo file (undo_interrupted rolls it back); the reservation is set
@@ -30,7 +31,7 @@ import struct
 from pathlib import Path
 
 from vzpkg import process
-from vzpkg.errors import DiskLimitError, LoopDevicesExhaustedError, MissingToolError, StorageError, UsageError, VEError
+from vzpkg.errors import DiskLimitError, MissingToolError, StorageError, UsageError, VEError
 
 from .. import storage
 from ..layout import Layout
@@ -41,13 +42,15 @@ FS = "fs"
 BLOCK = 4096
 MIN_SIZE = 16 << 20  # ext4 with a journal needs a few MB of its own
 HEADROOM_MIN = 64 << 20
+GROW_ROOM = 256 << 30  # an image's file system without an inode limit is at least this large (see fs_size)
+BIG_FS = 16 << 30  # from here mkfs would pick a journal of 128 MB to 1 GB, all of it written over time: 64 MB
 RESV_MIN = 256  # clusters ext4 keeps for itself (unwritten extent conversion, ...): never reserve fewer
 # Inodes kept out of the VE's reach in fs/.spare: overlayfs needs a few free inodes to mount (its work dir and
 # feature probes), so a VE that used every inode could never start again. Freed before the overlay is mounted,
 # taken again after; mkfs -N adds them to the limit, and usage does not count them.
 SPARE = ".spare"
 SPARE_INODES = 16
-MOUNT_OPTS = "loop,noinit_itable"  # the images are sparse: never-written inode tables read as zeros already
+MOUNT_OPTS = "noinit_itable"  # the images are sparse: never-written inode tables read as zeros already
 
 
 def _run(argv: list[str], what: str) -> process.Result:
@@ -93,8 +96,12 @@ def prepared_image(layout: Layout, size: int, inodes: int | None) -> Path:
         tmp = d / f".tmp-{path.name}-{os.getpid()}"
         with open(tmp, "wb") as f:
             f.truncate(size)
-        argv = ["mkfs.ext4", "-q", "-F", "-b", str(BLOCK), "-m", "0",
+        # meta_bg instead of resize_inode: no reserved GDT blocks (4 MB written per 256G image, copied per VE);
+        # growing online past the file system then converts to meta_bg as needed, offline resize2fs is unaffected
+        argv = ["mkfs.ext4", "-q", "-F", "-b", str(BLOCK), "-m", "0", "-O", "meta_bg,^resize_inode",
                 "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]
+        if size >= BIG_FS:
+            argv += ["-J", "size=64"]
         if inodes is not None:
             argv += ["-N", str(inodes + SPARE_INODES)]
         try:
@@ -153,6 +160,55 @@ def _copy_sparse(source: Path, dest: Path) -> bool:
         os.close(src)
 
 
+def _prepared_key(limits: Limits) -> str | None:
+    """The prepared image's file name a create with LIMITS copies (None: not an image-able limit)."""
+    try:
+        size = fs_size(image_size(limits), limits.inodes_hard)
+    except (UsageError, DiskLimitError):
+        return None
+    return f"ext4-{size}-{limits.inodes_hard or 'd'}.img"
+
+
+def remove_unused_prepared(layout: Layout) -> list[tuple[Path, int]]:
+    """`vzpkg clean --templates`: prepared images that no create would copy: none of the VEs' current limits
+    (a re-create, a clone) and none of the sample configs' names them. (path, bytes on disk) of each removed."""
+    from vzpkg.flock import lock_file
+
+    from ..conf import SAMPLES_DIR, VEConfig
+    from ..confcache import load_conf
+
+    d = layout.template_dir / ".images"
+    if not d.is_dir():
+        return []
+    wanted = set()
+    for veid in layout.veids():
+        try:
+            wanted.add(_prepared_key(Limits.of(load_conf(layout, veid))))
+        except Exception:  # a damaged config: keep what it might need, it is only a few MB
+            return []
+    for sample in SAMPLES_DIR.glob("*.conf"):
+        try:
+            wanted.add(_prepared_key(Limits.of(VEConfig.load(sample))))
+        except Exception:
+            continue
+    removed = []
+    fd = lock_file(d / ".lock")  # not while a create makes one
+    try:
+        from ..state import pid_alive
+
+        for path in sorted(d.iterdir()):
+            name = path.name
+            pid = name.rsplit("-", 1)[-1]
+            stale = name.startswith(".tmp-") and pid.isdigit() and not pid_alive(int(pid))
+            if stale or (name.startswith("ext4-") and name.endswith(".img") and name not in wanted):
+                size = path.stat().st_blocks * 512
+                path.unlink(missing_ok=True)
+                removed.append((path, size))
+    finally:
+        os.close(fd)
+    return removed
+
+
 def superblock(image: Path) -> dict[str, int]:
     """The counters of an unmounted image's ext4 superblock (read directly: 1 KB at offset 1024)."""
     with open(image, "rb") as f:
@@ -205,81 +261,18 @@ def _loop_of_mount(fs: Path) -> str | None:
     return None
 
 
-LOOP_CTL_GET_FREE = 0x4C82
-LOOP_CONFIGURE = 0x4C0A
-LO_FLAGS_AUTOCLEAR = 4
-_LOOP_CONFIG = struct.Struct("=II QQQQQ IIII 64s 64s 32s QQ 64x")  # struct loop_config (loop_info64 inside)
-
-
-def _mount_loop(image: Path, fs: Path) -> bool:
-    """`mount -t ext4 -o loop,noinit_itable IMAGE FS` without the mount process (its fork, exec and libmount
-    set-up were ~10 ms of a start): a free loop device from /dev/loop-control, LOOP_CONFIGURE with autoclear (the
-    device goes with the mount, or with our fd if the mount fails or we are killed), mount(2). False where this
-    cannot decide alone and `mount` must (a loop device already backs the image: mount reuses it where a second
-    one would mount the same ext4 twice; no /dev/loop-control or device node; an old kernel without
-    LOOP_CONFIGURE). Errors as loop_error's."""
-    import fcntl
-
-    from .. import ns
-
-    if loops_backed_by(image):
-        return False
-    try:
-        ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    backing = lfd = -1
-    try:
-        backing = os.open(image, os.O_RDWR | os.O_CLOEXEC)
-        for _ in range(8):  # another process may take the free device before us (EBUSY): ask again
-            try:
-                n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
-            except OSError:
-                return False  # (mount says whether they are exhausted, in loop_error's words)
-            try:
-                lfd = os.open(f"/dev/loop{n}", os.O_RDWR | os.O_CLOEXEC)
-            except OSError:
-                return False
-            name = os.fsencode(image)[:63]
-            cfg = _LOOP_CONFIG.pack(backing, 0, 0, 0, 0, 0, 0, 0, 0, 0, LO_FLAGS_AUTOCLEAR, name, b"", b"", 0, 0)
-            try:
-                fcntl.ioctl(lfd, LOOP_CONFIGURE, cfg)
-                break
-            except OSError as e:
-                os.close(lfd)
-                lfd = -1
-                if e.errno != errno.EBUSY:
-                    return False
-        else:
-            return False
-        try:
-            ns.mount(f"/dev/loop{n}", fs, "ext4", 0, "noinit_itable")
-        except OSError as e:
-            raise StorageError(f"cannot mount the image {image}: {e.strerror}") from None
-        return True
-    finally:
-        for fd in (lfd, backing, ctl):
-            if fd >= 0:
-                os.close(fd)
-
-
-def loop_error(stderr: str, image: Path) -> Exception:
-    """mount -o loop's failure as the error to show: exhausted loop devices get their own (exit 51)."""
-    if "loop device" in stderr and ("failed to setup" in stderr or "No such device" in stderr
-                                    or "could not find any free" in stderr):
-        free = process.run(["losetup", "-f"], capture=True, text=True, check=False, error=VEError)
-        if free.returncode != 0 or "loop device" in stderr and "find any free" in stderr:
-            return LoopDevicesExhaustedError(
-                f"no free loop device for {image}: every loop device is in use; stop VEs or raise the limit "
-                "(modprobe loop max_loop=N, or loop.max_loop=N on the kernel command line), then retry")
-    return StorageError(f"cannot mount the image {image}: {stderr.strip() or 'mount failed'}")
-
-
 def fs_size(hard: int, inodes: int | None = None) -> int:
-    """The file system's size for a hard limit: twice it (sparse: unused space costs the host nothing), so
-    that a limit raised on a running VE up to that needs no resize, plus room for the inode tables."""
+    """The file system's size for a hard limit. The image is sparse (unused space costs the host nothing) and the
+    limit is ext4's reservation, so the file system is made large: a limit raised on a running VE up to its size
+    takes effect at once, without resize2fs, whose online form (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE that
+    root lacks on some hosts (this kind of machine's bounding set). Without an inode limit: at least GROW_ROOM
+    (its metadata costs ~1 MB per VE, see prepared_image); with one, twice the limit, since every block group
+    holds at least 16 inodes and the inode count must stay near the limit."""
     tables = (inodes + SPARE_INODES) * 256 if inodes else hard // 64
-    return -(-(max(2 * hard, hard + HEADROOM_MIN) + tables) // BLOCK) * BLOCK
+    size = max(2 * hard, hard + HEADROOM_MIN) + tables
+    if not inodes:
+        size = max(size, GROW_ROOM)  # one prepared image serves every limit up to ~126G
+    return -(-size // BLOCK) * BLOCK
 
 
 def _sysfs_reserved(dev: str) -> Path:
@@ -327,11 +320,20 @@ class ImageBackend(Backend):
 
     def prepare(self, layout: Layout, veid: str, tmp: Path, template: Path, id_shift: int, *, idmapped: bool,
                 limits: Limits) -> None:
-        source = prepared_image(layout, fs_size(image_size(limits), limits.inodes_hard), limits.inodes_hard)
-        # a clone on btrfs/xfs; elsewhere only the few MB of metadata are copied
-        if not _copy_sparse(source, tmp / IMAGE):
-            (tmp / IMAGE).unlink(missing_ok=True)
-            _run(["cp", "--sparse=always", "--reflink=auto", str(source), str(tmp / IMAGE)], f"copying {source}")
+        size = fs_size(image_size(limits), limits.inodes_hard)
+        for attempt in (1, 2):
+            source = prepared_image(layout, size, limits.inodes_hard)
+            try:
+                # a clone on btrfs/xfs; elsewhere only the few MB of metadata are copied
+                if not _copy_sparse(source, tmp / IMAGE):
+                    (tmp / IMAGE).unlink(missing_ok=True)
+                    _run(["cp", "--sparse=always", "--reflink=auto", str(source), str(tmp / IMAGE)],
+                         f"copying {source}")
+                break
+            except (StorageError, OSError):
+                (tmp / IMAGE).unlink(missing_ok=True)
+                if attempt == 2 or source.exists():
+                    raise  # (else `vzpkg clean --templates` removed it just now: make it again)
         (tmp / FS).mkdir(mode=0o700)  # upper/ and work/ are made in the image at its first mount
 
     # -- mounting ---------------------------------------------------------------------------------------
@@ -347,11 +349,9 @@ class ImageBackend(Backend):
             undo_interrupted(private)
             if fs_bytes(superblock(image)) < hard + RESV_MIN * BLOCK:
                 grow_offline(private, fs_size(hard, limits.inodes_hard))  # raised past it while it ran
-            if not _mount_loop(image, fs):
-                proc = process.run(["mount", "-t", "ext4", "-o", MOUNT_OPTS, str(image), str(fs)],
-                                   capture=True, text=True, check=False, error=VEError)
-                if proc.returncode != 0:
-                    raise loop_error(proc.stderr, image)
+            from .. import loop
+
+            loop.mount(image, fs, "ext4", MOUNT_OPTS)  # autoclear, direct I/O (see loop.py)
             try:
                 from .. import ns
 
@@ -569,7 +569,9 @@ def grow_online(image: Path, fs: Path, size: int) -> bool:
         return False
     if image.stat().st_size < size:
         os.truncate(image, size)
-    if process.run(["losetup", "-c", dev], capture=True, check=False, error=VEError).returncode != 0:
+    from .. import loop
+
+    if not loop.set_capacity(dev):
         return False
     return process.run(["resize2fs", dev, f"{size // 1024}K"], capture=True, check=False, error=VEError).returncode == 0
 
@@ -588,6 +590,8 @@ def unmount_fs(layout: Layout, veid: str) -> None:
 
 def recover_leftovers(layout: Layout, veid: str) -> list[tuple[Path, int]]:
     """Loop devices still backed by the VE's image (or a dead create's) and not mounted."""
+    from .. import loop
+
     removed: list[tuple[Path, int]] = []
     private = layout.private(veid)
     mounted = set()
@@ -599,8 +603,8 @@ def recover_leftovers(layout: Layout, veid: str) -> list[tuple[Path, int]]:
     for prefix in (private, layout.private_dir / f".tmp-{veid}-"):
         for dev in loops_backed_by(prefix) if prefix == private else _loops_with_prefix(prefix):
             if dev not in mounted:
-                process.run(["losetup", "-d", dev], capture=True, check=False, error=VEError)
-                removed.append((Path(dev), 0))
+                if loop.detach(dev):
+                    removed.append((Path(dev), 0))
     return removed
 
 
@@ -617,11 +621,3 @@ def _loops_with_prefix(prefix: Path) -> list[str]:
         if backing.startswith(str(prefix)):
             out.append(dev)
     return out
-
-
-def finish_grow(layout: Layout, veid: str) -> list[tuple[Path, int]]:
-    """A resize killed half-way: roll the image back (the next start or set grows it again)."""
-    private = layout.private(veid)
-    if storage.is_mounted(private / FS):
-        return []
-    return undo_interrupted(private)
