@@ -305,6 +305,8 @@ def _fast_parse(argv: list[str]) -> _Args | None:
                     if i >= len(argv):
                         return None
                     value = argv[i]
+                    if value.startswith("-"):
+                        return None  # ('--', '-5', '--x': argparse's own rules for what an option's value may be)
                 if value not in spec.get("choices", (value,)):
                     return None
                 if "type" in spec:
