@@ -46,7 +46,9 @@ def test_output_to_a_pipe_nobody_reads(cmd, tmp_path):
                            cwd=PROJECT, timeout=60)
     finally:
         os.close(w)
-    assert (p.returncode, p.stderr) == (141, "")
+    # (argparse's help output from Python 3.13 on ignores a write error itself: silent too, but exit 0)
+    codes = (0, 141) if "--help" in cmd and sys.version_info >= (3, 13) else (141,)
+    assert p.returncode in codes and p.stderr == "", (p.returncode, p.stderr)
     # the same command with a reader: it has output (the pipe above was written to) and succeeds
     ok = subprocess.run(_argv(cmd), capture_output=True, text=True, env=_env(tmp_path), cwd=PROJECT, timeout=60)
     assert ok.returncode == 0 and ok.stdout and ok.stderr == "", ok
