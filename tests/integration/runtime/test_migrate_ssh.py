@@ -146,6 +146,39 @@ def test_ssh_migration_online_then_offline_back(rt, sshd, node2):
     assert _gone(node2, veid) == []
 
 
+def test_ssh_migration_of_an_image_ve_keeps_counter_and_limit(rt, sshd, node2):
+    """An image VE (100M hard limit) online over ssh: its image arrives sparse (rsync --sparse, installed by the
+    destination's own backend: mounted there on its own loop device), the counter goes on with the same pid, a
+    write past 100M fails there while 20M succeeds, and the source keeps nothing: no file, mount or loop device."""
+    from .test_storage import _loops_below, _no_loops
+
+    veid = rt.create("--layout", "image", "--diskspace", "100M:100M")
+    rt.sh(veid, COUNTER, check=True)
+    here, there = _env(rt, sshd), _env(rt, sshd, node2)
+    _wait(lambda: _read(here, veid, "/root/pid"), what="the counter's pid")
+    pid, before = _read(here, veid, "/root/pid"), _count(here, veid)
+    p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online", "-t")
+    assert p.returncode == 0, p.stderr
+    assert _vzctl(there, "status", veid).stdout.split()[2:5] == ["exist", "mounted", "running"]
+    after = _count(there, veid)
+    assert before <= after
+    _wait(lambda: _count(there, veid) > after, what="the counter on the destination")
+    assert _read(there, veid, "/root/pid") == pid
+    image = node2 / "private" / veid / "root.img"
+    st = image.stat()
+    assert st.st_blocks * 512 < st.st_size // 2, (st.st_blocks * 512, st.st_size)  # holes stayed holes
+    assert _loops_below(node2 / "private" / veid)
+    big = _vzctl(there, "exec", veid, "/bin/sh", "-c", "dd if=/dev/zero of=/root/big bs=1M count=120 conv=fsync "
+                 "2>&1; rm -f /root/big; sync")
+    assert "No space left on device" in big.stdout, big.stdout
+    ok = _vzctl(there, "exec", veid, "/bin/sh", "-c", "dd if=/dev/zero of=/root/ok bs=1M count=20 conv=fsync "
+                "2>&1; rm -f /root/ok; sync")
+    assert "20971520 bytes" in ok.stdout, ok.stdout
+    assert _gone(rt.root, veid) == []
+    _no_loops(rt.private(veid))
+    rt.created.remove(veid)
+
+
 def test_unreachable_or_incomplete_destination_fails_clearly(rt, sshd, node2):
     """Nobody listening: exit 66 in seconds, one line; a destination without vzctl: exit 65, one line; a VE
     id that exists there already: refused. The VE keeps running on the source each time, nothing is left."""
