@@ -264,3 +264,44 @@ def test_ssh_migration_killed_midway(rt, sshd, node2, point):
     assert not journal.exists()
     n = _count(here, veid)
     _wait(lambda: _count(here, veid) > n, what="the counter on the source")
+
+
+def test_ssh_migration_lazy(rt, sshd, node2):
+    """--online --lazy over ssh: a VE whose tasks may not open a userfaultfd is refused in one line (67) before
+    anything moves and keeps running; a privileged VE's 50 MB process goes on there, restored post-copy (its
+    memory paged in by the destination's lazy-pages daemon), and the migration returns (the daemon holds
+    nothing of the ssh session)."""
+    from vzpkg.runtime import criu
+
+    from .test_checkpoint_layouts import PERL_MEM, _lazy_possible
+
+    if not _lazy_possible(criu.find()):
+        pytest.skip("criu check --feature uffd/uffd-noncoop fails here")
+    here, there = _env(rt, sshd), _env(rt, sshd, node2)
+    p = _vzctl(here, "migrate", rt.create("--layout", "overlay"), sshd.url(node2), "--lazy")
+    assert p.returncode == 2 and "--lazy goes with --online" in p.stderr, p.stderr
+    if Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() != "1":
+        unpriv = rt.create("--layout", "overlay")
+        rt.sh(unpriv, COUNTER, check=True)
+        p = _vzctl(here, "migrate", unpriv, sshd.url(node2), "--online", "--lazy")
+        assert p.returncode == 67 and p.stderr.count("\n") == 1 and "userfaultfd" in p.stderr, p.stderr
+        assert rt.vzctl("status", unpriv).stdout.strip().endswith("running")
+        assert _gone(node2, unpriv) == []
+    priv = rt.create("--layout", "overlay", "--privileged")
+    rt.sh(priv, PERL_MEM, check=True)
+
+    def mem(env: dict) -> tuple[int, str]:
+        text = _read(env, priv, "/root/mem").split()
+        return (int(text[0]), text[1]) if len(text) == 2 else (0, "")
+
+    _wait(lambda: mem(here)[0] > 0, what="the perl process")
+    p = _vzctl(here, "migrate", priv, sshd.url(node2), "--online", "--lazy", timeout=180)
+    assert p.returncode == 0, p.stderr
+    n = mem(there)[0]
+    _wait(lambda: (m := mem(there))[0] > n + 5 and m[1] == "MARKER", what="the perl process on the destination")
+    logs = list((node2 / "dump" / ".logs").glob(f"{priv}-lazy-pages-*.log"))  # (post-copy there, not a copy)
+    assert len(logs) == 1
+    _wait(lambda: "UFFD transferred pages" in logs[0].read_text(errors="replace"), timeout=60,
+          what="the lazy-pages daemon to copy every page")
+    assert _gone(rt.root, priv) == []
+    rt.created.remove(priv)
