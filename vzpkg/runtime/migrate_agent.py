@@ -90,7 +90,7 @@ class _Session:
         try:  # what this root cannot hold (no btrfs pool here) is refused before anything moves
             backend.check(layout, limits)
         except VzError as e:
-            raise type(e)(f"VE {veid} cannot move to {layout.root}: {e}") from None
+            raise type(e)(f"VE {veid} cannot move there: {e}") from None
         self.lock.begin("receive")
         self.began = True
         self.template = _template_of(layout, veid, parsed)

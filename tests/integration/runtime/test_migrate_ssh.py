@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from . import test_storage
 from .conftest import PROJECT, cgroup_dirs, cgroup_name, mounts_below
 from .sshd import SSHServer, available, free_port
+
+btrfs_root = test_storage.btrfs_root  # (the module-scoped fixture: a VZ root with a loop-backed btrfs pool)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -305,3 +308,58 @@ def test_ssh_migration_lazy(rt, sshd, node2):
           what="the lazy-pages daemon to copy every page")
     assert _gone(rt.root, priv) == []
     rt.created.remove(priv)
+
+
+@pytest.fixture
+def bt(btrfs_root, debian12_cache):
+    """A runtime in a VZ root with a btrfs pool (test_storage's btrfs_root)."""
+    from .conftest import Runtime
+
+    runtime = Runtime(btrfs_root, *debian12_cache)
+    try:
+        yield runtime
+    finally:
+        runtime.cleanup()
+
+
+def test_ssh_migration_of_a_btrfs_ve(bt, sshd, node2):
+    """A btrfs VE (100M) over ssh: to a root without a pool it is refused in one line (63, naming `storage init
+    --btrfs`) before anything moves; with a pool there it arrives as a subvolume of that pool (a snapshot of its
+    template subvolume, rsynced) with its own qgroup limited to 100M, the counter goes on, and the source keeps
+    nothing (no subvolume, no qgroup)."""
+    from types import SimpleNamespace
+
+    from .test_checkpoint_layouts import _qgroup_limit
+    from .test_storage import _qgroups
+
+    veid = bt.create("--layout", "btrfs", "--diskspace", "100M:100M")
+    bt.sh(veid, COUNTER, check=True)
+    bt.sh(veid, "echo kept > /root/file", check=True)
+    here, there = _env(bt, sshd), _env(bt, sshd, node2)
+    p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online")
+    assert p.returncode == 63 and p.stderr.count("\n") == 1 and "storage init --btrfs" in p.stderr, p.stderr
+    assert bt.vzctl("status", veid).stdout.strip().endswith("running")
+    assert _gone(node2, veid) == []
+    assert _vzctl(there, "storage", "init", "--btrfs", "1G").returncode == 0
+    try:
+        qgroup = _qgroup_limit(bt, veid)[0]
+        _wait(lambda: _read(here, veid, "/root/pid"), what="the counter's pid")
+        before = _count(here, veid)
+        p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online", "-t")
+        assert p.returncode == 0, p.stderr
+        after = _count(there, veid)
+        assert before <= after
+        _wait(lambda: _count(there, veid) > after, what="the counter on the destination")
+        assert _read(there, veid, "/root/file") == "kept"
+        assert _qgroup_limit(SimpleNamespace(root=node2), veid)[1] == 100 << 20
+        assert not list((node2 / "btrfs" / "ves").glob(".tmp-*"))
+        assert _gone(bt.root, veid) == []
+        assert not (bt.root / "btrfs" / "ves" / veid).exists() and qgroup not in _qgroups(bt.root / "btrfs")
+        bt.created.remove(veid)
+    finally:
+        from vzpkg.runtime import ve
+        from vzpkg.runtime.layout import Layout
+
+        for v in Layout(node2).veids():
+            ve.destroy(Layout(node2), v, force=True)
+        subprocess.run(["umount", str(node2 / "btrfs")], capture_output=True)
