@@ -162,6 +162,7 @@ def test_ssh_migration_of_an_image_ve_keeps_counter_and_limit(rt, sshd, node2):
     pid, before = _read(here, veid, "/root/pid"), _count(here, veid)
     p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online", "-t")
     assert p.returncode == 0, p.stderr
+    print(p.stdout)  # (-t: each phase's time; -s shows it)
     assert _vzctl(there, "status", veid).stdout.split()[2:5] == ["exist", "mounted", "running"]
     after = _count(there, veid)
     assert before <= after
