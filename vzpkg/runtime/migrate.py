@@ -9,6 +9,12 @@ Online: copy the private area while the VE runs, checkpoint it here (dump/<id>; 
 copy what changed and the images, restore there, destroy here. Iterative pre-dumps need memory change tracking
 (`criu check --feature mem_dirty_track`); without it (this machine's kernel has no MEM_SOFT_DIRTY) the one dump
 carries all memory, and vzctl says so once. If the destination lacks the VE's unpacked template, it is copied.
+--lazy (online): a post-copy restore there (CRIU's lazy-pages daemon serves the memory from the images).
+
+Storage: the VE's backend says what to send (Backend.migrate_items: overlay's upper/ in two passes, the image file
+once after the dump or stop, the btrfs subvolume); the destination's backend says where it goes (receive_prepare:
+e.g. a snapshot of its own template subvolume, so rsync sends only what the VE changed) and completes it
+(receive_install: the limit, the rename into place). rsync moves it, the same way to a local root and over ssh.
 
 Failure safety (migrate_journal.py has the phases): the VE's lock is held throughout, with a `migrate` journal
 entry. Until the destination runs the VE, the source is the VE: a failure undoes the destination's part and
@@ -106,9 +112,17 @@ class Agent:
             pass
 
 
-def _rsync(dest: migrate_dest.Destination, src: Path, there: str) -> None:
-    cmd = ["rsync", "-aHAX", "--numeric-ids", "--delete", *dest.rsync_shell(), f"{src}/",
-           dest.rsync_path(there.rstrip("/") + "/")]
+def _rsync(dest: migrate_dest.Destination, src: Path, there: str, *, file: bool = False) -> None:
+    """SRC made equal at THERE on DEST: a directory tree, or FILE, one sparse file (an image: its holes stay
+    holes there; it is sent once, to a new name, so --inplace would gain nothing)."""
+    if file:
+        # over ssh the holes would go as zeros: compressed (lz4, cheap) they cost next to nothing on the wire
+        squeeze = ["--compress", "--compress-choice=lz4"] if dest.rsync_shell() else []
+        cmd = ["rsync", "-a", "--sparse", *squeeze, "--numeric-ids", *dest.rsync_shell(), str(src),
+               dest.rsync_path(there)]
+    else:
+        cmd = ["rsync", "-aHAX", "--numeric-ids", "--delete", *dest.rsync_shell(), f"{src}/",
+               dest.rsync_path(there.rstrip("/") + "/")]
     proc = process.run(cmd, capture=True, text=True, check=False, error=MigrationError,
                        what=f"rsync of {src} to {dest.describe()}")
     if proc.returncode == 0:
@@ -119,14 +133,23 @@ def _rsync(dest: migrate_dest.Destination, src: Path, there: str) -> None:
     raise MigrationError(f"rsync of {src} to {dest.describe()} failed: {tail[0]}")
 
 
-def _payload(layout: Layout, veid: str, kind: str) -> Path:
-    return layout.private(veid) / ("upper" if kind == "overlay" else "root")
+def _send_storage(dest: migrate_dest.Destination, backend, layout: Layout, veid: str, targets: dict, *,
+                  final: bool) -> None:
+    """What the VE's backend says to send (Backend.migrate_items) to where DEST's backend said it goes."""
+    for item in backend.migrate_items(layout, veid, final=final):
+        there = targets.get(item.name)
+        if not there:
+            raise MigrationError(f"VE {veid}: {dest.describe()} has no place for its {item.name} (a vzctl of "
+                                 "another version there?)")
+        _rsync(dest, item.path, there, file=item.file)
 
 
 def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_dst: bool = False,
-            remote_vzctl: str | None = None) -> dict[str, float]:
-    """Returns the time of each phase (seconds) and, online, "frozen"."""
+            lazy: bool = False, remote_vzctl: str | None = None) -> dict[str, float]:
+    """Returns the time of each phase (seconds) and, online, "frozen". LAZY: a post-copy restore on DEST."""
     veid = check_veid(veid)
+    if lazy and not online:
+        raise UsageError("migrate: --lazy goes with --online (a post-copy restore on DEST)")
     d = migrate_dest.parse(dest, vzctl=remote_vzctl)
     if isinstance(d, migrate_dest.LocalRoot) and os.path.realpath(d.root) == layout.real_root():
         raise UsageError(f"migrate: {d.root} is this VE's own VZ root")
@@ -136,21 +159,25 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
             raise VENotFoundError(f"VE {veid} does not exist")
         conf = load_conf(layout, veid)
         _, _, kind, _ = _conf_params(conf)
-        checkpoint.require_file_layout(veid, kind, "a migration")
         running = ve.running_init(layout, veid) is not None
         if online and not running:
             raise VEStateError(f"VE {veid} is not running: --online needs a running VE (drop --online)")
         if not running and checkpoint.suspended_at(layout, veid):
             raise VEStateError(f"VE {veid} is suspended: 'vzctl restore {veid}' first, then migrate it --online")
+        if lazy:
+            checkpoint.check_lazy(conf)
         migrate_journal.clear(layout, veid)  # (details of a migration killed before its journal entry was made)
-        return _Migration(layout, veid, d, lock, kind, running, online, keep_dst).run(conf)
+        return _Migration(layout, veid, d, lock, kind, running, online, keep_dst, lazy).run(conf)
 
 
 class _Migration:
     def __init__(self, layout: Layout, veid: str, dest: migrate_dest.Destination, lock: ve.VELock, kind: str,
-                 running: bool, online: bool, keep_dst: bool) -> None:
+                 running: bool, online: bool, keep_dst: bool, lazy: bool = False) -> None:
+        from . import backends
+
         self.layout, self.veid, self.dest, self.lock, self.kind = layout, veid, dest, lock, kind
-        self.running, self.online, self.keep_dst = running, online, keep_dst
+        self.running, self.online, self.keep_dst, self.lazy = running, online, keep_dst, lazy
+        self.backend = backends.get(kind)
         self.times: dict[str, float] = {}
         self.rec = {"dest": migrate_dest.to_record(dest), "online": online, "running": running, "phase": "copy"}
 
@@ -165,7 +192,7 @@ class _Migration:
         layout, veid = self.layout, self.veid
         with Agent(self.dest, veid) as agent:
             t = time.monotonic()
-            info = agent.call("hello", conf=layout.conf(veid).read_text(), online=self.online)
+            info = agent.call("hello", conf=layout.conf(veid).read_text(), online=self.online, lazy=self.lazy)
             # from here the destination holds a half-received VE: the journal says where, for the next command
             migrate_journal.write(layout, veid, self.rec)
             self.lock.begin("migrate")
@@ -185,9 +212,8 @@ class _Migration:
         if info.get("template"):
             _rsync(dest, _template_of(layout, veid, conf), info["template"])
             agent.call("template_done")
-        payload = _payload(layout, veid, self.kind)
-        staged = f"{info['staged']}/{payload.name}"
-        _rsync(dest, payload, staged)
+        targets = agent.call("prepare")["targets"]
+        _send_storage(dest, self.backend, layout, veid, targets, final=False)
         self._timed("copy", t)
         if self.online:
             if not _dirty_tracking():
@@ -198,13 +224,13 @@ class _Migration:
             self._phase("frozen")
             self._timed("dump", t)
             t = time.monotonic()
-            _rsync(dest, payload, staged)
+            _send_storage(dest, self.backend, layout, veid, targets, final=True)
             _rsync(dest, layout.dump(veid), info["images"])
-            agent.call("install", kind=self.kind)
+            agent.call("install")
             self._timed("sync", t)
             t = time.monotonic()
             self._phase("restoring")
-            agent.call("restore")
+            agent.call("restore", lazy=self.lazy)
             self._timed("restore", t)
             self.times["frozen"] = time.monotonic() - frozen0
             self.times["dump_frozen"] = dump["frozen_s"]
@@ -215,8 +241,8 @@ class _Migration:
             self._phase("stopped")
             self._timed("stop", t)
             t = time.monotonic()
-            _rsync(dest, payload, staged)
-            agent.call("install", kind=self.kind)
+            _send_storage(dest, self.backend, layout, veid, targets, final=True)
+            agent.call("install")
             self._timed("sync", t)
             t = time.monotonic()
             self._phase("restoring")

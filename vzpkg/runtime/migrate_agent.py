@@ -4,12 +4,15 @@ The source's vzctl starts it (locally or over ssh, migrate_dest.py) and talks to
 stdout; the files themselves come with rsync. It holds the destination's lock on VEID for the whole session, with
 the journal entry `receive`:
 
-    hello {conf, online}  checks (VEID free there, id range, rsync, CRIU), says where to rsync: a staging dir
-                          private/.tmp-<id>-migrate-<pid>, dump/<id> for the images, and a template/.tmp-* dir when
-                          the VE's unpacked template is missing there
+    hello {conf, online, lazy}  checks (VEID free there, id range, rsync, CRIU, that this root's storage backend
+                          can hold the VE: Backend.check, e.g. a btrfs pool), says where to rsync: dump/<id> for
+                          the images, and a template/.tmp-* dir when the VE's unpacked template is missing there
     template_done         the copied template renamed into place
-    install               the staging dir becomes private/<id>, the config (with this root's paths) is saved
-    restore | start       the VE runs here
+    prepare               the backend makes ready where its storage goes (a staging dir private/.tmp-<id>-migrate-
+                          <pid>, a btrfs snapshot of the template's subvolume) and answers {name: path}
+    install               the backend completes it (receive_install: the limit), the staging dir becomes
+                          private/<id>, the config (with this root's paths) is saved
+    restore {lazy} | start  the VE runs here
     commit                the journal is emptied: the VE is this node's
     abort {keep} or EOF   everything above undone (the VE stopped if it runs; files kept with keep)
 
@@ -50,9 +53,15 @@ class _Session:
         self.template_tmp = None
         self.template = None
         self.conf_text = ""
+        self.conf = None
         self.began = False
 
-    def hello(self, conf: str, online: bool) -> dict:
+    def _backend(self):
+        from . import backends
+
+        return backends.backend_of(self.conf), backends.Limits.of(self.conf)
+
+    def hello(self, conf: str, online: bool, lazy: bool = False) -> dict:
         from .conf import VEConfig
 
         layout, veid = self.layout, self.veid
@@ -74,15 +83,21 @@ class _Session:
                 criu.find()
             except CriuUnavailableError as e:
                 raise MigrationRemoteError(f"--online needs CRIU here: {e}") from None
-        self.conf_text = conf
+            if lazy:
+                checkpoint.check_lazy(parsed)
+        self.conf_text, self.conf = conf, parsed
+        backend, limits = self._backend()
+        try:  # what this root cannot hold (no btrfs pool here) is refused before anything moves
+            backend.check(layout, limits)
+        except VzError as e:
+            raise type(e)(f"VE {veid} cannot move there: {e}") from None
         self.lock.begin("receive")
         self.began = True
-        self.staged.mkdir(parents=True, mode=0o700)
         self.template = _template_of(layout, veid, parsed)
         if not self.template.is_dir():
             self.template_tmp = self.template.with_name(f".tmp-{self.template.name}-migrate-{os.getpid()}")
             self.template_tmp.mkdir(parents=True, mode=0o700)
-        return {"staged": str(self.staged), "images": str(layout.dump(veid)), "root": str(layout.root),
+        return {"images": str(layout.dump(veid)), "root": str(layout.root),
                 "template": str(self.template_tmp) if self.template_tmp else None}
 
     def template_done(self) -> dict:
@@ -94,12 +109,17 @@ class _Session:
             self.template_tmp = None
         return {}
 
-    def install(self, kind: str) -> dict:
+    def prepare(self) -> dict:
+        backend, limits = self._backend()
+        self.staged.mkdir(parents=True, mode=0o700, exist_ok=True)
+        return {"targets": backend.receive_prepare(self.layout, self.veid, self.staged, self.template, limits)}
+
+    def install(self) -> dict:
         from .conf import VEConfig
 
         layout, veid = self.layout, self.veid
-        if kind == "overlay":
-            (self.staged / "work").mkdir(exist_ok=True, mode=0o700)
+        backend, limits = self._backend()
+        backend.receive_install(layout, veid, self.staged, limits)
         self.staged.rename(layout.private(veid))
         conf = VEConfig.parse(self.conf_text)
         conf.set("VE_ROOT", str(layout.ve_root(veid)))
@@ -108,9 +128,10 @@ class _Session:
         conf.save(layout.conf(veid))
         return {}
 
-    def restore(self) -> dict:
-        info = checkpoint.restore_locked(self.layout, self.veid, dumpdir=self.layout.dump(self.veid))
-        shutil.rmtree(self.layout.dump(self.veid), ignore_errors=True)  # used up, as a suspend's are
+    def restore(self, lazy: bool = False) -> dict:
+        info = checkpoint.restore_locked(self.layout, self.veid, dumpdir=self.layout.dump(self.veid), lazy=lazy)
+        if not lazy:  # (a lazy restore's daemon still reads them: the VE's next chkpnt or destroy replaces them)
+            shutil.rmtree(self.layout.dump(self.veid), ignore_errors=True)  # used up, as a suspend's are
         return {"pid": info["pid"], "restore_s": info["restore_s"]}
 
     def start(self) -> dict:
@@ -133,7 +154,9 @@ class _Session:
         if not keep:
             layout.conf(veid).unlink(missing_ok=True)
             (layout.run_dir / f"{veid}.conf-cache").unlink(missing_ok=True)
-            storage.remove_private(layout, veid)
+            from . import backends
+
+            backends.destroy_all(layout, veid)  # (mounts, loop devices, a btrfs subvolume, the private area)
             for p in (self.staged, layout.ve_root(veid), layout.dump(veid)):
                 shutil.rmtree(p, ignore_errors=True)
         self.lock.done()
@@ -167,13 +190,15 @@ def _serve_locked(layout: Layout, veid: str, lock: ve.VELock, inp: IO[bytes], ou
                     req = json.loads(raw)
                     op = req.get("op")
                     if op == "hello":
-                        reply = s.hello(str(req["conf"]), bool(req.get("online")))
+                        reply = s.hello(str(req["conf"]), bool(req.get("online")), bool(req.get("lazy")))
                     elif op == "template_done":
                         reply = s.template_done()
+                    elif op == "prepare":
+                        reply = s.prepare()
                     elif op == "install":
-                        reply = s.install(str(req.get("kind") or "overlay"))
+                        reply = s.install()
                     elif op == "restore":
-                        reply = s.restore()
+                        reply = s.restore(bool(req.get("lazy")))
                     elif op == "start":
                         reply = s.start()
                     elif op == "commit":

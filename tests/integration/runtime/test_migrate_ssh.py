@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from . import test_storage
 from .conftest import PROJECT, cgroup_dirs, cgroup_name, mounts_below
 from .sshd import SSHServer, available, free_port
+
+btrfs_root = test_storage.btrfs_root  # (the module-scoped fixture: a VZ root with a loop-backed btrfs pool)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -146,6 +149,40 @@ def test_ssh_migration_online_then_offline_back(rt, sshd, node2):
     assert _gone(node2, veid) == []
 
 
+def test_ssh_migration_of_an_image_ve_keeps_counter_and_limit(rt, sshd, node2):
+    """An image VE (100M hard limit) online over ssh: its image arrives sparse (rsync --sparse, installed by the
+    destination's own backend: mounted there on its own loop device), the counter goes on with the same pid, a
+    write past 100M fails there while 20M succeeds, and the source keeps nothing: no file, mount or loop device."""
+    from .test_storage import _loops_below, _no_loops
+
+    veid = rt.create("--layout", "image", "--diskspace", "100M:100M")
+    rt.sh(veid, COUNTER, check=True)
+    here, there = _env(rt, sshd), _env(rt, sshd, node2)
+    _wait(lambda: _read(here, veid, "/root/pid"), what="the counter's pid")
+    pid, before = _read(here, veid, "/root/pid"), _count(here, veid)
+    p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online", "-t")
+    assert p.returncode == 0, p.stderr
+    print(p.stdout)  # (-t: each phase's time; -s shows it)
+    assert _vzctl(there, "status", veid).stdout.split()[2:5] == ["exist", "mounted", "running"]
+    after = _count(there, veid)
+    assert before <= after
+    _wait(lambda: _count(there, veid) > after, what="the counter on the destination")
+    assert _read(there, veid, "/root/pid") == pid
+    image = node2 / "private" / veid / "root.img"
+    st = image.stat()
+    assert st.st_blocks * 512 < st.st_size // 2, (st.st_blocks * 512, st.st_size)  # holes stayed holes
+    assert _loops_below(node2 / "private" / veid)
+    big = _vzctl(there, "exec", veid, "/bin/sh", "-c", "dd if=/dev/zero of=/root/big bs=1M count=120 conv=fsync "
+                 "2>&1; rm -f /root/big; sync")
+    assert "No space left on device" in big.stdout, big.stdout
+    ok = _vzctl(there, "exec", veid, "/bin/sh", "-c", "dd if=/dev/zero of=/root/ok bs=1M count=20 conv=fsync "
+                "2>&1; rm -f /root/ok; sync")
+    assert "20971520 bytes" in ok.stdout, ok.stdout
+    assert _gone(rt.root, veid) == []
+    _no_loops(rt.private(veid))
+    rt.created.remove(veid)
+
+
 def test_unreachable_or_incomplete_destination_fails_clearly(rt, sshd, node2):
     """Nobody listening: exit 66 in seconds, one line; a destination without vzctl: exit 65, one line; a VE
     id that exists there already: refused. The VE keeps running on the source each time, nothing is left."""
@@ -231,3 +268,99 @@ def test_ssh_migration_killed_midway(rt, sshd, node2, point):
     assert not journal.exists()
     n = _count(here, veid)
     _wait(lambda: _count(here, veid) > n, what="the counter on the source")
+
+
+def test_ssh_migration_lazy(rt, sshd, node2):
+    """--online --lazy over ssh: a VE whose tasks may not open a userfaultfd is refused in one line (67) before
+    anything moves and keeps running; a privileged VE's 50 MB process goes on there, restored post-copy (its
+    memory paged in by the destination's lazy-pages daemon), and the migration returns (the daemon holds
+    nothing of the ssh session)."""
+    from vzpkg.runtime import criu
+
+    from .test_checkpoint_layouts import PERL_MEM, _lazy_possible
+
+    if not _lazy_possible(criu.find()):
+        pytest.skip("criu check --feature uffd/uffd-noncoop fails here")
+    here, there = _env(rt, sshd), _env(rt, sshd, node2)
+    p = _vzctl(here, "migrate", rt.create("--layout", "overlay"), sshd.url(node2), "--lazy")
+    assert p.returncode == 2 and "--lazy goes with --online" in p.stderr, p.stderr
+    if Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() != "1":
+        unpriv = rt.create("--layout", "overlay")
+        rt.sh(unpriv, COUNTER, check=True)
+        p = _vzctl(here, "migrate", unpriv, sshd.url(node2), "--online", "--lazy")
+        assert p.returncode == 67 and p.stderr.count("\n") == 1 and "userfaultfd" in p.stderr, p.stderr
+        assert rt.vzctl("status", unpriv).stdout.strip().endswith("running")
+        assert _gone(node2, unpriv) == []
+    priv = rt.create("--layout", "overlay", "--privileged")
+    rt.sh(priv, PERL_MEM, check=True)
+
+    def mem(env: dict) -> tuple[int, str]:
+        text = _read(env, priv, "/root/mem").split()
+        return (int(text[0]), text[1]) if len(text) == 2 else (0, "")
+
+    _wait(lambda: mem(here)[0] > 0, what="the perl process")
+    p = _vzctl(here, "migrate", priv, sshd.url(node2), "--online", "--lazy", timeout=180)
+    assert p.returncode == 0, p.stderr
+    n = mem(there)[0]
+    _wait(lambda: (m := mem(there))[0] > n + 5 and m[1] == "MARKER", what="the perl process on the destination")
+    logs = list((node2 / "dump" / ".logs").glob(f"{priv}-lazy-pages-*.log"))  # (post-copy there, not a copy)
+    assert len(logs) == 1
+    _wait(lambda: "UFFD transferred pages" in logs[0].read_text(errors="replace"), timeout=60,
+          what="the lazy-pages daemon to copy every page")
+    assert _gone(rt.root, priv) == []
+    rt.created.remove(priv)
+
+
+@pytest.fixture
+def bt(btrfs_root, debian12_cache):
+    """A runtime in a VZ root with a btrfs pool (test_storage's btrfs_root)."""
+    from .conftest import Runtime
+
+    runtime = Runtime(btrfs_root, *debian12_cache)
+    try:
+        yield runtime
+    finally:
+        runtime.cleanup()
+
+
+def test_ssh_migration_of_a_btrfs_ve(bt, sshd, node2):
+    """A btrfs VE (100M) over ssh: to a root without a pool it is refused in one line (63, naming `storage init
+    --btrfs`) before anything moves; with a pool there it arrives as a subvolume of that pool (a snapshot of its
+    template subvolume, rsynced) with its own qgroup limited to 100M, the counter goes on, and the source keeps
+    nothing (no subvolume, no qgroup)."""
+    from types import SimpleNamespace
+
+    from .test_checkpoint_layouts import _qgroup_limit
+    from .test_storage import _qgroups
+
+    veid = bt.create("--layout", "btrfs", "--diskspace", "100M:100M")
+    bt.sh(veid, COUNTER, check=True)
+    bt.sh(veid, "echo kept > /root/file", check=True)
+    here, there = _env(bt, sshd), _env(bt, sshd, node2)
+    p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online")
+    assert p.returncode == 63 and p.stderr.count("\n") == 1 and "storage init --btrfs" in p.stderr, p.stderr
+    assert bt.vzctl("status", veid).stdout.strip().endswith("running")
+    assert _gone(node2, veid) == []
+    assert _vzctl(there, "storage", "init", "--btrfs", "1G").returncode == 0
+    try:
+        qgroup = _qgroup_limit(bt, veid)[0]
+        _wait(lambda: _read(here, veid, "/root/pid"), what="the counter's pid")
+        before = _count(here, veid)
+        p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online", "-t")
+        assert p.returncode == 0, p.stderr
+        after = _count(there, veid)
+        assert before <= after
+        _wait(lambda: _count(there, veid) > after, what="the counter on the destination")
+        assert _read(there, veid, "/root/file") == "kept"
+        assert _qgroup_limit(SimpleNamespace(root=node2), veid)[1] == 100 << 20
+        assert not list((node2 / "btrfs" / "ves").glob(".tmp-*"))
+        assert _gone(bt.root, veid) == []
+        assert not (bt.root / "btrfs" / "ves" / veid).exists() and qgroup not in _qgroups(bt.root / "btrfs")
+        bt.created.remove(veid)
+    finally:
+        from vzpkg.runtime import ve
+        from vzpkg.runtime.layout import Layout
+
+        for v in Layout(node2).veids():
+            ve.destroy(Layout(node2), v, force=True)
+        subprocess.run(["umount", str(node2 / "btrfs")], capture_output=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
+from typing import NamedTuple
 
 from ..layout import Layout
 
@@ -128,18 +129,36 @@ class Backend:
     def drop_snapshot(self, layout: Layout, fs: Path) -> None:
         """Free what the snapshot FS holds outside itself (before FS is removed)."""
 
-    def copy_to(self, layout: Layout, dst: Layout, veid: str, staged: Path, limits: Limits, *, final: bool) -> None:
-        """Migration: copy the VE's storage to the VZ root DST: its private area's files into STAGED (renamed to
-        DST's private/<id> by the caller), the rest straight into DST. Called while the VE runs (a first pass,
-        may copy nothing) and once more, FINAL, after it stopped."""
+    # -- migration (migrate.py moves the files, with rsync, to a VZ root here or over ssh; migrate_agent.py is the
+    # receiving end): the source's backend says what to send, the destination's where it goes and what to do
+    # when it arrived. Nothing here knows the transport.
+
+    def migrate_items(self, layout: Layout, veid: str, *, final: bool) -> list[Transfer]:
+        """What of the VE's storage to send: called while the VE runs (a first pass, may be empty) and once more,
+        FINAL, after it stopped or was dumped (its tasks gone, its image unmounted)."""
         src = self._payload(layout.private(veid))
-        staged.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _sync_tree(src, staged / src.name)
-        if final and self.kind == "overlay":
+        return [Transfer(src.name, src)]
+
+    def receive_prepare(self, layout: Layout, veid: str, staged: Path, template: Path, limits: Limits) -> dict:
+        """Destination: make ready where each of migrate_items' names goes; return {name: path}. STAGED becomes
+        private/<id> (receive_install); what lives outside it goes to a place of its own. TEMPLATE is there."""
+        dst = self._payload(staged)
+        return {dst.name: str(dst)}
+
+    def receive_install(self, layout: Layout, veid: str, staged: Path, limits: Limits) -> None:
+        """Destination: everything arrived; complete STAGED (renamed to private/<id> by the caller) and put in
+        place, with LIMITS, what lives outside it. (What a failed migration leaves: backends.destroy_all.)"""
+        if self.kind == "overlay":
             (staged / "work").mkdir(exist_ok=True, mode=0o700)
 
-    def discard_copy(self, dst: Layout, veid: str) -> None:
-        """Remove what a failed copy_to put into DST outside STAGED."""
+
+class Transfer(NamedTuple):
+    """One thing a migration sends: NAME (the key of receive_prepare's answer), PATH on the source, FILE: one
+    (sparse) file rather than a directory tree."""
+
+    name: str
+    path: Path
+    file: bool = False
 
 
 def _run_copy(argv: list[str], what: str) -> None:
@@ -150,16 +169,3 @@ def _run_copy(argv: list[str], what: str) -> None:
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise StorageError(f"{what} failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")
-
-
-def _sync_tree(src: Path, dst: Path) -> None:
-    """DST made equal to the tree SRC (rsync: a second pass copies only what changed)."""
-    import shutil
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if shutil.which("rsync"):
-        argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", f"{src}/", f"{dst}/"]
-    else:
-        shutil.rmtree(dst, ignore_errors=True)
-        argv = ["cp", "-a", "--reflink=auto", str(src), str(dst)]
-    _run_copy(argv, f"copying {src} to {dst}")

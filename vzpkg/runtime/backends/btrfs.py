@@ -37,7 +37,7 @@ from vzpkg.errors import (
 from .. import storage
 from ..layout import Layout
 from . import btrfs_ioctl
-from .base import Backend, Limits, Usage
+from .base import Backend, Limits, Transfer, Usage
 
 BTRFS_MAGIC = 0x9123683E
 POOL = "btrfs"
@@ -397,29 +397,24 @@ class BtrfsBackend(Backend):
         _delete_subvolume(snap, wait=False)
         Path(f"{snap}.owner").unlink(missing_ok=True)
 
-    def copy_to(self, layout: Layout, dst: Layout, veid: str, staged: Path, limits: Limits, *, final: bool) -> None:
-        """A snapshot of DST's template subvolume, made equal to the VE's subvolume by rsync (only what the VE
-        changed is copied: the template's files match by size and time), renamed into place when FINAL."""
-        from .. import confcache
+    def migrate_items(self, layout: Layout, veid: str, *, final: bool) -> list[Transfer]:
+        return [Transfer("subvolume", ve_subvolume(layout, veid))]
 
-        staged.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target = ve_subvolume(dst, veid).with_name(migrating_name(veid))
-        if not target.is_dir():
-            conf = confcache.load_conf(layout, veid)
-            there = template_subvolume(dst, confcache._template_of(dst, veid, conf))
-            _run(["btrfs", "subvolume", "snapshot", str(there), str(target)], f"snapshotting {there}")
-        from .base import _sync_tree
+    def receive_prepare(self, layout: Layout, veid: str, staged: Path, template: Path, limits: Limits) -> dict:
+        """A snapshot of this root's template subvolume, to be made equal to the VE's subvolume (only what the VE
+        changed is copied: the template's files match by size and time)."""
+        target = ve_subvolume(layout, veid).with_name(migrating_name(veid))
+        _delete_subvolume(target)  # (a killed migration's: the caller holds the VE's lock)
+        there = template_subvolume(layout, template)
+        _run(["btrfs", "subvolume", "snapshot", str(there), str(target)], f"snapshotting {there}")
+        return {"subvolume": str(target)}
 
-        _sync_tree(ve_subvolume(layout, veid), target)
-        if final:
-            if limits.space_hard is not None:
-                _run(["btrfs", "qgroup", "limit", "-e", str(limits.space_hard), str(target)],
-                     f"setting the qgroup limit of {target}")
-            os.rename(target, ve_subvolume(dst, veid))
-
-    def discard_copy(self, dst: Layout, veid: str) -> None:
-        if pool_available(dst):
-            _delete_subvolume(ve_subvolume(dst, veid).with_name(migrating_name(veid)))
+    def receive_install(self, layout: Layout, veid: str, staged: Path, limits: Limits) -> None:
+        target = ve_subvolume(layout, veid).with_name(migrating_name(veid))
+        if limits.space_hard is not None:
+            _run(["btrfs", "qgroup", "limit", "-e", str(limits.space_hard), str(target)],
+                 f"setting the qgroup limit of {target}")
+        os.rename(target, ve_subvolume(layout, veid))
 
 
 SNAPSHOTS = "snapshots"

@@ -35,7 +35,7 @@ from vzpkg.errors import DiskLimitError, MissingToolError, StorageError, UsageEr
 
 from .. import storage
 from ..layout import Layout
-from .base import Backend, Limits, Usage
+from .base import Backend, Limits, Transfer, Usage
 
 IMAGE = "root.img"
 FS = "fs"
@@ -490,19 +490,26 @@ class ImageBackend(Backend):
             _run(["cp", "--sparse=always", "--reflink=auto", str(src), str(tmp / IMAGE)], f"copying {src}")
         (tmp / FS).mkdir(mode=0o700)
 
-    def copy_to(self, layout: Layout, dst: Layout, veid: str, staged: Path, limits: Limits, *, final: bool) -> None:
+    def migrate_items(self, layout: Layout, veid: str, *, final: bool) -> list[Transfer]:
         """The image once, after the VE stopped (a copy of a mounted image would be inconsistent; a sparse copy
         reads only what is allocated, so there is little to gain from a first pass)."""
         if not final:
-            return
-        staged.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return []
         private = layout.private(veid)
         if storage.is_mounted(private / FS):
             raise StorageError(f"VE {veid}: its image is still mounted at {private / FS}: cannot copy it")
-        (staged / IMAGE).unlink(missing_ok=True)
-        _run(["cp", "--sparse=always", "--reflink=auto", str(private / IMAGE), str(staged / IMAGE)],
-             f"copying {private / IMAGE}")
-        (staged / FS).mkdir(mode=0o700, exist_ok=True)
+        return [Transfer(IMAGE, private / IMAGE, file=True)]
+
+    def receive_prepare(self, layout: Layout, veid: str, staged: Path, template: Path, limits: Limits) -> dict:
+        image_size(limits)
+        return {IMAGE: str(staged / IMAGE)}
+
+    def receive_install(self, layout: Layout, veid: str, staged: Path, limits: Limits) -> None:
+        image = staged / IMAGE
+        if not image.is_file():
+            raise StorageError(f"VE {veid}: its image did not arrive in {staged}")
+        superblock(image)  # (an ext4 image, whole: its superblock reads)
+        (staged / FS).mkdir(mode=0o700, exist_ok=True)  # the limit is set from the config at every mount
 
 
 def _spares(fs: Path) -> int:
