@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shlex
 from pathlib import Path
-from typing import NamedTuple
 
 from ..layout import Layout
 
@@ -104,6 +102,8 @@ class Backend:
         """Shell lines (sh, set -e) that copy the VE's private area cheaply into DEST, which exists. CRIU's
         post-dump action runs them while the VE's tasks are frozen (files and memory agree); a clone of a
         stopped VE runs them as they are. FINAL: where DEST will be once the checkpoint is in place."""
+        import shlex
+
         q = shlex.quote
         src = self._payload(layout.private(veid))
         return [f"cp -a --reflink=auto {q(str(src))} {q(str(dest / src.name))}"]
@@ -152,13 +152,23 @@ class Backend:
             (staged / "work").mkdir(exist_ok=True, mode=0o700)
 
 
-class Transfer(NamedTuple):
+class Transfer:
     """One thing a migration sends: NAME (the key of receive_prepare's answer), PATH on the source, FILE: one
-    (sparse) file rather than a directory tree."""
+    (sparse) file rather than a directory tree. (A plain class: typing's NamedTuple would cost every start of an
+    image or btrfs VE the import of typing.)"""
 
-    name: str
-    path: Path
-    file: bool = False
+    __slots__ = ("name", "path", "file")
+
+    def __init__(self, name: str, path: Path, file: bool = False) -> None:
+        self.name, self.path, self.file = name, path, file
+
+    def __repr__(self) -> str:
+        return f"Transfer({self.name!r}, {str(self.path)!r}, file={self.file})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Transfer) and (self.name, self.path, self.file) == (other.name, other.path, other.file)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _run_copy(argv: list[str], what: str) -> None:

@@ -19,13 +19,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import shlex
 import signal
 import struct
 import time
 from pathlib import Path
 
-from vzpkg import process
 from vzpkg.errors import (
     DiskLimitError,
     LoopDevicesExhaustedError,
@@ -63,7 +61,9 @@ def fs_type(path: Path | str) -> int | None:
     return struct.unpack_from("l", buf.raw, 0)[0] & 0xFFFFFFFF
 
 
-def _run(argv: list[str], what: str, *, check: bool = True) -> process.Result:
+def _run(argv: list[str], what: str, *, check: bool = True) -> process.Result:  # noqa: F821
+    from vzpkg import process  # (its import pulls in subprocess: not on the start path)
+
     try:
         proc = process.run(argv, capture=True, text=True, check=False, error=MissingToolError, pdeathsig=signal.SIGKILL)
     except MissingToolError:
@@ -173,6 +173,8 @@ def _delete_subvolume(path: Path, *, wait: bool = True) -> bool:
     """Delete the subvolume PATH and its qgroup (or a plain directory a failed create left there). WAIT=False (a
     checkpoint's snapshot, dropped after a live clone): no wait for the cleaner; the emptied qgroup goes with the
     next waited delete's clear-stale."""
+    from vzpkg import process
+
     if not os.path.lexists(path):
         return False
     sid = _subvolume_id(path)
@@ -356,6 +358,8 @@ class BtrfsBackend(Backend):
     def snapshot_lines(self, layout: Layout, veid: str, dest: Path, final: Path | None = None) -> list[str]:
         """A read-only snapshot of the VE's subvolume in the pool's snapshots/ (a snapshot cannot live outside
         its file system): DEST/SNAPSHOT_REF names it, SNAPSHOTS/<name>.owner names DEST (see drop_orphans)."""
+        import shlex
+
         q = shlex.quote
         snaps = ensure_pool(layout) / SNAPSHOTS
         snaps.mkdir(mode=0o700, exist_ok=True)

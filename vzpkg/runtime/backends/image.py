@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import errno
 import os
-import shlex
 import signal
 import struct
 from pathlib import Path
 
-from vzpkg import process
 from vzpkg.errors import DiskLimitError, MissingToolError, StorageError, UsageError, VEError
 
 from .. import storage
@@ -53,7 +51,9 @@ SPARE_INODES = 16
 MOUNT_OPTS = "noinit_itable"  # the images are sparse: never-written inode tables read as zeros already
 
 
-def _run(argv: list[str], what: str) -> process.Result:
+def _run(argv: list[str], what: str) -> process.Result:  # noqa: F821
+    from vzpkg import process  # (its import pulls in subprocess: not on the start path)
+
     try:
         proc = process.run(argv, capture=True, text=True, check=False, error=MissingToolError, pdeathsig=signal.SIGKILL)
     except MissingToolError:
@@ -462,6 +462,8 @@ class ImageBackend(Backend):
         """A sparse copy (a reflink where the file system has them) of the image file. A mounted image is
         frozen (FIFREEZE) for the copy: its journal is flushed and nothing is written to the file meanwhile, so
         the copy is a clean file system. Only a mount point is frozen: a directory would freeze the host's."""
+        import shlex
+
         q = shlex.quote
         private = layout.private(veid)
         image, fs = q(str(private / IMAGE)), q(str(private / FS))
@@ -559,6 +561,7 @@ def undo_interrupted(private: Path) -> list[tuple[Path, int]]:
     undo = private / UNDO
     if not undo.exists():
         return []
+    from vzpkg import process
     image = private / IMAGE
     if process.run(["e2undo", str(undo), str(image)], capture=True, check=False, error=VEError).returncode != 0:
         fsck = process.run(["e2fsck", "-f", "-y", str(image)], capture=True, text=True, check=False, error=VEError)
@@ -571,6 +574,8 @@ def undo_interrupted(private: Path) -> list[tuple[Path, int]]:
 
 def grow_online(image: Path, fs: Path, size: int) -> bool:
     """Grow the mounted image (ext4's resize ioctl needs CAP_SYS_RESOURCE: False where root lacks it)."""
+    from vzpkg import process
+
     dev = _loop_of_mount(fs)
     if dev is None:
         return False
