@@ -363,3 +363,16 @@ def _cmdline(pid: str) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_destroy_under_a_kept_snapshot_keeps_disk_limits_enforced(bt, have_criu, tmp_path):
+    """Destroying a btrfs VE whose checkpoint still holds a snapshot of it can leave the pool's qgroup numbers
+    marked inconsistent, and the kernel then enforces no limit at all: vzctl rescans, so the next VE's limit holds
+    (before the fix its 120 MB write went through)."""
+    from vzpkg.runtime.backends import btrfs_ioctl
+
+    src = _ve(bt, "btrfs")
+    bt.vzctl("chkpnt", src, "--leave-running", "--dumpdir", str(tmp_path / "kept"))
+    bt.vzctl("destroy", src, "--force")
+    assert not btrfs_ioctl.qgroups_inconsistent(bt.root / "btrfs")
+    _over_limit_fails(bt, _ve(bt, "btrfs"))

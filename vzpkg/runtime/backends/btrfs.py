@@ -108,6 +108,15 @@ def ensure_pool(layout: Layout) -> Path:
     return pool
 
 
+def rescan_if_inconsistent(pool: Path) -> None:
+    """Deleting a subvolume whose blocks a snapshot still shares (a VE destroyed while a checkpoint of it keeps its
+    read-only snapshot) can leave the pool's qgroup numbers marked inconsistent, and the kernel then enforces no
+    qgroup limit — no VE's disk limit — until a rescan: run one, waiting for it (its cost grows with the pool's
+    metadata: milliseconds for a few VEs)."""
+    if btrfs_ioctl.qgroups_inconsistent(pool):
+        _run(["btrfs", "quota", "rescan", "-w", str(pool)], f"rescanning the qgroups of {pool}")
+
+
 def init_pool(layout: Layout, size: int) -> tuple[Path, bool]:
     """`vzctl storage init --btrfs SIZE`: make <root>/btrfs.img (sparse) and mount it at <root>/btrfs.
     Returns (pool directory, whether it was made now)."""
@@ -190,6 +199,7 @@ def _delete_subvolume(path: Path, *, wait: bool = True) -> bool:
     if not wait:
         return True
     _destroy_qgroup(path.parent, sid)
+    rescan_if_inconsistent(path.parent)
     # and the qgroups of snapshots dropped without waiting whose cleaning has finished since
     process.run(["btrfs", "qgroup", "clear-stale", str(path.parent)], capture=True, check=False, error=StorageError)
     return True
@@ -247,6 +257,8 @@ def _set_limit(sub: Path, max_excl: int | None) -> None:
     sid = _subvolume_id(sub)
     if sid is None:
         raise StorageError(f"{sub} is not a btrfs subvolume: the VE is damaged (destroy it)")
+    if max_excl is not None:
+        rescan_if_inconsistent(sub.parent)
     try:
         btrfs_ioctl.set_limit(sub, sid, max_excl)
     except OSError as e:

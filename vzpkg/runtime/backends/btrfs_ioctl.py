@@ -162,3 +162,28 @@ def qgroup_destroy(path: Path, qgroupid: int) -> int:
         return 0 if e.errno == errno.ENOENT else (e.errno or errno.EIO)
     finally:
         os.close(fd)
+
+
+FS_INFO = _ioc(_IOC_READ, 31, 1024)  # struct btrfs_ioctl_fs_info_args: max_id, num_devices, fsid[16], ...
+
+
+def fsid(path: Path) -> str:
+    """The file system's UUID (the name of its directory in /sys/fs/btrfs)."""
+    fd = _open_dir(path)
+    try:
+        buf = bytearray(1024)
+        fcntl.ioctl(fd, FS_INFO, buf)
+    finally:
+        os.close(fd)
+    h = bytes(buf[16:32]).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def qgroups_inconsistent(path: Path) -> bool:
+    """Has the kernel marked PATH's qgroup numbers inconsistent (it then stops enforcing their limits until a
+    rescan)? False where it cannot tell (an old kernel without the sysfs file)."""
+    try:
+        with open(f"/sys/fs/btrfs/{fsid(path)}/qgroups/inconsistent") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
