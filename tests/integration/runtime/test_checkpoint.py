@@ -326,7 +326,9 @@ def test_migration_killed_midway_leaves_the_ve_on_the_source(rt, have_criu, seco
     proc.wait()
     # CRIU outlives the killed vzctl on purpose (its post-dump step records the outcome): until it exits, the VE
     # is still "running" (frozen) and becomes "suspended" a moment later, so look only once it is done
-    _wait(lambda: not _criu_running(str(second_root)), timeout=60, what="CRIU to finish")
+    # (its images go to the source's dump/ since migrations dump here and then send them)
+    _wait(lambda: not _criu_running(str(second_root)) and not _criu_running(str(rt.root / "dump")), timeout=60,
+          what="CRIU to finish")
     there = {**rt.env, "VZ_ROOT": str(second_root)}
     st_dst = subprocess.run([sys.executable, "-m", "vzpkg.cli.vzctl", "status", veid], env=there,
                             capture_output=True, text=True, cwd=rt.env["PYTHONPATH"]).stdout
