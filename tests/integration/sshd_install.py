@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vzpkg.runtime.criu_install import replace_tree
+
 DEFAULT_PREFIX = Path("/opt/vzpkg/sshd")
 
 
@@ -89,13 +91,7 @@ def install(prefix: Path) -> None:
                            + f'exec "{prefix}/usr/sbin/sshd" "$@"\n')
         wrapper.chmod(0o755)
         (tree / "PACKAGES").write_text("".join(f"{d.name}\n" for d in sorted(debs.glob("*.deb"))))
-        old = None
-        if prefix.exists():
-            old = prefix.with_name(f".{prefix.name}.old-{os.getpid()}")
-            prefix.rename(old)
-        tree.rename(prefix)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_tree(tree, prefix)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -107,13 +107,7 @@ def install(prefix: Path) -> Path:
                            f'exec "{prefix}/{loader}" --library-path "{libpath}" "{prefix}/usr/sbin/criu" "$@"\n')
         wrapper.chmod(0o755)
         (tree / "PACKAGES").write_text("".join(f"{d.name}\n" for d in sorted((work / "debs").glob("*.deb"))))
-        old = None
-        if prefix.exists():
-            old = prefix.with_name(f".{prefix.name}.old-{os.getpid()}")
-            prefix.rename(old)
-        tree.rename(prefix)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_tree(tree, prefix)
         return prefix / "bin/criu"
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -154,3 +148,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def replace_tree(tree: Path, prefix: Path) -> None:
+    """Put the directory TREE in place of PREFIX (one rename each: a reader sees the old or the new tree)."""
+    old = None
+    if prefix.exists():
+        old = prefix.with_name(f".{prefix.name}.old-{os.getpid()}")
+        prefix.rename(old)
+    tree.rename(prefix)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

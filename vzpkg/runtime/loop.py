@@ -226,27 +226,21 @@ def mount(backing: Path, target: Path, fstype: str, data: str | None = None, *, 
 
 def detach(dev: str) -> bool:
     """LOOP_CLR_FD on DEV (a leftover not mounted anywhere); False if it could not be detached."""
-    try:
-        fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.ioctl(fd, LOOP_CLR_FD, 0)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    return _device_ioctl(dev, LOOP_CLR_FD)
 
 
 def set_capacity(dev: str) -> bool:
     """LOOP_SET_CAPACITY: DEV takes its backing file's new size (losetup -c)."""
+    return _device_ioctl(dev, LOOP_SET_CAPACITY)
+
+
+def _device_ioctl(dev: str, request: int) -> bool:
     try:
         fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        fcntl.ioctl(fd, LOOP_SET_CAPACITY, 0)
+        fcntl.ioctl(fd, request, 0)
         return True
     except OSError:
         return False
