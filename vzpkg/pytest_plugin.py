@@ -213,7 +213,8 @@ class VEFactory:
 WARM_MODES = ("auto", "always", "never")
 # parameters each restored VE gets for itself (restore --hostname/--ipadd), not part of the checkpoint's key
 _OWN_PARAMS = ("hostname", "ipadd")
-# parameters that need a storage layout with a quota (image, btrfs), which checkpoints do not support yet
+# parameters that need a storage layout with a quota (image, btrfs): checkpoints support them now, but the warm
+# path makes overlay VEs only (not yet tried with the others): such VEs are created and started
 _QUOTA_PARAMS = ("diskspace", "diskinodes")
 
 
@@ -286,7 +287,7 @@ class WarmImages:
         from vzpkg.api import VE, owner_for
 
         base = {k: v for k, v in params.items() if k not in (*_OWN_PARAMS, "warmup")}
-        # overlay: checkpoints copy the VE's files as a tree (the image and btrfs layouts are not supported yet)
+        # overlay: checkpoints copy the VE's files as a tree (the warm path is not yet tried with image or btrfs)
         src = VE.create(template=template.name, root=template.root, cache_dir=template.cache_dir,
                         fs_layout="overlay", **base)
         try:
