@@ -146,10 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def replace_tree(tree: Path, prefix: Path) -> None:
     """Put the directory TREE in place of PREFIX (one rename each: a reader sees the old or the new tree)."""
     old = None
@@ -159,3 +155,7 @@ def replace_tree(tree: Path, prefix: Path) -> None:
     tree.rename(prefix)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
