@@ -141,7 +141,8 @@ def join(srv: Server) -> None:
 def fork_server(privileged: bool, join_fds: list[tuple[str, int]] | None = None) -> Server:
     """Fork the server (it waits for its first request). JOIN_FDS (spawn.open_join_fds, cgroup v1; closed here):
     it moves itself into the VE's cgroups at once; without them start attaches it (spawn._spawn's also_attach)."""
-    from .spawn import _harden, join_self  # imported here: the server does no import after joining the VE
+    from . import spawn  # imported here: the server does no import after joining the VE
+    from .spawn import join_self
 
     join_fds = join_fds or []
     try:
@@ -155,7 +156,7 @@ def fork_server(privileged: bool, join_fds: list[tuple[str, int]] | None = None)
         if pid == 0:
             try:
                 join_self(join_fds)
-                _serve(theirs.fileno(), privileged, _harden)
+                _serve(theirs.fileno(), privileged, spawn)
             finally:
                 os._exit(1)
     finally:
@@ -171,7 +172,7 @@ def fork_server(privileged: bool, join_fds: list[tuple[str, int]] | None = None)
 # the server (once in the VE, no imports: the host's module files are out of sight there)
 
 
-def _serve(sock_fd: int, privileged: bool, harden) -> None:
+def _serve(sock_fd: int, privileged: bool, spawn) -> None:
     ns.prctl(PR_SET_DUMPABLE, 0)  # a copy of the caller's memory: the VE's root may not read it
     os.setsid()  # the caller's terminal signals are not for it
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -227,7 +228,7 @@ def _serve(sock_fd: int, privileged: bool, harden) -> None:
                 _fail(fds, str(e).replace("\n", " ") or type(e).__name__)
                 continue
             if pid == 0:
-                _exec(argv, env, fds, privileged, harden)
+                _exec(argv, env, fds, privileged, spawn)
             for x in fds[:3]:
                 os.close(x)
             _write(fds[3], f"P{pid}\n")
@@ -249,7 +250,9 @@ def _join(init_pid: int, privileged: bool) -> None:
             os.close(fd)
 
 
-def _exec(argv: list[str], env: dict[str, str], fds: list[int], privileged: bool, harden) -> None:
+def _exec(argv: list[str], env: dict[str, str], fds: list[int], privileged: bool, spawn) -> None:
+    """In the forked child: its own session, the caller's stdio, hardened, then spawn.exec_or_exit (SPAWN: the
+    module, imported before the server joined the VE)."""
     try:
         # a session (and so a group) of its own inside the VE: a timeout kills what it started too, and what it
         # leaves running (`sh -c 'srv &'`) is in no session led from outside the VE, which CRIU cannot dump
@@ -257,14 +260,11 @@ def _exec(argv: list[str], env: dict[str, str], fds: list[int], privileged: bool
         for i in range(3):
             os.dup2(fds[i], i)
         os.closerange(3, 1 << 20)
-        harden(privileged)
-        os.execvpe(argv[0], argv, env)
-    except FileNotFoundError:
-        os.write(2, f"vzctl exec: {argv[0]}: command not found\n".encode())
-        os._exit(127)
+        spawn._harden(privileged)
     except BaseException as e:
         os.write(2, f"vzctl exec: {argv[0]}: {e}\n".encode())
-    os._exit(126)
+        os._exit(126)
+    spawn.exec_or_exit(argv, env)
 
 
 def _write(fd: int, text: str) -> None:
