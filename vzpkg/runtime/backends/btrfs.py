@@ -37,6 +37,10 @@ from ..layout import Layout
 from . import btrfs_ioctl
 from .base import Backend, Limits, Transfer, Usage
 
+TYPE_CHECKING = False  # as in cli/plain.py: the process layer is imported only where a command runs
+if TYPE_CHECKING:
+    from vzpkg import process
+
 BTRFS_MAGIC = 0x9123683E
 POOL = "btrfs"
 POOL_IMAGE = "btrfs.img"
@@ -61,7 +65,7 @@ def fs_type(path: Path | str) -> int | None:
     return struct.unpack_from("l", buf.raw, 0)[0] & 0xFFFFFFFF
 
 
-def _run(argv: list[str], what: str, *, check: bool = True) -> process.Result:  # noqa: F821
+def _run(argv: list[str], what: str, *, check: bool = True) -> process.Result:
     from vzpkg import process  # (its import pulls in subprocess: not on the start path)
 
     try:

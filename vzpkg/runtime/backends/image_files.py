@@ -14,6 +14,10 @@ from vzpkg.errors import DiskLimitError, MissingToolError, StorageError, UsageEr
 from ..layout import Layout
 from .base import Limits
 
+TYPE_CHECKING = False  # as in cli/plain.py: the process layer is imported only where a command runs
+if TYPE_CHECKING:
+    from vzpkg import process
+
 BLOCK = 4096
 MIN_SIZE = 16 << 20  # ext4 with a journal needs a few MB of its own
 HEADROOM_MIN = 64 << 20
@@ -22,7 +26,7 @@ BIG_FS = 16 << 30  # from here mkfs would pick a journal of 128 MB to 1 GB, all 
 SPARE_INODES = 16  # inodes kept out of the VE's reach (image.py's SPARE): mkfs -N adds them to the limit
 
 
-def _run(argv: list[str], what: str) -> process.Result:  # noqa: F821
+def _run(argv: list[str], what: str) -> process.Result:
     from vzpkg import process  # (its import pulls in subprocess: not on the start path)
 
     try:
