@@ -11,9 +11,19 @@ APT_PACKAGES := debootstrap mmdebstrap btrfs-progs e2fsprogs zstd tar gnupg gpgv
 	dnf rpm python3-rpm createrepo-c busybox-static gcc libc6-dev strace \
 	docker-registry skopeo umoci openssl
 
-.PHONY: setup system-packages venv criu sshd demo test lint unit integration bench clean
+.PHONY: setup system-packages venv client criu sshd demo test lint unit integration bench clean
 
-setup: system-packages venv criu
+setup: system-packages venv client criu
+
+# The C front end of vzctl (client/vzctl.c): hands commands to a resident `vzctl server` when one runs, else runs
+# the Python vzctl. Replaces the console script pip wrote (which `make venv` rewrites; then this runs again).
+client: $(VENV)/.client
+
+$(VENV)/.client: client/vzctl.c $(VENV)/.installed
+	gcc -O2 -Wall -Wextra -Werror -o $(VENV)/bin/vzctl.new client/vzctl.c \
+		-DVZCTL_SOCKET='"'"$$($(VPY) -m vzpkg.cli.server print-socket)"'"' -DVZCTL_PYTHON='"$(VPY)"'
+	mv -f $(VENV)/bin/vzctl.new $(VENV)/bin/vzctl
+	touch $@
 
 # CRIU >= 4.2 (checkpoint/restore; docs/checkpoint.md): the distribution's if new enough, else the Debian archive's
 # testing package and its libraries unpacked into $(CRIU_PREFIX) (started through its own ld-linux). vzctl finds

@@ -12,6 +12,10 @@ Cases, each timed as the wall time of the commands a user would type (Python sta
   vzpkg-shared       the same with `vzctl create --idmap shared` (one id range for all VEs, no idmapped mount)
   vzpkg-overlay      the same with `vzctl create --layout overlay` (the basic sample's disk limit makes `vzpkg`
                      an image-layout VE: a loop-mounted ext4 image; this case is the overlay layout without one)
+  vzpkg-server, vzpkg-overlay-server
+                     the same two through a resident `vzctl server` (started for the case, on its own socket):
+                     `vzctl` is then the C front end that hands each command to it (the other vzpkg cases set
+                     VZCTL_SERVER=0: the Python vzctl runs each command itself)
   floor     start    unshare -pmuin --fork chroot ROOT /bin/true (ROOT: the unpacked template)
   lxc       create   lxc-copy -s -B overlayfs (snapshot of a base container made from the same rootfs)
             start    lxc-start -d, then lxc-attach -- /bin/true until it succeeds
@@ -26,7 +30,8 @@ Cases, each timed as the wall time of the commands a user would type (Python sta
                      of the exec server, interleaved with `api`)
   parallel  --parallel N VEs (default 100) created and started by --workers W processes (default 8) through
             the API, each running one exec; wall time until all are up, errors (run once, after the rounds)
-Then issue 13's targets, each met or not: CLI create, start -> first exec and stop <= 2x LXC (vzpkg, vzpkg-overlay),
+Then issue 13's targets, each met or not: CLI create, start -> first exec and stop <= 2x LXC (vzpkg, vzpkg-overlay,
+and the two -server cases),
 API start -> first exec <= 1x LXC and per-test <= 50 ms (api, api-overlay), parallel without errors.
 Idle memory: MemAvailable before and after starting --idle VEs (vzpkg, minimal init), divided by their number.
 
@@ -92,20 +97,28 @@ class Vzpkg:
     name = "vzpkg"
 
     def __init__(self, work: Path, cache_dir: Path, template: str, *, name: str = "vzpkg",
-                 create_opts: tuple[str, ...] = ()) -> None:
+                 create_opts: tuple[str, ...] = (), server: bool = False) -> None:
         self.name = name
         self.create_opts = create_opts
         self.root = work / ("vz" if name == "vzpkg" else name)
         self.env = {**os.environ, "VZ_ROOT": str(self.root), "VZPKG_CACHE_DIR": str(cache_dir)}
+        # each case says whether a resident server serves it (a server a user runs must not serve the others)
+        self.server = server
+        if server:
+            self.env["VZCTL_SERVER_SOCKET"] = str(work / f"{name}.sock")
+        else:
+            self.env["VZCTL_SERVER"] = "0"
         # measure what users get: bytecode cached (some sandboxes set this variable)
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         run([sys.executable, "-m", "compileall", "-q", str(PROJECT / "vzpkg")], env=self.env, check=False)
         self.template = template
         self.vzctl = vzctl_cmd()
+        if server:
+            run([*self.vzctl, "server", "start", "-q"], env=self.env)
         self.n = 0
         # warm up: unpack the template and compile the init (not timed)
         # (VEIDs differ between the runners: cgroup names are host-wide)
-        self.prefix = "b" if name == "vzpkg" else "s"
+        self.prefix = {"vzpkg": "b", "vzpkg-server": "c", "vzpkg-overlay-server": "d"}.get(name, "s")
         warm = f"{self.prefix}warm"
         run([*self.vzctl, "create", warm, "--ostemplate", template, *create_opts, "-q"], env=self.env)
         run([*self.vzctl, "start", warm, "-q"], env=self.env)
@@ -171,6 +184,8 @@ class Vzpkg:
                 ve.destroy(lay, veid, force=True)
             except Exception:
                 pass
+        if self.server:
+            run([*self.vzctl, "server", "stop", "-q"], env=self.env, check=False)
 
 
 class Api:
@@ -336,7 +351,7 @@ def issue13_targets(results: dict) -> list[str]:
             lines.append(f"target {case} {op} <= {limit:g}x LXC: {r:.2f}x ({c[op]['median']:.1f} / "
                          f"{lxc[op]['median']:.1f} ms) {'met' if r <= limit else 'NOT met'}")
 
-    for case in ("vzpkg", "vzpkg-overlay"):
+    for case in ("vzpkg", "vzpkg-overlay", "vzpkg-server", "vzpkg-overlay-server"):
         for op in ("create", "start", "stop"):
             ratio(case, op, 2.0)
     for case in ("api", "api-overlay"):
@@ -358,7 +373,7 @@ def main() -> int:
     ap.add_argument("--idle", type=int, default=100, help="VEs for the idle memory figure (0 to skip)")
     ap.add_argument("--cache-dir", default=os.environ.get("VZPKG_CACHE_DIR", "/var/tmp/vzpkg-test-cache"))
     ap.add_argument("--template", default="debian-12-x86_64")
-    ap.add_argument("--cases", default="vzpkg,vzpkg-shared,vzpkg-overlay,api,api-overlay,api-noserver,floor,lxc,podman,"
+    ap.add_argument("--cases", default="vzpkg,vzpkg-shared,vzpkg-overlay,vzpkg-server,vzpkg-overlay-server,api,api-overlay,api-noserver,floor,lxc,podman,"
                                        "parallel")
     ap.add_argument("--parallel", type=int, default=100, help="VEs of the parallel case")
     ap.add_argument("--workers", type=int, default=8, help="processes of the parallel case")
@@ -383,6 +398,11 @@ def main() -> int:
         if "vzpkg-overlay" in cases:  # the default sample has disk limits: image layout; this one has none
             runners.append(Vzpkg(work, Path(args.cache_dir), args.template, name="vzpkg-overlay",
                                  create_opts=("--layout", "overlay")))
+        if "vzpkg-server" in cases:  # the same commands through the C front end and a resident `vzctl server`
+            runners.append(Vzpkg(work, Path(args.cache_dir), args.template, name="vzpkg-server", server=True))
+        if "vzpkg-overlay-server" in cases:
+            runners.append(Vzpkg(work, Path(args.cache_dir), args.template, name="vzpkg-overlay-server",
+                                 create_opts=("--layout", "overlay"), server=True))
         if "api" in cases:
             runners.append(Api(work, Path(args.cache_dir), args.template))
         if "api-overlay" in cases:

@@ -262,3 +262,9 @@ class LazyRestoreUnavailableError(VEError):
     """`--lazy` (post-copy restore with userfaultfd) cannot work here; nothing was changed."""
 
     exit_code = 67
+
+
+class ServerLostError(VEError):
+    """The resident vzctl server stopped while it ran a command (the C front end reports it: client/vzctl.c)."""
+
+    exit_code = 68

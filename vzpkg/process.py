@@ -277,3 +277,19 @@ def spawn(
                     pipe.close()
                 except BrokenPipeError:
                     pass
+
+
+def start_daemon(cmd: Sequence[str | os.PathLike[str]], log: str | os.PathLike[str], *,
+                 error: type[VzError] = VzError, what: str | None = None) -> int:
+    """Start CMD to outlive us (a resident server): a session of its own, no parent-death signal, stdin from
+    /dev/null, stdout and stderr appended to LOG. Returns its pid; the caller checks that it came up (a
+    short-lived caller such as `vzctl server start` exits at once and leaves it to init)."""
+    argv = [os.fspath(c) for c in cmd]
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        return subprocess.Popen(argv, stdin=DEVNULL, stdout=fd, stderr=fd, close_fds=True,
+                                start_new_session=True).pid
+    except OSError as e:
+        raise error(f"{what or describe(argv)}: cannot run {argv[0]}: {e.strerror}") from e
+    finally:
+        os.close(fd)

@@ -112,6 +112,11 @@ TABLE: dict[str, dict] = {
         "--remote-vzctl": {"help": "the vzctl command on DEST (shell words; default $VZ_REMOTE_VZCTL, else this "
                                    "vzctl's path); ssh options: $VZ_SSH_OPTS"},
     }},
+    "server": {"help": "the resident vzctl server (faster commands): start, stop, status, run", "veid": False,
+               "args": ("action",), "opts": {
+        "--idle-timeout": {"type": "timeout", "help": "start/run: stop after this many idle seconds, 0..3600"},
+        "--json": {"flag": True},
+    }},
     "migrate-receive": {"help": "(internal) the receiving end of a migration, run by the source's vzctl", "opts": {
         "--query": {"flag": True, "help": "print running, stopped or absent (after any half-done receive is undone)"},
     }},
@@ -475,6 +480,10 @@ def run(argv: list[str]) -> int:
         from . import vzctl_more
 
         vzctl_more._storage(layout, args)
+    elif cmd == "server":
+        from . import vzctl_more
+
+        return vzctl_more._server(args)
     elif cmd == "destroy":
         ve.destroy(layout, args.veid, force=args.force)
         _say(args, f"VE {args.veid} destroyed")

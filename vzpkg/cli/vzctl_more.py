@@ -131,3 +131,35 @@ def _criu_commands(args, layout) -> int:
             return 0
         return migrate_agent.main(layout, args.veid)
     return 0
+
+
+def _server(args) -> int:
+    """`vzctl server start|stop|status|run [--idle-timeout S] [--json]` (vzpkg/cli/server.py)."""
+    from vzpkg.cli import server_control as server
+    from vzpkg.errors import UsageError
+
+    sock = server.socket_path()
+    idle = args.idle_timeout or None
+    if args.action == "run":
+        server.exec_server(sock, idle)  # in the foreground, as this process (never returns)
+    if args.action == "start":
+        pid, started = server.start(sock, idle)
+        result = {"pid": pid, "socket": str(sock), "started": started}
+        text = f"vzctl server {'started' if started else 'already running'} (pid {pid}, socket {sock})"
+    elif args.action == "stop":
+        pid = server.stop(sock)
+        result = {"pid": pid, "socket": str(sock), "stopped": pid is not None}
+        text = f"vzctl server stopped (pid {pid})" if pid else "vzctl server was not running"
+    elif args.action == "status":
+        result = server.status(sock)
+        text = (f"vzctl server running (pid {result['pid']}, socket {sock})" if result["running"]
+                else f"vzctl server not running (socket {sock})")
+    else:
+        raise UsageError(f"vzctl server {args.action}: unknown action; use start, stop, status or run")
+    if args.json:
+        import json
+
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        _say(args, text)
+    return 0

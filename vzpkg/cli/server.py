@@ -1,0 +1,398 @@
+"""The resident vzctl server: vzctl commands without an interpreter start each (issue 13).
+
+A `vzctl` command costs ~7 ms of Python start-up and ~15 ms of imports before it does any work, more than LXC
+takes for a whole `lxc-copy` or `lxc-stop`. This server imports vzctl once and, for each command a client hands
+it, forks a child that runs exactly what `vzctl ARGS` would run — with the client's standard input, output and
+error, working directory, environment and umask (passed over a Unix socket, the descriptors as SCM_RIGHTS) —
+and reports the child's wait status back. The client is `client/vzctl.c`, installed by `make setup` as
+`.venv/bin/vzctl`; it runs the Python vzctl itself when no server answers, so the server is an accelerator and
+never a requirement. Started with `vzctl server start` (or `run` under a service manager), stopped with
+`vzctl server stop`.
+
+Protocol (one connection per command; integers little-endian u32):
+  client -> server  u32 length, then `length` bytes: b"VZC1", umask, argc, envc, argc + envc NUL-terminated
+                    strings; with the first bytes, SCM_RIGHTS carrying stdin, stdout, stderr and the working
+                    directory (an O_PATH descriptor).
+  server -> client  b"P" + pid: the command runs as pid (the client forwards its signals to it), then
+                    b"X" + wait status (as waitpid(2) gives it); or b"S" + 0: not served (not root, the
+                    server is draining or its code changed): the client runs the command itself.
+A client that goes away before its command ends takes it along (SIGKILL), as a killed vzctl would.
+
+Only root's commands are served (SO_PEERCRED): vzctl needs root, and a non-root caller gets vzctl's own error
+from the fallback. When the installed code changes (any module's mtime), the server stops taking commands,
+waits for those running, and re-executes itself, so it never runs code older than what is installed.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+from vzpkg.cli.server_control import PACKAGE, default_socket, lock_path, pid_path, prepare_run_dir, socket_path
+from vzpkg.errors import UsageError, VEError
+
+MAGIC = b"VZC1"
+MAX_REQUEST = 4 << 20  # argv + environment; Linux's own limit for both is smaller
+PASSED_FDS = 4  # stdin, stdout, stderr, working directory
+
+# What commands import, imported once here: the whole runtime (each command imports its part lazily, on purpose:
+# that keeps a plain `vzctl` quick; here the imports are paid once) and the modules they load on first use.
+PRELOAD_PACKAGES = ("vzpkg.runtime", "vzpkg.runtime.backends", "vzpkg.runtime.cgroups")
+PRELOAD = ("argparse", "json", "atexit", "encodings.unicode_escape", "vzpkg.cli.vzctl", "vzpkg.cli.vzctl_more",
+           "vzpkg.cli.plain", "vzpkg.config", "vzpkg.space", "vzpkg.safeio", "vzpkg.manifest", "vzpkg.process")
+
+
+def _code_stamp() -> tuple[tuple[str, int], ...]:
+    """Every module file and directory of the package with its mtime: a change (an edit, a new file, a
+    reinstall) is a different stamp."""
+    stamp = []
+    for top, dirs, files in os.walk(PACKAGE):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        stamp.append((top, os.stat(top).st_mtime_ns))
+        stamp.extend((f"{top}/{f}", os.stat(f"{top}/{f}").st_mtime_ns) for f in sorted(files) if f.endswith(".py"))
+    return tuple(stamp)
+
+
+class _Stamp:
+    """The code stamp, re-read at most every CHECK_EVERY seconds (a walk of the package is ~1 ms)."""
+
+    CHECK_EVERY = 0.5
+
+    def __init__(self) -> None:
+        self.value = _code_stamp()
+        self.checked = time.monotonic()
+
+    def changed(self) -> bool:
+        now = time.monotonic()
+        if now - self.checked < self.CHECK_EVERY:
+            return False
+        self.checked = now
+        try:
+            return _code_stamp() != self.value
+        except OSError:  # a file went away half-way through the walk: a change
+            return True
+
+
+def _decode_request(data: bytes) -> tuple[int, list[str], dict[str, str]]:
+    """(umask, argv, environment) of a request body; ValueError when it is malformed."""
+    if len(data) < 16 or data[:4] != MAGIC:
+        raise ValueError("not a vzctl request")
+    umask, argc, envc = struct.unpack_from("<III", data, 4)
+    strings = data[16:].split(b"\0")
+    if strings[-1] != b"" or len(strings) - 1 != argc + envc or umask > 0o777:
+        raise ValueError("malformed vzctl request")
+    argv = [os.fsdecode(s) for s in strings[:argc]]
+    env = {}
+    for item in strings[argc:argc + envc]:
+        key, eq, value = item.partition(b"=")
+        if eq and key:
+            env[os.fsdecode(key)] = os.fsdecode(value)
+    return umask, argv, env
+
+
+def _recv_request(conn: socket.socket) -> tuple[int, list[str], dict[str, str], list[int]]:
+    """Read one request; returns it with the passed descriptors (closed here if the request is bad)."""
+    fds = array.array("i")
+    head, ancdata, _flags, _addr = conn.recvmsg(4, socket.CMSG_SPACE(PASSED_FDS * fds.itemsize))
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    try:
+        if not head and not fds:
+            raise EOFError  # a probe (vzctl server start checks that the socket answers): nothing to say
+        if len(fds) != PASSED_FDS or len(head) != 4:
+            raise ValueError("a request must pass 4 descriptors")
+        (length,) = struct.unpack("<I", head)
+        if length > MAX_REQUEST:
+            raise ValueError("request too large")
+        body = bytearray()
+        while len(body) < length:
+            chunk = conn.recv(length - len(body))
+            if not chunk:
+                raise ValueError("truncated request")
+            body += chunk
+        umask, argv, env = _decode_request(bytes(body))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return umask, argv, env, list(fds)
+
+
+def _reopen_stdio() -> None:
+    """sys.stdin/stdout/stderr anew over fds 0-2 (now the client's), buffered as Python buffers them at
+    start-up: line by line on a terminal, in blocks otherwise; standard error always line by line."""
+    enc = sys.stdout.encoding if sys.stdout else "utf-8"
+    sys.stdin = sys.__stdin__ = open(0, encoding=enc, closefd=False)  # noqa: SIM115
+    sys.stdout = sys.__stdout__ = open(1, "w", encoding=enc, closefd=False,  # noqa: SIM115
+                                       buffering=1 if os.isatty(1) else -1)
+    sys.stderr = sys.__stderr__ = open(2, "w", encoding=enc, errors="backslashreplace",  # noqa: SIM115
+                                       closefd=False, buffering=1)
+
+
+def _run_command(umask: int, argv: list[str], env: dict[str, str], fds: list[int]) -> None:
+    """In the forked child: become the client's `vzctl ARGV`, run it, exit with its status. Never returns."""
+    code = 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.setsid()  # its own session and process group, like a command started from a shell
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target, inheritable=True)
+        os.fchdir(fds[3])
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        os.umask(umask)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = ["vzctl", *argv]
+        _reopen_stdio()
+        from vzpkg.cli.vzctl import main
+
+        main(argv)  # exits through SystemExit with the command's status
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException as e:  # the set-up failed: one line, as vzctl would say it
+        try:
+            os.write(2, f"vzctl: error: {e}\n".encode())
+        except OSError:
+            pass
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code & 0xFF)
+
+
+class Server:
+    """One listening socket, a fork per command, one thread: the loop waits on the socket, each client's
+    connection (its hang-up) and each command's pidfd (its exit)."""
+
+    def __init__(self, sock_path: Path, listener: socket.socket, idle_timeout: float | None = None) -> None:
+        self.path = sock_path
+        self.listener = listener
+        self.idle_timeout = idle_timeout
+        self.selector = selectors.DefaultSelector()
+        self.running: dict[int, tuple[socket.socket, int]] = {}  # pid -> (connection, pidfd)
+        self.stamp = _Stamp()
+        self.draining = False  # the code changed: serve nothing more, re-execute once the running ones end
+        self.stopping = False
+        self.served = 0
+        self.last_active = time.monotonic()
+
+    def serve(self) -> str:
+        """Serve until stopped ("stop") or until the code changed and nothing runs ("reexec")."""
+        self.listener.setblocking(False)
+        self.selector.register(self.listener, selectors.EVENT_READ, ("accept", None))
+        while True:
+            if self.draining and not self.running:
+                return "reexec"
+            if self.stopping and not self.running:
+                return "stop"
+            timeout = 1.0 if self.idle_timeout is None else max(0.1, min(1.0, self.idle_timeout))
+            for key, _ in self.selector.select(timeout):
+                kind, pid = key.data
+                if kind == "accept":
+                    self._accept()
+                elif kind == "exit":
+                    self._reap(pid)
+                elif kind == "hangup":
+                    self._hangup(pid)
+            if self.idle_timeout and not self.running and time.monotonic() - self.last_active > self.idle_timeout:
+                self.stopping = True
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        self.last_active = time.monotonic()
+        conn.setblocking(True)
+        conn.settimeout(5.0)  # a client that connects and sends nothing does not hold the loop
+        try:
+            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[2]
+            if uid == 0 and not (self.draining or self.stopping) and self.stamp.changed():
+                self.draining = True  # serve nothing more; re-executed once the running commands end
+            if uid != 0 or self.draining or self.stopping:
+                conn.sendall(b"S" + struct.pack("<I", 0))
+                conn.close()
+                return
+            umask, argv, env, fds = _recv_request(conn)
+        except EOFError:
+            conn.close()
+            return
+        except (OSError, ValueError) as e:
+            _log(f"request refused: {e}")
+            conn.close()
+            return
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            _run_command(umask, argv, env, fds)
+        for fd in fds:
+            os.close(fd)
+        self.served += 1
+        try:
+            pidfd = os.pidfd_open(pid)
+            conn.sendall(b"P" + struct.pack("<I", pid))
+        except OSError:  # the client is gone already: the command goes with it
+            _kill(pid)
+            os.waitpid(pid, 0)
+            conn.close()
+            return
+        self.running[pid] = (conn, pidfd)
+        self.selector.register(pidfd, selectors.EVENT_READ, ("exit", pid))
+        self.selector.register(conn, selectors.EVENT_READ, ("hangup", pid))
+
+    def _reap(self, pid: int) -> None:
+        conn, pidfd = self.running.pop(pid)
+        self.selector.unregister(pidfd)
+        self.selector.unregister(conn)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        try:
+            conn.sendall(b"X" + struct.pack("<I", status & 0xFFFFFFFF))
+        except OSError:
+            pass
+        conn.close()
+        self.last_active = time.monotonic()
+
+    def _hangup(self, pid: int) -> None:
+        """The client's connection is readable: it went away (it sends nothing after its request)."""
+        conn = self.running[pid][0]
+        try:
+            data = conn.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            return
+        self.selector.unregister(conn)
+        _kill(pid)  # then its pidfd reports the exit and _reap collects it
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _log(text: str) -> None:
+    try:
+        print(f"vzctl server[{os.getpid()}] {time.strftime('%Y-%m-%d %H:%M:%S')}: {text}", file=sys.stderr,
+              flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _preload() -> None:
+    import importlib
+    import pkgutil
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    for package in PRELOAD_PACKAGES:
+        for info in pkgutil.iter_modules(importlib.import_module(package).__path__, package + "."):
+            try:
+                importlib.import_module(info.name)
+            except Exception as e:  # a module a command would fail to import too: it fails there, with its error
+                _log(f"not preloaded: {info.name}: {e}")
+
+
+def run(sock: Path, idle_timeout: float | None = None, listen_fd: int | None = None,
+        lock_fd: int | None = None) -> int:
+    """Serve on SOCK in the foreground until SIGTERM/SIGINT (or IDLE_TIMEOUT seconds without a command).
+    LISTEN_FD and LOCK_FD: the socket and the held lock of the server this one re-executes."""
+    prepare_run_dir(sock)
+    if listen_fd is None or lock_fd is None:
+        lock = os.open(lock_path(sock), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VEError(f"vzctl server: another server serves {sock} (see vzctl server status)") from None
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.unlink()  # a socket a killed server left (we hold the lock: nobody serves it)
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o077)
+        try:
+            listener.bind(os.fspath(sock))
+        finally:
+            os.umask(old)
+        listener.listen(128)
+    else:  # re-executed after a code change: the lock is still held (the same open file), the socket stays open
+        lock = lock_fd
+        listener = socket.socket(fileno=listen_fd)
+        os.set_inheritable(listen_fd, False)
+        os.set_inheritable(lock_fd, False)
+    Path(pid_path(sock)).write_text(f"{os.getpid()}\n")
+    _preload()
+    import gc
+
+    # what is loaded now is never collected: keeps the garbage collector of each forked command from walking
+    # (and so copying, page by page) every object of the server
+    gc.collect()
+    gc.freeze()
+
+    def _stop(_signum: int, _frame: object) -> None:
+        server.stopping = True
+
+    server = Server(sock, listener, idle_timeout)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _log(f"serving {sock}" + (" (re-executed: the code changed)" if listen_fd is not None else ""))
+    outcome = server.serve()
+    if outcome == "reexec":
+        _log("the installed code changed: re-executing")
+        os.set_inheritable(listener.fileno(), True)
+        os.set_inheritable(lock, True)
+        args = [sys.executable, "-m", "vzpkg.cli.server", "run", "--socket", os.fspath(sock),
+                "--listen-fd", str(listener.fileno()), "--lock-fd", str(lock)]
+        if idle_timeout:
+            args += ["--idle-timeout", str(idle_timeout)]
+        os.execv(sys.executable, args)
+    for path in (sock, pid_path(sock)):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    _log(f"stopped after {server.served} commands")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vzpkg.cli.server", description=__doc__.split("\n")[0])
+    ap.add_argument("action", choices=("run", "print-socket"))
+    ap.add_argument("--socket", type=Path, default=None)
+    ap.add_argument("--idle-timeout", type=float, default=None)
+    ap.add_argument("--listen-fd", type=int, default=None)
+    ap.add_argument("--lock-fd", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.action == "print-socket":
+        print(default_socket())
+        return 0
+    try:
+        return run(args.socket or socket_path(), args.idle_timeout, args.listen_fd, args.lock_fd)
+    except (VEError, UsageError) as e:
+        print(f"vzctl: error: {e.message}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
