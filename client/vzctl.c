@@ -124,7 +124,7 @@ static void forward(int sig)
 /* Send the request; 0 on success. */
 static int send_request(int sock, int argc, char **argv)
 {
-    size_t envc = 0, len = 4 + 16;
+    size_t envc = 0, len = 4 + 24;
     for (int i = 1; i < argc; i++)
         len += strlen(argv[i]) + 1;
     for (char **e = environ; *e; e++, envc++)
@@ -137,9 +137,17 @@ static int send_request(int sock, int argc, char **argv)
     put_u32(buf, (uint32_t)(len - 4));
     memcpy(buf + 4, "VZC1", 4);
     put_u32(buf + 8, (uint32_t)mask);
-    put_u32(buf + 12, (uint32_t)(argc - 1));
-    put_u32(buf + 16, (uint32_t)envc);
-    char *p = buf + 20;
+    uint64_t ignored = 0; /* what a Python vzctl started from here would find ignored (a shell's `cmd &`) */
+    for (int sig = 1; sig <= 64; sig++) {
+        struct sigaction sa;
+        if (sig != SIGKILL && sig != SIGSTOP && sigaction(sig, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN)
+            ignored |= (uint64_t)1 << (sig - 1);
+    }
+    put_u32(buf + 12, (uint32_t)ignored);
+    put_u32(buf + 16, (uint32_t)(ignored >> 32));
+    put_u32(buf + 20, (uint32_t)(argc - 1));
+    put_u32(buf + 24, (uint32_t)envc);
+    char *p = buf + 28;
     for (int i = 1; i < argc; i++)
         p = stpcpy(p, argv[i]) + 1;
     for (char **e = environ; *e; e++)
@@ -208,6 +216,8 @@ int main(int argc, char **argv)
         run_directly(argc, argv);
     }
     command_pid = (pid_t)get_u32(reply + 1);
+    /* all of them, also those ignored here: the command's vzctl has them ignored too (the request says so)
+     * until it installs its own handlers, as a Python vzctl started from here would */
     struct sigaction sa = {.sa_handler = forward, .sa_flags = SA_RESTART};
     sigemptyset(&sa.sa_mask);
     for (size_t i = 0; i < sizeof(forwarded) / sizeof(*forwarded); i++)

@@ -10,8 +10,9 @@ never a requirement. Started with `vzctl server start` (or `run` under a service
 `vzctl server stop`.
 
 Protocol (one connection per command; integers little-endian u32):
-  client -> server  u32 length, then `length` bytes: b"VZC1", umask, argc, envc, argc + envc NUL-terminated
-                    strings; with the first bytes, SCM_RIGHTS carrying stdin, stdout, stderr and the working
+  client -> server  u32 length, then `length` bytes: b"VZC1", umask, ignored signals (u64: bit N-1 set when
+                    signal N is ignored, which the command then inherits, as from a shell's `&`), argc, envc,
+                    argc + envc NUL-terminated strings; with the first bytes, SCM_RIGHTS carrying stdin, stdout, stderr and the working
                     directory (an O_PATH descriptor).
   server -> client  b"P" + pid: the command runs as pid (the client forwards its signals to it), then
                     b"X" + wait status (as waitpid(2) gives it); or b"S" + 0: not served (not root, the
@@ -35,6 +36,7 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from vzpkg.cli.server_control import PACKAGE, default_socket, lock_path, pid_path, prepare_run_dir, socket_path
 from vzpkg.errors import UsageError, VEError
@@ -81,12 +83,19 @@ class _Stamp:
             return True
 
 
-def _decode_request(data: bytes) -> tuple[int, list[str], dict[str, str]]:
-    """(umask, argv, environment) of a request body; ValueError when it is malformed."""
-    if len(data) < 16 or data[:4] != MAGIC:
+class Request(NamedTuple):
+    umask: int
+    ignored: list[int]  # signals the client ignores
+    argv: list[str]
+    env: dict[str, str]
+
+
+def decode_request(data: bytes) -> Request:
+    """A request's body (after its length); ValueError when it is malformed."""
+    if len(data) < 24 or data[:4] != MAGIC:
         raise ValueError("not a vzctl request")
-    umask, argc, envc = struct.unpack_from("<III", data, 4)
-    strings = data[16:].split(b"\0")
+    umask, ignored, argc, envc = struct.unpack_from("<IQII", data, 4)
+    strings = data[24:].split(b"\0")
     if strings[-1] != b"" or len(strings) - 1 != argc + envc or umask > 0o777:
         raise ValueError("malformed vzctl request")
     argv = [os.fsdecode(s) for s in strings[:argc]]
@@ -95,10 +104,11 @@ def _decode_request(data: bytes) -> tuple[int, list[str], dict[str, str]]:
         key, eq, value = item.partition(b"=")
         if eq and key:
             env[os.fsdecode(key)] = os.fsdecode(value)
-    return umask, argv, env
+    catchable = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+    return Request(umask, [n for n in range(1, 65) if ignored >> (n - 1) & 1 and n in catchable], argv, env)
 
 
-def _recv_request(conn: socket.socket) -> tuple[int, list[str], dict[str, str], list[int]]:
+def _recv_request(conn: socket.socket) -> tuple[Request, list[int]]:
     """Read one request; returns it with the passed descriptors (closed here if the request is bad)."""
     fds = array.array("i")
     head, ancdata, _flags, _addr = conn.recvmsg(4, socket.CMSG_SPACE(PASSED_FDS * fds.itemsize))
@@ -119,12 +129,12 @@ def _recv_request(conn: socket.socket) -> tuple[int, list[str], dict[str, str], 
             if not chunk:
                 raise ValueError("truncated request")
             body += chunk
-        umask, argv, env = _decode_request(bytes(body))
+        request = decode_request(bytes(body))
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    return umask, argv, env, list(fds)
+    return request, list(fds)
 
 
 def _reopen_stdio() -> None:
@@ -138,26 +148,28 @@ def _reopen_stdio() -> None:
                                        closefd=False, buffering=1)
 
 
-def _run_command(umask: int, argv: list[str], env: dict[str, str], fds: list[int]) -> None:
+def _run_command(request: Request, fds: list[int]) -> None:
     """In the forked child: become the client's `vzctl ARGV`, run it, exit with its status. Never returns."""
     code = 1
     try:
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in request.ignored:  # as a Python vzctl started by the client would have found them
+            signal.signal(sig, signal.SIG_IGN)
         os.setsid()  # its own session and process group, like a command started from a shell
         for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target, inheritable=True)
         os.fchdir(fds[3])
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-        os.umask(umask)
+        os.umask(request.umask)
         os.environ.clear()
-        os.environ.update(env)
-        sys.argv = ["vzctl", *argv]
+        os.environ.update(request.env)
+        sys.argv = ["vzctl", *request.argv]
         _reopen_stdio()
         from vzpkg.cli.vzctl import main
 
-        main(argv)  # exits through SystemExit with the command's status
+        main(request.argv)  # exits through SystemExit with the command's status
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException as e:  # the set-up failed: one line, as vzctl would say it
@@ -202,12 +214,17 @@ class Server:
             timeout = 1.0 if self.idle_timeout is None else max(0.1, min(1.0, self.idle_timeout))
             for key, _ in self.selector.select(timeout):
                 kind, pid = key.data
-                if kind == "accept":
-                    self._accept()
-                elif kind == "exit":
-                    self._reap(pid)
-                elif kind == "hangup":
-                    self._hangup(pid)
+                try:
+                    if kind == "accept":
+                        self._accept()
+                    elif kind == "exit":
+                        self._reap(pid)
+                    elif kind == "hangup":
+                        self._hangup(pid)
+                except Exception as e:  # a bug: logged; the server goes on serving the other commands
+                    import traceback
+
+                    _log(f"internal error ({kind}): {type(e).__name__}: {e}\n{traceback.format_exc()}")
             if self.idle_timeout and not self.running and time.monotonic() - self.last_active > self.idle_timeout:
                 self.stopping = True
 
@@ -227,7 +244,7 @@ class Server:
                 conn.sendall(b"S" + struct.pack("<I", 0))
                 conn.close()
                 return
-            umask, argv, env, fds = _recv_request(conn)
+            request, fds = _recv_request(conn)
         except EOFError:
             conn.close()
             return
@@ -238,7 +255,7 @@ class Server:
         pid = os.fork()
         if pid == 0:
             conn.close()
-            _run_command(umask, argv, env, fds)
+            _run_command(request, fds)
         for fd in fds:
             os.close(fd)
         self.served += 1
@@ -257,7 +274,8 @@ class Server:
     def _reap(self, pid: int) -> None:
         conn, pidfd = self.running.pop(pid)
         self.selector.unregister(pidfd)
-        self.selector.unregister(conn)
+        if conn.fileno() in self.selector.get_map():  # (not if _hangup took it off already)
+            self.selector.unregister(conn)
         os.close(pidfd)
         _, status = os.waitpid(pid, 0)
         try:

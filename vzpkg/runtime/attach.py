@@ -183,12 +183,17 @@ def _enter_namespaces(layout: Layout, veid: str, oom: list | None = None):
     return rec
 
 
-def _forward_signals(pid: int) -> None:
+def _forward_signals(pid: int, *, group: bool = False) -> None:
+    """Pass our interrupts on to PID, or to its whole process group when it leads one of its own (a shell's
+    children get them too, as from a terminal: `vzctl exec VE 'sleep 60'` stops on Ctrl-C)."""
     def fwd(sig, _frame):
         try:
-            os.kill(pid, sig)
+            os.kill(-pid if group else pid, sig)
         except ProcessLookupError:
-            pass
+            try:
+                os.kill(pid, sig)  # (its setsid has not run yet)
+            except ProcessLookupError:
+                pass
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(s, fwd)
@@ -221,11 +226,12 @@ def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] |
         environ.update(env)
     sys.stdout.flush()
     sys.stderr.flush()
+    own_session = not os.isatty(0)
     pid = _fork_in_ve(veid, repr(' '.join(argv)))
     if pid == 0:
         try:
             os.closerange(3, 1 << 20)
-            if not os.isatty(0):
+            if own_session:
                 # a session of its own inside the VE: what it leaves running (`vzctl exec VE 'srv &'`) must not
                 # belong to a session whose leader is outside the VE, which CRIU cannot dump (vzctl chkpnt);
                 # signals reach it through _forward_signals, not the terminal
@@ -235,7 +241,7 @@ def exec_in(layout: Layout, veid: str, argv: list[str], *, env: dict[str, str] |
         except BaseException as e:  # the set-up before the exec failed
             os.write(2, f"vzctl exec: {argv[0]}: {e}\n".encode())
             os._exit(126)
-    _forward_signals(pid)
+    _forward_signals(pid, group=own_session)
     while True:
         try:
             _, status = os.waitpid(pid, 0)

@@ -1,0 +1,329 @@
+"""The resident vzctl server and its C front end (vzpkg/cli/server.py, client/vzctl.c): commands through them
+behave exactly as the Python vzctl run directly (output, errors, exit codes, standard input, signals), a killed
+client or server leaves nothing running that should not, bad requests do not stop it, code changes are picked up.
+
+Each test gets its own server on a socket in a temporary directory ($VZCTL_SERVER_SOCKET), and the front end is
+built from client/vzctl.c for the session, so neither a server the user runs nor an old build is tested."""
+
+from __future__ import annotations
+
+import array
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import PROJECT, VZCTL, Runtime
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds the vzctl front end")
+
+
+@pytest.fixture(scope="session")
+def front_end(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("client") / "vzctl"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(PROJECT / "client/vzctl.c"),
+                    '-DVZCTL_SOCKET="/nonexistent/vzctl.sock"', f'-DVZCTL_PYTHON="{sys.executable}"'],
+                   check=True, capture_output=True, text=True)
+    return out
+
+
+class Server:
+    def __init__(self, sock: Path, env: dict[str, str]) -> None:
+        self.sock = sock
+        self.log = sock.with_suffix(".test-log")
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "vzpkg.cli.server", "run", "--socket", str(self.sock)],
+                                         env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/")
+        deadline = time.monotonic() + 20
+        while "serving" not in self.log_text():
+            assert self.proc.poll() is None, self.log_text()
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def children(self) -> list[int]:
+        assert self.proc is not None
+        text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return [int(x) for x in text.split()]
+
+    def stop(self) -> int:
+        """Stop it; the number of commands it served (since its last re-execution)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        m = re.findall(r"stopped after (\d+) commands", self.log_text())
+        assert m, self.log_text()
+        return int(m[-1])
+
+
+@pytest.fixture
+def server(tmp_path, rt: Runtime):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    srv = Server(run_dir / "vzctl.sock", rt.env)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        if srv.proc and srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+
+
+def through(front_end: Path, server: Server, rt: Runtime, *args: str, input: str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**(env or rt.env), "VZCTL_SERVER_SOCKET": str(server.sock)}
+    return subprocess.run([str(front_end), *args], env=env, capture_output=True, text=True, input=input,
+                          timeout=60, cwd=PROJECT)
+
+
+def direct(rt: Runtime, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VZCTL, *args], env=rt.env, capture_output=True, text=True, input=input, timeout=60,
+                          cwd=PROJECT)
+
+
+def same(a: subprocess.CompletedProcess[str], b: subprocess.CompletedProcess[str]) -> tuple:
+    """What must agree: exit status, standard output and error (pids, which differ, masked)."""
+    def norm(t: str) -> str:
+        return re.sub(r"pid \d+", "pid N", t)
+
+    return (a.returncode, norm(a.stdout), norm(a.stderr)), (b.returncode, norm(b.stdout), norm(b.stderr))
+
+
+def test_commands_through_the_server_behave_as_the_python_vzctl(front_end, server, rt):
+    one, two = rt.new_id(), rt.new_id()
+    rt.created += [one, two]
+    steps = [
+        ("create", "{v}", "--ostemplate", rt.template, "--layout", "overlay"),
+        ("create", "{v}", "--ostemplate", rt.template),  # exists: an error and its code
+        ("create", "{v}x", "--ostemplate", "no-such-template"),
+        ("start", "{v}"),
+        ("start", "{v}"),
+        ("exec", "{v}", "echo out; echo err >&2; exit 3"),
+        ("exec", "{v}", "/bin/cat"),  # standard input reaches the command
+        ("exec", "{v}", "pwd"),
+        ("status", "{v}"),
+        ("set", "{v}", "--ram", "256M", "--save"),
+        ("set", "{v}", "--ram", "lots"),
+        ("set", "{v}"),
+        ("frobnicate", "{v}"),
+        ("status", "bad/id"),
+        ("stop", "{v}"),
+        ("stop", "{v}"),
+        ("exec", "{v}", "true"),
+        ("destroy", "{v}"),
+        ("destroy", "{v}"),
+    ]
+    served = 0
+    for step in steps:
+        a = through(front_end, server, rt, *(x.format(v=one) for x in step), input="piped\n")
+        served += 1
+        b = direct(rt, *(x.format(v=two) for x in step), input="piped\n")
+        ta, tb = same(a, b)
+        assert ta == (tb[0], tb[1].replace(two, one), tb[2].replace(two, one)), step
+    assert served == server.stop()  # every command above ran in the server, none fell back
+
+
+def test_interrupt_reaches_the_command_and_a_killed_client_takes_it_along(front_end, server, rt):
+    veid = rt.create("--layout", "overlay")
+    # through a shell: the interrupt must reach the shell's child too (the command's process group)
+    p = subprocess.Popen([str(front_end), "exec", veid, "sleep 60"], env={**rt.env, "VZCTL_SERVER_SOCKET":
+                         str(server.sock)}, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    _wait_for(lambda: server.children())
+    time.sleep(0.3)  # the command is running in the VE
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 130, err  # as `vzctl exec` run directly: the command died of SIGINT
+    _wait_for(lambda: not server.children())
+
+    p = subprocess.Popen([str(front_end), "exec", veid, "sleep 60"], env={**rt.env, "VZCTL_SERVER_SOCKET":
+                         str(server.sock)}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    _wait_for(lambda: server.children())
+    handler = server.children()[0]
+    p.kill()
+    p.wait()
+    _wait_for(lambda: not Path(f"/proc/{handler}").exists())  # the command's vzctl went with its client
+    assert server.proc.poll() is None
+    rt.vzctl("exec", veid, "pkill sleep || true")
+
+
+def test_ignored_signals_are_inherited_as_from_a_shell(front_end, server, rt):
+    """A command started with signals ignored (`cmd &` in a script, nohup) passes that on to what it runs."""
+    veid = rt.create("--layout", "overlay")
+
+    def ignore() -> None:
+        for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+
+    cmd = ["exec", veid, "grep", "SigIgn", "/proc/self/status"]
+    a = subprocess.run([str(front_end), *cmd], env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)},
+                       preexec_fn=ignore, capture_output=True, text=True, timeout=60)
+    b = subprocess.run([*VZCTL, *cmd], env=rt.env, preexec_fn=ignore, capture_output=True, text=True, timeout=60)
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout, (a, b)
+    assert int(a.stdout.split()[1], 16) & (1 << (signal.SIGUSR1 - 1))
+    assert server.stop() == 1
+
+
+def test_a_server_killed_under_a_command_is_one_line_and_exit_68(front_end, server, rt):
+    veid = rt.create("--layout", "overlay")
+    p = subprocess.Popen([str(front_end), "exec", veid, "sleep 2; echo finished"],
+                         env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)}, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: server.children())
+    server.proc.kill()
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 68
+    assert err.count("\n") == 1 and "vzctl server stopped while it ran this command" in err, err
+    # with no server now, the same front end runs commands itself
+    again = through(front_end, server, rt, "status", veid)
+    assert again.returncode == 0 and "running" in again.stdout
+
+
+def test_a_code_change_is_picked_up(front_end, server, rt):
+    first = through(front_end, server, rt, "status", "4711")
+    assert first.returncode == 0
+    module = PROJECT / "vzpkg/cli/server_control.py"
+    st = module.stat()
+    try:
+        os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        time.sleep(0.6)  # the server looks at the code at most twice a second
+        fallback = through(front_end, server, rt, "status", "4711")  # run by the Python vzctl, not the old code
+        assert fallback.returncode == 0 and fallback.stdout == first.stdout
+        _wait_for(lambda: "re-executed" in server.log_text())
+        served = through(front_end, server, rt, "status", "4711")
+        assert served.returncode == 0 and served.stdout == first.stdout
+    finally:
+        os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert server.stop() >= 1  # the new image served the last one (a restored mtime is a change too: >= 1)
+
+
+def _request(argv: list[bytes], env: list[bytes], magic: bytes = b"VZC1") -> bytes:
+    body = magic + struct.pack("<IQII", 0o22, 0, len(argv), len(env)) + b"".join(x + b"\0" for x in argv + env)
+    return struct.pack("<I", len(body)) + body
+
+
+def test_bad_requests_do_not_stop_the_server(front_end, server, rt):
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        fds = array.array("i", [devnull, devnull, devnull, os.open("/", os.O_PATH)])
+        bad = [
+            (b"", None),  # connect and say nothing
+            (b"garbage", None),  # no descriptors
+            (_request([b"status", b"1"], [], magic=b"XXXX"), fds),
+            (struct.pack("<I", 1 << 30), fds),  # a length past the bound
+            (struct.pack("<I", 100) + b"VZC1", fds),  # truncated
+            (_request([b"status"], [b"A=1"])[:-1] + b"x", fds),  # not NUL-terminated
+        ]
+        for data, passed in bad:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(10)
+                s.connect(str(server.sock))
+                if passed is not None:
+                    s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, passed)])
+                elif data:
+                    s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                try:
+                    assert s.recv(16) == b""  # closed, nothing run
+                except ConnectionResetError:
+                    pass  # closed with our bytes unread: the same
+        os.close(fds[3])
+    finally:
+        os.close(devnull)
+    ok = through(front_end, server, rt, "status", "4711")
+    assert ok.returncode == 0 and "deleted" in ok.stdout
+    assert server.stop() == 1
+
+
+def test_parallel_commands(front_end, server, rt):
+    ids = [rt.new_id() for _ in range(6)]
+    rt.created += ids
+    env = {**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)}
+    procs = [subprocess.Popen([str(front_end), "create", v, "--ostemplate", rt.template, "--layout", "overlay", "-q"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in ids]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert all(rc == 0 for rc, _ in results), results
+    procs = [subprocess.Popen([str(front_end), "start", v, "-q"], env=env, stderr=subprocess.PIPE, text=True)
+             for v in ids]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    for v in ids:
+        assert through(front_end, server, rt, "exec", v, "true").returncode == 0
+    assert server.stop() == 18
+
+
+def test_server_management_commands(front_end, rt, tmp_path):
+    run_dir = tmp_path / "srv"
+    run_dir.mkdir(mode=0o700)
+    env = {**rt.env, "VZCTL_SERVER_SOCKET": str(run_dir / "s.sock")}
+
+    def vz(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(front_end), "server", *args], env=env, capture_output=True, text=True, timeout=60)
+
+    import json
+
+    assert json.loads(vz("status", "--json").stdout)["running"] is False
+    started = vz("start")
+    assert started.returncode == 0 and "started" in started.stdout, started.stderr
+    try:
+        st = json.loads(vz("status", "--json").stdout)
+        assert st["running"] and st["pid"] > 0
+        again = vz("start")
+        assert again.returncode == 0 and "already running" in again.stdout
+        served = subprocess.run([str(front_end), "status", "4711"], env=env, capture_output=True, text=True)
+        assert served.returncode == 0
+        assert Path(f"/proc/{st['pid']}").exists()
+    finally:
+        stopped = vz("stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not (run_dir / "s.sock").exists()
+    assert vz("stop").stdout.strip() == "vzctl server was not running"
+    _wait_for(lambda: _gone(st["pid"]))
+
+    # a socket directory others may write to: refused, one line, nothing started
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    bad = subprocess.run([str(front_end), "server", "start"], env={**env, "VZCTL_SERVER_SOCKET":
+                         str(open_dir / "s.sock")}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 30 and bad.stderr.count("\n") == 1 and "writable by root only" in bad.stderr
+    assert list(open_dir.iterdir()) == []
+
+
+def test_terminal_commands_and_unserved_users_fall_back(front_end, server, rt):
+    """`enter` and `server` are never handed to the server; neither is anything with VZCTL_SERVER=0."""
+    off = through(front_end, server, rt, "status", "4711", env={**rt.env, "VZCTL_SERVER": "0"})
+    assert off.returncode == 0
+    missing = through(front_end, server, rt, "enter", "4711")
+    assert missing.returncode == direct(rt, "enter", "4711").returncode == 31
+    assert server.stop() == 0
+
+
+def _gone(pid: int) -> bool:
+    """PID has exited (gone, or a zombie its new parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_for(cond, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
