@@ -213,8 +213,7 @@ class VEFactory:
 WARM_MODES = ("auto", "always", "never")
 # parameters each restored VE gets for itself (restore --hostname/--ipadd), not part of the checkpoint's key
 _OWN_PARAMS = ("hostname", "ipadd")
-# parameters that need a storage layout with a quota (image, btrfs): checkpoints support them now, but the warm
-# path makes overlay VEs only (not yet tried with the others): such VEs are created and started
+# parameters that need a storage layout with a quota (image, btrfs); without them the warm VE is an overlay VE
 _QUOTA_PARAMS = ("diskspace", "diskinodes")
 
 
@@ -236,7 +235,7 @@ class WarmImages:
 
     def wanted(self, params: dict[str, Any]) -> bool:
         mode = self.mode()
-        if mode == "never" or any(params.get(k) for k in _QUOTA_PARAMS):
+        if mode == "never":
             return False
         if mode == "auto" and not (params.get("warmup") or str(params.get("init", "")) == "distro"
                                    or self.config.pluginmanager.hook.pytest_vzpkg_warm_up.get_hookimpls()):
@@ -287,9 +286,10 @@ class WarmImages:
         from vzpkg.api import VE, owner_for
 
         base = {k: v for k, v in params.items() if k not in (*_OWN_PARAMS, "warmup")}
-        # overlay: checkpoints copy the VE's files as a tree (the warm path is not yet tried with image or btrfs)
-        src = VE.create(template=template.name, root=template.root, cache_dir=template.cache_dir,
-                        fs_layout="overlay", **base)
+        # overlay unless a disk limit needs a layout with a quota: each restored VE then gets its own copy of
+        # the checkpoint's image (or btrfs snapshot), with the limit
+        layout = {} if any(params.get(k) for k in _QUOTA_PARAMS) else {"fs_layout": "overlay"}
+        src = VE.create(template=template.name, root=template.root, cache_dir=template.cache_dir, **layout, **base)
         try:
             src.start(exec_server=False)  # (a server's connection to this process is nothing CRIU can dump)
             _warm_up(self.config, src, template, params)

@@ -275,6 +275,50 @@ def test_warm_checkpoint_fixtures(plugin_root, tmp_path):
     assert _leftovers(root) == []
 
 
+LIMITED_SUITE = """
+import pytest
+
+pytestmark = pytest.mark.ve(diskspace="60M:60M", warmup="date +%s%N > /run/stamp")
+
+def _write(ve, mb):
+    return ve.exec(["dd", "if=/dev/zero", "of=/root/fill", "bs=1M", f"count={mb}", "conv=fsync"]).returncode
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_limited(ve, n):
+    stamp = ve.exec(["cat", "/run/stamp"], check=True).stdout.strip()
+    layout = ve.status().layout
+    print("LIMITED", ve.veid, stamp, layout, flush=True)
+    assert layout == "image"
+    assert _write(ve, 80) != 0  # past the hard limit: ENOSPC inside this VE
+    ve.exec(["rm", "-f", "/root/fill"], check=True)
+    assert _write(ve, 40) == 0  # under it
+"""
+
+
+def test_warm_checkpoint_of_a_ve_with_a_disk_limit(plugin_root, tmp_path):
+    """diskspace on the warm path: the checkpointed VE has the image layout and each restored VE its own copy of
+    the image with the limit (a write past it fails in each; the warm-up ran once: one stamp)."""
+    import re
+
+    from vzpkg.runtime import criu, criu_install
+
+    try:
+        if not criu_install.check(criu.find())[0]:
+            pytest.skip("criu check fails here")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no CRIU ({e}): run make criu")
+    root, cache = plugin_root
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_limited.py").write_text(LIMITED_SUITE)
+    code, out = _run(root, cache, "-s", "-W", "error::pytest.PytestWarning", "--ve-warm=always", str(suite))
+    assert code == 0 and "2 passed" in out, out
+    rows = re.findall(r"LIMITED (\S+) (\d+) (\S+)", out)
+    assert len(rows) == 2 and rows[0][0] != rows[1][0], out
+    assert rows[0][1] == rows[1][1], out  # restored from one warm checkpoint
+    assert _warm_images(root) == [] and _leftovers(root) == []
+
+
 def test_warm_images_of_a_sigkilled_run_are_swept(plugin_root, tmp_path):
     """A run killed after its warm checkpoint was made leaves the image (and the VE); the next session removes
     both."""
