@@ -178,14 +178,15 @@ def test_interrupt_lets_the_group_finish_its_cleanup(tmp_path: Path) -> None:
     """A member of the group that cleans up on SIGTERM gets its grace and has finished before the exception goes
     on, although the leader is gone at once (the group is not SIGKILLed as soon as the leader is reaped)."""
     done = tmp_path / "cleaned"
-    member = f"trap 'sleep 0.3; echo ok > {done}; exit 0' TERM; while :; do sleep 0.05; done"
+    member = f"trap 'sleep 0.3; echo ok > {done}; exit 0' TERM; echo trap-set; while :; do sleep 0.05; done"
 
     def on_line(raw: bytes) -> None:
-        raise KeyboardInterrupt
+        if raw == b"trap-set\n":  # not before: a SIGTERM ahead of the trap would end the member at once
+            raise KeyboardInterrupt
 
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        process.run(["sh", "-c", f'sh -c "{member}" & echo go; wait'], on_line=on_line)
+        process.run(["sh", "-c", f'sh -c "{member}" & wait'], on_line=on_line)
     assert done.read_text() == "ok\n"
     assert time.monotonic() - start < process._STOP_GRACE
 
