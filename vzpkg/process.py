@@ -168,6 +168,8 @@ def stop_group(proc: subprocess.Popen, grace: float = _STOP_GRACE) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
+            if sig == signal.SIGTERM:
+                os.killpg(proc.pid, signal.SIGCONT)  # a stopped member acts on SIGTERM only once it runs again
         except ProcessLookupError:
             return
         deadline = time.monotonic() + grace

@@ -191,6 +191,20 @@ def test_interrupt_lets_the_group_finish_its_cleanup(tmp_path: Path) -> None:
     assert time.monotonic() - start < process._STOP_GRACE
 
 
+def test_interrupt_stops_a_stopped_member_without_waiting_out_the_grace(tmp_path: Path) -> None:
+    """A stopped member acts on SIGTERM only once continued: it gets SIGCONT, not the whole grace then SIGKILL."""
+    pidfile = tmp_path / "bg"
+
+    def on_line(raw: bytes) -> None:
+        raise KeyboardInterrupt
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        process.run(["sh", "-c", f"sleep 60 & kill -STOP $!; echo $! > {pidfile}; echo go; wait"], on_line=on_line)
+    assert time.monotonic() - start < process._STOP_GRACE / 2
+    assert not _alive(int(pidfile.read_text()))
+
+
 def test_spawn_kills_the_group_when_the_block_fails() -> None:
     with pytest.raises(RuntimeError), process.spawn(["sleep", "60"]) as proc:
         raise RuntimeError
