@@ -2,7 +2,8 @@
 
 What each command gets:
 - a process group (and session) of its own, so an interrupt or a timeout stops the whole group, not just the
-  direct child (a bootstrapper killed alone leaves dpkg writing into a root being removed);
+  direct child (a bootstrapper killed alone leaves dpkg writing into a root being removed), and the error goes
+  on only once no member runs any more (SIGTERM, a grace of 10 s, SIGKILL);
 - a parent-death signal (PR_SET_PDEATHSIG), so a SIGKILLed vzpkg leaves no tool running;
 - no inherited file descriptors (close_fds) and stdin from /dev/null unless INPUT is given;
 - its output kept: captured (capture=True), or read line by line into a log / the terminal / a callback with the
