@@ -2,7 +2,8 @@
 
 What each command gets:
 - a process group (and session) of its own, so an interrupt or a timeout stops the whole group, not just the
-  direct child (a bootstrapper killed alone leaves dpkg writing into a root being removed);
+  direct child (a bootstrapper killed alone leaves dpkg writing into a root being removed), and the error goes
+  on only once no member runs any more (SIGTERM, a grace of 10 s, SIGKILL);
 - a parent-death signal (PR_SET_PDEATHSIG), so a SIGKILLed vzpkg leaves no tool running;
 - no inherited file descriptors (close_fds) and stdin from /dev/null unless INPUT is given;
 - its output kept: captured (capture=True), or read line by line into a log / the terminal / a callback with the
@@ -32,6 +33,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from contextlib import contextmanager
 
 from .errors import BuildError, VzError
@@ -125,20 +127,60 @@ def failure_message(what: str, returncode: int, tail: Sequence[str], hint: str =
     return f"{what} failed ({status_text(returncode)})" + (f": {quoted}" if quoted else "") + (f"; {hint}" if hint else "")
 
 
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group PGID still runs. A zombie does not: it has stopped and only waits for whoever
+    inherited it (init, for a command's orphaned background child) to reap it, which vzpkg cannot hurry."""
+    try:
+        os.killpg(pgid, 0)  # fails only when the group is empty, zombies included
+    except ProcessLookupError:
+        return False
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    state, _ppid, group = f.read().rsplit(b")", 1)[1].split()[:3]
+            except (OSError, ValueError):  # gone meanwhile
+                continue
+            if int(group) == pgid and state not in (b"Z", b"X"):
+                return True
+    return False
+
+
+def _await_group(pgid: int, deadline: float) -> bool:
+    """Wait until no process of group PGID runs any more, or DEADLINE (time.monotonic()) passes.
+
+    A signal is only queued when kill() returns: a signalled process dies when it next runs, which on a loaded
+    machine can be a while after its group leader was reaped. Returning before then would let the caller remove
+    a directory the command's children are still writing into."""
+    pause = 0.001
+    while _group_running(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    return True
+
+
 def stop_group(proc: subprocess.Popen, grace: float = _STOP_GRACE) -> None:
-    """SIGTERM the process group of PROC, then SIGKILL what is left after GRACE seconds."""
+    """SIGTERM the process group of PROC, then SIGKILL what is left after GRACE seconds; return once the leader is
+    reaped and no other member runs (after GRACE more seconds at most, should one survive SIGKILL in the kernel)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
+            if sig == signal.SIGTERM:
+                os.killpg(proc.pid, signal.SIGCONT)  # a stopped member acts on SIGTERM only once it runs again
         except ProcessLookupError:
             return
+        deadline = time.monotonic() + grace
         try:
             proc.wait(timeout=grace)
-            os.killpg(proc.pid, 0)  # the leader may be gone while members of its group still run
-        except ProcessLookupError:
-            return
         except subprocess.TimeoutExpired:
             continue
+        # the leader may be gone while members of its group still run
+        if _await_group(proc.pid, deadline):
+            return
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -233,6 +275,7 @@ def run(
     # Whatever the leader left in its group (a daemon it started) must not outlive the command on a timeout.
     if timed_out.is_set():
         _kill_group(proc)
+        _await_group(proc.pid, time.monotonic() + _STOP_GRACE)
         raise error(f"{label} did not finish within {timeout:g} s and was killed"
                     + (f": {' | '.join(list(tail)[-TAIL_LINES:])}" if tail else ""))
     result = Result(argv, proc.returncode, out, err, list(tail))
@@ -271,6 +314,7 @@ def spawn(
         if proc.poll() is None:
             _kill_group(proc)
             proc.wait()
+            _await_group(proc.pid, time.monotonic() + _STOP_GRACE)
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             if pipe is not None:
                 try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -28,25 +29,30 @@ def one_line_error(stderr: str) -> None:
 
 @pytest.fixture
 def silent_server():
-    """A server on 127.0.0.1 that accepts connections and never answers."""
+    """A server on 127.0.0.1 that accepts connections and never answers: (its URL, its listening socket)."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(16)
     try:
-        yield f"http://127.0.0.1:{server.getsockname()[1]}/debian"
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/debian", server
     finally:
         server.close()
 
 
-def test_sigterm_while_checking_a_mirror(debian12_cache: tuple[Path, str], tmp_path: Path, silent_server: str) -> None:
+def test_sigterm_while_checking_a_mirror(debian12_cache: tuple[Path, str], tmp_path: Path,
+                                        silent_server: tuple[str, socket.socket]) -> None:
+    url, server = silent_server
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir()
     copy_cache(debian12_cache[0], cache_dir, NAME)
     env = {**os.environ, "VZPKG_MIRROR_DEBIAN_SECURITY": "", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
-    proc = subprocess.Popen([*VZPKG, "status", NAME, "--refresh", "--mirror", silent_server, "--cache-dir",
+    proc = subprocess.Popen([*VZPKG, "status", NAME, "--refresh", "--mirror", url, "--cache-dir",
                              str(cache_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=PROJECT)
-    time.sleep(1.0)
+    # The signal goes in once vzpkg waits for the mirror: its connection is queued on the listening socket. (A
+    # fixed 1 s could end before a loaded machine had vzpkg past its imports, where SIGTERM kills it at once.)
+    readable, _, _ = select.select([server], [], [], 60)
+    assert readable, "vzpkg did not connect to the mirror within 60 s"
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
     started = time.monotonic()

@@ -87,8 +87,16 @@ def test_run_returns_when_criu_exits_and_kills_it_at_the_timeout(tmp_path: Path)
     import time
 
     fake = _fake_criu(tmp_path / "criu", "exec sleep 0.07\n")
-    ok, took = criu.run(fake, [], tmp_path / "a.log")
-    assert ok and 0.07 <= took < 0.105, took
+    # The best of up to five runs: a loaded machine can delay one run's start or end by tens of ms (1 in 50 ran
+    # past 105 ms with both CPUs busy), but the polling wait can never come in under 105 ms (its sleeps, 0.5 ms
+    # doubling to 50 ms, look at 63.5 ms and next at 113.5 ms).
+    runs = []
+    for i in range(5):
+        runs.append(criu.run(fake, [], tmp_path / f"a{i}.log"))
+        if runs[-1][1] < 0.105:
+            break
+    assert all(ok and took >= 0.07 for ok, took in runs), runs
+    assert runs[-1][1] < 0.105, runs
     fake = _fake_criu(tmp_path / "criu", "exec sleep 30\n")
     t0 = time.monotonic()
     ok, took = criu.run(fake, [], tmp_path / "b.log", timeout=0.3)

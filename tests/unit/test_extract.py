@@ -234,6 +234,21 @@ def test_contents_modes_owners_times(tmp_path: Path, id_shift: int, resolver: st
     assert (target.stat().st_uid, target.stat().st_gid) == (s, s)
 
 
+@pytest.mark.parametrize("id_shift", SHIFTS)
+def test_implicit_parents_below_a_setgid_directory_are_roots(tmp_path: Path, id_shift: int) -> None:
+    """The kernel gives a directory made below a setgid one that one's group: an implicit parent is root's, 0755,
+    wherever it is made (test_extract_model.py found this only in rare random archives: a setgid directory with
+    a non-root group and a member two levels below it)."""
+    _, target, archive = make_sandbox(tmp_path)
+    make_archive(archive, [M("dir", "g", mode=0o2775, uid=1000, gid=1000), M("file", "g/implicit/f", data=b"x")])
+    safe_unpack(archive, target, id_shift=id_shift)
+    s = id_shift
+    g = (target / "g").lstat()
+    assert (g.st_mode & 0o7777, g.st_uid, g.st_gid) == (0o2775, 1000 + s, 1000 + s)
+    st = (target / "g/implicit").lstat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o755, s, s)
+
+
 @pytest.mark.parametrize("name", ["/etc/passwd", "a/../../x", "."])
 def test_refused_names(tmp_path: Path, name: str) -> None:
     _, target, archive = make_sandbox(tmp_path)

@@ -133,14 +133,14 @@ def test_record_alive_checks_starttime():
 
 
 def test_zombie_is_not_alive():
-    p = subprocess.Popen(["true"])
-    for _ in range(100):
-        st = state.proc_stat(p.pid)
-        if st and st[0] == "Z":
-            break
-        import time
+    import time
 
+    p = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10  # (not 100 polls of 10 ms: a loaded machine may take longer to run `true`)
+    while (st := state.proc_stat(p.pid)) is not None and st[0] != "Z":
+        assert time.monotonic() < deadline, st
         time.sleep(0.01)
+    assert st is not None and st[0] == "Z"
     assert not state.record_alive(state.InitRecord(p.pid, st[1], True))
     p.wait()
 

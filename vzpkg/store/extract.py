@@ -172,7 +172,7 @@ class _Extractor:
     # ---- directories ----
 
     def _parent(self, parent: str, raw: str) -> int:
-        """An open descriptor of directory PARENT (created, mode 0755, if no member made it yet)."""
+        """An open descriptor of directory PARENT (created, root's with mode 0755, if no member made it yet)."""
         if not parent:
             return self.root
         fd = self.parents.pop(parent, None)
@@ -195,6 +195,9 @@ class _Extractor:
         pfd = self._parent(up, raw)
         os.mkdir(base, 0o700, dir_fd=pfd)
         fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        if self.chown:
+            # root's, as the mode is 0755: below a setgid directory the kernel gives it that directory's group
+            os.fchown(fd, 0, 0)
         os.fchmod(fd, 0o755)
         self.kinds[name] = "dir"
         self._remember(name, fd)

@@ -14,6 +14,16 @@ from .conftest import PROJECT, VZCTL, mounts_below
 pytestmark = pytest.mark.root
 
 
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, starttime) of PID, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return fields[0], fields[19]
+
+
 def processes_in_pidns(ns_link: str) -> list[int]:
     out = []
     for name in os.listdir("/proc"):
@@ -61,8 +71,15 @@ def test_stop_fast(rt):
 def test_init_killed_from_outside(rt):
     """The VE's init dies behind vzctl's back: status says down, stop cleans up, start works again."""
     veid = rt.create()
-    os.kill(rt.init_pid(veid), signal.SIGKILL)
-    time.sleep(0.1)
+    pid = rt.init_pid(veid)
+    started = _stat(pid)[1]
+    os.kill(pid, signal.SIGKILL)
+    # SIGKILL is only queued: init dies when it next runs, after its namespace's other processes (a fixed 0.1 s
+    # can be too short on a loaded machine). Wait for that, then status must say down at once.
+    deadline = time.monotonic() + 10
+    while (st := _stat(pid)) is not None and st[0] not in ("Z", "X") and st[1] == started:
+        assert time.monotonic() < deadline, "the VE's init survived SIGKILL"
+        time.sleep(0.01)
     assert rt.vzctl("status", veid).stdout.strip().endswith("down")
     rt.vzctl("stop", veid)
     assert_nothing_left(rt, veid)
