@@ -8,8 +8,9 @@
 
 The pool is <root>/btrfs: a directory when the VZ root is on btrfs, else the mount point of <root>/btrfs.img, a
 loop-backed btrfs made once by `vzctl storage init --btrfs SIZE` and mounted again by whatever needs it after a
-host reboot (loop.py: autoclear, direct I/O; POOL_MOUNT_OPTS). Quotas are enabled on the pool; a VE's hard space
-limit is its subvolume's qgroup exclusive limit (EDQUOT inside the VE, raisable and lowerable while it runs).
+host reboot (loop.py: autoclear, direct I/O; POOL_MOUNT_OPTS). Quotas are enabled on the pool (simple quotas
+where the kernel has them: btrfs_ioctl.quota_enable); a VE's hard space limit is its subvolume's qgroup exclusive
+limit (EDQUOT inside the VE, raisable and lowerable while it runs).
 btrfs has no inode limits: they are refused. Create, limit changes and destroy are ioctls (btrfs_ioctl.py): no
 `btrfs` process on those paths; a destroyed subvolume's qgroup is removed once the cleaner has dropped it.
 """
@@ -140,7 +141,10 @@ def init_pool(layout: Layout, size: int) -> tuple[Path, bool]:
         tmp.unlink(missing_ok=True)
         raise
     pool = ensure_pool(layout)
-    _run(["btrfs", "quota", "enable", str(pool)], f"enabling quotas on {pool}")
+    try:
+        btrfs_ioctl.quota_enable(pool)  # simple quotas where the kernel has them (see there)
+    except OSError as e:
+        raise StorageError(f"enabling quotas on {pool} failed: {e.strerror}") from None
     return pool, True
 
 
@@ -212,10 +216,14 @@ def _delete_subvolume(path: Path, *, wait: bool = True) -> bool:
 def _destroy_qgroup(pool_path: Path, sid: int) -> None:
     """The deleted subvolume's qgroup 0/SID. The kernel refuses (EBUSY) until its cleaner has dropped the
     subvolume's tree: BTRFS_IOC_SYNC commits and wakes the cleaner (a few ms for a VE), again every 50 ms in
-    case it went back to sleep before reaching this subvolume (as `btrfs subvolume sync` waits, but bounded)."""
+    case it went back to sleep before reaching this subvolume (as `btrfs subvolume sync` waits, but bounded).
+    With simple quotas the kernel removes an emptied qgroup itself when it drops the tree; one still charged
+    for extents another subvolume shares (a checkpoint's snapshot of the VE) stays busy until those go: once
+    the tree is dropped it is left (no subvolume, no limit on anything) for a later clear-stale."""
     import fcntl
     import time
 
+    simple = btrfs_ioctl.quota_mode(pool_path) == "squota"
     fd = os.open(pool_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         deadline = time.monotonic() + QGROUP_WAIT
@@ -227,11 +235,27 @@ def _destroy_qgroup(pool_path: Path, sid: int) -> None:
             for _ in range(10):
                 if btrfs_ioctl.qgroup_destroy(pool_path, sid) != errno.EBUSY:
                     return
+                if simple and not _root_exists(pool_path, sid):
+                    # dropped; the frees its drop queued are counted at the next commit: once more after it,
+                    # then still busy = charged for extents another subvolume shares (see above)
+                    try:
+                        fcntl.ioctl(fd, btrfs_ioctl.SYNC)
+                    except OSError:
+                        pass
+                    btrfs_ioctl.qgroup_destroy(pool_path, sid)
+                    return
                 time.sleep(0.005)
             if time.monotonic() > deadline:
                 return  # a stale qgroup (harmless: no subvolume, no limit on anything)
     finally:
         os.close(fd)
+
+
+def _root_exists(pool_path: Path, sid: int) -> bool:
+    try:
+        return btrfs_ioctl.root_item_exists(pool_path, sid)
+    except OSError:
+        return True  # cannot tell: wait as with full accounting
 
 
 def remove_subvolume(layout: Layout, veid: str) -> list[tuple[Path, int]]:
