@@ -306,6 +306,29 @@ def test_btrfs_refuses_inode_limits_and_a_missing_pool(brt, rt):
     assert "already" in again.stdout and str(brt.root / "btrfs") in again.stdout
 
 
+def test_btrfs_init_again_turns_quotas_on(tmp_path, debian12_cache):
+    """A pool without quotas (an init killed after its mkfs, or `btrfs quota disable`) gets them from the next
+    `storage init`, which otherwise changes nothing: without them no limit would hold."""
+    env = {**os.environ, "VZ_ROOT": str(tmp_path), "VZPKG_CACHE_DIR": str(debian12_cache[0]),
+           "PYTHONPATH": str(PROJECT)}
+    pool = tmp_path / "btrfs"
+    init = [*VZCTL, "storage", "init", "--btrfs", "256M"]
+    try:
+        assert subprocess.run(init, env=env, cwd=PROJECT, capture_output=True).returncode == 0
+        subprocess.run(["btrfs", "quota", "disable", str(pool)], check=True, capture_output=True)
+        sysfs = Path("/sys/fs/btrfs") / subprocess.run(
+            ["btrfs", "filesystem", "show", "--raw", str(pool)], capture_output=True, text=True,
+            check=True).stdout.split("uuid:")[1].split()[0] / "qgroups"
+        assert not sysfs.exists()
+        p = subprocess.run(init, env=env, cwd=PROJECT, capture_output=True, text=True)
+        assert p.returncode == 0 and "already" in p.stdout, p.stderr
+        assert sysfs.is_dir()
+        if _kernel() >= (6, 7):
+            assert (sysfs / "mode").read_text().strip() == "squota"
+    finally:
+        subprocess.run(["umount", str(pool)], capture_output=True)
+
+
 def test_btrfs_pool_is_mounted_again_after_a_reboot(brt):
     """A host reboot unmounts the loop-backed pool: the next start mounts it again."""
     veid = brt.create("--layout", "btrfs", "--diskspace", "100M")

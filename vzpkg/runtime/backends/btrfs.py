@@ -128,7 +128,10 @@ def init_pool(layout: Layout, size: int) -> tuple[Path, bool]:
     layout.secure_areas()
     image = layout.root / POOL_IMAGE
     if image.exists() or fs_type(layout.root) == BTRFS_MAGIC:
-        return ensure_pool(layout), False
+        pool = ensure_pool(layout)
+        if image.exists() and btrfs_ioctl.quota_mode(pool) is None:
+            _enable_quotas(pool)  # an init killed between the rename and this (or quotas turned off since)
+        return pool, False
     if size < POOL_MIN:
         raise DiskLimitError(f"--btrfs {size >> 20}M: a pool needs at least {POOL_MIN >> 20}M")
     tmp = layout.root / f".{POOL_IMAGE}.{os.getpid()}"
@@ -141,11 +144,15 @@ def init_pool(layout: Layout, size: int) -> tuple[Path, bool]:
         tmp.unlink(missing_ok=True)
         raise
     pool = ensure_pool(layout)
+    _enable_quotas(pool)
+    return pool, True
+
+
+def _enable_quotas(pool: Path) -> None:
     try:
         btrfs_ioctl.quota_enable(pool)  # simple quotas where the kernel has them (see there)
     except OSError as e:
         raise StorageError(f"enabling quotas on {pool} failed: {e.strerror}") from None
-    return pool, True
 
 
 def ve_subvolume(layout: Layout, veid: str) -> Path:
@@ -206,20 +213,24 @@ def _delete_subvolume(path: Path, *, wait: bool = True) -> bool:
         raise StorageError(f"deleting the subvolume {path} failed: {e.strerror}") from None
     if not wait:
         return True
-    _destroy_qgroup(path.parent, sid)
+    if _destroy_qgroup(path.parent, sid):
+        # simple quotas: the frees of the drop are counted at a commit; before it, a qgroup this subvolume was
+        # the last to share (a destroyed VE's, when its checkpoint's snapshot goes) still looks charged
+        btrfs_ioctl.commit(path.parent)
     rescan_if_inconsistent(path.parent)
     # and the qgroups of snapshots dropped without waiting whose cleaning has finished since
     process.run(["btrfs", "qgroup", "clear-stale", str(path.parent)], capture=True, check=False, error=StorageError)
     return True
 
 
-def _destroy_qgroup(pool_path: Path, sid: int) -> None:
+def _destroy_qgroup(pool_path: Path, sid: int) -> bool:
     """The deleted subvolume's qgroup 0/SID. The kernel refuses (EBUSY) until its cleaner has dropped the
     subvolume's tree: BTRFS_IOC_SYNC commits and wakes the cleaner (a few ms for a VE), again every 50 ms in
     case it went back to sleep before reaching this subvolume (as `btrfs subvolume sync` waits, but bounded).
     With simple quotas the kernel removes an emptied qgroup itself when it drops the tree; one still charged
     for extents another subvolume shares (a checkpoint's snapshot of the VE) stays busy until those go: once
-    the tree is dropped it is left (no subvolume, no limit on anything) for a later clear-stale."""
+    the tree is dropped it is left (no subvolume, no limit on anything) for a later clear-stale. Returns whether
+    the pool has simple quotas."""
     import fcntl
     import time
 
@@ -234,19 +245,16 @@ def _destroy_qgroup(pool_path: Path, sid: int) -> None:
                 pass
             for _ in range(10):
                 if btrfs_ioctl.qgroup_destroy(pool_path, sid) != errno.EBUSY:
-                    return
+                    return simple
                 if simple and not _root_exists(pool_path, sid):
                     # dropped; the frees its drop queued are counted at the next commit: once more after it,
                     # then still busy = charged for extents another subvolume shares (see above)
-                    try:
-                        fcntl.ioctl(fd, btrfs_ioctl.SYNC)
-                    except OSError:
-                        pass
+                    btrfs_ioctl.commit(pool_path)
                     btrfs_ioctl.qgroup_destroy(pool_path, sid)
-                    return
+                    return simple
                 time.sleep(0.005)
             if time.monotonic() > deadline:
-                return  # a stale qgroup (harmless: no subvolume, no limit on anything)
+                return simple  # a stale qgroup (harmless: no subvolume, no limit on anything)
     finally:
         os.close(fd)
 

@@ -215,6 +215,20 @@ def qgroups_inconsistent(path: Path) -> bool:
         return False
 
 
+def commit(path: Path) -> None:
+    """BTRFS_IOC_SYNC: commit the running transaction (and wake the cleaner); failures ignored."""
+    try:
+        fd = _open_dir(path)
+    except OSError:
+        return
+    try:
+        fcntl.ioctl(fd, SYNC)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def quota_enable(path: Path) -> str:
     """Enable quotas on PATH's btrfs: simple quotas where the kernel has them (6.7+), else full qgroup accounting.
     Returns the mode ("squota" or "qgroup"). Simple quotas charge an extent to the subvolume that wrote it, once,
