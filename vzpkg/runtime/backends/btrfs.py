@@ -3,6 +3,7 @@
     <pool>/templates/<generation>  the template generation (template/<...>) copied once into a subvolume, then
                                    made read-only
     <pool>/ves/<id>                the VE: a snapshot of it (BTRFS_IOC_SNAP_CREATE_V2, a few ms for 200 MB)
+    <pool>/spares/<generation>     a snapshot made ahead by a destroy, renamed into place by the next create
     root/<id>                      a bind mount of <pool>/ves/<id> (an idmapped one for a private id range:
                                    the snapshot keeps the shared generation's ids 100000.., seen as the VE's)
 
@@ -266,8 +267,9 @@ def _root_exists(pool_path: Path, sid: int) -> bool:
         return True  # cannot tell: wait as with full accounting
 
 
-def remove_subvolume(layout: Layout, veid: str) -> list[tuple[Path, int]]:
-    """The VE's subvolume and those of its killed creates, if there is a pool (no config needed)."""
+def remove_subvolume(layout: Layout, veid: str, *, refill: bool = True) -> list[tuple[Path, int]]:
+    """The VE's subvolume and those of its killed creates, if there is a pool (no config needed). REFILL: when
+    the VE's own subvolume went (a destroy), make the spares the next creates take (refill_spares)."""
     if not pool_available(layout):
         return []
     try:
@@ -277,6 +279,7 @@ def remove_subvolume(layout: Layout, veid: str) -> list[tuple[Path, int]]:
     removed = []
     from ..state import pid_alive
 
+    destroyed = False
     for name in os.listdir(pool / "ves"):
         tail = name.rsplit("-", 1)[-1]
         dead_tmp = name.startswith(f".tmp-{veid}-") and tail.isdigit() and not pid_alive(int(tail))
@@ -285,7 +288,70 @@ def remove_subvolume(layout: Layout, veid: str) -> list[tuple[Path, int]]:
             storage.detach_below(path)
             if _delete_subvolume(path):
                 removed.append((path, 0))
-    return removed + drop_orphans(layout, veid)
+                destroyed = destroyed or name == veid
+    removed += drop_orphans(layout, veid)
+    if destroyed and refill:
+        refill_spares(layout, pool)
+    return removed
+
+
+# Spares: <pool>/spares/<generation>, a writable snapshot of the template generation's subvolume made ahead of
+# time. A create renames it into place (ves/.tmp-<id>-<pid>, then its limit, then ves/<id>) instead of
+# snapshotting: the snapshot's transaction commit is most of a btrfs create. A destroy makes the next one, after
+# its own work. Crash safety: the rename is atomic (a killed create's .tmp- subvolume is removed as before); a
+# killed refill leaves spares/.tmp-<generation>-<pid>, removed by the next refill; a spare is nothing but an
+# unused snapshot, removed with its generation's unpacked template (`vzpkg clean --templates`) at the next refill.
+SPARES = "spares"
+
+
+def _claim_spare(source: Path, dest: Path) -> bool:
+    """Rename the spare of the template subvolume SOURCE to DEST; False if there is none (or another create
+    took it first)."""
+    try:
+        os.rename(source.parent.parent / SPARES / source.name, dest)
+        return True
+    except OSError:
+        return False
+
+
+def refill_spares(layout: Layout, pool: Path) -> None:
+    """One spare per template generation that is still unpacked (template/<generation>); leftovers of killed
+    refills and spares of generations removed since are deleted. Failures only leave a create to snapshot."""
+    from ..state import pid_alive
+
+    spares = pool / SPARES
+    try:
+        generations = [n for n in os.listdir(pool / "templates") if not n.startswith(".")]
+        spares.mkdir(mode=0o700, exist_ok=True)
+        have = os.listdir(spares)
+    except OSError:
+        return
+    for name in have:
+        if name.startswith(".tmp-"):
+            tail = name.rsplit("-", 1)[-1]
+            stale = tail.isdigit() and not pid_alive(int(tail))
+        else:
+            stale = name not in generations or not (layout.template_dir / name).is_dir()
+        if stale:
+            try:
+                _delete_subvolume(spares / name)
+            except StorageError:
+                pass
+    for name in generations:
+        if name in have or not (layout.template_dir / name).is_dir():
+            continue
+        tmp = spares / f".tmp-{name}-{os.getpid()}"
+        try:
+            btrfs_ioctl.snapshot(pool / "templates" / name, tmp)
+        except OSError:
+            continue
+        try:
+            os.rename(tmp, spares / name)
+        except OSError:  # another destroy's refill was first
+            try:
+                _delete_subvolume(tmp)
+            except StorageError:
+                pass
 
 
 def _set_limit(sub: Path, max_excl: int | None) -> None:
@@ -330,12 +396,14 @@ class BtrfsBackend(Backend):
         source = template_subvolume(layout, template)
         final = ve_subvolume(layout, veid)
         if os.path.lexists(final):
-            remove_subvolume(layout, veid)  # a killed create's (the VE has no config: the caller checked)
+            # a killed create's (the VE has no config: the caller checked)
+            remove_subvolume(layout, veid, refill=False)
         tmp_sub = final.with_name(f".tmp-{veid}-{os.getpid()}")
-        try:
-            btrfs_ioctl.snapshot(source, tmp_sub)
-        except OSError as e:
-            raise StorageError(f"snapshotting {source} failed: {e.strerror}") from None
+        if not _claim_spare(source, tmp_sub):
+            try:
+                btrfs_ioctl.snapshot(source, tmp_sub)
+            except OSError as e:
+                raise StorageError(f"snapshotting {source} failed: {e.strerror}") from None
         try:
             if limits.space_hard is not None:
                 _set_limit(tmp_sub, limits.space_hard)
