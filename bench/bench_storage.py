@@ -4,11 +4,15 @@ throughput inside a VE against the host's own disk.
 
     sudo .venv/bin/python bench/bench_storage.py [--runs 5] [--mb 1024] [--cache-dir DIR] [--json FILE]
 
-Cases, each in a VZ root of its own under /var/tmp/vzpkg-bench-storage-PID (removed at the end; the btrfs one
-gets a loop-backed pool, `vzctl storage init --btrfs`):
+Cases, each in a VZ root of its own under /var/tmp/vzpkg-bench-storage-PID (removed at the end; the btrfs ones
+get a loop-backed pool, `vzctl storage init --btrfs`); every VE gets the `unlimited` sample (no memory limit: a
+1 GB write in a VE limited to the basic sample's 512M RAM measures memory-cgroup reclaim, not the disk), plus:
   overlay   vzctl create --layout overlay (no disk limit)
   image     vzctl create --layout image --diskspace 4G (a sparse ext4 image, loop-mounted)
   btrfs     vzctl create --layout btrfs --diskspace 4G (snapshot of a read-only template subvolume)
+  btrfs-noquota   the baseline of the quota cost: the same kind of pool (`storage init`: loop-backed, same mount
+            options) with quotas then disabled (`btrfs quota disable`), VEs without a disk limit; "quota cost" is
+            btrfs / btrfs-noquota (qgroups + the limit), "x host" the rest (btrfs against ext4)
   timed:    create, then start + `vzctl exec ID /bin/true` until it succeeds (start to first exec); the sum is
             "create+start->exec"
   write:    `dd if=/dev/zero of=/root/f bs=1M count=MB conv=fsync` (buffered, then one fsync) and the same with
@@ -20,6 +24,8 @@ gets a loop-backed pool, `vzctl storage init --btrfs`):
 Runs are interleaved (overlay, image, btrfs, host, ...); medians with min/max; ratios against overlay (time)
 and host (throughput, per dd variant). Targets (issue 10): image <= 2x overlay, btrfs <= 1.2x overlay, quota
 cost <= 10 %. Dropping caches slows every process on the machine for a moment: run it on a machine of your own.
+vzctl runs with its modules byte-compiled, as installed (PYTHONDONTWRITEBYTECODE is dropped: with it, every
+vzctl process compiles what it imports, and the btrfs and image layouts import more).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-LAYOUTS = ("overlay", "image", "btrfs")
+LAYOUTS = ("overlay", "image", "btrfs", "btrfs-noquota")
 
 
 def vzctl_cmd() -> list[str]:
@@ -59,26 +65,30 @@ def timed(fn) -> float:
 
 
 class Root:
-    def __init__(self, base: Path, layout: str, cache_dir: str, template: str) -> None:
-        self.path = base / layout
+    def __init__(self, base: Path, name: str, cache_dir: str, template: str) -> None:
+        self.path = base / name
         self.path.mkdir(parents=True)
-        self.layout = layout
+        self.layout = name  # (the row's name)
+        self.kind = name.split("-")[0]  # vzctl's --layout
         self.template = template
         self.env = {**os.environ, "VZ_ROOT": str(self.path), "VZPKG_CACHE_DIR": cache_dir,
                     "PYTHONPATH": str(PROJECT)}
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.vz = vzctl_cmd()
         self.n = 0
-        if layout == "btrfs":
+        if self.kind == "btrfs":
             run([*self.vz, "storage", "init", "--btrfs", "8G", "-q"], env=self.env)
+        if name == "btrfs-noquota":
+            run(["btrfs", "quota", "disable", str(self.path / "btrfs")])
 
     def opts(self) -> list[str]:
-        if self.layout == "overlay":
-            return ["--layout", "overlay", "--config", "unlimited"]
-        return ["--layout", self.layout, "--diskspace", "4G", "--diskinodes", "unlimited"]
+        if self.kind == "overlay" or self.layout == "btrfs-noquota":
+            return ["--layout", self.kind, "--config", "unlimited"]
+        return ["--layout", self.kind, "--config", "unlimited", "--diskspace", "4G", "--diskinodes", "unlimited"]
 
     def cycle(self, mb: int) -> dict[str, float]:
         self.n += 1
-        veid = f"bs{os.getpid()}{self.layout[0]}{self.n}"
+        veid = f"bs{os.getpid()}{self.layout[0]}{self.layout[-1]}{self.n}"
         out: dict[str, float] = {}
         out["create"] = timed(lambda: run([*self.vz, "create", veid, "--ostemplate", self.template, "-q",
                                            *self.opts()], env=self.env))
@@ -101,7 +111,7 @@ class Root:
         return out
 
     def close(self) -> None:
-        if self.layout == "btrfs":
+        if self.kind == "btrfs":
             subprocess.run(["umount", str(self.path / "btrfs")], capture_output=True)
 
 
@@ -152,9 +162,9 @@ def main() -> int:
         print("bench_storage: needs root (loop devices, mounts, namespaces)", file=sys.stderr)
         return 2
     layouts = [x for x in args.layouts.split(",") if x]
-    if "btrfs" in layouts and shutil.which("mkfs.btrfs") is None:
+    if shutil.which("mkfs.btrfs") is None and any(x.startswith("btrfs") for x in layouts):
         print("bench_storage: mkfs.btrfs missing: skipping btrfs (make setup installs btrfs-progs)", file=sys.stderr)
-        layouts.remove("btrfs")
+        layouts = [x for x in layouts if not x.startswith("btrfs")]
     base = Path(f"/var/tmp/vzpkg-bench-storage-{os.getpid()}")
     roots = []
     results: dict[str, dict[str, list[float]]] = {x: {} for x in [*layouts, "host"]}
@@ -176,7 +186,7 @@ def main() -> int:
     report = {name: {k: summary(v) for k, v in res.items()} for name, res in results.items() if res}
     over = report.get("overlay", {}).get("create_start_exec", {}).get("median")
     host = {v: report.get("host", {}).get(f"write_{v}", {}).get("median") for v, _ in DD_VARIANTS}
-    print(f"{'layout':<8} {'create ms':>10} {'start->exec ms':>15} {'sum ms':>8} {'x overlay':>10} "
+    print(f"{'layout':<13} {'create ms':>10} {'start->exec ms':>15} {'sum ms':>8} {'x overlay':>10} "
           f"{'fsync MB/s':>11} {'x host':>7} {'direct MB/s':>12} {'x host':>7}")
 
     def cols(r: dict, variant: str) -> str:
@@ -187,12 +197,17 @@ def main() -> int:
     for name in layouts:
         r = report.get(name, {})
         s = r.get("create_start_exec", {}).get("median")
-        print(f"{name:<8} {r['create']['median']:>10.0f} {r['start_exec']['median']:>15.0f} {s:>8.0f} "
+        print(f"{name:<13} {r['create']['median']:>10.0f} {r['start_exec']['median']:>15.0f} {s:>8.0f} "
               f"{(s / over if over else 0):>10.2f} {cols(r, 'fsync')} {cols(r, 'direct')}")
     if args.mb:
-        print(f"{'host':<8} {'':>10} {'':>15} {'':>8} {'':>10} {cols(report['host'], 'fsync')} "
+        print(f"{'host':<13} {'':>10} {'':>15} {'':>8} {'':>10} {cols(report['host'], 'fsync')} "
               f"{cols(report['host'], 'direct')}")
-    print(f"({args.runs} runs, medians; {args.mb} MB written per run)")
+    bq, nq = report.get("btrfs", {}), report.get("btrfs-noquota", {})
+    if args.mb and bq and nq:
+        ratios = "  ".join(f"{v} {bq[f'write_{v}']['median'] / nq[f'write_{v}']['median']:.2f}x"
+                           for v, _ in DD_VARIANTS)
+        print(f"quota cost, btrfs (qgroups + 4G limit) / btrfs-noquota (same pool kind, quotas off): {ratios}")
+    print(f"({args.runs} runs, medians; {args.mb} MB written per run; load average {os.getloadavg()[0]:.2f})")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -98,6 +98,10 @@ def test_loop_and_btrfs_ioctl_structs_have_the_kernels_sizes():
     # the ioctl numbers btrfs-progs uses (_IOW(0x94, 23, 4096) etc.)
     assert (b.SNAP_CREATE_V2, b.SNAP_DESTROY_V2, b.INO_LOOKUP) == (0x50009417, 0x5000943F, 0xD0009412)
     assert (b.QGROUP_LIMIT, b.QGROUP_CREATE, b.SYNC) == (0x8030942B, 0x4010942A, 0x9408)
+    # BTRFS_IOC_QUOTA_CTL _IOWR(0x94, 40, 16), BTRFS_IOC_TREE_SEARCH _IOWR(0x94, 17, 4096)
+    assert (b.QUOTA_CTL, b.TREE_SEARCH) == (0xC0109428, 0xD0009411)
+    assert ctypes.sizeof(b.SearchKey) == 104 and ctypes.sizeof(b.SearchArgs) == 4096
+    assert b.SearchKey.nr_items.offset == 64  # after 7 u64s and min_type/max_type
 
 
 def test_loop_exhaustion_message_names_the_way_out():

@@ -261,6 +261,11 @@ def _qgroups(pool: Path) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.startswith("0/")]
 
 
+def _kernel() -> tuple[int, int]:
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def test_btrfs_space_limit_usage_raise_and_destroy(brt):
     pool = brt.root / "btrfs"
     veid = brt.create("--layout", "btrfs", "--diskspace", "50M:50M")
@@ -270,6 +275,11 @@ def test_btrfs_space_limit_usage_raise_and_destroy(brt):
     sid = subprocess.run(["btrfs", "subvolume", "show", str(sub)], capture_output=True, text=True,
                          check=True).stdout.split("Subvolume ID:")[1].split()[0]
     assert f"0/{sid}" in _qgroups(pool)
+    if _kernel() >= (6, 7):  # simple quotas (see btrfs_ioctl.quota_enable): a create's snapshot commits no
+        # backref walk of the template
+        fsid = subprocess.run(["btrfs", "filesystem", "show", "--raw", str(pool)], capture_output=True, text=True,
+                              check=True).stdout.split("uuid:")[1].split()[0]
+        assert Path(f"/sys/fs/btrfs/{fsid}/qgroups/mode").read_text().strip() == "squota"
     _limits_hold(brt, veid, other)
     brt.vzctl("destroy", veid, "--force")
     assert not sub.exists() and not brt.private(veid).exists() and mounts_below(brt.ve_root(veid)) == []
@@ -294,6 +304,29 @@ def test_btrfs_refuses_inode_limits_and_a_missing_pool(brt, rt):
     # `storage init` a second time says where the pool is and changes nothing
     again = brt.vzctl("storage", "init", "--btrfs", "1G")
     assert "already" in again.stdout and str(brt.root / "btrfs") in again.stdout
+
+
+def test_btrfs_init_again_turns_quotas_on(tmp_path, debian12_cache):
+    """A pool without quotas (an init killed after its mkfs, or `btrfs quota disable`) gets them from the next
+    `storage init`, which otherwise changes nothing: without them no limit would hold."""
+    env = {**os.environ, "VZ_ROOT": str(tmp_path), "VZPKG_CACHE_DIR": str(debian12_cache[0]),
+           "PYTHONPATH": str(PROJECT)}
+    pool = tmp_path / "btrfs"
+    init = [*VZCTL, "storage", "init", "--btrfs", "256M"]
+    try:
+        assert subprocess.run(init, env=env, cwd=PROJECT, capture_output=True).returncode == 0
+        subprocess.run(["btrfs", "quota", "disable", str(pool)], check=True, capture_output=True)
+        sysfs = Path("/sys/fs/btrfs") / subprocess.run(
+            ["btrfs", "filesystem", "show", "--raw", str(pool)], capture_output=True, text=True,
+            check=True).stdout.split("uuid:")[1].split()[0] / "qgroups"
+        assert not sysfs.exists()
+        p = subprocess.run(init, env=env, cwd=PROJECT, capture_output=True, text=True)
+        assert p.returncode == 0 and "already" in p.stdout, p.stderr
+        assert sysfs.is_dir()
+        if _kernel() >= (6, 7):
+            assert (sysfs / "mode").read_text().strip() == "squota"
+    finally:
+        subprocess.run(["umount", str(pool)], capture_output=True)
 
 
 def test_btrfs_pool_is_mounted_again_after_a_reboot(brt):

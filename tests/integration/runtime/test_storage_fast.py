@@ -108,6 +108,34 @@ def test_btrfs_ioctls_give_the_snapshot_and_limit_the_commands_gave(brt):  # noq
     assert f"0/{mine['Subvolume ID']}" not in _qgroups(pool)
 
 
+def test_btrfs_destroy_leaves_a_spare_the_next_create_takes(brt):  # noqa: F811
+    """A destroy makes one spare snapshot per unpacked template generation (spares/<generation>); the next create
+    renames it into place (its subvolume is the spare itself: no snapshot on the create's path) and limits it
+    before anything runs; a killed refill's leftover and the spare of a generation no longer unpacked go at
+    the next refill."""
+    from vzpkg.runtime.backends import btrfs_ioctl
+
+    pool = brt.root / "btrfs"
+    first = brt.create("--layout", "btrfs", "--diskspace", "50M:50M", start=False)
+    gen = next(n for n in os.listdir(pool / "templates") if not n.startswith("."))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (pool / "spares").mkdir(mode=0o700, exist_ok=True)
+    for name in (f".tmp-{gen}-{dead.pid}", "f" * 64):
+        subprocess.run(["btrfs", "subvolume", "snapshot", str(pool / "templates" / gen), str(pool / "spares" / name)],
+                       check=True, capture_output=True)
+    brt.vzctl("destroy", first)
+    assert os.listdir(pool / "spares") == [gen]
+    spare = btrfs_ioctl.subvolume_id(pool / "spares" / gen)
+    veid = brt.create("--layout", "btrfs", "--diskspace", "50M:50M")
+    assert btrfs_ioctl.subvolume_id(pool / "ves" / veid) == spare and os.listdir(pool / "spares") == []
+    over = brt.sh(veid, "dd if=/dev/zero of=/root/d bs=1M count=60 oflag=direct 2>&1")
+    assert "Disk quota exceeded" in over.stdout, over.stdout
+    # a create that finds no spare snapshots, as before
+    other = brt.create("--layout", "btrfs", "--diskspace", "50M:50M", start=False)
+    assert btrfs_ioctl.subvolume_id(pool / "ves" / other) not in (None, spare)
+
+
 def test_clean_removes_prepared_images_no_ve_and_no_sample_uses(rt, tmp_path):
     from vzpkg.runtime.backends import Limits, image
 

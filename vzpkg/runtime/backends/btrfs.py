@@ -3,13 +3,15 @@
     <pool>/templates/<generation>  the template generation (template/<...>) copied once into a subvolume, then
                                    made read-only
     <pool>/ves/<id>                the VE: a snapshot of it (BTRFS_IOC_SNAP_CREATE_V2, a few ms for 200 MB)
+    <pool>/spares/<generation>     a snapshot made ahead by a destroy, renamed into place by the next create
     root/<id>                      a bind mount of <pool>/ves/<id> (an idmapped one for a private id range:
                                    the snapshot keeps the shared generation's ids 100000.., seen as the VE's)
 
 The pool is <root>/btrfs: a directory when the VZ root is on btrfs, else the mount point of <root>/btrfs.img, a
 loop-backed btrfs made once by `vzctl storage init --btrfs SIZE` and mounted again by whatever needs it after a
-host reboot (loop.py: autoclear, direct I/O; POOL_MOUNT_OPTS). Quotas are enabled on the pool; a VE's hard space
-limit is its subvolume's qgroup exclusive limit (EDQUOT inside the VE, raisable and lowerable while it runs).
+host reboot (loop.py: autoclear, direct I/O; POOL_MOUNT_OPTS). Quotas are enabled on the pool (simple quotas
+where the kernel has them: btrfs_ioctl.quota_enable); a VE's hard space limit is its subvolume's qgroup exclusive
+limit (EDQUOT inside the VE, raisable and lowerable while it runs).
 btrfs has no inode limits: they are refused. Create, limit changes and destroy are ioctls (btrfs_ioctl.py): no
 `btrfs` process on those paths; a destroyed subvolume's qgroup is removed once the cleaner has dropped it.
 """
@@ -127,7 +129,10 @@ def init_pool(layout: Layout, size: int) -> tuple[Path, bool]:
     layout.secure_areas()
     image = layout.root / POOL_IMAGE
     if image.exists() or fs_type(layout.root) == BTRFS_MAGIC:
-        return ensure_pool(layout), False
+        pool = ensure_pool(layout)
+        if image.exists() and btrfs_ioctl.quota_mode(pool) is None:
+            _enable_quotas(pool)  # an init killed between the rename and this (or quotas turned off since)
+        return pool, False
     if size < POOL_MIN:
         raise DiskLimitError(f"--btrfs {size >> 20}M: a pool needs at least {POOL_MIN >> 20}M")
     tmp = layout.root / f".{POOL_IMAGE}.{os.getpid()}"
@@ -140,8 +145,15 @@ def init_pool(layout: Layout, size: int) -> tuple[Path, bool]:
         tmp.unlink(missing_ok=True)
         raise
     pool = ensure_pool(layout)
-    _run(["btrfs", "quota", "enable", str(pool)], f"enabling quotas on {pool}")
+    _enable_quotas(pool)
     return pool, True
+
+
+def _enable_quotas(pool: Path) -> None:
+    try:
+        btrfs_ioctl.quota_enable(pool)  # simple quotas where the kernel has them (see there)
+    except OSError as e:
+        raise StorageError(f"enabling quotas on {pool} failed: {e.strerror}") from None
 
 
 def ve_subvolume(layout: Layout, veid: str) -> Path:
@@ -202,20 +214,28 @@ def _delete_subvolume(path: Path, *, wait: bool = True) -> bool:
         raise StorageError(f"deleting the subvolume {path} failed: {e.strerror}") from None
     if not wait:
         return True
-    _destroy_qgroup(path.parent, sid)
+    if _destroy_qgroup(path.parent, sid):
+        # simple quotas: the frees of the drop are counted at a commit; before it, a qgroup this subvolume was
+        # the last to share (a destroyed VE's, when its checkpoint's snapshot goes) still looks charged
+        btrfs_ioctl.commit(path.parent)
     rescan_if_inconsistent(path.parent)
     # and the qgroups of snapshots dropped without waiting whose cleaning has finished since
     process.run(["btrfs", "qgroup", "clear-stale", str(path.parent)], capture=True, check=False, error=StorageError)
     return True
 
 
-def _destroy_qgroup(pool_path: Path, sid: int) -> None:
+def _destroy_qgroup(pool_path: Path, sid: int) -> bool:
     """The deleted subvolume's qgroup 0/SID. The kernel refuses (EBUSY) until its cleaner has dropped the
     subvolume's tree: BTRFS_IOC_SYNC commits and wakes the cleaner (a few ms for a VE), again every 50 ms in
-    case it went back to sleep before reaching this subvolume (as `btrfs subvolume sync` waits, but bounded)."""
+    case it went back to sleep before reaching this subvolume (as `btrfs subvolume sync` waits, but bounded).
+    With simple quotas the kernel removes an emptied qgroup itself when it drops the tree; one still charged
+    for extents another subvolume shares (a checkpoint's snapshot of the VE) stays busy until those go: once
+    the tree is dropped it is left (no subvolume, no limit on anything) for a later clear-stale. Returns whether
+    the pool has simple quotas."""
     import fcntl
     import time
 
+    simple = btrfs_ioctl.quota_mode(pool_path) == "squota"
     fd = os.open(pool_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         deadline = time.monotonic() + QGROUP_WAIT
@@ -226,16 +246,30 @@ def _destroy_qgroup(pool_path: Path, sid: int) -> None:
                 pass
             for _ in range(10):
                 if btrfs_ioctl.qgroup_destroy(pool_path, sid) != errno.EBUSY:
-                    return
+                    return simple
+                if simple and not _root_exists(pool_path, sid):
+                    # dropped; the frees its drop queued are counted at the next commit: once more after it,
+                    # then still busy = charged for extents another subvolume shares (see above)
+                    btrfs_ioctl.commit(pool_path)
+                    btrfs_ioctl.qgroup_destroy(pool_path, sid)
+                    return simple
                 time.sleep(0.005)
             if time.monotonic() > deadline:
-                return  # a stale qgroup (harmless: no subvolume, no limit on anything)
+                return simple  # a stale qgroup (harmless: no subvolume, no limit on anything)
     finally:
         os.close(fd)
 
 
-def remove_subvolume(layout: Layout, veid: str) -> list[tuple[Path, int]]:
-    """The VE's subvolume and those of its killed creates, if there is a pool (no config needed)."""
+def _root_exists(pool_path: Path, sid: int) -> bool:
+    try:
+        return btrfs_ioctl.root_item_exists(pool_path, sid)
+    except OSError:
+        return True  # cannot tell: wait as with full accounting
+
+
+def remove_subvolume(layout: Layout, veid: str, *, refill: bool = True) -> list[tuple[Path, int]]:
+    """The VE's subvolume and those of its killed creates, if there is a pool (no config needed). REFILL: when
+    the VE's own subvolume went (a destroy), make the spares the next creates take (refill_spares)."""
     if not pool_available(layout):
         return []
     try:
@@ -245,6 +279,7 @@ def remove_subvolume(layout: Layout, veid: str) -> list[tuple[Path, int]]:
     removed = []
     from ..state import pid_alive
 
+    destroyed = False
     for name in os.listdir(pool / "ves"):
         tail = name.rsplit("-", 1)[-1]
         dead_tmp = name.startswith(f".tmp-{veid}-") and tail.isdigit() and not pid_alive(int(tail))
@@ -253,7 +288,70 @@ def remove_subvolume(layout: Layout, veid: str) -> list[tuple[Path, int]]:
             storage.detach_below(path)
             if _delete_subvolume(path):
                 removed.append((path, 0))
-    return removed + drop_orphans(layout, veid)
+                destroyed = destroyed or name == veid
+    removed += drop_orphans(layout, veid)
+    if destroyed and refill:
+        refill_spares(layout, pool)
+    return removed
+
+
+# Spares: <pool>/spares/<generation>, a writable snapshot of the template generation's subvolume made ahead of
+# time. A create renames it into place (ves/.tmp-<id>-<pid>, then its limit, then ves/<id>) instead of
+# snapshotting: the snapshot's transaction commit is most of a btrfs create. A destroy makes the next one, after
+# its own work. Crash safety: the rename is atomic (a killed create's .tmp- subvolume is removed as before); a
+# killed refill leaves spares/.tmp-<generation>-<pid>, removed by the next refill; a spare is nothing but an
+# unused snapshot, removed with its generation's unpacked template (`vzpkg clean --templates`) at the next refill.
+SPARES = "spares"
+
+
+def _claim_spare(source: Path, dest: Path) -> bool:
+    """Rename the spare of the template subvolume SOURCE to DEST; False if there is none (or another create
+    took it first)."""
+    try:
+        os.rename(source.parent.parent / SPARES / source.name, dest)
+        return True
+    except OSError:
+        return False
+
+
+def refill_spares(layout: Layout, pool: Path) -> None:
+    """One spare per template generation that is still unpacked (template/<generation>); leftovers of killed
+    refills and spares of generations removed since are deleted. Failures only leave a create to snapshot."""
+    from ..state import pid_alive
+
+    spares = pool / SPARES
+    try:
+        generations = [n for n in os.listdir(pool / "templates") if not n.startswith(".")]
+        spares.mkdir(mode=0o700, exist_ok=True)
+        have = os.listdir(spares)
+    except OSError:
+        return
+    for name in have:
+        if name.startswith(".tmp-"):
+            tail = name.rsplit("-", 1)[-1]
+            stale = tail.isdigit() and not pid_alive(int(tail))
+        else:
+            stale = name not in generations or not (layout.template_dir / name).is_dir()
+        if stale:
+            try:
+                _delete_subvolume(spares / name)
+            except StorageError:
+                pass
+    for name in generations:
+        if name in have or not (layout.template_dir / name).is_dir():
+            continue
+        tmp = spares / f".tmp-{name}-{os.getpid()}"
+        try:
+            btrfs_ioctl.snapshot(pool / "templates" / name, tmp)
+        except OSError:
+            continue
+        try:
+            os.rename(tmp, spares / name)
+        except OSError:  # another destroy's refill was first
+            try:
+                _delete_subvolume(tmp)
+            except StorageError:
+                pass
 
 
 def _set_limit(sub: Path, max_excl: int | None) -> None:
@@ -298,12 +396,14 @@ class BtrfsBackend(Backend):
         source = template_subvolume(layout, template)
         final = ve_subvolume(layout, veid)
         if os.path.lexists(final):
-            remove_subvolume(layout, veid)  # a killed create's (the VE has no config: the caller checked)
+            # a killed create's (the VE has no config: the caller checked)
+            remove_subvolume(layout, veid, refill=False)
         tmp_sub = final.with_name(f".tmp-{veid}-{os.getpid()}")
-        try:
-            btrfs_ioctl.snapshot(source, tmp_sub)
-        except OSError as e:
-            raise StorageError(f"snapshotting {source} failed: {e.strerror}") from None
+        if not _claim_spare(source, tmp_sub):
+            try:
+                btrfs_ioctl.snapshot(source, tmp_sub)
+            except OSError as e:
+                raise StorageError(f"snapshotting {source} failed: {e.strerror}") from None
         try:
             if limits.space_hard is not None:
                 _set_limit(tmp_sub, limits.space_hard)

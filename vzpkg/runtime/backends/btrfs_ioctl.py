@@ -6,6 +6,10 @@
     set_limit(path, qgroupid)   BTRFS_IOC_QGROUP_LIMIT (max exclusive; None clears it)
     destroy(path)               BTRFS_IOC_SNAP_DESTROY_V2 by name (V1 before Linux 5.7)
     qgroup_destroy(path, id)    BTRFS_IOC_QGROUP_CREATE with create=0 (after BTRFS_IOC_SYNC: see btrfs.py)
+    quota_enable(path)          BTRFS_IOC_QUOTA_CTL: simple quotas (Linux 6.7+), else full qgroup accounting
+    quota_mode(path)            "squota", "qgroup" or None (/sys/fs/btrfs/<fsid>/qgroups/mode)
+    root_item_exists(path, id)  BTRFS_IOC_TREE_SEARCH for the subvolume's root item (gone once the cleaner
+                                has dropped a deleted subvolume)
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import struct
 from pathlib import Path
 
 _MAGIC = 0x94
@@ -67,6 +72,27 @@ INO_LOOKUP = _ioc(_IOC_READ | _IOC_WRITE, 18, ctypes.sizeof(InoLookupArgs))
 QGROUP_CREATE = _ioc(_IOC_WRITE, 42, ctypes.sizeof(QgroupCreateArgs))
 QGROUP_LIMIT = _ioc(_IOC_READ, 43, ctypes.sizeof(QgroupLimitArgs))
 SYNC = _ioc(0, 8, 0)  # commit, and wake the cleaner (deleted subvolumes)
+QUOTA_CTL = _ioc(_IOC_READ | _IOC_WRITE, 40, 16)  # struct btrfs_ioctl_quota_ctl_args {u64 cmd, status}
+QUOTA_CTL_ENABLE = 1
+QUOTA_CTL_ENABLE_SIMPLE_QUOTA = 4  # Linux 6.7+
+TREE_SEARCH = _ioc(_IOC_READ | _IOC_WRITE, 17, 4096)  # struct btrfs_ioctl_search_args
+ROOT_TREE_OBJECTID = 1
+ROOT_ITEM_KEY = 132
+U64_MAX = (1 << 64) - 1
+
+
+class SearchKey(ctypes.Structure):
+    _fields_ = [("tree_id", ctypes.c_uint64), ("min_objectid", ctypes.c_uint64), ("max_objectid", ctypes.c_uint64),
+                ("min_offset", ctypes.c_uint64), ("max_offset", ctypes.c_uint64), ("min_transid", ctypes.c_uint64),
+                ("max_transid", ctypes.c_uint64), ("min_type", ctypes.c_uint32), ("max_type", ctypes.c_uint32),
+                ("nr_items", ctypes.c_uint32), ("unused", ctypes.c_uint32), ("unused1", ctypes.c_uint64 * 4)]
+
+
+class SearchArgs(ctypes.Structure):
+    _fields_ = [("key", SearchKey), ("buf", ctypes.c_char * (4096 - ctypes.sizeof(SearchKey)))]
+
+
+assert ctypes.sizeof(SearchKey) == 104 and ctypes.sizeof(SearchArgs) == 4096
 
 
 def _open_dir(path: Path) -> int:
@@ -187,3 +213,67 @@ def qgroups_inconsistent(path: Path) -> bool:
             return f.read().strip() == "1"
     except OSError:
         return False
+
+
+def commit(path: Path) -> None:
+    """BTRFS_IOC_SYNC: commit the running transaction (and wake the cleaner); failures ignored."""
+    try:
+        fd = _open_dir(path)
+    except OSError:
+        return
+    try:
+        fcntl.ioctl(fd, SYNC)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def quota_enable(path: Path) -> str:
+    """Enable quotas on PATH's btrfs: simple quotas where the kernel has them (6.7+), else full qgroup accounting.
+    Returns the mode ("squota" or "qgroup"). Simple quotas charge an extent to the subvolume that wrote it, once,
+    when it is allocated: no backref walk at every transaction commit, so a snapshot (a VE's create) and the
+    cleaner's drop of a deleted one (destroy) cost what they cost without quotas (measured here: a snapshot of
+    the debian-12 template ~25 ms with full accounting, ~5-10 ms simple). A VE's usage is then what it wrote
+    since its snapshot — what its qgroup's exclusive bytes were, without the template it shares."""
+    fd = _open_dir(path)
+    try:
+        try:
+            fcntl.ioctl(fd, QUOTA_CTL, bytearray(struct.pack("=QQ", QUOTA_CTL_ENABLE_SIMPLE_QUOTA, 0)))
+            return "squota"
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTTY):
+                raise
+        fcntl.ioctl(fd, QUOTA_CTL, bytearray(struct.pack("=QQ", QUOTA_CTL_ENABLE, 0)))
+        return "qgroup"
+    finally:
+        os.close(fd)
+
+
+def quota_mode(path: Path) -> str | None:
+    """"squota" (simple quotas), "qgroup" (full accounting) or None (quotas off) on PATH's btrfs."""
+    base = f"/sys/fs/btrfs/{fsid(path)}/qgroups"
+    try:
+        with open(f"{base}/mode") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return "qgroup" if os.path.isdir(base) else None  # (a kernel before 6.7: full accounting only)
+    except OSError:
+        return None
+
+
+def root_item_exists(path: Path, subvolid: int) -> bool:
+    """Does PATH's btrfs still have the root item of subvolume SUBVOLID (a deleted one keeps it until the
+    cleaner has dropped its tree)?"""
+    args = SearchArgs()
+    k = args.key
+    k.tree_id, k.min_objectid, k.max_objectid = ROOT_TREE_OBJECTID, subvolid, subvolid
+    k.min_type = k.max_type = ROOT_ITEM_KEY
+    k.max_offset = k.max_transid = U64_MAX
+    k.nr_items = 1
+    fd = _open_dir(path)
+    try:
+        fcntl.ioctl(fd, TREE_SEARCH, args)
+    finally:
+        os.close(fd)
+    return args.key.nr_items > 0
