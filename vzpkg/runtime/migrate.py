@@ -151,6 +151,8 @@ def migrate(layout: Layout, veid: str, dest: str, *, online: bool = False, keep_
     if lazy and not online:
         raise UsageError("migrate: --lazy goes with --online (a post-copy restore on DEST)")
     d = migrate_dest.parse(dest, vzctl=remote_vzctl)
+    if isinstance(d, migrate_dest.SSH):
+        d = d.shared()
     if isinstance(d, migrate_dest.LocalRoot) and os.path.realpath(d.root) == layout.real_root():
         raise UsageError(f"migrate: {d.root} is this VE's own VZ root")
     layout.secure_areas()

@@ -23,6 +23,10 @@ from vzpkg.errors import MigrationError, MigrationRemoteError, MigrationUnreacha
 
 SSH_DEFAULTS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5",
                 "-o", "ServerAliveCountMax=3")
+# One ssh connection per migration: the receiving vzctl's ssh is the master, and the rsyncs (two of them while an
+# online migration's VE is frozen) open sessions over it instead of connections of their own (a key exchange
+# and a login each). Root's own directory for the sockets; ssh removes a master's socket when it exits.
+CONTROL_DIR = "/run/vzpkg-ssh"
 
 
 def local_vzctl() -> str:
@@ -66,6 +70,7 @@ class SSH:
     root: str | None = None
     vzctl: str = field(default_factory=local_vzctl)
     opts: tuple[str, ...] = ()
+    control: str | None = None  # ssh's ControlPath: the connection shared by one migration's ssh commands
 
     @property
     def spec(self) -> str:
@@ -76,7 +81,25 @@ class SSH:
         return self.spec
 
     def _ssh(self) -> list[str]:
-        return ["ssh", *self.opts, *SSH_DEFAULTS, *(["-p", str(self.port)] if self.port else [])]
+        shared = ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control}", "-o", "ControlPersist=no"]
+        return ["ssh", *self.opts, *SSH_DEFAULTS, *(shared if self.control else []),
+                *(["-p", str(self.port)] if self.port else [])]
+
+    def shared(self) -> SSH:
+        """This destination with one connection for all its ssh commands (this process's own socket), or as it
+        is when the socket directory is not root's own."""
+        import dataclasses
+        import stat
+
+        try:
+            os.makedirs(CONTROL_DIR, mode=0o700, exist_ok=True)
+            st = os.lstat(CONTROL_DIR)
+        except OSError:
+            return self
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            return self  # someone else's: no socket of ours goes there
+        # %C: a hash of the host, port and user (short enough for a socket's path)
+        return dataclasses.replace(self, control=f"{CONTROL_DIR}/{os.getpid()}-%C")
 
     def _target(self) -> str:
         return f"{self.user}@{self.host}" if self.user else self.host

@@ -71,7 +71,7 @@ class SSHServer:
                 f"PidFile {d / 'sshd.pid'}", f"AuthorizedKeysFile {d / 'authorized_keys'}", "StrictModes no",
                 "PermitRootLogin prohibit-password", "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no", "UsePAM no", "PrintMotd no", "PrintLastLog no",
-                "LogLevel ERROR", f"ForceCommand {back}"]
+                "LogLevel INFO", f"ForceCommand {back}"]
         # OpenSSH >= 9.8 (Debian 13) runs helper binaries from a compiled-in /usr/lib/openssh: point at ours
         for option, binary in (("SshdSessionPath", "sshd-session"), ("SshdAuthPath", "sshd-auth")):
             if (PREFIX / "usr/lib/openssh" / binary).exists():
@@ -91,6 +91,11 @@ class SSHServer:
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"sshd did not answer: {(d / 'sshd.log').read_text()[-2000:]}")
+
+    def logins(self) -> int:
+        """How many ssh connections have logged in so far (sshd's "Accepted publickey" lines)."""
+        self.log.flush()
+        return (self.dir / "sshd.log").read_text(errors="replace").count("Accepted publickey")
 
     def ssh(self, command: str, *, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(["ssh", *shlex.split(self.opts()), "-p", str(self.port), "root@127.0.0.1", command],

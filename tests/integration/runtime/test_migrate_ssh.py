@@ -127,9 +127,12 @@ def test_ssh_migration_online_then_offline_back(rt, sshd, node2):
     here, there = _env(rt, sshd), _env(rt, sshd, node2)
     _wait(lambda: _read(here, veid, "/root/pid"), what="the counter's pid")
     pid, before = _read(here, veid, "/root/pid"), _count(here, veid)
+    logins = sshd.logins()
     p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online", "-t")
     assert p.returncode == 0, p.stderr
     assert "frozen" in p.stdout and "restore" in p.stdout
+    # one connection: the receiving vzctl's ssh is the master, the rsyncs (template, files, images) sessions on it
+    assert sshd.logins() - logins == 1
     print(p.stdout)  # (-t: each phase's time; -s shows it)
     assert _vzctl(there, "status", veid).stdout.split()[2:5] == ["exist", "mounted", "running"]
     after = _count(there, veid)
