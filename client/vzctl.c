@@ -20,6 +20,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -32,6 +33,9 @@
 #endif
 
 #define SERVER_LOST 68 /* ServerLostError in vzpkg/errors.py */
+#ifndef ACCEPT_TIMEOUT
+#define ACCEPT_TIMEOUT 10 /* seconds (the tests build with less) */
+#endif
 
 extern char **environ;
 static volatile pid_t command_pid;
@@ -135,7 +139,7 @@ static int send_request(int sock, int argc, char **argv)
     mode_t mask = umask(0);
     umask(mask);
     put_u32(buf, (uint32_t)(len - 4));
-    memcpy(buf + 4, "VZC1", 4);
+    memcpy(buf + 4, "VZC2", 4);
     put_u32(buf + 8, (uint32_t)mask);
     uint64_t ignored = 0; /* what a Python vzctl started from here would find ignored (a shell's `cmd &`) */
     for (int sig = 1; sig <= 64; sig++) {
@@ -198,8 +202,24 @@ int main(int argc, char **argv)
         run_directly(argc, argv);
     strcpy(addr.sun_path, path);
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    /* A server that does not take the command within ACCEPT_TIMEOUT (stopped, hung, its queue full) is no
+     * server: the command runs here. Safe, as a command starts only once its client has the pid (server.py). */
+    struct timeval limit = {.tv_sec = ACCEPT_TIMEOUT}, forever = {0};
+    if (sock >= 0) {
+        setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof(limit));
+        setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof(limit));
+    }
     if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof(addr)) < 0)
         run_directly(argc, argv); /* no server: the usual path */
+    /* Only root's server gets the request. A socket anyone else listens on ($VZCTL_SERVER_SOCKET kept from a
+     * user's environment by su or sudo -E) would get root's descriptors, arguments and environment, and could
+     * name any pid as the command's for us to signal. */
+    struct ucred peer;
+    socklen_t peer_len = sizeof(peer);
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &peer, &peer_len) < 0 || peer.uid != 0) {
+        close(sock);
+        run_directly(argc, argv);
+    }
 
     /* Signals that arrive before the command's pid is known wait (blocked), then go to the command. */
     sigset_t set, old;
@@ -209,13 +229,20 @@ int main(int argc, char **argv)
     sigprocmask(SIG_BLOCK, &set, &old);
 
     unsigned char reply[5];
-    if (send_request(sock, argc, argv) < 0 || read_full(sock, reply, 5) < 0 || reply[0] != 'P') {
-        /* not served (S), or the server went away before it started anything: run it here */
+    if (read_full(sock, reply, 5) < 0 || reply[0] != 'R' || send_request(sock, argc, argv) < 0 ||
+        read_full(sock, reply, 5) < 0 || reply[0] != 'P') {
+        /* not served (S), not taken in time, or the server went away before it started anything: run it here */
         close(sock);
         sigprocmask(SIG_SETMASK, &old, NULL);
         run_directly(argc, argv);
     }
     command_pid = (pid_t)get_u32(reply + 1);
+    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &forever, sizeof(forever)); /* the command takes what it takes */
+    if (command_pid <= 1) { /* never signal a process group, every process, or init */
+        fprintf(stderr, "vzctl: error: the vzctl server answered with pid %d; whether the command runs is "
+                        "unknown: check with vzctl status\n", (int)command_pid);
+        return SERVER_LOST;
+    }
     /* all of them, also those ignored here: the command's vzctl has them ignored too (the request says so)
      * until it installs its own handlers, as a Python vzctl started from here would */
     struct sigaction sa = {.sa_handler = forward, .sa_flags = SA_RESTART};

@@ -21,16 +21,22 @@ from pathlib import Path
 
 import pytest
 
+from vzpkg.cli.server import MAGIC
+
 from .conftest import PROJECT, VZCTL, Runtime
 
+TAKEN = b"R" + bytes(4)  # the server's first answer: it takes the command
+
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds the vzctl front end")
+ACCEPT_TIMEOUT = 3  # the front end's wait for a server to take its command (10 s as installed)
 
 
 @pytest.fixture(scope="session")
 def front_end(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("client") / "vzctl"
     subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(PROJECT / "client/vzctl.c"),
-                    '-DVZCTL_SOCKET="/nonexistent/vzctl.sock"', f'-DVZCTL_PYTHON="{sys.executable}"'],
+                    '-DVZCTL_SOCKET="/nonexistent/vzctl.sock"', f'-DVZCTL_PYTHON="{sys.executable}"',
+                    f"-DACCEPT_TIMEOUT={ACCEPT_TIMEOUT}"],
                    check=True, capture_output=True, text=True)
     return out
 
@@ -213,7 +219,7 @@ def test_a_code_change_is_picked_up(front_end, server, rt):
     assert server.stop() >= 1  # the new image served the last one (a restored mtime is a change too: >= 1)
 
 
-def _request(argv: list[bytes], env: list[bytes], magic: bytes = b"VZC1") -> bytes:
+def _request(argv: list[bytes], env: list[bytes], magic: bytes = MAGIC) -> bytes:
     body = magic + struct.pack("<IQII", 0o22, 0, len(argv), len(env)) + b"".join(x + b"\0" for x in argv + env)
     return struct.pack("<I", len(body)) + body
 
@@ -227,7 +233,8 @@ def test_bad_requests_do_not_stop_the_server(front_end, server, rt):
             (b"garbage", None),  # no descriptors
             (_request([b"status", b"1"], [], magic=b"XXXX"), fds),
             (struct.pack("<I", 1 << 30), fds),  # a length past the bound
-            (struct.pack("<I", 100) + b"VZC1", fds),  # truncated
+            (struct.pack("<I", 100) + MAGIC, fds),  # truncated
+            (_request([b"status", b"4711"], [], magic=b"VZC1"), fds),  # the old protocol (fds before R)
             (_request([b"status"], [b"A=1"])[:-1] + b"x", fds),  # not NUL-terminated
         ]
         for data, passed in bad:
@@ -239,10 +246,7 @@ def test_bad_requests_do_not_stop_the_server(front_end, server, rt):
                 elif data:
                     s.sendall(data)
                 s.shutdown(socket.SHUT_WR)
-                try:
-                    assert s.recv(16) == b""  # closed, nothing run
-                except ConnectionResetError:
-                    pass  # closed with our bytes unread: the same
+                assert _all_of(s) == TAKEN  # taken, then closed: nothing run
         os.close(fds[3])
     finally:
         os.close(devnull)
@@ -312,6 +316,154 @@ def test_terminal_commands_and_unserved_users_fall_back(front_end, server, rt):
     missing = through(front_end, server, rt, "enter", "4711")
     assert missing.returncode == direct(rt, "enter", "4711").returncode == 31
     assert server.stop() == 0
+
+
+def test_a_client_that_sends_slowly_holds_up_no_one(front_end, server, rt):
+    """A connection that sends nothing, or half a request and then nothing (a stopped or hung client), neither
+    delays the commands of others nor stays open forever."""
+    silent = socket.socket(socket.AF_UNIX)
+    half = socket.socket(socket.AF_UNIX)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        silent.connect(str(server.sock))
+        half.connect(str(server.sock))
+        half.sendmsg([_request([b"status", b"4711"], [])[:10]],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [devnull] * 4))])
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        for _ in range(3):
+            ok = through(front_end, server, rt, "status", "4711")
+            assert ok.returncode == 0 and "deleted" in ok.stdout
+        assert time.monotonic() - t0 < 3  # (5 s each before: the server read each request with a 5 s timeout)
+        for s in (silent, half):
+            s.settimeout(15)
+            assert _all_of(s) == TAKEN  # dropped after its 5 s: its client would run the command itself
+    finally:
+        silent.close()
+        half.close()
+        os.close(devnull)
+    assert server.stop() == 3
+
+
+# A server that root's front end must not talk to: bound by root (in root's temporary directory), listening as
+# nobody, as a user's own socket named by $VZCTL_SERVER_SOCKET would be. It reports what it received.
+FAKE_SERVER = """
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+os.chmod(sys.argv[1], 0o777)
+os.setgid(65534); os.setuid(65534)
+s.listen()
+print("listening", flush=True)
+s.settimeout(30)
+c, _ = s.accept()
+c.settimeout(10)
+try:
+    data, anc, _, _ = c.recvmsg(1 << 20, socket.CMSG_SPACE(64))
+except OSError:
+    data, anc = b"", []
+print(len(data), "bytes", sum(len(a[2]) // 4 for a in anc), "descriptors", flush=True)
+try:
+    c.sendall(b"P" + (0xFFFFFFFF).to_bytes(4, "little"))  # pid -1: kill(-1, SIG) signals every process
+except OSError:
+    pass
+"""
+
+
+def test_a_socket_root_does_not_own_gets_nothing_from_root(front_end, rt, tmp_path):
+    """$VZCTL_SERVER_SOCKET kept from a user's environment (su, sudo -E) must not hand root's command (its
+    descriptors, arguments, environment) to that user's server, nor let it name a pid for root to signal."""
+    sock = tmp_path / "user.sock"
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_SERVER, str(sock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline() == "listening\n"
+        r = through(front_end, Server(sock, rt.env), rt, "status", "4711", env={**rt.env, "SECRET": "s3cret"})
+        assert r.returncode == 0 and "deleted" in r.stdout, r  # run by the Python vzctl: nothing served it
+        assert fake.communicate(timeout=30)[0] == "0 bytes 0 descriptors\n"
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+def test_a_root_with_less_is_not_served(front_end, server, rt):
+    """Root without every capability (a dropped bounding set: a sandboxed service) or in another mount namespace
+    must not have its command run by the server with what the server has: the Python vzctl runs it."""
+    for wrap in (["setpriv", "--bounding-set=-all"], ["unshare", "--mount"]):
+        if shutil.which(wrap[0]) is None:
+            continue
+        env = {**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)}
+        r = subprocess.run([*wrap, str(front_end), "status", "4711"], env=env, capture_output=True, text=True,
+                           timeout=60, cwd=PROJECT)
+        assert r.returncode == 0 and "deleted" in r.stdout, r
+    assert server.stop() == 0
+
+
+def test_the_command_has_the_clients_limits_and_priority(front_end, server, rt):
+    """`ulimit -n`, `nice`, `taskset`, an OOM score adjustment before vzctl: as without a server."""
+    veid = rt.create("--layout", "overlay")
+    script = ("grep 'open files' /proc/self/limits | tr -s ' '; cut -d' ' -f19 /proc/self/stat;"
+              "grep Cpus_allowed_list /proc/self/status; cat /proc/self/oom_score_adj")
+
+    def limited() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (77, 99))
+        os.nice(3)
+        os.sched_setaffinity(0, {0})
+        Path("/proc/self/oom_score_adj").write_text("123")
+
+    a = subprocess.run([str(front_end), "exec", veid, script], env={**rt.env, "VZCTL_SERVER_SOCKET":
+                       str(server.sock)}, preexec_fn=limited, capture_output=True, text=True, timeout=60)
+    b = subprocess.run([*VZCTL, "exec", veid, script], env=rt.env, preexec_fn=limited, capture_output=True,
+                       text=True, timeout=60)
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout, (a, b)
+    assert "77 99" in a.stdout and "\n123\n" in a.stdout
+    assert server.stop() == 1
+
+
+def test_a_stopped_server_is_waited_for_only_a_while(front_end, server, rt):
+    """A server stopped (SIGSTOP, ^Z on `vzctl server run`) or hung: the front end runs the command itself after
+    ACCEPT_TIMEOUT; the server, continued, does not run it a second time."""
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = through(front_end, server, rt, "status", "4711")
+        assert r.returncode == 0 and r.stdout.count("deleted") == 1, r
+        assert ACCEPT_TIMEOUT <= time.monotonic() - t0 < ACCEPT_TIMEOUT + 10
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    ok = through(front_end, server, rt, "status", "4711")
+    assert ok.returncode == 0 and ok.stdout.count("deleted") == 1
+    assert server.stop() == 1
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace kills the server at the instant tested")
+def test_a_server_killed_before_its_client_has_the_pid_runs_nothing(front_end, server, rt):
+    """Killed between its fork of the command and its answer (the pid): the client runs the command itself,
+    so the server's child must not have run it too (before: the status line twice)."""
+    tracer = subprocess.Popen(["strace", "-q", "-o", os.devnull, "-p", str(server.proc.pid), "-e", "trace=sendto",
+                               "-e", "inject=sendto:signal=KILL:when=1"], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: "TracerPid:\t0" not in Path(f"/proc/{server.proc.pid}/status").read_text())
+        r = through(front_end, server, rt, "status", "4711")  # (its output: until every writer closed it)
+        assert r.returncode == 0 and r.stdout.count("deleted") == 1, r
+        assert server.proc.wait(timeout=20) == -signal.SIGKILL
+    finally:
+        tracer.kill()
+        tracer.wait()
+
+
+def _all_of(s: socket.socket) -> bytes:
+    """What the server says on S until it closes the connection."""
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(64)
+        except ConnectionResetError:  # closed with our bytes unread: the same
+            return data
+        if not chunk:
+            return data
+        data += chunk
 
 
 def _gone(pid: int) -> bool:
