@@ -288,7 +288,6 @@ class Server:
         self.context = _context("self")
         self.draining = False  # the code changed: serve nothing more, re-execute once the running ones end
         self.stopping = False
-        self.accept_paused = 0.0  # out of descriptors: accepting again at this time (monotonic)
         self.served = 0
         self.last_active = time.monotonic()
 
@@ -332,9 +331,6 @@ class Server:
             if now >= p.deadline:
                 _log(f"request refused: not complete within {REQUEST_TIMEOUT:.0f} s (client pid {p.peer})")
                 self._drop(fd)
-        if self.accept_paused and now >= self.accept_paused:
-            self.accept_paused = 0.0
-            self.selector.register(self.listener, selectors.EVENT_READ, ("accept", None))
         if self.idle_timeout and not self.running and now - self.last_active > self.idle_timeout:
             self.stopping = True
 
@@ -342,11 +338,6 @@ class Server:
         try:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:  # out of descriptors (EMFILE): accept again in a moment rather than spin on it
-            _log(f"cannot accept a connection: {e.strerror}; accepting again in 0.5 s")
-            self.selector.unregister(self.listener)
-            self.accept_paused = time.monotonic() + 0.5
             return
         self.last_active = time.monotonic()
         try:
