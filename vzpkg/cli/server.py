@@ -434,6 +434,8 @@ class Server:
 
     def _hangup(self, pid: int) -> None:
         """The client's connection is readable: it went away (it sends nothing after its request)."""
+        if pid not in self.running:  # its exit, reported in the same turn of the loop, was handled first
+            return
         conn = self.running[pid][0]
         try:
             data = conn.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)

@@ -453,6 +453,66 @@ def test_a_server_killed_before_its_client_has_the_pid_runs_nothing(front_end, s
         tracer.wait()
 
 
+def test_clients_killed_at_any_instant(front_end, server, rt):
+    """Clients killed at random instants (before the server took the command, while it was sent, while it
+    ran): the server logs no internal error, keeps no descriptor and no child, and serves on."""
+    import random
+
+    base = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+    env = {**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)}
+    rng = random.Random(1)
+    for i in range(100):
+        p = subprocess.Popen([str(front_end), "status", str(i + 1)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        time.sleep(rng.random() * 0.004)
+        p.kill()
+        p.wait()
+    _wait_for(lambda: not server.children() and len(os.listdir(f"/proc/{server.proc.pid}/fd")) == base)
+    ok = through(front_end, server, rt, "status", "4711")
+    assert ok.returncode == 0 and "deleted" in ok.stdout
+    server.stop()
+    assert "internal error" not in server.log_text()
+
+
+def test_a_client_gone_as_its_command_ends(front_end, server, rt):
+    """The command's exit and its client's hang-up seen in the same turn of the server's loop (here: the server
+    stopped while both happen): handled once, no internal error."""
+    import fcntl
+
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETFL, os.O_NONBLOCK)
+    try:
+        while True:
+            os.write(w, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    fcntl.fcntl(w, fcntl.F_SETFL, 0)
+    try:
+        p = subprocess.Popen([str(front_end), "status", "4711"], stdout=w, stderr=subprocess.DEVNULL,
+                             env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)})
+        _wait_for(lambda: server.children())
+        child = server.children()[0]
+        time.sleep(0.3)  # it is blocked writing its line to the full pipe
+        server.proc.send_signal(signal.SIGSTOP)
+        fcntl.fcntl(r, fcntl.F_SETFL, os.O_NONBLOCK)
+        while Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            try:
+                os.read(r, 1 << 16)  # let it finish: it exits, the stopped server has not seen it yet
+            except BlockingIOError:
+                time.sleep(0.01)
+        p.kill()
+        p.wait()
+        server.proc.send_signal(signal.SIGCONT)
+        _wait_for(lambda: not server.children())
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        os.close(r)
+        os.close(w)
+    assert through(front_end, server, rt, "status", "4711").returncode == 0
+    server.stop()
+    assert "internal error" not in server.log_text(), server.log_text()
+
+
 def _all_of(s: socket.socket) -> bytes:
     """What the server says on S until it closes the connection."""
     data = b""
