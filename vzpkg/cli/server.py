@@ -277,14 +277,15 @@ class Server:
     """One listening socket, a fork per command, one thread: the loop waits on the socket, each request as it
     arrives, each client's connection (its hang-up) and each command's pidfd (its exit)."""
 
-    def __init__(self, sock_path: Path, listener: socket.socket, idle_timeout: float | None = None) -> None:
+    def __init__(self, sock_path: Path, listener: socket.socket, idle_timeout: float | None = None,
+                 stamp: _Stamp | None = None) -> None:
         self.path = sock_path
         self.listener = listener
         self.idle_timeout = idle_timeout
         self.selector = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}  # connection's fd -> its request, still arriving
         self.running: dict[int, tuple[socket.socket, int]] = {}  # pid -> (connection, pidfd)
-        self.stamp = _Stamp()
+        self.stamp = stamp or _Stamp()
         self.context = _context("self")
         self.draining = False  # the code changed: serve nothing more, re-execute once the running ones end
         self.stopping = False
@@ -468,14 +469,21 @@ def _preload() -> None:
     import importlib
     import pkgutil
 
+    # A module that fails to import (an edit half-way, a checkout in progress) is one a command would fail to
+    # import too: it fails there, with its error. The server stays up, and re-executes at the next change.
+    def load(name: str) -> object | None:
+        try:
+            return importlib.import_module(name)
+        except Exception as e:
+            _log(f"not preloaded: {name}: {type(e).__name__}: {e}")
+            return None
+
     for name in PRELOAD:
-        importlib.import_module(name)
+        load(name)
     for package in PRELOAD_PACKAGES:
-        for info in pkgutil.iter_modules(importlib.import_module(package).__path__, package + "."):
-            try:
-                importlib.import_module(info.name)
-            except Exception as e:  # a module a command would fail to import too: it fails there, with its error
-                _log(f"not preloaded: {info.name}: {e}")
+        module = load(package)
+        for info in pkgutil.iter_modules(getattr(module, "__path__", []), package + "."):
+            load(info.name)
 
 
 def run(sock: Path, idle_timeout: float | None = None, listen_fd: int | None = None,
@@ -512,6 +520,7 @@ def run(sock: Path, idle_timeout: float | None = None, listen_fd: int | None = N
         os.set_inheritable(listen_fd, False)
         os.set_inheritable(lock_fd, False)
     Path(pid_path(sock)).write_text(f"{os.getpid()}\n")
+    stamp = _Stamp()  # before the imports: a change while they run is a change
     _preload()
     import gc
 
@@ -523,7 +532,7 @@ def run(sock: Path, idle_timeout: float | None = None, listen_fd: int | None = N
     def _stop(_signum: int, _frame: object) -> None:
         server.stopping = True
 
-    server = Server(sock, listener, idle_timeout)
+    server = Server(sock, listener, idle_timeout, stamp)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

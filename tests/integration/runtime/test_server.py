@@ -513,6 +513,37 @@ def test_a_client_gone_as_its_command_ends(front_end, server, rt):
     assert "internal error" not in server.log_text(), server.log_text()
 
 
+def test_code_that_does_not_import_does_not_stop_the_server(front_end, rt, tmp_path):
+    """The code changed to something that does not import (an edit half-way, a checkout in progress): the
+    re-executed server stays up, and serves again once the code is whole. The server runs a copy of the
+    package here, so that the worktree is never broken."""
+    shutil.copytree(PROJECT / "vzpkg", tmp_path / "code" / "vzpkg", ignore=shutil.ignore_patterns("__pycache__"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    srv = Server(run_dir / "vzctl.sock", {**rt.env, "PYTHONPATH": str(tmp_path / "code")})
+    srv.start()
+    module = tmp_path / "code/vzpkg/cli/vzctl_more.py"
+    good = module.read_text()
+    try:
+        module.write_text(good + "\ndef half_written(:\n")
+        time.sleep(0.6)  # the server looks at the code at most twice a second
+        assert through(front_end, srv, rt, "status", "4711").returncode == 0  # (the Python vzctl ran it)
+        _wait_for(lambda: "re-executed" in srv.log_text() or srv.proc.poll() is not None)
+        assert srv.proc.poll() is None, srv.log_text()
+        assert "not preloaded: vzpkg.cli.vzctl_more: SyntaxError" in srv.log_text()
+        module.write_text(good)
+        time.sleep(0.6)
+        assert through(front_end, srv, rt, "status", "4711").returncode == 0
+        _wait_for(lambda: srv.log_text().count("re-executed") == 2)
+        ok = through(front_end, srv, rt, "status", "4711")
+        assert ok.returncode == 0 and "deleted" in ok.stdout
+        assert srv.stop() == 1
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+
+
 def _all_of(s: socket.socket) -> bytes:
     """What the server says on S until it closes the connection."""
     data = b""
