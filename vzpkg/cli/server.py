@@ -38,6 +38,7 @@ from __future__ import annotations
 import array
 import fcntl
 import os
+import re
 import selectors
 import signal
 import socket
@@ -256,11 +257,41 @@ def _as_able(client: _Context, server: _Context) -> bool:
             and all(c <= s for c, s in zip(client.confined, server.confined, strict=True)))
 
 
+def _cgroups(pid: int | str) -> dict[str, str]:
+    """PID's cgroup in each hierarchy, by the hierarchy's controllers ("cpu,cpuacct", "name=systemd", "" for
+    cgroup2)."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        return {ctrls: path for _, ctrls, path in (line.rstrip("\n").split(":", 2) for line in f)}
+
+
+def _join_cgroups(peer: int) -> None:
+    """In the command's process: the client's cgroups, where they are not the server's (a service's memory or
+    pids limit holds for the vzctl command it runs, as without a server)."""
+    mine = _cgroups("self")
+    moves = {ctrls: path for ctrls, path in _cgroups(peer).items() if mine.get(ctrls) != path}
+    if not moves:
+        return
+    with open("/proc/self/mountinfo") as f:
+        mounts = f.read().splitlines()
+    for line in mounts:
+        pre, _, post = line.partition(" - ")
+        fields, tail = pre.split(), post.split()
+        if len(fields) < 5 or len(tail) < 3 or fields[3] != "/" or tail[0] not in ("cgroup", "cgroup2"):
+            continue
+        opts = set(tail[2].split(","))
+        for ctrls in [c for c in moves if (c == "") == (tail[0] == "cgroup2") and set(c.split(",")) - {""} <= opts]:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # (octal escapes)
+            with open(os.path.join(point, moves.pop(ctrls).lstrip("/"), "cgroup.procs"), "w") as procs:
+                procs.write(str(os.getpid()))
+
+
 def _take_on(peer: int) -> None:
-    """In the command's process: the client's resource limits, CPU affinity, nice value and OOM score
-    adjustment (`ulimit -n 64; vzctl ...`, `taskset`, `nice`: as if the client had run the command itself)."""
+    """In the command's process: the client's cgroups, resource limits, CPU affinity, nice value and OOM score
+    adjustment (`ulimit -n 64; vzctl ...`, `taskset`, `nice`, a service's limits: as if the client had run the
+    command itself)."""
     import resource
 
+    _join_cgroups(peer)  # (first: joining a cpuset sets the affinity)
     for name in dir(resource):
         if name.startswith("RLIMIT_"):
             kind = getattr(resource, name)

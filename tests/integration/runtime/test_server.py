@@ -493,14 +493,7 @@ def test_a_client_gone_as_its_command_ends(front_end, server, rt):
     stopped while both happen): handled once, no internal error."""
     import fcntl
 
-    r, w = os.pipe()
-    fcntl.fcntl(w, fcntl.F_SETFL, os.O_NONBLOCK)
-    try:
-        while True:
-            os.write(w, b"x" * 4096)
-    except BlockingIOError:
-        pass
-    fcntl.fcntl(w, fcntl.F_SETFL, 0)
+    r, w = _full_pipe()
     try:
         p = subprocess.Popen([str(front_end), "status", "4711"], stdout=w, stderr=subprocess.DEVNULL,
                              env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)})
@@ -556,6 +549,50 @@ def test_code_that_does_not_import_does_not_stop_the_server(front_end, rt, tmp_p
         if srv.proc.poll() is None:
             srv.proc.kill()
             srv.proc.wait()
+
+
+def _full_pipe() -> tuple[int, int]:
+    """A pipe whose buffer is full: a command writing to it waits until the test reads."""
+    import fcntl
+
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETFL, os.O_NONBLOCK)
+    try:
+        while True:
+            os.write(w, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    fcntl.fcntl(w, fcntl.F_SETFL, 0)
+    return r, w
+
+
+def test_the_command_is_in_its_clients_cgroups(front_end, server, rt):
+    """A client in a cgroup of its own (a service's, with its limits) has its command run in it."""
+    pids = next((Path(line.split()[4]) for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                 if line.partition(" - ")[2].split()[:1] == ["cgroup"] and "pids" in line.split()[-1].split(",")
+                 and line.split()[3] == "/"), None)
+    if pids is None:
+        pytest.skip("no cgroup v1 pids hierarchy")
+    group = pids / f"vzpkg-server-test-{os.getpid()}"
+    group.mkdir()
+    r, w = _full_pipe()
+    try:
+        p = subprocess.Popen([str(front_end), "status", "4711"], stdout=w, stderr=subprocess.DEVNULL,
+                             env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)},
+                             preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+        _wait_for(lambda: server.children())
+        child = server.children()[0]
+        time.sleep(0.3)  # it is blocked writing its line
+        assert f"pids:/{group.name}\n" in Path(f"/proc/{child}/cgroup").read_text()
+    finally:
+        os.close(w)
+        while os.read(r, 1 << 16):
+            pass
+        os.close(r)
+        p.wait(timeout=30)
+        _wait_for(lambda: not (group / "cgroup.procs").read_text().strip())
+        group.rmdir()
+    assert p.returncode == 0 and server.stop() == 1
 
 
 def _all_of(s: socket.socket) -> bytes:
