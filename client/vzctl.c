@@ -126,9 +126,9 @@ static void forward(int sig)
 }
 
 /* Send the request; 0 on success. */
-static int send_request(int sock, int argc, char **argv)
+static int send_request(int sock, int argc, char **argv, const sigset_t *sigmask)
 {
-    size_t envc = 0, len = 4 + 24;
+    size_t envc = 0, len = 4 + 32;
     for (int i = 1; i < argc; i++)
         len += strlen(argv[i]) + 1;
     for (char **e = environ; *e; e++, envc++)
@@ -147,11 +147,17 @@ static int send_request(int sock, int argc, char **argv)
         if (sig != SIGKILL && sig != SIGSTOP && sigaction(sig, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN)
             ignored |= (uint64_t)1 << (sig - 1);
     }
+    uint64_t blocked = 0; /* our signal mask as it was before we blocked those we forward */
+    for (int sig = 1; sig <= 64; sig++)
+        if (sigismember(sigmask, sig) == 1)
+            blocked |= (uint64_t)1 << (sig - 1);
     put_u32(buf + 12, (uint32_t)ignored);
     put_u32(buf + 16, (uint32_t)(ignored >> 32));
-    put_u32(buf + 20, (uint32_t)(argc - 1));
-    put_u32(buf + 24, (uint32_t)envc);
-    char *p = buf + 28;
+    put_u32(buf + 20, (uint32_t)blocked);
+    put_u32(buf + 24, (uint32_t)(blocked >> 32));
+    put_u32(buf + 28, (uint32_t)(argc - 1));
+    put_u32(buf + 32, (uint32_t)envc);
+    char *p = buf + 36;
     for (int i = 1; i < argc; i++)
         p = stpcpy(p, argv[i]) + 1;
     for (char **e = environ; *e; e++)
@@ -229,7 +235,7 @@ int main(int argc, char **argv)
     sigprocmask(SIG_BLOCK, &set, &old);
 
     unsigned char reply[5];
-    if (read_full(sock, reply, 5) < 0 || reply[0] != 'R' || send_request(sock, argc, argv) < 0 ||
+    if (read_full(sock, reply, 5) < 0 || reply[0] != 'R' || send_request(sock, argc, argv, &old) < 0 ||
         read_full(sock, reply, 5) < 0 || reply[0] != 'P') {
         /* not served (S), not taken in time, or the server went away before it started anything: run it here */
         close(sock);

@@ -16,17 +16,20 @@ from vzpkg.cli import server
 from vzpkg.cli.server import MAGIC, _as_able, _code_stamp, _Context, _context, _Pending, decode_request
 
 
-def body(argv: list[bytes], env: list[bytes], umask: int = 0o22, ignored: int = 0, magic: bytes = MAGIC) -> bytes:
-    return magic + struct.pack("<IQII", umask, ignored, len(argv), len(env)) + b"".join(x + b"\0" for x in argv + env)
+def body(argv: list[bytes], env: list[bytes], umask: int = 0o22, ignored: int = 0, blocked: int = 0,
+         magic: bytes = MAGIC) -> bytes:
+    return magic + struct.pack("<IQQII", umask, ignored, blocked, len(argv), len(env)) + b"".join(x + b"\0" for x in argv + env)
 
 
 def test_decode_request():
-    r = decode_request(body([b"status", b"\xff1"], [b"A=1", b"NOEQ", b"=x", b"B=2=3"], ignored=1 << 12 | 1 << 8))
+    r = decode_request(body([b"status", b"\xff1"], [b"A=1", b"NOEQ", b"=x", b"B=2=3"], ignored=1 << 12 | 1 << 8,
+                            blocked=1 << 11 | 1 << 18))
     assert r.argv == ["status", "\udcff1"]  # bytes that are not UTF-8: as Python's own argv has them
     assert r.env == {"A": "1", "B": "2=3"}
     assert r.umask == 0o22 and r.ignored == [13]  # SIGPIPE; SIGKILL (9) cannot be ignored: dropped
+    assert r.blocked == [12]  # SIGUSR2; SIGSTOP (19) cannot be blocked: dropped
     for bad in (body([b"x"], [], magic=b"VZC1"), body([b"x"], [], umask=0o1000), body([b"x"], [])[:-1],
-                body([b"x"], [])[:20], body([b"x"], []) + b"y\0"):
+                body([b"x"], [])[:28], body([b"x"], []) + b"y\0"):
         with pytest.raises(ValueError):
             decode_request(bad)
 

@@ -16,7 +16,8 @@ Protocol (one connection per command; integers little-endian u32; each answer 5 
                     runs the command itself. Only after R does the client pass its descriptors: a server that
                     never reads them would hold them (a reader of the client's output would wait for its end).
   client -> server  u32 length, then `length` bytes: b"VZC2", umask, ignored signals (u64: bit N-1 set when
-                    signal N is ignored, which the command then inherits, as from a shell's `&`), argc, envc,
+                    signal N is ignored, which the command then inherits, as from a shell's `&`), blocked
+                    signals (u64, the client's signal mask, which the command inherits too), argc, envc,
                     argc + envc NUL-terminated strings; with the first bytes, SCM_RIGHTS carrying stdin, stdout,
                     stderr and the working directory (an O_PATH descriptor).
   server -> client  b"P" + pid: the command runs as pid (the client forwards its signals to it), then
@@ -98,16 +99,17 @@ class _Stamp:
 class Request(NamedTuple):
     umask: int
     ignored: list[int]  # signals the client ignores
+    blocked: list[int]  # signals the client blocks (its signal mask)
     argv: list[str]
     env: dict[str, str]
 
 
 def decode_request(data: bytes) -> Request:
     """A request's body (after its length); ValueError when it is malformed."""
-    if len(data) < 24 or data[:4] != MAGIC:
+    if len(data) < 32 or data[:4] != MAGIC:
         raise ValueError("not a vzctl request")
-    umask, ignored, argc, envc = struct.unpack_from("<IQII", data, 4)
-    strings = data[24:].split(b"\0")
+    umask, ignored, blocked, argc, envc = struct.unpack_from("<IQQII", data, 4)
+    strings = data[32:].split(b"\0")
     if strings[-1] != b"" or len(strings) - 1 != argc + envc or umask > 0o777:
         raise ValueError("malformed vzctl request")
     argv = [os.fsdecode(s) for s in strings[:argc]]
@@ -117,7 +119,8 @@ def decode_request(data: bytes) -> Request:
         if eq and key:
             env[os.fsdecode(key)] = os.fsdecode(value)
     catchable = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
-    return Request(umask, [n for n in range(1, 65) if ignored >> (n - 1) & 1 and n in catchable], argv, env)
+    return Request(umask, [n for n in range(1, 65) if ignored >> (n - 1) & 1 and n in catchable],
+                   [n for n in range(1, 65) if blocked >> (n - 1) & 1 and n in catchable], argv, env)
 
 
 class _Pending:
@@ -204,6 +207,7 @@ def _run_command(request: Request, fds: list[int], peer: int) -> None:
         _reopen_stdio()
         from vzpkg.cli.vzctl import main
 
+        signal.pthread_sigmask(signal.SIG_SETMASK, request.blocked)  # last: as the client's own vzctl has it
         main(request.argv)  # exits through SystemExit with the command's status
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

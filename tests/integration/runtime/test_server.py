@@ -170,19 +170,22 @@ def test_interrupt_reaches_the_command_and_a_killed_client_takes_it_along(front_
 
 
 def test_ignored_signals_are_inherited_as_from_a_shell(front_end, server, rt):
-    """A command started with signals ignored (`cmd &` in a script, nohup) passes that on to what it runs."""
+    """A command started with signals ignored (`cmd &` in a script, nohup) or blocked passes that on to what it
+    runs."""
     veid = rt.create("--layout", "overlay")
 
     def ignore() -> None:
         for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGTERM})
 
-    cmd = ["exec", veid, "grep", "SigIgn", "/proc/self/status"]
+    cmd = ["exec", veid, "grep", "-E", "SigIgn|SigBlk", "/proc/self/status"]
     a = subprocess.run([str(front_end), *cmd], env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)},
                        preexec_fn=ignore, capture_output=True, text=True, timeout=60)
     b = subprocess.run([*VZCTL, *cmd], env=rt.env, preexec_fn=ignore, capture_output=True, text=True, timeout=60)
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout, (a, b)
-    assert int(a.stdout.split()[1], 16) & (1 << (signal.SIGUSR1 - 1))
+    blocked, ignored = (int(line.split()[1], 16) for line in a.stdout.splitlines())
+    assert ignored & (1 << (signal.SIGUSR1 - 1)) and blocked & (1 << (signal.SIGUSR2 - 1))
     assert server.stop() == 1
 
 
@@ -220,7 +223,7 @@ def test_a_code_change_is_picked_up(front_end, server, rt):
 
 
 def _request(argv: list[bytes], env: list[bytes], magic: bytes = MAGIC) -> bytes:
-    body = magic + struct.pack("<IQII", 0o22, 0, len(argv), len(env)) + b"".join(x + b"\0" for x in argv + env)
+    body = magic + struct.pack("<IQQII", 0o22, 0, 0, len(argv), len(env)) + b"".join(x + b"\0" for x in argv + env)
     return struct.pack("<I", len(body)) + body
 
 
