@@ -6,6 +6,10 @@
  * passes its standard descriptors and working directory, forwards signals and exits with the command's status:
  * every decision about VEs is made in Python.
  *
+ * It talks only to a server running as root (whatever $VZCTL_SERVER_SOCKET names), passes its descriptors only
+ * once the server has taken the command (R), and runs the command itself when no answer comes within
+ * ACCEPT_TIMEOUT seconds (a stopped or hung server).
+ *
  * Built by `make setup` (see the Makefile) with two paths compiled in:
  *   VZCTL_SOCKET   the server's socket ($VZCTL_SERVER_SOCKET overrides it)
  *   VZCTL_PYTHON   the venv's python, which runs `vzpkg.cli.vzctl` when no server serves the command
