@@ -17,12 +17,14 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
@@ -43,6 +45,7 @@
 
 extern char **environ;
 static volatile pid_t command_pid;
+static volatile int command_pidfd = -1; /* signals go through it: never to another process that got the pid */
 static const int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
 
 /* Run the Python vzctl with our arguments. -I: neither the working directory nor PYTHON* variables decide
@@ -125,8 +128,32 @@ static uint32_t get_u32(const unsigned char *p)
 
 static void forward(int sig)
 {
-    if (command_pid > 0)
+    if (command_pidfd >= 0)
+        syscall(SYS_pidfd_send_signal, command_pidfd, sig, NULL, 0);
+    else if (command_pid > 0)
         kill(command_pid, sig);
+}
+
+/* The command's end: its X (0), or -1 when the connection closes without one or when the command has ended
+ * and no X follows within ACCEPT_TIMEOUT (the server was stopped or hangs). */
+static int wait_end(int sock, unsigned char *reply)
+{
+    struct pollfd fds[2] = {{.fd = sock, .events = POLLIN}, {.fd = command_pidfd, .events = POLLIN}};
+    int ended = 0;
+    for (;;) {
+        int n = poll(fds, command_pidfd >= 0 && !ended ? 2 : 1, ended ? ACCEPT_TIMEOUT * 1000 : -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 || (n == 0 && ended))
+            return -1;
+        if (fds[0].revents)
+            break;
+        if (fds[1].revents)
+            ended = 1;
+    }
+    if (read_full(sock, reply, 5) < 0 || reply[0] != 'X')
+        return -1;
+    return 0;
 }
 
 /* Send the request; 0 on success. */
@@ -253,6 +280,7 @@ int main(int argc, char **argv)
                         "unknown: check with vzctl status\n", (int)command_pid);
         return SERVER_LOST;
     }
+    command_pidfd = (int)syscall(SYS_pidfd_open, command_pid, 0); /* (-1: ended already; the X is on its way) */
     /* all of them, also those ignored here: the command's vzctl has them ignored too (the request says so)
      * until it installs its own handlers, as a Python vzctl started from here would */
     struct sigaction sa = {.sa_handler = forward, .sa_flags = SA_RESTART};
@@ -261,7 +289,7 @@ int main(int argc, char **argv)
         sigaction(forwarded[i], &sa, NULL);
     sigprocmask(SIG_SETMASK, &old, NULL);
 
-    if (read_full(sock, reply, 5) < 0 || reply[0] != 'X') {
+    if (wait_end(sock, reply) < 0) {
         fprintf(stderr, "vzctl: error: the vzctl server stopped while it ran this command (pid %d); whether the "
                         "command finished is unknown: check with vzctl status\n", (int)command_pid);
         return SERVER_LOST;

@@ -494,8 +494,6 @@ def test_clients_killed_at_any_instant(front_end, server, rt):
 def test_a_client_gone_as_its_command_ends(front_end, server, rt):
     """The command's exit and its client's hang-up seen in the same turn of the server's loop (here: the server
     stopped while both happen): handled once, no internal error."""
-    import fcntl
-
     r, w = _full_pipe()
     try:
         p = subprocess.Popen([str(front_end), "status", "4711"], stdout=w, stderr=subprocess.DEVNULL,
@@ -504,12 +502,7 @@ def test_a_client_gone_as_its_command_ends(front_end, server, rt):
         child = server.children()[0]
         time.sleep(0.3)  # it is blocked writing its line to the full pipe
         server.proc.send_signal(signal.SIGSTOP)
-        fcntl.fcntl(r, fcntl.F_SETFL, os.O_NONBLOCK)
-        while Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
-            try:
-                os.read(r, 1 << 16)  # let it finish: it exits, the stopped server has not seen it yet
-            except BlockingIOError:
-                time.sleep(0.01)
+        _read_until_gone(r, child)  # it finishes and exits; the stopped server has not seen it yet
         p.kill()
         p.wait()
         server.proc.send_signal(signal.SIGCONT)
@@ -552,6 +545,41 @@ def test_code_that_does_not_import_does_not_stop_the_server(front_end, rt, tmp_p
         if srv.proc.poll() is None:
             srv.proc.kill()
             srv.proc.wait()
+
+
+def test_a_server_stopped_as_the_command_ends(front_end, server, rt):
+    """The server stopped (SIGSTOP) while the command runs, and the command ends: the client does not wait for
+    the server forever, it says so (one line, 68) once ACCEPT_TIMEOUT has passed without the end reported."""
+    r, w = _full_pipe()
+    try:
+        p = subprocess.Popen([str(front_end), "status", "4711"], stdout=w, stderr=subprocess.PIPE, text=True,
+                             env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)})
+        _wait_for(lambda: server.children())
+        child = server.children()[0]
+        time.sleep(0.3)  # it is blocked writing its line
+        server.proc.send_signal(signal.SIGSTOP)
+        _read_until_gone(r, child)
+        _, err = p.communicate(timeout=ACCEPT_TIMEOUT + 20)
+        assert p.returncode == 68 and err.count("\n") == 1 and "stopped while it ran" in err, err
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        os.close(r)
+        os.close(w)
+    ok = through(front_end, server, rt, "status", "4711")
+    assert ok.returncode == 0 and "deleted" in ok.stdout
+    assert server.stop() == 2
+
+
+def _read_until_gone(r: int, pid: int) -> None:
+    """Read the pipe R until PID has exited (a zombie its stopped parent has not collected)."""
+    import fcntl
+
+    fcntl.fcntl(r, fcntl.F_SETFL, os.O_NONBLOCK)
+    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        try:
+            os.read(r, 1 << 16)
+        except BlockingIOError:
+            time.sleep(0.01)
 
 
 def _full_pipe() -> tuple[int, int]:
