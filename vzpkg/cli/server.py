@@ -195,11 +195,11 @@ def _run_command(request: Request, fds: list[int], peer: int) -> None:
         for sig in request.ignored:  # as a Python vzctl started by the client would have found them
             signal.signal(sig, signal.SIG_IGN)
         os.setsid()  # its own session and process group, like a command started from a shell
-        _take_on(peer)
         for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target, inheritable=True)
         os.fchdir(fds[3])
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        _take_on(peer)  # (once its standard error is the client's: a failure is said there)
         os.umask(request.umask)
         os.environ.clear()
         os.environ.update(request.env)
