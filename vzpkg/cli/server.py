@@ -207,7 +207,12 @@ def _run_command(request: Request, fds: list[int], peer: int) -> None:
         _reopen_stdio()
         from vzpkg.cli.vzctl import main
 
-        signal.pthread_sigmask(signal.SIG_SETMASK, request.blocked)  # last: as the client's own vzctl has it
+        try:
+            # last (every signal is blocked until now, see Server._request): as the client's own vzctl has it
+            signal.pthread_sigmask(signal.SIG_SETMASK, request.blocked)
+        except KeyboardInterrupt:  # ^C before vzctl began: it dies of it, as a Python vzctl would
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         main(request.argv)  # exits through SystemExit with the command's status
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -423,6 +428,9 @@ class Server:
         # The command starts once its client knows its pid: a server that dies in between leaves nothing
         # running, so that the client, which then runs the command itself, does not run it a second time.
         go, go_w = os.pipe2(os.O_CLOEXEC)
+        # The child starts with every signal blocked, until it has the command's handlers and the client's
+        # mask: a signal the client forwards at once (^C, a SIGTERM) must not run the server's handlers there.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         pid = os.fork()
         if pid == 0:
             os.close(go_w)
@@ -430,6 +438,7 @@ class Server:
             if os.read(go, 1) != b"g":
                 os._exit(1)
             _run_command(request, fds, p.peer)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(go)
         for fd in fds:
             os.close(fd)

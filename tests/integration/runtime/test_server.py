@@ -470,6 +470,28 @@ def test_a_server_killed_before_its_client_has_the_pid_runs_nothing(front_end, s
         tracer.wait()
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace holds the command at its start")
+def test_a_signal_as_the_command_starts_ends_it(front_end, server, rt):
+    """A SIGTERM the client forwards as soon as it has the pid, before the command runs vzctl's code (held there
+    by delaying the server's go-ahead), ends it as it ends a Python vzctl killed as it starts (before: the
+    server's own handler, still in place in the child, took it, and the command ran to its end)."""
+    tracer = subprocess.Popen(["strace", "-q", "-o", os.devnull, "-p", str(server.proc.pid), "-e", "trace=write",
+                               "-e", "inject=write:delay_enter=1500000:when=1"], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: "TracerPid:\t0" not in Path(f"/proc/{server.proc.pid}/status").read_text())
+        p = subprocess.Popen([str(front_end), "status", "4711"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)})
+        _wait_for(lambda: server.children())
+        time.sleep(0.2)  # the client has the pid; the command waits for its go-ahead
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        tracer.kill()
+        tracer.wait()
+    assert p.returncode == -signal.SIGTERM and out == "", (p.returncode, out, err)
+    assert server.stop() == 1
+
+
 def test_clients_killed_at_any_instant(front_end, server, rt):
     """Clients killed at random instants (before the server took the command, while it was sent, while it
     ran): the server logs no internal error, keeps no descriptor and no child, and serves on."""
