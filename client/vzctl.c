@@ -45,8 +45,9 @@
 
 extern char **environ;
 static volatile pid_t command_pid;
+static volatile sig_atomic_t stop_too; /* ^Z stops the command too (SIGTSTP was not ignored) */
 static volatile int command_pidfd = -1; /* signals go through it: never to another process that got the pid */
-static const int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
+static const int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT, SIGTSTP};
 
 /* Run the Python vzctl with our arguments. -I: neither the working directory nor PYTHON* variables decide
  * which code root runs. */
@@ -128,6 +129,22 @@ static uint32_t get_u32(const unsigned char *p)
 
 static void forward(int sig)
 {
+    if (sig == SIGTSTP || sig == SIGCONT) {
+        /* ^Z: the command's process group (its own session's: no terminal stops it) stops with us, as it
+         * would in ours; fg or bg continues it. */
+        int saved = errno;
+        struct sigaction sa = {.sa_handler = sig == SIGTSTP ? SIG_DFL : forward, .sa_flags = SA_RESTART};
+        sigemptyset(&sa.sa_mask);
+        if (command_pid > 1)
+            kill(-command_pid, sig == SIGTSTP ? SIGSTOP : SIGCONT);
+        if (sig == SIGTSTP || stop_too) {
+            sigaction(SIGTSTP, &sa, NULL);
+            if (sig == SIGTSTP)
+                raise(SIGTSTP); /* delivered, by default, as this handler returns: we stop */
+        }
+        errno = saved;
+        return;
+    }
     if (command_pidfd >= 0)
         syscall(SYS_pidfd_send_signal, command_pidfd, sig, NULL, 0);
     else if (command_pid > 0)
@@ -285,8 +302,13 @@ int main(int argc, char **argv)
      * until it installs its own handlers, as a Python vzctl started from here would */
     struct sigaction sa = {.sa_handler = forward, .sa_flags = SA_RESTART};
     sigemptyset(&sa.sa_mask);
-    for (size_t i = 0; i < sizeof(forwarded) / sizeof(*forwarded); i++)
+    for (size_t i = 0; i < sizeof(forwarded) / sizeof(*forwarded); i++) {
+        struct sigaction was;
+        if (forwarded[i] == SIGTSTP && (sigaction(SIGTSTP, NULL, &was) < 0 || was.sa_handler == SIG_IGN))
+            continue; /* ignored (no job control): ^Z does nothing, as to a Python vzctl started from here */
+        stop_too |= forwarded[i] == SIGTSTP;
         sigaction(forwarded[i], &sa, NULL);
+    }
     sigprocmask(SIG_SETMASK, &old, NULL);
 
     if (wait_end(sock, reply) < 0) {

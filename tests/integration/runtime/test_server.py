@@ -194,7 +194,9 @@ def test_a_server_killed_under_a_command_is_one_line_and_exit_68(front_end, serv
     p = subprocess.Popen([str(front_end), "exec", veid, "sleep 2; echo finished"],
                          env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)}, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: server.children())
+    # running: a session of its own, which it makes once it has its go-ahead (before, the server's death leaves
+    # nothing running, and the client runs the command itself)
+    _wait_for(lambda: any(_state(c, 3) == str(c) for c in server.children()))
     server.proc.kill()
     out, err = p.communicate(timeout=20)
     assert p.returncode == 68
@@ -590,6 +592,43 @@ def test_a_server_stopped_as_the_command_ends(front_end, server, rt):
     ok = through(front_end, server, rt, "status", "4711")
     assert ok.returncode == 0 and "deleted" in ok.stdout
     assert server.stop() == 2
+
+
+def test_ctrl_z_stops_the_command_too(front_end, server, rt):
+    """^Z (SIGTSTP to the client) stops the command's process group with the client, as it stops a Python
+    vzctl and its children; SIGCONT (fg, bg) continues both."""
+    r, w = _full_pipe()
+    try:
+        p = subprocess.Popen([str(front_end), "status", "4711"], stdout=w, stderr=subprocess.PIPE, text=True,
+                             env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)})
+        _wait_for(lambda: server.children())
+        child = server.children()[0]
+        time.sleep(0.3)  # it is blocked writing its line
+        p.send_signal(signal.SIGTSTP)
+        _wait_for(lambda: _state(p.pid) == "T" and _state(child) == "T")
+        p.send_signal(signal.SIGCONT)
+        _wait_for(lambda: _state(child) != "T" and _state(p.pid) != "T")
+        os.close(w)
+        w = -1
+        while os.read(r, 1 << 16):
+            pass
+        assert p.wait(timeout=30) == 0, p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert server.stop() == 1
+
+
+def _state(pid: int, field: int = 0) -> str:
+    """A field of /proc/PID/stat after the command name: 0 its state, 3 its session."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[field]
+    except FileNotFoundError:
+        return ""
 
 
 def _read_until_gone(r: int, pid: int) -> None:
