@@ -230,7 +230,7 @@ def _run_command(request: Request, fds: list[int], peer: int) -> None:
         os._exit(code & 0xFF)
 
 
-_NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup", "time")
+_NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup", "time", "pid_for_children", "time_for_children")
 _STATUS_FIELDS = ("CapPrm", "CapEff", "CapBnd", "NoNewPrivs", "Seccomp")
 
 

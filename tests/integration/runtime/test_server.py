@@ -405,9 +405,10 @@ def test_a_socket_root_does_not_own_gets_nothing_from_root(front_end, rt, tmp_pa
 
 
 def test_a_root_with_less_is_not_served(front_end, server, rt):
-    """Root without every capability (a dropped bounding set: a sandboxed service) or in another mount namespace
-    must not have its command run by the server with what the server has: the Python vzctl runs it."""
-    for wrap in (["setpriv", "--bounding-set=-all"], ["unshare", "--mount"]):
+    """Root without every capability (a dropped bounding set: a sandboxed service), in another mount namespace,
+    or whose children start in another pid namespace must not have its command run by the server with what
+    the server has: the Python vzctl runs it."""
+    for wrap in (["setpriv", "--bounding-set=-all"], ["unshare", "--mount"], ["unshare", "--pid"]):
         if shutil.which(wrap[0]) is None:
             continue
         env = {**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)}
