@@ -389,7 +389,7 @@ class Server:
             peer, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             if uid == 0 and not (self.draining or self.stopping) and self.stamp.changed():
                 self.draining = True  # serve nothing more; re-executed once the running commands end
-            if uid != 0 or self.draining or self.stopping or not _as_able(_context(peer), self.context):
+            if uid != 0 or self.draining or self.stopping or not self._able(peer):
                 conn.sendall(b"S" + struct.pack("<I", 0))
                 conn.close()
                 return
@@ -400,6 +400,12 @@ class Server:
         conn.setblocking(False)
         self.pending[conn.fileno()] = _Pending(conn, peer)
         self.selector.register(conn, selectors.EVENT_READ, ("request", conn.fileno()))
+
+    def _able(self, peer: int) -> bool:
+        try:
+            return _as_able(_context(peer), self.context)
+        except (OSError, KeyError, ValueError):  # gone, or a /proc this code does not understand: not served
+            return False
 
     def _drop(self, fd: int) -> None:
         p = self.pending.pop(fd)
@@ -437,11 +443,13 @@ class Server:
         mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            os.close(go_w)
-            conn.close()
-            if os.read(go, 1) != b"g":
+            try:  # whatever happens, this process never returns into the server's loop
+                os.close(go_w)
+                conn.close()
+                if os.read(go, 1) == b"g":
+                    _run_command(request, fds, p.peer)  # (never returns)
+            finally:
                 os._exit(1)
-            _run_command(request, fds, p.peer)
         _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(go)
         for fd in fds:
@@ -482,12 +490,13 @@ class Server:
         self.last_active = time.monotonic()
 
     def _hangup(self, pid: int) -> None:
-        """The client's connection is readable: it went away (it sends nothing after its request)."""
+        """The client's connection is readable: it went away (it sends nothing after its request; anything it
+        does send is read and dropped, or the connection would stay readable and the loop spin)."""
         if pid not in self.running:  # its exit, reported in the same turn of the loop, was handled first
             return
         conn = self.running[pid][0]
         try:
-            data = conn.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+            data = conn.recv(4096, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:

@@ -495,6 +495,42 @@ def test_a_signal_as_the_command_starts_ends_it(front_end, server, rt):
     assert server.stop() == 1
 
 
+def test_a_client_that_says_more_than_its_request_does_not_make_the_server_spin(front_end, server, rt):
+    """Bytes after the request (a buggy client) are read and dropped while the command runs (before: the
+    connection stayed readable and the server's loop spun at full CPU until the command ended)."""
+    r, w = _full_pipe()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    root = os.open("/", os.O_PATH)
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.settimeout(10)
+        s.connect(str(server.sock))
+        assert s.recv(5) == TAKEN
+        s.sendmsg([_request([b"status", b"4711"], [])], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                          array.array("i", [devnull, w, devnull, root]))])
+        assert s.recv(1) == b"P"
+        s.sendall(b"more")
+        time.sleep(0.2)
+        before = _cpu_of(server.proc.pid)
+        time.sleep(1)  # the command waits for the test to read its output
+        assert _cpu_of(server.proc.pid) - before < 0.3, "the server spins"
+    finally:
+        os.close(w)
+        while os.read(r, 1 << 16):
+            pass
+        os.close(r)
+        os.close(devnull)
+        os.close(root)
+    assert _all_of(s)[4:] == b"X" + bytes(4)  # (the rest of the pid, then the end: exit 0)
+    s.close()
+    assert server.stop() == 1
+
+
+def _cpu_of(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_clients_killed_at_any_instant(front_end, server, rt):
     """Clients killed at random instants (before the server took the command, while it was sent, while it
     ran): the server logs no internal error, keeps no descriptor and no child, and serves on."""
