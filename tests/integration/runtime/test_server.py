@@ -276,6 +276,16 @@ def test_parallel_commands(front_end, server, rt):
     assert server.stop() == 18
 
 
+def test_a_hundred_clients_at_once(front_end, server, rt):
+    """100 commands at once: each served (none fell back), each with its own output and status."""
+    env = {**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)}
+    procs = [subprocess.Popen([str(front_end), "status", str(4000 + i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(100)]
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert [r[:2] for r in results] == [(0, f"VEID {4000 + i} deleted unmounted down\n") for i in range(100)]
+    assert server.stop() == 100
+
+
 def test_server_management_commands(front_end, rt, tmp_path):
     run_dir = tmp_path / "srv"
     run_dir.mkdir(mode=0o700)
