@@ -286,6 +286,33 @@ def test_a_hundred_clients_at_once(front_end, server, rt):
     assert server.stop() == 100
 
 
+def test_server_stop_while_a_command_runs(front_end, server, rt):
+    """`vzctl server stop` lets the running command finish (and waits for it); commands started meanwhile run
+    without the server."""
+    env = {**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)}
+    r, w = _full_pipe()
+    try:
+        p = subprocess.Popen([str(front_end), "status", "4711"], stdout=w, stderr=subprocess.PIPE, text=True,
+                             env=env)
+        _wait_for(lambda: server.children())
+        stop = subprocess.Popen([str(front_end), "server", "stop"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # the server has its SIGTERM: it takes no more commands
+        meanwhile = through(front_end, server, rt, "status", "4712")
+        assert meanwhile.returncode == 0 and "4712 deleted" in meanwhile.stdout
+        assert stop.poll() is None and p.poll() is None  # both wait for the command
+    finally:
+        os.close(w)
+        while os.read(r, 1 << 16):
+            pass
+        os.close(r)
+    assert p.wait(timeout=30) == 0
+    out, err = stop.communicate(timeout=30)
+    assert stop.returncode == 0 and "stopped" in out, err
+    assert server.proc.wait(timeout=30) == 0
+    assert re.findall(r"stopped after (\d+) commands", server.log_text()) == ["1"]
+
+
 def test_server_management_commands(front_end, rt, tmp_path):
     run_dir = tmp_path / "srv"
     run_dir.mkdir(mode=0o700)
