@@ -547,6 +547,8 @@ def run(sock: Path, idle_timeout: float | None = None, listen_fd: int | None = N
         lock_fd: int | None = None) -> int:
     """Serve on SOCK in the foreground until SIGTERM/SIGINT (or IDLE_TIMEOUT seconds without a command).
     LISTEN_FD and LOCK_FD: the socket and the held lock of the server this one re-executes."""
+    sock = Path(os.path.abspath(sock))
+    os.chdir("/")  # a daemon: it keeps no directory busy (each command gets its client's)
     prepare_run_dir(sock)
     import resource
 
@@ -599,7 +601,8 @@ def run(sock: Path, idle_timeout: float | None = None, listen_fd: int | None = N
         _log("the installed code changed: re-executing")
         os.set_inheritable(listener.fileno(), True)
         os.set_inheritable(lock, True)
-        args = [sys.executable, "-m", "vzpkg.cli.server", "run", "--socket", os.fspath(sock),
+        args = [sys.executable, *(["-I"] if sys.flags.isolated else []), "-m", "vzpkg.cli.server", "run",
+                "--socket", os.fspath(sock),
                 "--listen-fd", str(listener.fileno()), "--lock-fd", str(lock)]
         if idle_timeout:
             args += ["--idle-timeout", str(idle_timeout)]

@@ -88,7 +88,9 @@ def _answers(sock: Path) -> bool:
 
 
 def server_argv(sock: Path, idle_timeout: float | None = None) -> list[str]:
-    args = [sys.executable, "-m", "vzpkg.cli.server", "run", "--socket", os.fspath(sock)]
+    # -I: neither the working directory (`python -m` puts it first on sys.path: a json.py or a vzpkg/ there
+    # would run as root) nor PYTHON* variables decide which code the server runs
+    args = [sys.executable, "-I", "-m", "vzpkg.cli.server", "run", "--socket", os.path.abspath(sock)]
     return args + ["--idle-timeout", str(idle_timeout)] if idle_timeout else args
 
 

@@ -313,6 +313,38 @@ def test_server_stop_while_a_command_runs(front_end, server, rt):
     assert re.findall(r"stopped after (\d+) commands", server.log_text()) == ["1"]
 
 
+EVIL_JSON = """
+import os, sys
+open(os.environ["MARK"], "a").write(f"imported by pid {os.getpid()}\\n")
+del sys.modules["json"]
+sys.path = [p for p in sys.path if p not in ("", os.path.dirname(__file__))]
+import json as _json
+globals().update(_json.__dict__)
+"""
+
+
+def test_the_server_runs_no_code_from_where_it_was_started(front_end, rt, tmp_path):
+    """`vzctl server start` run by root in a directory someone else controls (a json.py there; $PYTHONPATH
+    naming another) must not run that code as root (before: `python -m` put the directory first on sys.path)."""
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "json.py").write_text(EVIL_JSON)
+    mark = tmp_path / "imported"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    env = {**rt.env, "VZCTL_SERVER_SOCKET": str(run_dir / "s.sock"), "MARK": str(mark),
+           "PYTHONPATH": f"{evil}:{rt.env.get('PYTHONPATH', '')}"}
+    started = subprocess.run([str(front_end), "server", "start"], env=env, cwd=evil, capture_output=True, text=True,
+                             timeout=60)
+    try:
+        assert started.returncode == 0, started.stderr
+        ok = subprocess.run([str(front_end), "status", "4711"], env=env, capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0 and "deleted" in ok.stdout
+    finally:
+        subprocess.run([str(front_end), "server", "stop"], env=env, capture_output=True, timeout=60)
+    assert not mark.exists(), mark.read_text()
+
+
 def test_server_management_commands(front_end, rt, tmp_path):
     run_dir = tmp_path / "srv"
     run_dir.mkdir(mode=0o700)
