@@ -6,6 +6,10 @@
  * passes its standard descriptors and working directory, forwards signals and exits with the command's status:
  * every decision about VEs is made in Python.
  *
+ * It talks only to a server running as root (whatever $VZCTL_SERVER_SOCKET names), passes its descriptors only
+ * once the server has taken the command (R), and runs the command itself when no answer comes within
+ * ACCEPT_TIMEOUT seconds (a stopped or hung server).
+ *
  * Built by `make setup` (see the Makefile) with two paths compiled in:
  *   VZCTL_SOCKET   the server's socket ($VZCTL_SERVER_SOCKET overrides it)
  *   VZCTL_PYTHON   the venv's python, which runs `vzpkg.cli.vzctl` when no server serves the command
@@ -13,6 +17,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -20,6 +25,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -32,10 +39,15 @@
 #endif
 
 #define SERVER_LOST 68 /* ServerLostError in vzpkg/errors.py */
+#ifndef ACCEPT_TIMEOUT
+#define ACCEPT_TIMEOUT 10 /* seconds (the tests build with less) */
+#endif
 
 extern char **environ;
 static volatile pid_t command_pid;
-static const int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
+static volatile sig_atomic_t stop_too; /* ^Z stops the command too (SIGTSTP was not ignored) */
+static volatile int command_pidfd = -1; /* signals go through it: never to another process that got the pid */
+static const int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT, SIGTSTP};
 
 /* Run the Python vzctl with our arguments. -I: neither the working directory nor PYTHON* variables decide
  * which code root runs. */
@@ -117,14 +129,54 @@ static uint32_t get_u32(const unsigned char *p)
 
 static void forward(int sig)
 {
-    if (command_pid > 0)
+    if (sig == SIGTSTP || sig == SIGCONT) {
+        /* ^Z: the command's process group (its own session's: no terminal stops it) stops with us, as it
+         * would in ours; fg or bg continues it. */
+        int saved = errno;
+        struct sigaction sa = {.sa_handler = sig == SIGTSTP ? SIG_DFL : forward, .sa_flags = SA_RESTART};
+        sigemptyset(&sa.sa_mask);
+        if (command_pid > 1)
+            kill(-command_pid, sig == SIGTSTP ? SIGSTOP : SIGCONT);
+        if (sig == SIGTSTP || stop_too) {
+            sigaction(SIGTSTP, &sa, NULL);
+            if (sig == SIGTSTP)
+                raise(SIGTSTP); /* delivered, by default, as this handler returns: we stop */
+        }
+        errno = saved;
+        return;
+    }
+    if (command_pidfd >= 0)
+        syscall(SYS_pidfd_send_signal, command_pidfd, sig, NULL, 0);
+    else if (command_pid > 0)
         kill(command_pid, sig);
 }
 
-/* Send the request; 0 on success. */
-static int send_request(int sock, int argc, char **argv)
+/* The command's end: its X (0), or -1 when the connection closes without one or when the command has ended
+ * and no X follows within ACCEPT_TIMEOUT (the server was stopped or hangs). */
+static int wait_end(int sock, unsigned char *reply)
 {
-    size_t envc = 0, len = 4 + 24;
+    struct pollfd fds[2] = {{.fd = sock, .events = POLLIN}, {.fd = command_pidfd, .events = POLLIN}};
+    int ended = 0;
+    for (;;) {
+        int n = poll(fds, command_pidfd >= 0 && !ended ? 2 : 1, ended ? ACCEPT_TIMEOUT * 1000 : -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 || (n == 0 && ended))
+            return -1;
+        if (fds[0].revents)
+            break;
+        if (fds[1].revents)
+            ended = 1;
+    }
+    if (read_full(sock, reply, 5) < 0 || reply[0] != 'X')
+        return -1;
+    return 0;
+}
+
+/* Send the request; 0 on success. */
+static int send_request(int sock, int argc, char **argv, const sigset_t *sigmask)
+{
+    size_t envc = 0, len = 4 + 32;
     for (int i = 1; i < argc; i++)
         len += strlen(argv[i]) + 1;
     for (char **e = environ; *e; e++, envc++)
@@ -135,7 +187,7 @@ static int send_request(int sock, int argc, char **argv)
     mode_t mask = umask(0);
     umask(mask);
     put_u32(buf, (uint32_t)(len - 4));
-    memcpy(buf + 4, "VZC1", 4);
+    memcpy(buf + 4, "VZC2", 4);
     put_u32(buf + 8, (uint32_t)mask);
     uint64_t ignored = 0; /* what a Python vzctl started from here would find ignored (a shell's `cmd &`) */
     for (int sig = 1; sig <= 64; sig++) {
@@ -143,11 +195,17 @@ static int send_request(int sock, int argc, char **argv)
         if (sig != SIGKILL && sig != SIGSTOP && sigaction(sig, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN)
             ignored |= (uint64_t)1 << (sig - 1);
     }
+    uint64_t blocked = 0; /* our signal mask as it was before we blocked those we forward */
+    for (int sig = 1; sig <= 64; sig++)
+        if (sigismember(sigmask, sig) == 1)
+            blocked |= (uint64_t)1 << (sig - 1);
     put_u32(buf + 12, (uint32_t)ignored);
     put_u32(buf + 16, (uint32_t)(ignored >> 32));
-    put_u32(buf + 20, (uint32_t)(argc - 1));
-    put_u32(buf + 24, (uint32_t)envc);
-    char *p = buf + 28;
+    put_u32(buf + 20, (uint32_t)blocked);
+    put_u32(buf + 24, (uint32_t)(blocked >> 32));
+    put_u32(buf + 28, (uint32_t)(argc - 1));
+    put_u32(buf + 32, (uint32_t)envc);
+    char *p = buf + 36;
     for (int i = 1; i < argc; i++)
         p = stpcpy(p, argv[i]) + 1;
     for (char **e = environ; *e; e++)
@@ -198,8 +256,24 @@ int main(int argc, char **argv)
         run_directly(argc, argv);
     strcpy(addr.sun_path, path);
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    /* A server that does not take the command within ACCEPT_TIMEOUT (stopped, hung, its queue full) is no
+     * server: the command runs here. Safe, as a command starts only once its client has the pid (server.py). */
+    struct timeval limit = {.tv_sec = ACCEPT_TIMEOUT}, forever = {0};
+    if (sock >= 0) {
+        setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof(limit));
+        setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof(limit));
+    }
     if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof(addr)) < 0)
         run_directly(argc, argv); /* no server: the usual path */
+    /* Only root's server gets the request. A socket anyone else listens on ($VZCTL_SERVER_SOCKET kept from a
+     * user's environment by su or sudo -E) would get root's descriptors, arguments and environment, and could
+     * name any pid as the command's for us to signal. */
+    struct ucred peer;
+    socklen_t peer_len = sizeof(peer);
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &peer, &peer_len) < 0 || peer.uid != 0) {
+        close(sock);
+        run_directly(argc, argv);
+    }
 
     /* Signals that arrive before the command's pid is known wait (blocked), then go to the command. */
     sigset_t set, old;
@@ -209,22 +283,35 @@ int main(int argc, char **argv)
     sigprocmask(SIG_BLOCK, &set, &old);
 
     unsigned char reply[5];
-    if (send_request(sock, argc, argv) < 0 || read_full(sock, reply, 5) < 0 || reply[0] != 'P') {
-        /* not served (S), or the server went away before it started anything: run it here */
+    if (read_full(sock, reply, 5) < 0 || reply[0] != 'R' || send_request(sock, argc, argv, &old) < 0 ||
+        read_full(sock, reply, 5) < 0 || reply[0] != 'P') {
+        /* not served (S), not taken in time, or the server went away before it started anything: run it here */
         close(sock);
         sigprocmask(SIG_SETMASK, &old, NULL);
         run_directly(argc, argv);
     }
     command_pid = (pid_t)get_u32(reply + 1);
+    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &forever, sizeof(forever)); /* the command takes what it takes */
+    if (command_pid <= 1) { /* never signal a process group, every process, or init */
+        fprintf(stderr, "vzctl: error: the vzctl server answered with pid %d; whether the command runs is "
+                        "unknown: check with vzctl status\n", (int)command_pid);
+        return SERVER_LOST;
+    }
+    command_pidfd = (int)syscall(SYS_pidfd_open, command_pid, 0); /* (-1: ended already; the X is on its way) */
     /* all of them, also those ignored here: the command's vzctl has them ignored too (the request says so)
      * until it installs its own handlers, as a Python vzctl started from here would */
     struct sigaction sa = {.sa_handler = forward, .sa_flags = SA_RESTART};
     sigemptyset(&sa.sa_mask);
-    for (size_t i = 0; i < sizeof(forwarded) / sizeof(*forwarded); i++)
+    for (size_t i = 0; i < sizeof(forwarded) / sizeof(*forwarded); i++) {
+        struct sigaction was;
+        if (forwarded[i] == SIGTSTP && (sigaction(SIGTSTP, NULL, &was) < 0 || was.sa_handler == SIG_IGN))
+            continue; /* ignored (no job control): ^Z does nothing, as to a Python vzctl started from here */
+        stop_too |= forwarded[i] == SIGTSTP;
         sigaction(forwarded[i], &sa, NULL);
+    }
     sigprocmask(SIG_SETMASK, &old, NULL);
 
-    if (read_full(sock, reply, 5) < 0 || reply[0] != 'X') {
+    if (wait_end(sock, reply) < 0) {
         fprintf(stderr, "vzctl: error: the vzctl server stopped while it ran this command (pid %d); whether the "
                         "command finished is unknown: check with vzctl status\n", (int)command_pid);
         return SERVER_LOST;

@@ -9,26 +9,38 @@ and reports the child's wait status back. The client is `client/vzctl.c`, instal
 never a requirement. Started with `vzctl server start` (or `run` under a service manager), stopped with
 `vzctl server stop`.
 
-Protocol (one connection per command; integers little-endian u32):
-  client -> server  u32 length, then `length` bytes: b"VZC1", umask, ignored signals (u64: bit N-1 set when
-                    signal N is ignored, which the command then inherits, as from a shell's `&`), argc, envc,
-                    argc + envc NUL-terminated strings; with the first bytes, SCM_RIGHTS carrying stdin, stdout, stderr and the working
-                    directory (an O_PATH descriptor).
+Protocol (one connection per command; integers little-endian u32; each answer 5 bytes, a letter and a u32):
+  server -> client  b"R" + 0: the server takes the command (the client waits ACCEPT_TIMEOUT for it, and runs the
+                    command itself without it: a stopped or hung server); or b"S" + 0: not served (not root or
+                    root with less than the server has, the server is draining or its code changed): the client
+                    runs the command itself. Only after R does the client pass its descriptors: a server that
+                    never reads them would hold them (a reader of the client's output would wait for its end).
+  client -> server  u32 length, then `length` bytes: b"VZC2", umask, ignored signals (u64: bit N-1 set when
+                    signal N is ignored, which the command then inherits, as from a shell's `&`), blocked
+                    signals (u64, the client's signal mask, which the command inherits too), argc, envc,
+                    argc + envc NUL-terminated strings; with the first bytes, SCM_RIGHTS carrying stdin, stdout,
+                    stderr and the working directory (an O_PATH descriptor).
   server -> client  b"P" + pid: the command runs as pid (the client forwards its signals to it), then
-                    b"X" + wait status (as waitpid(2) gives it); or b"S" + 0: not served (not root, the
-                    server is draining or its code changed): the client runs the command itself.
-A client that goes away before its command ends takes it along (SIGKILL), as a killed vzctl would.
+                    b"X" + wait status (as waitpid(2) gives it). The command starts only once P is sent: a client
+                    that does not get P (the server died, or the client gave up) can run the command itself.
+A client that goes away before its command ends takes it along (SIGKILL), as a killed vzctl would. The client
+talks only to a server running as root (SO_PEERCRED), whatever $VZCTL_SERVER_SOCKET names.
 
-Only root's commands are served (SO_PEERCRED): vzctl needs root, and a non-root caller gets vzctl's own error
-from the fallback. When the installed code changes (any module's mtime), the server stops taking commands,
-waits for those running, and re-executes itself, so it never runs code older than what is installed.
+Only root's commands are served (SO_PEERCRED), and only a root that has all the server has (namespaces, root
+directory, capabilities, no seccomp or no_new_privs the server lacks): vzctl needs root, and any other caller
+gets what vzctl itself gives it from the fallback. The command takes on the client's resource limits, CPU
+affinity, nice value and OOM score adjustment. When the installed code changes (any module's mtime), the server
+stops taking commands, waits for those running, and re-executes itself, so it never runs code older than what
+is installed.
 """
 
 from __future__ import annotations
 
+import _signal
 import array
 import fcntl
 import os
+import re
 import selectors
 import signal
 import socket
@@ -41,9 +53,15 @@ from typing import NamedTuple
 from vzpkg.cli.server_control import PACKAGE, default_socket, lock_path, pid_path, prepare_run_dir, socket_path
 from vzpkg.errors import UsageError, VEError
 
-MAGIC = b"VZC1"
+MAGIC = b"VZC2"  # (VZC1: descriptors sent before the server took the command)
+# signal.valid_signals() and signal.pthread_sigmask() make an enum of each signal they return: ~0.2 ms a call,
+# more than the rest of the server's work for a command. _signal's pthread_sigmask deals in plain numbers.
+_ALL_SIGNALS = frozenset(int(s) for s in signal.valid_signals())
+_CATCHABLE = _ALL_SIGNALS - {signal.SIGKILL, signal.SIGSTOP}
 MAX_REQUEST = 4 << 20  # argv + environment; Linux's own limit for both is smaller
 PASSED_FDS = 4  # stdin, stdout, stderr, working directory
+_FDS_SPACE = socket.CMSG_SPACE(PASSED_FDS * 4)
+REQUEST_TIMEOUT = 5.0  # a request not complete by then is dropped (its client runs the command itself)
 
 # What commands import, imported once here: the whole runtime (each command imports its part lazily, on purpose:
 # that keeps a plain `vzctl` quick; here the imports are paid once) and the modules they load on first use.
@@ -52,13 +70,13 @@ PRELOAD = ("argparse", "json", "atexit", "encodings.unicode_escape", "vzpkg.cli.
            "vzpkg.cli.plain", "vzpkg.config", "vzpkg.space", "vzpkg.safeio", "vzpkg.manifest", "vzpkg.process")
 
 
-def _code_stamp() -> tuple[tuple[str, int], ...]:
-    """Every module file and directory of the package with its mtime: a change (an edit, a new file, a
-    reinstall) is a different stamp."""
+def _code_stamp(package: Path = PACKAGE) -> tuple[tuple[str, int], ...]:
+    """Every module file of the package with its mtime: a change (an edit, a new or removed file, a reinstall)
+    is a different stamp. Not the directories' mtimes: Python creating a __pycache__ (a command importing a
+    module for the first time) is no change of the code."""
     stamp = []
-    for top, dirs, files in os.walk(PACKAGE):
+    for top, dirs, files in os.walk(package):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-        stamp.append((top, os.stat(top).st_mtime_ns))
         stamp.extend((f"{top}/{f}", os.stat(f"{top}/{f}").st_mtime_ns) for f in sorted(files) if f.endswith(".py"))
     return tuple(stamp)
 
@@ -86,16 +104,17 @@ class _Stamp:
 class Request(NamedTuple):
     umask: int
     ignored: list[int]  # signals the client ignores
+    blocked: list[int]  # signals the client blocks (its signal mask)
     argv: list[str]
     env: dict[str, str]
 
 
 def decode_request(data: bytes) -> Request:
     """A request's body (after its length); ValueError when it is malformed."""
-    if len(data) < 24 or data[:4] != MAGIC:
+    if len(data) < 32 or data[:4] != MAGIC:
         raise ValueError("not a vzctl request")
-    umask, ignored, argc, envc = struct.unpack_from("<IQII", data, 4)
-    strings = data[24:].split(b"\0")
+    umask, ignored, blocked, argc, envc = struct.unpack_from("<IQQII", data, 4)
+    strings = data[32:].split(b"\0")
     if strings[-1] != b"" or len(strings) - 1 != argc + envc or umask > 0o777:
         raise ValueError("malformed vzctl request")
     argv = [os.fsdecode(s) for s in strings[:argc]]
@@ -104,37 +123,58 @@ def decode_request(data: bytes) -> Request:
         key, eq, value = item.partition(b"=")
         if eq and key:
             env[os.fsdecode(key)] = os.fsdecode(value)
-    catchable = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
-    return Request(umask, [n for n in range(1, 65) if ignored >> (n - 1) & 1 and n in catchable], argv, env)
+    return Request(umask, [n for n in range(1, 65) if ignored >> (n - 1) & 1 and n in _CATCHABLE],
+                   [n for n in range(1, 65) if blocked >> (n - 1) & 1 and n in _CATCHABLE], argv, env)
 
 
-def _recv_request(conn: socket.socket) -> tuple[Request, list[int]]:
-    """Read one request; returns it with the passed descriptors (closed here if the request is bad)."""
-    fds = array.array("i")
-    head, ancdata, _flags, _addr = conn.recvmsg(4, socket.CMSG_SPACE(PASSED_FDS * fds.itemsize))
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-    try:
-        if not head and not fds:
-            raise EOFError  # a probe (vzctl server start checks that the socket answers): nothing to say
-        if len(fds) != PASSED_FDS or len(head) != 4:
-            raise ValueError("a request must pass 4 descriptors")
-        (length,) = struct.unpack("<I", head)
-        if length > MAX_REQUEST:
-            raise ValueError("request too large")
-        body = bytearray()
-        while len(body) < length:
-            chunk = conn.recv(length - len(body))
+class _Pending:
+    """A connection whose request is still arriving. It is read as it arrives, from the loop, so that a client
+    that connects and then sends slowly or not at all (stopped, hung) holds up no other command."""
+
+    def __init__(self, conn: socket.socket, peer: int) -> None:
+        self.conn = conn
+        self.peer = peer  # the client's pid (SO_PEERCRED): its limits and scheduling are the command's
+        self.data = bytearray()
+        self.fds: list[int] = []
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT
+
+    def receive(self) -> Request | None:
+        """Take what has arrived: the request once it is complete, None while more is to come. EOFError: the
+        client closed without a word (a probe: vzctl server start checks that the socket answers); ValueError:
+        a malformed request. The descriptors it passed stay in self.fds (close() closes them)."""
+        while True:
+            want = 4 - len(self.data)
+            if want <= 0:
+                (length,) = struct.unpack_from("<I", self.data)
+                if length > MAX_REQUEST:
+                    raise ValueError("request too large")
+                want = 4 + length - len(self.data)
+                if want == 0:
+                    if len(self.fds) != PASSED_FDS:
+                        raise ValueError("a request must pass 4 descriptors")
+                    return decode_request(bytes(self.data[4:]))
+            try:
+                chunk, ancdata, flags, _ = self.conn.recvmsg(min(want, 1 << 20), _FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return None
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                    self.fds.extend(fds)
+            if flags & socket.MSG_CTRUNC or len(self.fds) > PASSED_FDS:
+                raise ValueError("a request must pass 4 descriptors")
             if not chunk:
+                if not self.data and not self.fds:
+                    raise EOFError
                 raise ValueError("truncated request")
-            body += chunk
-        request = decode_request(bytes(body))
-    except BaseException:
-        for fd in fds:
+            self.data += chunk
+
+    def close(self) -> None:
+        for fd in self.fds:
             os.close(fd)
-        raise
-    return request, list(fds)
+        self.fds = []
+        self.conn.close()
 
 
 def _reopen_stdio() -> None:
@@ -148,8 +188,9 @@ def _reopen_stdio() -> None:
                                        closefd=False, buffering=1)
 
 
-def _run_command(request: Request, fds: list[int]) -> None:
-    """In the forked child: become the client's `vzctl ARGV`, run it, exit with its status. Never returns."""
+def _run_command(request: Request, fds: list[int], peer: int) -> None:
+    """In the forked child: become the client's (pid PEER) `vzctl ARGV`, run it, exit with its status. Never
+    returns."""
     code = 1
     try:
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
@@ -162,6 +203,7 @@ def _run_command(request: Request, fds: list[int]) -> None:
             os.dup2(fd, target, inheritable=True)
         os.fchdir(fds[3])
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        _take_on(peer)  # (once its standard error is the client's: a failure is said there)
         os.umask(request.umask)
         os.environ.clear()
         os.environ.update(request.env)
@@ -169,6 +211,12 @@ def _run_command(request: Request, fds: list[int]) -> None:
         _reopen_stdio()
         from vzpkg.cli.vzctl import main
 
+        try:
+            # last (every signal is blocked until now, see Server._request): as the client's own vzctl has it
+            _signal.pthread_sigmask(signal.SIG_SETMASK, request.blocked)
+        except KeyboardInterrupt:  # ^C before vzctl began: it dies of it, as a Python vzctl would
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         main(request.argv)  # exits through SystemExit with the command's status
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -186,17 +234,103 @@ def _run_command(request: Request, fds: list[int]) -> None:
         os._exit(code & 0xFF)
 
 
-class Server:
-    """One listening socket, a fork per command, one thread: the loop waits on the socket, each client's
-    connection (its hang-up) and each command's pidfd (its exit)."""
+_NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup", "time", "pid_for_children", "time_for_children")
+_STATUS_FIELDS = ("CapPrm", "CapEff", "CapBnd", "NoNewPrivs", "Seccomp")
 
-    def __init__(self, sock_path: Path, listener: socket.socket, idle_timeout: float | None = None) -> None:
+
+class _Context(NamedTuple):
+    """What a process can do beyond being uid 0."""
+
+    places: tuple  # (device, inode) of each of its namespaces and of its root directory
+    caps: tuple[int, int, int]  # permitted, effective, bounding
+    confined: tuple[int, int]  # no_new_privs, seccomp mode
+
+
+def _context(pid: int | str) -> _Context:
+    """PID's context; OSError when it is gone."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if line.split(":", 1)[0] in _STATUS_FIELDS)
+    places = []
+    for name in (*(f"ns/{ns}" for ns in _NAMESPACES), "root"):
+        try:
+            st = os.stat(f"/proc/{pid}/{name}")
+            places.append((st.st_dev, st.st_ino))
+        except FileNotFoundError:  # a namespace type this kernel does not have (or PID went away: no match)
+            places.append(None)
+    return _Context(tuple(places), tuple(int(fields[k], 16) for k in _STATUS_FIELDS[:3]),  # type: ignore[arg-type]
+                    tuple(int(fields[k]) for k in _STATUS_FIELDS[3:]))  # type: ignore[arg-type]
+
+
+def _as_able(client: _Context, server: _Context) -> bool:
+    """Whether the client may have its command run by the server: it could do all the server can (the same
+    namespaces and root directory, every capability, no more confinement). A root that was given less (a
+    sandboxed service, `unshare -m`, a dropped bounding set, a seccomp filter, another root directory) runs
+    its command itself, with what it has, as without a server."""
+    return (client.places == server.places and all(s & ~c == 0 for c, s in zip(client.caps, server.caps, strict=True))
+            and all(c <= s for c, s in zip(client.confined, server.confined, strict=True)))
+
+
+def _cgroups(pid: int | str) -> dict[str, str]:
+    """PID's cgroup in each hierarchy, by the hierarchy's controllers ("cpu,cpuacct", "name=systemd", "" for
+    cgroup2)."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        return {ctrls: path for _, ctrls, path in (line.rstrip("\n").split(":", 2) for line in f)}
+
+
+def _join_cgroups(peer: int) -> None:
+    """In the command's process: the client's cgroups, where they are not the server's (a service's memory or
+    pids limit holds for the vzctl command it runs, as without a server)."""
+    mine = _cgroups("self")
+    moves = {ctrls: path for ctrls, path in _cgroups(peer).items() if mine.get(ctrls) != path}
+    if not moves:
+        return
+    with open("/proc/self/mountinfo") as f:
+        mounts = f.read().splitlines()
+    for line in mounts:
+        pre, _, post = line.partition(" - ")
+        fields, tail = pre.split(), post.split()
+        if len(fields) < 5 or len(tail) < 3 or fields[3] != "/" or tail[0] not in ("cgroup", "cgroup2"):
+            continue
+        opts = set(tail[2].split(","))
+        for ctrls in [c for c in moves if (c == "") == (tail[0] == "cgroup2") and set(c.split(",")) - {""} <= opts]:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # (octal escapes)
+            with open(os.path.join(point, moves.pop(ctrls).lstrip("/"), "cgroup.procs"), "w") as procs:
+                procs.write(str(os.getpid()))
+
+
+def _take_on(peer: int) -> None:
+    """In the command's process: the client's cgroups, resource limits, CPU affinity, nice value and OOM score
+    adjustment (`ulimit -n 64; vzctl ...`, `taskset`, `nice`, a service's limits: as if the client had run the
+    command itself)."""
+    import resource
+
+    _join_cgroups(peer)  # (first: joining a cpuset sets the affinity)
+    for name in dir(resource):
+        if name.startswith("RLIMIT_"):
+            kind = getattr(resource, name)
+            resource.prlimit(0, kind, resource.prlimit(peer, kind))
+    os.sched_setaffinity(0, os.sched_getaffinity(peer))
+    os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, peer))
+    with open(f"/proc/{peer}/oom_score_adj") as f:
+        adj = f.read()
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(adj)
+
+
+class Server:
+    """One listening socket, a fork per command, one thread: the loop waits on the socket, each request as it
+    arrives, each client's connection (its hang-up) and each command's pidfd (its exit)."""
+
+    def __init__(self, sock_path: Path, listener: socket.socket, idle_timeout: float | None = None,
+                 stamp: _Stamp | None = None) -> None:
         self.path = sock_path
         self.listener = listener
         self.idle_timeout = idle_timeout
         self.selector = selectors.DefaultSelector()
+        self.pending: dict[int, _Pending] = {}  # connection's fd -> its request, still arriving
         self.running: dict[int, tuple[socket.socket, int]] = {}  # pid -> (connection, pidfd)
-        self.stamp = _Stamp()
+        self.stamp = stamp or _Stamp()
+        self.context = _context("self")
         self.draining = False  # the code changed: serve nothing more, re-execute once the running ones end
         self.stopping = False
         self.served = 0
@@ -206,27 +340,44 @@ class Server:
         """Serve until stopped ("stop") or until the code changed and nothing runs ("reexec")."""
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, ("accept", None))
-        while True:
-            if self.draining and not self.running:
-                return "reexec"
-            if self.stopping and not self.running:
-                return "stop"
-            timeout = 1.0 if self.idle_timeout is None else max(0.1, min(1.0, self.idle_timeout))
-            for key, _ in self.selector.select(timeout):
-                kind, pid = key.data
-                try:
-                    if kind == "accept":
-                        self._accept()
-                    elif kind == "exit":
-                        self._reap(pid)
-                    elif kind == "hangup":
-                        self._hangup(pid)
-                except Exception as e:  # a bug: logged; the server goes on serving the other commands
-                    import traceback
+        try:
+            while True:
+                if self.draining and not self.running:
+                    return "reexec"
+                if self.stopping and not self.running:
+                    return "stop"
+                timeout = 1.0 if self.idle_timeout is None else max(0.1, min(1.0, self.idle_timeout))
+                if self.pending:
+                    timeout = min(timeout, max(0.0, min(p.deadline for p in self.pending.values())
+                                               - time.monotonic()) + 0.01)
+                for key, _ in self.selector.select(timeout):
+                    kind, ident = key.data
+                    try:
+                        if kind == "accept":
+                            self._accept()
+                        elif kind == "request":
+                            self._request(ident)
+                        elif kind == "exit":
+                            self._reap(ident)
+                        elif kind == "hangup":
+                            self._hangup(ident)
+                    except Exception as e:  # a bug: logged; the server goes on serving the other commands
+                        import traceback
 
-                    _log(f"internal error ({kind}): {type(e).__name__}: {e}\n{traceback.format_exc()}")
-            if self.idle_timeout and not self.running and time.monotonic() - self.last_active > self.idle_timeout:
-                self.stopping = True
+                        _log(f"internal error ({kind}): {type(e).__name__}: {e}\n{traceback.format_exc()}")
+                self._housekeeping()
+        finally:
+            for fd in list(self.pending):  # their clients read end-of-file and run their commands themselves
+                self._drop(fd)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for fd, p in list(self.pending.items()):
+            if now >= p.deadline:
+                _log(f"request refused: not complete within {REQUEST_TIMEOUT:.0f} s (client pid {p.peer})")
+                self._drop(fd)
+        if self.idle_timeout and not self.running and now - self.last_active > self.idle_timeout:
+            self.stopping = True
 
     def _accept(self) -> None:
         try:
@@ -234,39 +385,92 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return
         self.last_active = time.monotonic()
-        conn.setblocking(True)
-        conn.settimeout(5.0)  # a client that connects and sends nothing does not hold the loop
         try:
-            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[2]
+            peer, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             if uid == 0 and not (self.draining or self.stopping) and self.stamp.changed():
                 self.draining = True  # serve nothing more; re-executed once the running commands end
-            if uid != 0 or self.draining or self.stopping:
+            if uid != 0 or self.draining or self.stopping or not self._able(peer):
                 conn.sendall(b"S" + struct.pack("<I", 0))
                 conn.close()
                 return
-            request, fds = _recv_request(conn)
-        except EOFError:
+            conn.sendall(b"R" + struct.pack("<I", 0))
+        except OSError:  # the client is gone already
             conn.close()
+            return
+        conn.setblocking(False)
+        self.pending[conn.fileno()] = _Pending(conn, peer)
+        self.selector.register(conn, selectors.EVENT_READ, ("request", conn.fileno()))
+
+    def _able(self, peer: int) -> bool:
+        try:
+            return _as_able(_context(peer), self.context)
+        except (OSError, KeyError, ValueError):  # gone, or a /proc this code does not understand: not served
+            return False
+
+    def _drop(self, fd: int) -> None:
+        p = self.pending.pop(fd)
+        self.selector.unregister(p.conn)
+        p.close()
+
+    def _request(self, fd: int) -> None:
+        p = self.pending[fd]
+        try:
+            request = p.receive()
+        except EOFError:
+            self._drop(fd)
             return
         except (OSError, ValueError) as e:
-            _log(f"request refused: {e}")
-            conn.close()
+            _log(f"request refused: {e} (client pid {p.peer})")
+            self._drop(fd)
             return
+        if request is None:
+            return
+        del self.pending[fd]
+        self.selector.unregister(p.conn)
+        conn, fds = p.conn, p.fds
+        if self.draining or self.stopping:  # (while it arrived): its client runs the command itself
+            try:
+                conn.sendall(b"S" + struct.pack("<I", 0))
+            except OSError:
+                pass
+            p.close()
+            return
+        # The command starts once its client knows its pid: a server that dies in between leaves nothing
+        # running, so that the client, which then runs the command itself, does not run it a second time.
+        go, go_w = os.pipe2(os.O_CLOEXEC)
+        # The child starts with every signal blocked, until it has the command's handlers and the client's
+        # mask: a signal the client forwards at once (^C, a SIGTERM) must not run the server's handlers there.
+        mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            conn.close()
-            _run_command(request, fds)
+            try:  # whatever happens, this process never returns into the server's loop
+                os.close(go_w)
+                conn.close()
+                if os.read(go, 1) == b"g":
+                    _run_command(request, fds, p.peer)  # (never returns)
+            finally:
+                os._exit(1)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(go)
         for fd in fds:
             os.close(fd)
-        self.served += 1
+        pidfd = -1
         try:
             pidfd = os.pidfd_open(pid)
             conn.sendall(b"P" + struct.pack("<I", pid))
-        except OSError:  # the client is gone already: the command goes with it
-            _kill(pid)
+        except OSError:  # the client is gone already (or gave up waiting): the command never starts
+            if pidfd >= 0:
+                os.close(pidfd)
+            os.close(go_w)
             os.waitpid(pid, 0)
             conn.close()
             return
+        try:
+            os.write(go_w, b"g")
+        except OSError:  # (it was killed meanwhile: its exit is reported as any other)
+            pass
+        os.close(go_w)
+        self.served += 1
         self.running[pid] = (conn, pidfd)
         self.selector.register(pidfd, selectors.EVENT_READ, ("exit", pid))
         self.selector.register(conn, selectors.EVENT_READ, ("hangup", pid))
@@ -286,10 +490,13 @@ class Server:
         self.last_active = time.monotonic()
 
     def _hangup(self, pid: int) -> None:
-        """The client's connection is readable: it went away (it sends nothing after its request)."""
+        """The client's connection is readable: it went away (it sends nothing after its request; anything it
+        does send is read and dropped, or the connection would stay readable and the loop spin)."""
+        if pid not in self.running:  # its exit, reported in the same turn of the loop, was handled first
+            return
         conn = self.running[pid][0]
         try:
-            data = conn.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+            data = conn.recv(4096, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
@@ -319,21 +526,36 @@ def _preload() -> None:
     import importlib
     import pkgutil
 
+    # A module that fails to import (an edit half-way, a checkout in progress) is one a command would fail to
+    # import too: it fails there, with its error. The server stays up, and re-executes at the next change.
+    def load(name: str) -> object | None:
+        try:
+            return importlib.import_module(name)
+        except Exception as e:
+            _log(f"not preloaded: {name}: {type(e).__name__}: {e}")
+            return None
+
     for name in PRELOAD:
-        importlib.import_module(name)
+        load(name)
     for package in PRELOAD_PACKAGES:
-        for info in pkgutil.iter_modules(importlib.import_module(package).__path__, package + "."):
-            try:
-                importlib.import_module(info.name)
-            except Exception as e:  # a module a command would fail to import too: it fails there, with its error
-                _log(f"not preloaded: {info.name}: {e}")
+        module = load(package)
+        for info in pkgutil.iter_modules(getattr(module, "__path__", []), package + "."):
+            load(info.name)
 
 
 def run(sock: Path, idle_timeout: float | None = None, listen_fd: int | None = None,
         lock_fd: int | None = None) -> int:
     """Serve on SOCK in the foreground until SIGTERM/SIGINT (or IDLE_TIMEOUT seconds without a command).
     LISTEN_FD and LOCK_FD: the socket and the held lock of the server this one re-executes."""
+    sock = Path(os.path.abspath(sock))
+    os.chdir("/")  # a daemon: it keeps no directory busy (each command gets its client's)
     prepare_run_dir(sock)
+    import resource
+
+    # two descriptors per running command: the default soft limit (1024) would be reached by ~500 at once.
+    # Each command takes on its client's limits (_take_on).
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if listen_fd is None or lock_fd is None:
         lock = os.open(lock_path(sock), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -357,6 +579,7 @@ def run(sock: Path, idle_timeout: float | None = None, listen_fd: int | None = N
         os.set_inheritable(listen_fd, False)
         os.set_inheritable(lock_fd, False)
     Path(pid_path(sock)).write_text(f"{os.getpid()}\n")
+    stamp = _Stamp()  # before the imports: a change while they run is a change
     _preload()
     import gc
 
@@ -368,7 +591,7 @@ def run(sock: Path, idle_timeout: float | None = None, listen_fd: int | None = N
     def _stop(_signum: int, _frame: object) -> None:
         server.stopping = True
 
-    server = Server(sock, listener, idle_timeout)
+    server = Server(sock, listener, idle_timeout, stamp)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -378,7 +601,8 @@ def run(sock: Path, idle_timeout: float | None = None, listen_fd: int | None = N
         _log("the installed code changed: re-executing")
         os.set_inheritable(listener.fileno(), True)
         os.set_inheritable(lock, True)
-        args = [sys.executable, "-m", "vzpkg.cli.server", "run", "--socket", os.fspath(sock),
+        args = [sys.executable, *(["-I"] if sys.flags.isolated else []), "-m", "vzpkg.cli.server", "run",
+                "--socket", os.fspath(sock),
                 "--listen-fd", str(listener.fileno()), "--lock-fd", str(lock)]
         if idle_timeout:
             args += ["--idle-timeout", str(idle_timeout)]

@@ -41,13 +41,23 @@ def pid_path(sock: Path) -> Path:
 
 def prepare_run_dir(sock: Path) -> None:
     """The socket's directory: root's own, 0700, not a symlink (a directory anyone could plant a socket in
-    would let them answer root's vzctl commands)."""
-    parent = sock.parent
+    would let them answer root's vzctl commands); and every directory above it root's, writable by others
+    only with the sticky bit (/tmp), with no symlink on the way: else their owner could swap the socket's
+    directory for a symlink after this check, and have the server create, remove and write its socket, lock
+    and pid files wherever they like."""
+    parent = Path(os.path.abspath(sock.parent))
     parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = os.lstat(parent)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise VEError(f"vzctl server: {parent} must be a directory owned by root and writable by root only "
                       "(remove it or choose another socket with $VZCTL_SERVER_SOCKET)")
+    for up in parent.parents:
+        st = os.lstat(up)
+        if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid()
+                or st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            raise VEError(f"vzctl server: {up}, above the socket's directory, must be a directory (not a symlink) "
+                          "owned by root, writable by others only with the sticky bit (choose another socket "
+                          "with $VZCTL_SERVER_SOCKET)")
 
 
 def server_pid(sock: Path) -> int | None:
@@ -78,7 +88,9 @@ def _answers(sock: Path) -> bool:
 
 
 def server_argv(sock: Path, idle_timeout: float | None = None) -> list[str]:
-    args = [sys.executable, "-m", "vzpkg.cli.server", "run", "--socket", os.fspath(sock)]
+    # -I: neither the working directory (`python -m` puts it first on sys.path: a json.py or a vzpkg/ there
+    # would run as root) nor PYTHON* variables decide which code the server runs
+    args = [sys.executable, "-I", "-m", "vzpkg.cli.server", "run", "--socket", os.path.abspath(sock)]
     return args + ["--idle-timeout", str(idle_timeout)] if idle_timeout else args
 
 
