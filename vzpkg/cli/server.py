@@ -178,35 +178,85 @@ class _Pending:
 
 
 def _reopen_stdio() -> None:
-    """sys.stdin/stdout/stderr anew over fds 0-2 (now the client's), buffered as Python buffers them at
-    start-up: line by line on a terminal, in blocks otherwise; standard error always line by line."""
+    """sys.stdin/stdout/stderr over fds 0-2 (now the client's), buffered as Python buffers them at start-up:
+    line by line on a terminal, in blocks otherwise; standard error always line by line. The server's own
+    objects already write to fds 0-2, unused and buffered for a file: kept where that is right (~0.1 ms each)."""
     enc = sys.stdout.encoding if sys.stdout else "utf-8"
-    sys.stdin = sys.__stdin__ = open(0, encoding=enc, closefd=False)  # noqa: SIM115
-    sys.stdout = sys.__stdout__ = open(1, "w", encoding=enc, closefd=False,  # noqa: SIM115
-                                       buffering=1 if os.isatty(1) else -1)
-    sys.stderr = sys.__stderr__ = open(2, "w", encoding=enc, errors="backslashreplace",  # noqa: SIM115
-                                       closefd=False, buffering=1)
+    if sys.stdin is None or sys.stdin.fileno() != 0:
+        sys.stdin = sys.__stdin__ = open(0, encoding=enc, closefd=False)  # noqa: SIM115
+    if sys.stdout is None or sys.stdout.fileno() != 1 or sys.stdout.line_buffering != os.isatty(1):
+        sys.stdout = sys.__stdout__ = open(1, "w", encoding=enc, closefd=False,  # noqa: SIM115
+                                           buffering=1 if os.isatty(1) else -1)
+    if sys.stderr is None or sys.stderr.fileno() != 2 or not sys.stderr.line_buffering:
+        sys.stderr = sys.__stderr__ = open(2, "w", encoding=enc, errors="backslashreplace",  # noqa: SIM115
+                                           closefd=False, buffering=1)
 
 
-def _run_command(request: Request, fds: list[int], peer: int) -> None:
-    """In the forked child: become the client's (pid PEER) `vzctl ARGV`, run it, exit with its status. Never
-    returns."""
-    code = 1
+def _worker(channel: int) -> None:
+    """A forked child waiting for a command (forked ahead of it, so that no command waits for a fork): the
+    server's descriptors closed, vzctl's signal handlers in place (every signal is still blocked), a session of
+    its own like a command started from a shell. Then it takes one command from CHANNEL and becomes it; it ends
+    without one when the server closes CHANNEL. Never returns."""
     try:
+        os.closerange(3, channel)
+        os.closerange(channel + 1, os.sysconf("SC_OPEN_MAX"))
         for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.setsid()
+        _name("vzctl-idle")  # (ps tells the waiting worker from the commands)
+        with socket.socket(fileno=channel) as ch:
+            head, ancdata, _flags, _ = ch.recvmsg(12, _FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
+            fds = array.array("i")
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+            if len(head) < 12 or len(fds) != PASSED_FDS:
+                os._exit(0)  # the server let it go (stopping, re-executing) or died
+            while len(head) < 12:
+                more = ch.recv(12 - len(head))
+                if not more:
+                    os._exit(0)
+                head += more
+            peer, length, _ = struct.unpack("<III", head)
+            body = bytearray()
+            while len(body) < length:
+                chunk = ch.recv(min(length - len(body), 1 << 20))
+                if not chunk:
+                    os._exit(0)
+                body += chunk
+        _name("vzctl")
+        _run_command(decode_request(bytes(body)), list(fds), peer)
+    finally:
+        os._exit(1)
+
+
+def _name(comm: str) -> None:
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(comm)
+    except OSError:
+        pass
+
+
+def _run_command(request: Request, fds: list[int], peer: int) -> None:
+    """In a worker: become the client's (pid PEER) `vzctl ARGV`, run it, exit with its status. Never returns."""
+    code = 1
+    try:
         for sig in request.ignored:  # as a Python vzctl started by the client would have found them
             signal.signal(sig, signal.SIG_IGN)
-        os.setsid()  # its own session and process group, like a command started from a shell
         for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target, inheritable=True)
         os.fchdir(fds[3])
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         _take_on(peer)  # (once its standard error is the client's: a failure is said there)
         os.umask(request.umask)
-        os.environ.clear()
-        os.environ.update(request.env)
+        # the client's environment; only what differs is set (each setting is a putenv)
+        for key in [k for k in os.environ if k not in request.env]:
+            del os.environ[key]
+        for key, value in request.env.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
         sys.argv = ["vzctl", *request.argv]
         _reopen_stdio()
         from vzpkg.cli.vzctl import main
@@ -270,6 +320,15 @@ def _as_able(client: _Context, server: _Context) -> bool:
             and all(c <= s for c, s in zip(client.confined, server.confined, strict=True)))
 
 
+def _rlimits() -> tuple[int, ...]:
+    import resource
+
+    return tuple(getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_"))
+
+
+_RLIMITS = _rlimits()
+
+
 def _cgroups(pid: int | str) -> dict[str, str]:
     """PID's cgroup in each hierarchy, by the hierarchy's controllers ("cpu,cpuacct", "name=systemd", "" for
     cgroup2)."""
@@ -301,24 +360,36 @@ def _join_cgroups(peer: int) -> None:
 def _take_on(peer: int) -> None:
     """In the command's process: the client's cgroups, resource limits, CPU affinity, nice value and OOM score
     adjustment (`ulimit -n 64; vzctl ...`, `taskset`, `nice`, a service's limits: as if the client had run the
-    command itself)."""
+    command itself). Only what differs from the worker's (every call here is on each command's path)."""
     import resource
 
     _join_cgroups(peer)  # (first: joining a cpuset sets the affinity)
-    for name in dir(resource):
-        if name.startswith("RLIMIT_"):
-            kind = getattr(resource, name)
-            resource.prlimit(0, kind, resource.prlimit(peer, kind))
-    os.sched_setaffinity(0, os.sched_getaffinity(peer))
-    os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, peer))
+    for kind in _RLIMITS:
+        theirs = resource.prlimit(peer, kind)
+        if theirs != resource.getrlimit(kind):
+            resource.prlimit(0, kind, theirs)
+    affinity = os.sched_getaffinity(peer)
+    if affinity != os.sched_getaffinity(0):
+        os.sched_setaffinity(0, affinity)
+    nice = os.getpriority(os.PRIO_PROCESS, peer)
+    if nice != os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
     with open(f"/proc/{peer}/oom_score_adj") as f:
         adj = f.read()
-    with open("/proc/self/oom_score_adj", "w") as f:
-        f.write(adj)
+    with open("/proc/self/oom_score_adj", "r+") as f:
+        if f.read() != adj:
+            f.seek(0)
+            f.write(adj)
+
+
+class _Idle(NamedTuple):
+    pid: int
+    pidfd: int
+    channel: socket.socket  # the go-ahead goes here: the client's request and descriptors
 
 
 class Server:
-    """One listening socket, a fork per command, one thread: the loop waits on the socket, each request as it
+    """One listening socket, a worker per command (forked ahead), one thread: the loop waits on the socket, each request as it
     arrives, each client's connection (its hang-up) and each command's pidfd (its exit)."""
 
     def __init__(self, sock_path: Path, listener: socket.socket, idle_timeout: float | None = None,
@@ -329,6 +400,7 @@ class Server:
         self.selector = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}  # connection's fd -> its request, still arriving
         self.running: dict[int, tuple[socket.socket, int]] = {}  # pid -> (connection, pidfd)
+        self.idle: _Idle | None = None  # the worker the next command goes to
         self.stamp = stamp or _Stamp()
         self.context = _context("self")
         self.draining = False  # the code changed: serve nothing more, re-execute once the running ones end
@@ -340,12 +412,13 @@ class Server:
         """Serve until stopped ("stop") or until the code changed and nothing runs ("reexec")."""
         self.listener.setblocking(False)
         self.selector.register(self.listener, selectors.EVENT_READ, ("accept", None))
+        self._spawn_worker()
         try:
             while True:
+                if self.stopping and not self.running:  # (first: a stop asked for while draining stops it)
+                    return "stop"
                 if self.draining and not self.running:
                     return "reexec"
-                if self.stopping and not self.running:
-                    return "stop"
                 timeout = 1.0 if self.idle_timeout is None else max(0.1, min(1.0, self.idle_timeout))
                 if self.pending:
                     timeout = min(timeout, max(0.0, min(p.deadline for p in self.pending.values())
@@ -359,6 +432,8 @@ class Server:
                             self._request(ident)
                         elif kind == "exit":
                             self._reap(ident)
+                        elif kind == "idle-exit":
+                            self._retire_idle()
                         elif kind == "hangup":
                             self._hangup(ident)
                     except Exception as e:  # a bug: logged; the server goes on serving the other commands
@@ -369,9 +444,12 @@ class Server:
         finally:
             for fd in list(self.pending):  # their clients read end-of-file and run their commands themselves
                 self._drop(fd)
+            self._retire_idle()
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if not (self.running or self.pending or self.draining or self.stopping) and self.stamp.changed():
+            self.draining = True  # (looked at between commands, so that a command rarely pays for the walk)
         for fd, p in list(self.pending.items()):
             if now >= p.deadline:
                 _log(f"request refused: not complete within {REQUEST_TIMEOUT:.0f} s (client pid {p.peer})")
@@ -437,43 +515,75 @@ class Server:
             return
         # The command starts once its client knows its pid: a server that dies in between leaves nothing
         # running, so that the client, which then runs the command itself, does not run it a second time.
-        go, go_w = os.pipe2(os.O_CLOEXEC)
-        # The child starts with every signal blocked, until it has the command's handlers and the client's
+        worker = self._take_worker()
+        try:
+            conn.sendall(b"P" + struct.pack("<I", worker.pid))
+        except OSError:  # the client is gone already (or gave up waiting): the worker waits for the next one
+            self.idle = worker
+            p.close()
+            return
+        body = bytes(p.data[4:])
+        try:
+            # the go-ahead: the request and the client's descriptors (the worker then becomes the command)
+            worker.channel.sendmsg([struct.pack("<III", p.peer, len(body), 0) + body[:1 << 16]],
+                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            if len(body) > 1 << 16:
+                worker.channel.sendall(body[1 << 16:])
+        except OSError:  # (it was killed meanwhile: its exit is reported as any other)
+            pass
+        worker.channel.close()
+        for fd in fds:
+            os.close(fd)
+        pid, pidfd = worker.pid, worker.pidfd
+        self.selector.modify(pidfd, selectors.EVENT_READ, ("exit", pid))
+        self.served += 1
+        self.running[pid] = (conn, pidfd)
+        self.selector.register(conn, selectors.EVENT_READ, ("hangup", pid))
+        self._spawn_worker()  # the next command's, while this one runs
+
+    def _spawn_worker(self) -> _Idle:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # The worker starts with every signal blocked, until it has the command's handlers and the client's
         # mask: a signal the client forwards at once (^C, a SIGTERM) must not run the server's handlers there.
         mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
         pid = os.fork()
         if pid == 0:
             try:  # whatever happens, this process never returns into the server's loop
-                os.close(go_w)
-                conn.close()
-                if os.read(go, 1) == b"g":
-                    _run_command(request, fds, p.peer)  # (never returns)
+                _worker(theirs.detach())
             finally:
                 os._exit(1)
         _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(go)
-        for fd in fds:
-            os.close(fd)
-        pidfd = -1
-        try:
-            pidfd = os.pidfd_open(pid)
-            conn.sendall(b"P" + struct.pack("<I", pid))
-        except OSError:  # the client is gone already (or gave up waiting): the command never starts
-            if pidfd >= 0:
-                os.close(pidfd)
-            os.close(go_w)
-            os.waitpid(pid, 0)
-            conn.close()
+        theirs.close()
+        pidfd = os.pidfd_open(pid)
+        self.idle = _Idle(pid, pidfd, ours)
+        self.selector.register(pidfd, selectors.EVENT_READ, ("idle-exit", pid))
+        return self.idle
+
+    def _take_worker(self) -> _Idle:
+        """The idle worker, taken (a new one if it died, or if there is none yet)."""
+        worker, self.idle = self.idle, None
+        if worker is not None:
+            import select
+
+            if select.select([worker.pidfd], [], [], 0)[0]:  # (killed while it waited)
+                self.idle = worker
+                self._retire_idle()
+                worker = None
+        if worker is None:
+            worker = self._spawn_worker()
+            self.idle = None
+        return worker
+
+    def _retire_idle(self) -> None:
+        """End the idle worker (the server stops or re-executes, or it died): it ends when its channel closes."""
+        worker, self.idle = self.idle, None
+        if worker is None:
             return
-        try:
-            os.write(go_w, b"g")
-        except OSError:  # (it was killed meanwhile: its exit is reported as any other)
-            pass
-        os.close(go_w)
-        self.served += 1
-        self.running[pid] = (conn, pidfd)
-        self.selector.register(pidfd, selectors.EVENT_READ, ("exit", pid))
-        self.selector.register(conn, selectors.EVENT_READ, ("hangup", pid))
+        worker.channel.close()
+        self.selector.unregister(worker.pidfd)
+        _kill(worker.pid)  # (idle: nothing of a command to lose; and a stopped one would not see its channel end)
+        os.close(worker.pidfd)
+        os.waitpid(worker.pid, 0)
 
     def _reap(self, pid: int) -> None:
         conn, pidfd = self.running.pop(pid)

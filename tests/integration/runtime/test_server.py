@@ -62,9 +62,10 @@ class Server:
         return self.log.read_text() if self.log.exists() else ""
 
     def children(self) -> list[int]:
+        """The server's children that run commands (not the idle worker waiting for the next one)."""
         assert self.proc is not None
         text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        return [int(x) for x in text.split()]
+        return [int(x) for x in text.split() if _comm(int(x)) != "vzctl-idle"]
 
     def stop(self) -> int:
         """Stop it; the number of commands it served (since its last re-execution)."""
@@ -547,14 +548,14 @@ def test_a_signal_as_the_command_starts_ends_it(front_end, server, rt):
     """A SIGTERM the client forwards as soon as it has the pid, before the command runs vzctl's code (held there
     by delaying the server's go-ahead), ends it as it ends a Python vzctl killed as it starts (before: the
     server's own handler, still in place in the child, took it, and the command ran to its end)."""
-    tracer = subprocess.Popen(["strace", "-q", "-o", os.devnull, "-p", str(server.proc.pid), "-e", "trace=write",
-                               "-e", "inject=write:delay_enter=1500000:when=1"], stderr=subprocess.PIPE, text=True)
+    # the go-ahead is the server's first sendmsg (to the worker): held for 3 s
+    tracer = subprocess.Popen(["strace", "-q", "-o", os.devnull, "-p", str(server.proc.pid), "-e", "trace=sendmsg",
+                               "-e", "inject=sendmsg:delay_enter=3000000:when=1"], stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: "TracerPid:\t0" not in Path(f"/proc/{server.proc.pid}/status").read_text())
         p = subprocess.Popen([str(front_end), "status", "4711"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)})
-        _wait_for(lambda: server.children())
-        time.sleep(0.2)  # the client has the pid; the command waits for its go-ahead
+        time.sleep(1.0)  # the client has the pid; the command waits for its go-ahead
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=30)
     finally:
@@ -804,6 +805,13 @@ def _all_of(s: socket.socket) -> bytes:
         if not chunk:
             return data
         data += chunk
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def _gone(pid: int) -> bool:
