@@ -134,6 +134,7 @@ class _Pending:
     def __init__(self, conn: socket.socket, peer: int) -> None:
         self.conn = conn
         self.peer = peer  # the client's pid (SO_PEERCRED): its limits and scheduling are the command's
+        self.able = False  # it may have its command run here (Server._able), judged while the request arrives
         self.data = bytearray()
         self.fds: list[int] = []
         self.deadline = time.monotonic() + REQUEST_TIMEOUT
@@ -225,8 +226,8 @@ def _worker(channel: int) -> None:
                 if not chunk:
                     os._exit(0)
                 body += chunk
-        _name("vzctl")
-        _run_command(decode_request(bytes(body)), list(fds), peer)
+            _name("vzctl")
+            _run_command(decode_request(bytes(body)), list(fds), peer, ch.detach())
     finally:
         os._exit(1)
 
@@ -239,17 +240,20 @@ def _name(comm: str) -> None:
         pass
 
 
-def _run_command(request: Request, fds: list[int], peer: int) -> None:
-    """In a worker: become the client's (pid PEER) `vzctl ARGV`, run it, exit with its status. Never returns."""
+def _run_command(request: Request, fds: list[int], peer: int, go: int) -> None:
+    """In a worker: become the client's (pid PEER) `vzctl ARGV`; once the server's go-ahead arrives on GO, run
+    it and exit with its status. Never returns."""
     code = 1
+    failed: BaseException | None = None
     try:
         for sig in request.ignored:  # as a Python vzctl started by the client would have found them
             signal.signal(sig, signal.SIG_IGN)
         for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target, inheritable=True)
         os.fchdir(fds[3])
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-        _take_on(peer)  # (once its standard error is the client's: a failure is said there)
+        os.closerange(3, go)  # everything but the channel the go-ahead comes on
+        os.closerange(go + 1, os.sysconf("SC_OPEN_MAX"))
+        _take_on(peer)
         os.umask(request.umask)
         # the client's environment; only what differs is set (each setting is a putenv)
         for key in [k for k in os.environ if k not in request.env]:
@@ -259,6 +263,14 @@ def _run_command(request: Request, fds: list[int], peer: int) -> None:
                 os.environ[key] = value
         sys.argv = ["vzctl", *request.argv]
         _reopen_stdio()
+    except BaseException as e:  # said once the command is this process's for sure (after the go-ahead)
+        failed = e
+    try:
+        if os.read(go, 1) != b"g":
+            os._exit(0)  # no go-ahead: the client runs the command itself (or is gone)
+        os.close(go)
+        if failed is not None:
+            raise failed
         from vzpkg.cli.vzctl import main
 
         try:
@@ -467,7 +479,7 @@ class Server:
             peer, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             if uid == 0 and not (self.draining or self.stopping) and self.stamp.changed():
                 self.draining = True  # serve nothing more; re-executed once the running commands end
-            if uid != 0 or self.draining or self.stopping or not self._able(peer):
+            if uid != 0 or self.draining or self.stopping:
                 conn.sendall(b"S" + struct.pack("<I", 0))
                 conn.close()
                 return
@@ -476,7 +488,10 @@ class Server:
             conn.close()
             return
         conn.setblocking(False)
-        self.pending[conn.fileno()] = _Pending(conn, peer)
+        pending = self.pending[conn.fileno()] = _Pending(conn, peer)
+        # judged while the client sends its request (a root with less than the server gets S instead of P, and
+        # the descriptors it passed are closed unused)
+        pending.able = self._able(peer)
         self.selector.register(conn, selectors.EVENT_READ, ("request", conn.fileno()))
 
     def _able(self, peer: int) -> bool:
@@ -506,34 +521,43 @@ class Server:
         del self.pending[fd]
         self.selector.unregister(p.conn)
         conn, fds = p.conn, p.fds
-        if self.draining or self.stopping:  # (while it arrived): its client runs the command itself
+        if self.draining or self.stopping or not p.able:  # its client runs the command itself
             try:
                 conn.sendall(b"S" + struct.pack("<I", 0))
             except OSError:
                 pass
             p.close()
             return
-        # The command starts once its client knows its pid: a server that dies in between leaves nothing
-        # running, so that the client, which then runs the command itself, does not run it a second time.
+        # The worker gets the request and prepares (the client's descriptors, limits, environment) while its
+        # pid goes to the client; it runs the command only at the go-ahead, which follows the pid: a server that
+        # dies in between leaves nothing running, so that the client, which then runs the command itself, does
+        # not run it a second time.
         worker = self._take_worker()
-        try:
-            conn.sendall(b"P" + struct.pack("<I", worker.pid))
-        except OSError:  # the client is gone already (or gave up waiting): the worker waits for the next one
-            self.idle = worker
-            p.close()
-            return
         body = bytes(p.data[4:])
         try:
-            # the go-ahead: the request and the client's descriptors (the worker then becomes the command)
             worker.channel.sendmsg([struct.pack("<III", p.peer, len(body), 0) + body[:1 << 16]],
                                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
             if len(body) > 1 << 16:
                 worker.channel.sendall(body[1 << 16:])
-        except OSError:  # (it was killed meanwhile: its exit is reported as any other)
-            pass
-        worker.channel.close()
+            sent = True
+        except OSError:  # (it was killed meanwhile: its exit is reported to the client as any other)
+            sent = False
         for fd in fds:
             os.close(fd)
+        try:
+            conn.sendall(b"P" + struct.pack("<I", worker.pid))
+        except OSError:  # the client is gone already (or gave up waiting): the worker ends without the go-ahead
+            self.idle = worker
+            self._retire_idle()
+            conn.close()
+            self._spawn_worker()
+            return
+        if sent:
+            try:
+                worker.channel.send(b"g")  # the go-ahead
+            except OSError:
+                pass
+        worker.channel.close()
         pid, pidfd = worker.pid, worker.pidfd
         self.selector.modify(pidfd, selectors.EVENT_READ, ("exit", pid))
         self.served += 1
