@@ -61,6 +61,7 @@ _CATCHABLE = _ALL_SIGNALS - {signal.SIGKILL, signal.SIGSTOP}
 MAX_REQUEST = 4 << 20  # argv + environment; Linux's own limit for both is smaller
 PASSED_FDS = 4  # stdin, stdout, stderr, working directory
 _FDS_SPACE = socket.CMSG_SPACE(PASSED_FDS * 4)
+_WORKER_FDS_SPACE = socket.CMSG_SPACE((PASSED_FDS + 1) * 4)  # and the client's connection
 REQUEST_TIMEOUT = 5.0  # a request not complete by then is dropped (its client runs the command itself)
 
 # What commands import, imported once here: the whole runtime (each command imports its part lazily, on purpose:
@@ -207,12 +208,12 @@ def _worker(channel: int) -> None:
         os.setsid()
         _name("vzctl-idle")  # (ps tells the waiting worker from the commands)
         with socket.socket(fileno=channel) as ch:
-            head, ancdata, _flags, _ = ch.recvmsg(12, _FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
+            head, ancdata, _flags, _ = ch.recvmsg(12, _WORKER_FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
             fds = array.array("i")
             for level, kind, data in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-            if len(head) < 12 or len(fds) != PASSED_FDS:
+            if len(head) < 12 or len(fds) != PASSED_FDS + 1:
                 os._exit(0)  # the server let it go (stopping, re-executing) or died
             while len(head) < 12:
                 more = ch.recv(12 - len(head))
@@ -227,7 +228,7 @@ def _worker(channel: int) -> None:
                     os._exit(0)
                 body += chunk
             _name("vzctl")
-            _run_command(decode_request(bytes(body)), list(fds), peer, ch.detach())
+            _run_command(decode_request(bytes(body)), list(fds[:PASSED_FDS]), peer, ch.detach(), fds[PASSED_FDS])
     finally:
         os._exit(1)
 
@@ -240,9 +241,11 @@ def _name(comm: str) -> None:
         pass
 
 
-def _run_command(request: Request, fds: list[int], peer: int, go: int) -> None:
+def _run_command(request: Request, fds: list[int], peer: int, go: int, conn: int) -> None:
     """In a worker: become the client's (pid PEER) `vzctl ARGV`; once the server's go-ahead arrives on GO, run
-    it and exit with its status. Never returns."""
+    it and exit with its status. Never returns. The status goes to the client (CONN) from here, before this
+    process exits (its exit and the server's reaping are then off the client's path); b"x" on GO then tells the
+    server so. Killed before that, the server tells the client the status its wait gives."""
     code = 1
     failed: BaseException | None = None
     try:
@@ -251,8 +254,10 @@ def _run_command(request: Request, fds: list[int], peer: int, go: int) -> None:
         for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target, inheritable=True)
         os.fchdir(fds[3])
-        os.closerange(3, go)  # everything but the channel the go-ahead comes on
-        os.closerange(go + 1, os.sysconf("SC_OPEN_MAX"))
+        low, high = sorted((go, conn))  # everything but the server's channel and the client's connection
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
         _take_on(peer)
         os.umask(request.umask)
         # the client's environment; only what differs is set (each setting is a putenv)
@@ -268,7 +273,6 @@ def _run_command(request: Request, fds: list[int], peer: int, go: int) -> None:
     try:
         if os.read(go, 1) != b"g":
             os._exit(0)  # no go-ahead: the client runs the command itself (or is gone)
-        os.close(go)
         if failed is not None:
             raise failed
         from vzpkg.cli.vzctl import main
@@ -293,6 +297,11 @@ def _run_command(request: Request, fds: list[int], peer: int, go: int) -> None:
                 stream.flush()
             except (OSError, ValueError):
                 pass
+        try:
+            os.write(conn, b"X" + struct.pack("<I", (code & 0xFF) << 8))
+            os.write(go, b"x")
+        except OSError:
+            pass
         os._exit(code & 0xFF)
 
 
@@ -411,7 +420,8 @@ class Server:
         self.idle_timeout = idle_timeout
         self.selector = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}  # connection's fd -> its request, still arriving
-        self.running: dict[int, tuple[socket.socket, int]] = {}  # pid -> (connection, pidfd)
+        # pid -> (connection, pidfd, the worker's channel)
+        self.running: dict[int, tuple[socket.socket, int, socket.socket]] = {}
         self.idle: _Idle | None = None  # the worker the next command goes to
         self.stamp = stamp or _Stamp()
         self.context = _context("self")
@@ -536,7 +546,7 @@ class Server:
         body = bytes(p.data[4:])
         try:
             worker.channel.sendmsg([struct.pack("<III", p.peer, len(body), 0) + body[:1 << 16]],
-                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [*fds, conn.fileno()]))])
             if len(body) > 1 << 16:
                 worker.channel.sendall(body[1 << 16:])
             sent = True
@@ -557,11 +567,10 @@ class Server:
                 worker.channel.send(b"g")  # the go-ahead
             except OSError:
                 pass
-        worker.channel.close()
         pid, pidfd = worker.pid, worker.pidfd
         self.selector.modify(pidfd, selectors.EVENT_READ, ("exit", pid))
         self.served += 1
-        self.running[pid] = (conn, pidfd)
+        self.running[pid] = (conn, pidfd, worker.channel)
         self.selector.register(conn, selectors.EVENT_READ, ("hangup", pid))
         self._spawn_worker()  # the next command's, while this one runs
 
@@ -610,16 +619,22 @@ class Server:
         os.waitpid(worker.pid, 0)
 
     def _reap(self, pid: int) -> None:
-        conn, pidfd = self.running.pop(pid)
+        conn, pidfd, channel = self.running.pop(pid)
         self.selector.unregister(pidfd)
         if conn.fileno() in self.selector.get_map():  # (not if _hangup took it off already)
             self.selector.unregister(conn)
         os.close(pidfd)
         _, status = os.waitpid(pid, 0)
         try:
-            conn.sendall(b"X" + struct.pack("<I", status & 0xFFFFFFFF))
+            told = channel.recv(1, socket.MSG_DONTWAIT) == b"x"  # the worker sent its status itself
         except OSError:
-            pass
+            told = False
+        channel.close()
+        if not told:
+            try:
+                conn.sendall(b"X" + struct.pack("<I", status & 0xFFFFFFFF))
+            except OSError:
+                pass
         conn.close()
         self.last_active = time.monotonic()
 

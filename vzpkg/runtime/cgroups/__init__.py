@@ -73,7 +73,10 @@ def parse_mountinfo(text: str) -> tuple[dict[str, Path], Path | None]:
         fields, tail = pre.split(), post.split()
         if len(fields) < 5 or len(tail) < 3:
             continue
-        mnt, fstype, opts = Path(_unescape(fields[4])), tail[0], tail[2].split(",")
+        fstype = tail[0]
+        if fstype not in ("cgroup", "cgroup2"):
+            continue  # (most lines: no path or option work for them, this is on every vzctl command's path)
+        mnt, opts = Path(_unescape(fields[4]) if "\\" in fields[4] else fields[4]), tail[2].split(",")
         if fstype == "cgroup2" and v2 is None:
             v2 = mnt
         elif fstype == "cgroup":
