@@ -20,8 +20,10 @@ setup: system-packages venv client criu
 client: $(VENV)/.client
 
 $(VENV)/.client: client/vzctl.c $(VENV)/.installed
-	gcc -O2 -Wall -Wextra -Werror -o $(VENV)/bin/vzctl.new client/vzctl.c \
-		-DVZCTL_SOCKET='"'"$$($(VPY) -m vzpkg.cli.server print-socket)"'"' -DVZCTL_PYTHON='"$(VPY)"'
+	@# static where libc.a is there (no dynamic loader at each start: ~0.3 ms of every command)
+	flags="-O2 -Wall -Wextra -Werror -DVZCTL_SOCKET=\"$$($(VPY) -m vzpkg.cli.server print-socket)\" -DVZCTL_PYTHON=\"$(VPY)\""; \
+	gcc -static $$flags -o $(VENV)/bin/vzctl.new client/vzctl.c 2>/dev/null \
+		|| gcc $$flags -o $(VENV)/bin/vzctl.new client/vzctl.c
 	mv -f $(VENV)/bin/vzctl.new $(VENV)/bin/vzctl
 	touch $@
 
