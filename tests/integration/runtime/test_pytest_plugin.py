@@ -214,6 +214,16 @@ def test_addresses(ve_factory):
 """
 
 
+def _need_criu() -> None:
+    from vzpkg.runtime import criu, criu_install
+
+    try:
+        if not criu_install.check(criu.find())[0]:
+            pytest.skip("criu check fails here")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no CRIU ({e}): run make criu")
+
+
 def _reports(out: str) -> dict[str, list[str]]:
     """{tag: [veid, stamp, warm-up pid, init pid]} of the suite's lines (pytest -s may print a dot before one)."""
     import re
@@ -231,13 +241,7 @@ def test_warm_checkpoint_fixtures(plugin_root, tmp_path):
     stamp and process are the same in all of them, the warm-up ran once), yet each is its own — its own id, init,
     hostname, address, files (a file written in one test is not in the next); the image is gone after the run.
     A second run at the same time has its own. --ve-warm=never: each VE boots and warms up by itself."""
-    from vzpkg.runtime import criu, criu_install
-
-    try:
-        if not criu_install.check(criu.find())[0]:
-            pytest.skip("criu check fails here")
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"no CRIU ({e}): run make criu")
+    _need_criu()
     root, cache = plugin_root
     suite, other = tmp_path / "suite", tmp_path / "other"
     for d, n in ((suite, os.getpid() % 100 + 20), (other, os.getpid() % 100 + 120)):
@@ -300,13 +304,7 @@ def test_warm_checkpoint_of_a_ve_with_a_disk_limit(plugin_root, tmp_path):
     the image with the limit (a write past it fails in each; the warm-up ran once: one stamp)."""
     import re
 
-    from vzpkg.runtime import criu, criu_install
-
-    try:
-        if not criu_install.check(criu.find())[0]:
-            pytest.skip("criu check fails here")
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"no CRIU ({e}): run make criu")
+    _need_criu()
     root, cache = plugin_root
     suite = tmp_path / "suite"
     suite.mkdir()
@@ -322,13 +320,7 @@ def test_warm_checkpoint_of_a_ve_with_a_disk_limit(plugin_root, tmp_path):
 def test_warm_images_of_a_sigkilled_run_are_swept(plugin_root, tmp_path):
     """A run killed after its warm checkpoint was made leaves the image (and the VE); the next session removes
     both."""
-    from vzpkg.runtime import criu, criu_install
-
-    try:
-        if not criu_install.check(criu.find())[0]:
-            pytest.skip("criu check fails here")
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"no CRIU ({e}): run make criu")
+    _need_criu()
     root, cache = plugin_root
     suite = tmp_path / "suite"
     suite.mkdir()
