@@ -74,3 +74,17 @@ def test_a_broken_pipe_to_something_else_is_still_an_error():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT,
                        env={**os.environ, "PYTHONPATH": str(PROJECT)}, timeout=60)
     assert (p.returncode, p.stderr) == (30, "vzctl: error: Broken pipe\n")
+
+
+def test_closed_or_full_output(tmp_path):
+    """`vzctl status X >&-`: the command runs, its output goes nowhere, no error (was an internal error); `>
+    /dev/full`: one line, the disk-full exit code 15 (was a second report at exit and status 120)."""
+    (tmp_path / "cache").mkdir()
+    argv = _argv(("vzctl", "status", "101"))
+    closed = subprocess.run(["bash", "-c", " ".join(argv) + " >&-"], capture_output=True, text=True,
+                            env=_env(tmp_path), cwd=PROJECT, timeout=60)
+    assert (closed.returncode, closed.stderr) == (0, "")
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, env=_env(tmp_path), cwd=PROJECT,
+                           timeout=60)
+    assert p.returncode == 15 and p.stderr.count("\n") == 1 and p.stderr.startswith("vzctl: error: "), p.stderr

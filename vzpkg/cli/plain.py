@@ -27,11 +27,8 @@ def stdout_closed(e: BaseException) -> bool:
         return True  # cannot tell: a broken pipe that reached the entry point is most likely the output's
 
 
-def exit_stdout_closed() -> NoReturn:
-    """Exit as Unix tools do when the reader of their output goes away: silently, status 141. Python ignores
-    SIGPIPE (so that a write fails with EPIPE instead of killing the process half-way); the exception has
-    unwound every clean-up by now. Standard output is pointed at /dev/null first so that the interpreter's
-    last flush of what is still buffered does not fail again ("Exception ignored ... BrokenPipeError")."""
+def _drop_stdout() -> None:
+    """Point fd 1 at /dev/null: what is still buffered goes nowhere at the interpreter's last flush."""
     import os
 
     try:
@@ -40,6 +37,14 @@ def exit_stdout_closed() -> NoReturn:
         os.close(fd)
     except OSError:
         pass
+
+
+def exit_stdout_closed() -> NoReturn:
+    """Exit as Unix tools do when the reader of their output goes away: silently, status 141. Python ignores
+    SIGPIPE (so that a write fails with EPIPE instead of killing the process half-way); the exception has
+    unwound every clean-up by now. Standard output is pointed at /dev/null first so that the interpreter's
+    last flush of what is still buffered does not fail again ("Exception ignored ... BrokenPipeError")."""
+    _drop_stdout()
     sys.exit(SIGPIPE_STATUS)
 
 
@@ -57,7 +62,8 @@ def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = run(sys.argv[1:] if argv is None else argv)
-        sys.stdout.flush()  # here, not at exit: a closed output is then an exception handled below
+        if sys.stdout is not None:  # (None: started with fd 1 closed, `>&-`; print() wrote nothing)
+            sys.stdout.flush()  # here, not at exit: a closed output is then an exception handled below
     except VzError as e:
         print(f"{prog}: error: {e.message}", file=sys.stderr)
         code = e.exit_code
@@ -90,6 +96,11 @@ def run_main(prog: str, run: Callable[[list[str]], int], argv: list[str] | None)
         print(f"{prog}: error: internal error: {type(e).__name__}: {e} (rerun with VZPKG_DEBUG=1 for details)",
               file=sys.stderr)
         code = VzError.exit_code
+    if sys.stdout is not None:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):  # said above (a full disk, `> /dev/full`): not again at exit
+            _drop_stdout()
     sys.exit(code)
 
 
