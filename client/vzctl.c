@@ -309,7 +309,10 @@ int main(int argc, char **argv)
         stop_too |= forwarded[i] == SIGTSTP;
         sigaction(forwarded[i], &sa, NULL);
     }
-    sigprocmask(SIG_SETMASK, &old, NULL);
+    sigprocmask(SIG_SETMASK, &old, NULL); /* (a signal that came meanwhile is forwarded here, before the A) */
+    /* the go-ahead: the command starts only now, so a signal sent to us before this point reaches it first */
+    while (send(sock, "A", 1, MSG_NOSIGNAL) < 0 && errno == EINTR)
+        ;
 
     if (wait_end(sock, reply) < 0) {
         fprintf(stderr, "vzctl: error: the vzctl server stopped while it ran this command (pid %d); whether the "

@@ -20,8 +20,10 @@ Protocol (one connection per command; integers little-endian u32; each answer 5 
                     signals (u64, the client's signal mask, which the command inherits too), argc, envc,
                     argc + envc NUL-terminated strings; with the first bytes, SCM_RIGHTS carrying stdin, stdout,
                     stderr and the working directory (an O_PATH descriptor).
-  server -> client  b"P" + pid: the command runs as pid (the client forwards its signals to it), then
-                    b"X" + wait status (as waitpid(2) gives it). The command starts only once P is sent: a client
+  server -> client  b"P" + pid: the command runs as pid (the client forwards its signals to it);
+  client -> server  b"A": the client has the pid and forwards its signals: now the command starts;
+  command -> client b"X" + wait status (as waitpid(2) gives it), from the command's process as it ends, or from
+                    the server if that process was killed. The command starts only once P is sent: a client
                     that does not get P (the server died, or the client gave up) can run the command itself.
 A client that goes away before its command ends takes it along (SIGKILL), as a killed vzctl would. The client
 talks only to a server running as root (SO_PEERCRED), whatever $VZCTL_SERVER_SOCKET names.
@@ -420,8 +422,8 @@ class Server:
         self.idle_timeout = idle_timeout
         self.selector = selectors.DefaultSelector()
         self.pending: dict[int, _Pending] = {}  # connection's fd -> its request, still arriving
-        # pid -> (connection, pidfd, the worker's channel)
-        self.running: dict[int, tuple[socket.socket, int, socket.socket]] = {}
+        # pid -> [connection, pidfd, the worker's channel, whether it waits for its go-ahead]
+        self.running: dict[int, list] = {}
         self.idle: _Idle | None = None  # the worker the next command goes to
         self.stamp = stamp or _Stamp()
         self.context = _context("self")
@@ -562,15 +564,12 @@ class Server:
             conn.close()
             self._spawn_worker()
             return
-        if sent:
-            try:
-                worker.channel.send(b"g")  # the go-ahead
-            except OSError:
-                pass
         pid, pidfd = worker.pid, worker.pidfd
         self.selector.modify(pidfd, selectors.EVENT_READ, ("exit", pid))
         self.served += 1
-        self.running[pid] = (conn, pidfd, worker.channel)
+        # the go-ahead waits for the client's b"A": it has the pid and forwards its signals (a ^C or SIGTERM that
+        # came before then reaches the command before it runs anything, as it reaches a starting Python vzctl)
+        self.running[pid] = [conn, pidfd, worker.channel, sent]
         self.selector.register(conn, selectors.EVENT_READ, ("hangup", pid))
         self._spawn_worker()  # the next command's, while this one runs
 
@@ -619,7 +618,7 @@ class Server:
         os.waitpid(worker.pid, 0)
 
     def _reap(self, pid: int) -> None:
-        conn, pidfd, channel = self.running.pop(pid)
+        conn, pidfd, channel, _ = self.running.pop(pid)
         self.selector.unregister(pidfd)
         if conn.fileno() in self.selector.get_map():  # (not if _hangup took it off already)
             self.selector.unregister(conn)
@@ -643,7 +642,8 @@ class Server:
         does send is read and dropped, or the connection would stay readable and the loop spin)."""
         if pid not in self.running:  # its exit, reported in the same turn of the loop, was handled first
             return
-        conn = self.running[pid][0]
+        entry = self.running[pid]
+        conn = entry[0]
         try:
             data = conn.recv(4096, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -651,6 +651,12 @@ class Server:
         except OSError:
             data = b""
         if data:
+            if entry[3]:  # the client's b"A": the command may start
+                entry[3] = False
+                try:
+                    entry[2].send(b"g")
+                except OSError:  # (killed meanwhile: its exit is reported as any other)
+                    pass
             return
         self.selector.unregister(conn)
         _kill(pid)  # then its pidfd reports the exit and _reap collects it

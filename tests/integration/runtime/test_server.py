@@ -65,7 +65,7 @@ class Server:
         """The server's children that run commands (not the idle worker waiting for the next one)."""
         assert self.proc is not None
         text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        return [int(x) for x in text.split() if _comm(int(x)) != "vzctl-idle"]
+        return [int(x) for x in text.split() if _comm(int(x)) == "vzctl"]  # (not a worker still starting either)
 
     def stop(self) -> int:
         """Stop it; the number of commands it served (since its last re-execution)."""
