@@ -726,8 +726,10 @@ def test_ctrl_z_stops_the_command_too(front_end, server, rt):
     vzctl and its children; SIGCONT (fg, bg) continues both."""
     r, w = _full_pipe()
     try:
+        # a process group of its own in pytest's session, as a shell's job: the kernel discards ^Z sent to an
+        # orphaned group (pytest's own is one when CI starts it in the background)
         p = subprocess.Popen([str(front_end), "status", "4711"], stdout=w, stderr=subprocess.PIPE, text=True,
-                             env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)})
+                             env={**rt.env, "VZCTL_SERVER_SOCKET": str(server.sock)}, process_group=0)
         _wait_for(lambda: server.children())
         child = server.children()[0]
         time.sleep(0.3)  # it is blocked writing its line
