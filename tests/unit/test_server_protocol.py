@@ -1,4 +1,4 @@
-"""The resident vzctl server's pure parts (vzpkg/cli/server.py): decoding a request, reading one as it arrives
+"""The resident vzctl server's pure parts (vzpkg/cli/server_protocol.py, server.py): decoding a request, reading one as it arrives
 over a real socket pair, which clients it may serve, and what counts as a change of the code."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vzpkg.cli import server
-from vzpkg.cli.server import MAGIC, _as_able, _code_stamp, _Context, _context, _Pending, decode_request
+from vzpkg.cli import server_protocol
+from vzpkg.cli.server import _code_stamp
+from vzpkg.cli.server_protocol import MAGIC, Context, Pending, as_able, context_of, decode_request
 
 
 def body(argv: list[bytes], env: list[bytes], umask: int = 0o22, ignored: int = 0, blocked: int = 0,
@@ -46,7 +47,7 @@ def test_a_request_is_read_as_it_arrives():
     try:
         data = body([b"status", b"1"], [b"A=1"])
         data = struct.pack("<I", len(data)) + data
-        p = _Pending(conn, 0)
+        p = Pending(conn, 0)
         assert p.receive() is None  # nothing yet: no waiting
         client.sendmsg([data[:3]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * 4))])
         assert p.receive() is None
@@ -68,11 +69,11 @@ def test_bad_requests_as_they_arrive():
         client, conn = _pair()
         client.close()
         with pytest.raises(EOFError):  # a probe
-            _Pending(conn, 0).receive()
+            Pending(conn, 0).receive()
         conn.close()
         cases = [
             ([struct.pack("<I", 8) + b"VZC2"], 4),  # closed half-way
-            ([struct.pack("<I", server.MAX_REQUEST + 1)], 4),
+            ([struct.pack("<I", server_protocol.MAX_REQUEST + 1)], 4),
             ([struct.pack("<I", 0)], 3),  # complete, but not its four descriptors
             ([struct.pack("<I", 0)], 5),
         ]
@@ -80,7 +81,7 @@ def test_bad_requests_as_they_arrive():
             client, conn = _pair()
             client.sendmsg(chunks, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd] * nfds))])
             client.close()
-            p = _Pending(conn, 0)
+            p = Pending(conn, 0)
             with pytest.raises(ValueError):
                 p.receive()
             p.close()
@@ -89,14 +90,14 @@ def test_bad_requests_as_they_arrive():
 
 
 def test_who_is_served():
-    me = _context("self")
-    assert _as_able(me, me)
-    assert _as_able(me._replace(caps=tuple(c | 1 << 62 for c in me.caps)), me)
-    less = _Context(me.places, (me.caps[0], me.caps[1] & ~(1 << 21), me.caps[2]), me.confined)  # no CAP_SYS_ADMIN
-    assert me.caps[1] >> 21 & 1 and not _as_able(less, me)
-    assert not _as_able(me._replace(confined=(1, me.confined[1])), me)  # no_new_privs
-    assert not _as_able(me._replace(confined=(me.confined[0], 2)), me)  # a seccomp filter
-    assert not _as_able(me._replace(places=(None, *me.places[1:])), me)  # another mount namespace
+    me = context_of("self")
+    assert as_able(me, me)
+    assert as_able(me._replace(caps=tuple(c | 1 << 62 for c in me.caps)), me)
+    less = Context(me.places, (me.caps[0], me.caps[1] & ~(1 << 21), me.caps[2]), me.confined)  # no CAP_SYS_ADMIN
+    assert me.caps[1] >> 21 & 1 and not as_able(less, me)
+    assert not as_able(me._replace(confined=(1, me.confined[1])), me)  # no_new_privs
+    assert not as_able(me._replace(confined=(me.confined[0], 2)), me)  # a seccomp filter
+    assert not as_able(me._replace(places=(None, *me.places[1:])), me)  # another mount namespace
 
 
 def test_the_code_stamp_sees_code_not_caches(tmp_path: Path):

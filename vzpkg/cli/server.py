@@ -9,24 +9,7 @@ and reports the child's wait status back. The client is `client/vzctl.c`, instal
 never a requirement. Started with `vzctl server start` (or `run` under a service manager), stopped with
 `vzctl server stop`.
 
-Protocol (one connection per command; integers little-endian u32; each answer 5 bytes, a letter and a u32):
-  server -> client  b"R" + 0: the server takes the command (the client waits ACCEPT_TIMEOUT for it, and runs the
-                    command itself without it: a stopped or hung server); or b"S" + 0: not served (not root or
-                    root with less than the server has, the server is draining or its code changed): the client
-                    runs the command itself. Only after R does the client pass its descriptors: a server that
-                    never reads them would hold them (a reader of the client's output would wait for its end).
-  client -> server  u32 length, then `length` bytes: b"VZC2", umask, ignored signals (u64: bit N-1 set when
-                    signal N is ignored, which the command then inherits, as from a shell's `&`), blocked
-                    signals (u64, the client's signal mask, which the command inherits too), argc, envc,
-                    argc + envc NUL-terminated strings; with the first bytes, SCM_RIGHTS carrying stdin, stdout,
-                    stderr and the working directory (an O_PATH descriptor).
-  server -> client  b"P" + pid: the command runs as pid (the client forwards its signals to it);
-  client -> server  b"A": the client has the pid and forwards its signals: now the command starts;
-  command -> client b"X" + wait status (as waitpid(2) gives it), from the command's process as it ends, or from
-                    the server if that process was killed. The command starts only once P is sent: a client
-                    that does not get P (the server died, or the client gave up) can run the command itself.
-A client that goes away before its command ends takes it along (SIGKILL), as a killed vzctl would. The client
-talks only to a server running as root (SO_PEERCRED), whatever $VZCTL_SERVER_SOCKET names.
+The protocol: vzpkg/cli/server_protocol.py; the command's process: vzpkg/cli/server_worker.py.
 
 Only root's commands are served (SO_PEERCRED), and only a root that has all the server has (namespaces, root
 directory, capabilities, no seccomp or no_new_privs the server lacks): vzctl needs root, and any other caller
@@ -42,7 +25,6 @@ import _signal
 import array
 import fcntl
 import os
-import re
 import selectors
 import signal
 import socket
@@ -53,18 +35,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 from vzpkg.cli.server_control import PACKAGE, default_socket, lock_path, pid_path, prepare_run_dir, socket_path
+from vzpkg.cli.server_protocol import (
+    ALL_SIGNALS,
+    REQUEST_TIMEOUT,
+    Pending,
+    as_able,
+    context_of,
+)
+from vzpkg.cli.server_worker import run_worker
 from vzpkg.errors import UsageError, VEError
-
-MAGIC = b"VZC2"  # (VZC1: descriptors sent before the server took the command)
-# signal.valid_signals() and signal.pthread_sigmask() make an enum of each signal they return: ~0.2 ms a call,
-# more than the rest of the server's work for a command. _signal's pthread_sigmask deals in plain numbers.
-_ALL_SIGNALS = frozenset(int(s) for s in signal.valid_signals())
-_CATCHABLE = _ALL_SIGNALS - {signal.SIGKILL, signal.SIGSTOP}
-MAX_REQUEST = 4 << 20  # argv + environment; Linux's own limit for both is smaller
-PASSED_FDS = 4  # stdin, stdout, stderr, working directory
-_FDS_SPACE = socket.CMSG_SPACE(PASSED_FDS * 4)
-_WORKER_FDS_SPACE = socket.CMSG_SPACE((PASSED_FDS + 1) * 4)  # and the client's connection
-REQUEST_TIMEOUT = 5.0  # a request not complete by then is dropped (its client runs the command itself)
 
 # What commands import, imported once here: the whole runtime (each command imports its part lazily, on purpose:
 # that keeps a plain `vzctl` quick; here the imports are paid once) and the modules they load on first use.
@@ -104,306 +83,6 @@ class _Stamp:
             return True
 
 
-class Request(NamedTuple):
-    umask: int
-    ignored: list[int]  # signals the client ignores
-    blocked: list[int]  # signals the client blocks (its signal mask)
-    argv: list[str]
-    env: dict[str, str]
-
-
-def decode_request(data: bytes) -> Request:
-    """A request's body (after its length); ValueError when it is malformed."""
-    if len(data) < 32 or data[:4] != MAGIC:
-        raise ValueError("not a vzctl request")
-    umask, ignored, blocked, argc, envc = struct.unpack_from("<IQQII", data, 4)
-    strings = data[32:].split(b"\0")
-    if strings[-1] != b"" or len(strings) - 1 != argc + envc or umask > 0o777:
-        raise ValueError("malformed vzctl request")
-    argv = [os.fsdecode(s) for s in strings[:argc]]
-    env = {}
-    for item in strings[argc:argc + envc]:
-        key, eq, value = item.partition(b"=")
-        if eq and key:
-            env[os.fsdecode(key)] = os.fsdecode(value)
-    return Request(umask, [n for n in range(1, 65) if ignored >> (n - 1) & 1 and n in _CATCHABLE],
-                   [n for n in range(1, 65) if blocked >> (n - 1) & 1 and n in _CATCHABLE], argv, env)
-
-
-class _Pending:
-    """A connection whose request is still arriving. It is read as it arrives, from the loop, so that a client
-    that connects and then sends slowly or not at all (stopped, hung) holds up no other command."""
-
-    def __init__(self, conn: socket.socket, peer: int) -> None:
-        self.conn = conn
-        self.peer = peer  # the client's pid (SO_PEERCRED): its limits and scheduling are the command's
-        self.able = False  # it may have its command run here (Server._able), judged while the request arrives
-        self.data = bytearray()
-        self.fds: list[int] = []
-        self.deadline = time.monotonic() + REQUEST_TIMEOUT
-
-    def receive(self) -> Request | None:
-        """Take what has arrived: the request once it is complete, None while more is to come. EOFError: the
-        client closed without a word (a probe: vzctl server start checks that the socket answers); ValueError:
-        a malformed request. The descriptors it passed stay in self.fds (close() closes them)."""
-        while True:
-            want = 4 - len(self.data)
-            if want <= 0:
-                (length,) = struct.unpack_from("<I", self.data)
-                if length > MAX_REQUEST:
-                    raise ValueError("request too large")
-                want = 4 + length - len(self.data)
-                if want == 0:
-                    if len(self.fds) != PASSED_FDS:
-                        raise ValueError("a request must pass 4 descriptors")
-                    return decode_request(bytes(self.data[4:]))
-            try:
-                chunk, ancdata, flags, _ = self.conn.recvmsg(min(want, 1 << 20), _FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
-            except (BlockingIOError, InterruptedError):
-                return None
-            for level, kind, data in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-                    self.fds.extend(fds)
-            if flags & socket.MSG_CTRUNC or len(self.fds) > PASSED_FDS:
-                raise ValueError("a request must pass 4 descriptors")
-            if not chunk:
-                if not self.data and not self.fds:
-                    raise EOFError
-                raise ValueError("truncated request")
-            self.data += chunk
-
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-        self.conn.close()
-
-
-def _reopen_stdio() -> None:
-    """sys.stdin/stdout/stderr over fds 0-2 (now the client's), buffered as Python buffers them at start-up:
-    line by line on a terminal, in blocks otherwise; standard error always line by line. The server's own
-    objects already write to fds 0-2, unused and buffered for a file: kept where that is right (~0.1 ms each)."""
-    enc = sys.stdout.encoding if sys.stdout else "utf-8"
-    if sys.stdin is None or sys.stdin.fileno() != 0:
-        sys.stdin = sys.__stdin__ = open(0, encoding=enc, closefd=False)  # noqa: SIM115
-    if sys.stdout is None or sys.stdout.fileno() != 1 or sys.stdout.line_buffering != os.isatty(1):
-        sys.stdout = sys.__stdout__ = open(1, "w", encoding=enc, closefd=False,  # noqa: SIM115
-                                           buffering=1 if os.isatty(1) else -1)
-    if sys.stderr is None or sys.stderr.fileno() != 2 or not sys.stderr.line_buffering:
-        sys.stderr = sys.__stderr__ = open(2, "w", encoding=enc, errors="backslashreplace",  # noqa: SIM115
-                                           closefd=False, buffering=1)
-
-
-def _worker(channel: int) -> None:
-    """A forked child waiting for a command (forked ahead of it, so that no command waits for a fork): the
-    server's descriptors closed, vzctl's signal handlers in place (every signal is still blocked), a session of
-    its own like a command started from a shell. Then it takes one command from CHANNEL and becomes it; it ends
-    without one when the server closes CHANNEL. Never returns."""
-    try:
-        os.closerange(3, channel)
-        os.closerange(channel + 1, os.sysconf("SC_OPEN_MAX"))
-        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        os.setsid()
-        _name("vzctl-idle")  # (ps tells the waiting worker from the commands)
-        with socket.socket(fileno=channel) as ch:
-            head, ancdata, _flags, _ = ch.recvmsg(12, _WORKER_FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
-            fds = array.array("i")
-            for level, kind, data in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-            if len(head) < 12 or len(fds) != PASSED_FDS + 1:
-                os._exit(0)  # the server let it go (stopping, re-executing) or died
-            while len(head) < 12:
-                more = ch.recv(12 - len(head))
-                if not more:
-                    os._exit(0)
-                head += more
-            peer, length, _ = struct.unpack("<III", head)
-            body = bytearray()
-            while len(body) < length:
-                chunk = ch.recv(min(length - len(body), 1 << 20))
-                if not chunk:
-                    os._exit(0)
-                body += chunk
-            _name("vzctl")
-            _run_command(decode_request(bytes(body)), list(fds[:PASSED_FDS]), peer, ch.detach(), fds[PASSED_FDS])
-    finally:
-        os._exit(1)
-
-
-def _name(comm: str) -> None:
-    try:
-        with open("/proc/self/comm", "w") as f:
-            f.write(comm)
-    except OSError:
-        pass
-
-
-def _run_command(request: Request, fds: list[int], peer: int, go: int, conn: int) -> None:
-    """In a worker: become the client's (pid PEER) `vzctl ARGV`; once the server's go-ahead arrives on GO, run
-    it and exit with its status. Never returns. The status goes to the client (CONN) from here, before this
-    process exits (its exit and the server's reaping are then off the client's path); b"x" on GO then tells the
-    server so. Killed before that, the server tells the client the status its wait gives."""
-    code = 1
-    failed: BaseException | None = None
-    try:
-        for sig in request.ignored:  # as a Python vzctl started by the client would have found them
-            signal.signal(sig, signal.SIG_IGN)
-        for target, fd in enumerate(fds[:3]):
-            os.dup2(fd, target, inheritable=True)
-        os.fchdir(fds[3])
-        low, high = sorted((go, conn))  # everything but the server's channel and the client's connection
-        os.closerange(3, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, os.sysconf("SC_OPEN_MAX"))
-        _take_on(peer)
-        os.umask(request.umask)
-        # the client's environment; only what differs is set (each setting is a putenv)
-        for key in [k for k in os.environ if k not in request.env]:
-            del os.environ[key]
-        for key, value in request.env.items():
-            if os.environ.get(key) != value:
-                os.environ[key] = value
-        sys.argv = ["vzctl", *request.argv]
-        _reopen_stdio()
-    except BaseException as e:  # said once the command is this process's for sure (after the go-ahead)
-        failed = e
-    try:
-        if os.read(go, 1) != b"g":
-            os._exit(0)  # no go-ahead: the client runs the command itself (or is gone)
-        if failed is not None:
-            raise failed
-        from vzpkg.cli.vzctl import main
-
-        try:
-            # last (every signal is blocked until now, see Server._request): as the client's own vzctl has it
-            _signal.pthread_sigmask(signal.SIG_SETMASK, request.blocked)
-        except KeyboardInterrupt:  # ^C before vzctl began: it dies of it, as a Python vzctl would
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-        main(request.argv)  # exits through SystemExit with the command's status
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException as e:  # the set-up failed: one line, as vzctl would say it
-        try:
-            os.write(2, f"vzctl: error: {e}\n".encode())
-        except OSError:
-            pass
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        try:
-            os.write(conn, b"X" + struct.pack("<I", (code & 0xFF) << 8))
-            os.write(go, b"x")
-        except OSError:
-            pass
-        os._exit(code & 0xFF)
-
-
-_NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup", "time", "pid_for_children", "time_for_children")
-_STATUS_FIELDS = ("CapPrm", "CapEff", "CapBnd", "NoNewPrivs", "Seccomp")
-
-
-class _Context(NamedTuple):
-    """What a process can do beyond being uid 0."""
-
-    places: tuple  # (device, inode) of each of its namespaces and of its root directory
-    caps: tuple[int, int, int]  # permitted, effective, bounding
-    confined: tuple[int, int]  # no_new_privs, seccomp mode
-
-
-def _context(pid: int | str) -> _Context:
-    """PID's context; OSError when it is gone."""
-    with open(f"/proc/{pid}/status") as f:
-        fields = dict(line.split(":", 1) for line in f if line.split(":", 1)[0] in _STATUS_FIELDS)
-    places = []
-    for name in (*(f"ns/{ns}" for ns in _NAMESPACES), "root"):
-        try:
-            st = os.stat(f"/proc/{pid}/{name}")
-            places.append((st.st_dev, st.st_ino))
-        except FileNotFoundError:  # a namespace type this kernel does not have (or PID went away: no match)
-            places.append(None)
-    return _Context(tuple(places), tuple(int(fields[k], 16) for k in _STATUS_FIELDS[:3]),  # type: ignore[arg-type]
-                    tuple(int(fields[k]) for k in _STATUS_FIELDS[3:]))  # type: ignore[arg-type]
-
-
-def _as_able(client: _Context, server: _Context) -> bool:
-    """Whether the client may have its command run by the server: it could do all the server can (the same
-    namespaces and root directory, every capability, no more confinement). A root that was given less (a
-    sandboxed service, `unshare -m`, a dropped bounding set, a seccomp filter, another root directory) runs
-    its command itself, with what it has, as without a server."""
-    return (client.places == server.places and all(s & ~c == 0 for c, s in zip(client.caps, server.caps, strict=True))
-            and all(c <= s for c, s in zip(client.confined, server.confined, strict=True)))
-
-
-def _rlimits() -> tuple[int, ...]:
-    import resource
-
-    return tuple(getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_"))
-
-
-_RLIMITS = _rlimits()
-
-
-def _cgroups(pid: int | str) -> dict[str, str]:
-    """PID's cgroup in each hierarchy, by the hierarchy's controllers ("cpu,cpuacct", "name=systemd", "" for
-    cgroup2)."""
-    with open(f"/proc/{pid}/cgroup") as f:
-        return {ctrls: path for _, ctrls, path in (line.rstrip("\n").split(":", 2) for line in f)}
-
-
-def _join_cgroups(peer: int) -> None:
-    """In the command's process: the client's cgroups, where they are not the server's (a service's memory or
-    pids limit holds for the vzctl command it runs, as without a server)."""
-    mine = _cgroups("self")
-    moves = {ctrls: path for ctrls, path in _cgroups(peer).items() if mine.get(ctrls) != path}
-    if not moves:
-        return
-    with open("/proc/self/mountinfo") as f:
-        mounts = f.read().splitlines()
-    for line in mounts:
-        pre, _, post = line.partition(" - ")
-        fields, tail = pre.split(), post.split()
-        if len(fields) < 5 or len(tail) < 3 or fields[3] != "/" or tail[0] not in ("cgroup", "cgroup2"):
-            continue
-        opts = set(tail[2].split(","))
-        for ctrls in [c for c in moves if (c == "") == (tail[0] == "cgroup2") and set(c.split(",")) - {""} <= opts]:
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # (octal escapes)
-            with open(os.path.join(point, moves.pop(ctrls).lstrip("/"), "cgroup.procs"), "w") as procs:
-                procs.write(str(os.getpid()))
-
-
-def _take_on(peer: int) -> None:
-    """In the command's process: the client's cgroups, resource limits, CPU affinity, nice value and OOM score
-    adjustment (`ulimit -n 64; vzctl ...`, `taskset`, `nice`, a service's limits: as if the client had run the
-    command itself). Only what differs from the worker's (every call here is on each command's path)."""
-    import resource
-
-    _join_cgroups(peer)  # (first: joining a cpuset sets the affinity)
-    for kind in _RLIMITS:
-        theirs = resource.prlimit(peer, kind)
-        if theirs != resource.getrlimit(kind):
-            resource.prlimit(0, kind, theirs)
-    affinity = os.sched_getaffinity(peer)
-    if affinity != os.sched_getaffinity(0):
-        os.sched_setaffinity(0, affinity)
-    nice = os.getpriority(os.PRIO_PROCESS, peer)
-    if nice != os.getpriority(os.PRIO_PROCESS, 0):
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-    with open(f"/proc/{peer}/oom_score_adj") as f:
-        adj = f.read()
-    with open("/proc/self/oom_score_adj", "r+") as f:
-        if f.read() != adj:
-            f.seek(0)
-            f.write(adj)
-
 
 class _Idle(NamedTuple):
     pid: int
@@ -421,12 +100,12 @@ class Server:
         self.listener = listener
         self.idle_timeout = idle_timeout
         self.selector = selectors.DefaultSelector()
-        self.pending: dict[int, _Pending] = {}  # connection's fd -> its request, still arriving
+        self.pending: dict[int, Pending] = {}  # connection's fd -> its request, still arriving
         # pid -> [connection, pidfd, the worker's channel, whether it waits for its go-ahead]
         self.running: dict[int, list] = {}
         self.idle: _Idle | None = None  # the worker the next command goes to
         self.stamp = stamp or _Stamp()
-        self.context = _context("self")
+        self.context = context_of("self")
         self.draining = False  # the code changed: serve nothing more, re-execute once the running ones end
         self.stopping = False
         self.served = 0
@@ -500,7 +179,7 @@ class Server:
             conn.close()
             return
         conn.setblocking(False)
-        pending = self.pending[conn.fileno()] = _Pending(conn, peer)
+        pending = self.pending[conn.fileno()] = Pending(conn, peer)
         # judged while the client sends its request (a root with less than the server gets S instead of P, and
         # the descriptors it passed are closed unused)
         pending.able = self._able(peer)
@@ -508,7 +187,7 @@ class Server:
 
     def _able(self, peer: int) -> bool:
         try:
-            return _as_able(_context(peer), self.context)
+            return as_able(context_of(peer), self.context)
         except (OSError, KeyError, ValueError):  # gone, or a /proc this code does not understand: not served
             return False
 
@@ -577,11 +256,11 @@ class Server:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         # The worker starts with every signal blocked, until it has the command's handlers and the client's
         # mask: a signal the client forwards at once (^C, a SIGTERM) must not run the server's handlers there.
-        mask = _signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+        mask = _signal.pthread_sigmask(signal.SIG_BLOCK, ALL_SIGNALS)
         pid = os.fork()
         if pid == 0:
             try:  # whatever happens, this process never returns into the server's loop
-                _worker(theirs.detach())
+                run_worker(theirs.detach())
             finally:
                 os._exit(1)
         _signal.pthread_sigmask(signal.SIG_SETMASK, mask)

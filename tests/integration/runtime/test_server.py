@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from vzpkg.cli.server import MAGIC
+from vzpkg.cli.server_protocol import MAGIC
 
 from .conftest import PROJECT, VZCTL, Runtime
 
