@@ -23,6 +23,7 @@ from .test_checkpoint import COUNTER, _count, _wait
 from .test_storage import _loops_below, _no_loops, _qgroups
 
 btrfs_root = test_storage.btrfs_root  # (the module-scoped fixture: a VZ root with a loop-backed btrfs pool)
+brt = test_storage.brt  # (a runtime in it)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -37,20 +38,11 @@ def have_criu():
         pytest.skip(f"no CRIU >= 4.2 ({e}): run make criu")
 
 
-@pytest.fixture
-def bt(btrfs_root, debian12_cache):
-    runtime = Runtime(btrfs_root, *debian12_cache)
-    try:
-        yield runtime
-    finally:
-        runtime.cleanup()
-
-
 @pytest.fixture(params=["image", "btrfs"])
 def lrt(request, have_criu):
     """(runtime, layout): the image layout in the session's VZ root, btrfs in a VZ root with a pool."""
     kind = request.param
-    return request.getfixturevalue("rt" if kind == "image" else "bt"), kind
+    return request.getfixturevalue("rt" if kind == "image" else "brt"), kind
 
 
 def _ve(rt: Runtime, kind: str) -> str:
@@ -181,37 +173,37 @@ def test_live_clone_own_storage_and_limit_then_destroy_leaves_nothing(lrt):
         assert not snaps.is_dir() or os.listdir(snaps) == []
 
 
-def test_warm_checkpoint_snapshot_lives_with_its_directory(bt, have_criu, tmp_path):
+def test_warm_checkpoint_snapshot_lives_with_its_directory(brt, have_criu, tmp_path):
     """btrfs: a --leave-running checkpoint's files are a snapshot in the pool; two VEs restored from it run with
     their own subvolumes; once the directory is removed, destroying the source drops the snapshot; a checkpoint
     whose snapshot is gone is refused in one line (62)."""
-    src = _ve(bt, "btrfs")
+    src = _ve(brt, "btrfs")
     d = tmp_path / "warm"
-    bt.vzctl("chkpnt", src, "--leave-running", "--dumpdir", str(d))
-    snaps = bt.root / "btrfs" / "snapshots"
+    brt.vzctl("chkpnt", src, "--leave-running", "--dumpdir", str(d))
+    snaps = brt.root / "btrfs" / "snapshots"
     assert len([n for n in os.listdir(snaps) if not n.endswith(".owner")]) == 1
     news = []
     for _ in range(2):
-        new = bt.new_id()
-        bt.created.append(new)
-        bt.vzctl("restore", new, "--from", str(d))
+        new = brt.new_id()
+        brt.created.append(new)
+        brt.vzctl("restore", new, "--from", str(d))
         news.append(new)
-    assert len({_own_storage(bt, "btrfs", v) for v in news}) == 2
+    assert len({_own_storage(brt, "btrfs", v) for v in news}) == 2
     for v in news:
-        _goes_on(bt, v)
+        _goes_on(brt, v)
     # the source's files rolled back to the checkpoint by its own restore from it
-    bt.sh(src, "echo later > /root/later", check=True)
-    bt.vzctl("stop", src)
-    bt.vzctl("restore", src, "--dumpdir", str(d))
-    assert bt.sh(src, "test -e /root/later").returncode == 1
-    _goes_on(bt, src)
+    brt.sh(src, "echo later > /root/later", check=True)
+    brt.vzctl("stop", src)
+    brt.vzctl("restore", src, "--dumpdir", str(d))
+    assert brt.sh(src, "test -e /root/later").returncode == 1
+    _goes_on(brt, src)
     # the directory removed by hand: the snapshot is an orphan, dropped with the source
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-a", str(d), str(copy)], check=True)
     subprocess.run(["rm", "-rf", str(d)], check=True)
-    bt.vzctl("destroy", src, "--force")
+    brt.vzctl("destroy", src, "--force")
     assert [n for n in os.listdir(snaps) if not n.endswith(".owner")] == []
-    p = bt.vzctl("restore", bt.new_id(), "--from", str(copy), check=False)
+    p = brt.vzctl("restore", brt.new_id(), "--from", str(copy), check=False)
     assert p.returncode == 62 and "is gone" in p.stderr and p.stderr.count("\n") == 1, p.stderr
 
 
@@ -266,11 +258,11 @@ def test_migrate_online_and_back_offline(lrt, tmp_path):
         _teardown_root(there)
 
 
-def test_migrate_btrfs_to_a_root_without_pool_is_refused(bt, have_criu, tmp_path):
-    veid = _ve(bt, "btrfs")
-    p = bt.vzctl("migrate", veid, str(tmp_path / "nopool"), "--online", check=False)
+def test_migrate_btrfs_to_a_root_without_pool_is_refused(brt, have_criu, tmp_path):
+    veid = _ve(brt, "btrfs")
+    p = brt.vzctl("migrate", veid, str(tmp_path / "nopool"), "--online", check=False)
     assert p.returncode == 63 and "storage init --btrfs" in p.stderr and p.stderr.count("\n") == 1, p.stderr
-    assert bt.vzctl("status", veid).stdout.strip().endswith("running")
+    assert brt.vzctl("status", veid).stdout.strip().endswith("running")
     assert not (tmp_path / "nopool" / "private" / veid).exists()
 
 
@@ -369,18 +361,18 @@ def _cmdline(pid: str) -> str:
         return ""
 
 
-def test_destroy_under_a_kept_snapshot_keeps_disk_limits_enforced(bt, have_criu, tmp_path):
+def test_destroy_under_a_kept_snapshot_keeps_disk_limits_enforced(brt, have_criu, tmp_path):
     """Destroying a btrfs VE whose checkpoint still holds a snapshot of it can leave the pool's qgroup numbers
     marked inconsistent, and the kernel then enforces no limit at all: vzctl rescans, so the next VE's limit holds
     (before the fix its 120 MB write went through)."""
     from vzpkg.runtime.backends import btrfs, btrfs_ioctl
 
-    src = _ve(bt, "btrfs")
-    bt.vzctl("chkpnt", src, "--leave-running", "--dumpdir", str(tmp_path / "kept"))
+    src = _ve(brt, "btrfs")
+    brt.vzctl("chkpnt", src, "--leave-running", "--dumpdir", str(tmp_path / "kept"))
     t = time.monotonic()
-    bt.vzctl("destroy", src, "--force")
+    brt.vzctl("destroy", src, "--force")
     # with simple quotas the VE's qgroup stays charged for what the kept snapshot shares: destroy does not wait
     # for it (btrfs.QGROUP_WAIT, 30 s) once the subvolume is dropped
     assert time.monotonic() - t < btrfs.QGROUP_WAIT / 2
-    assert not btrfs_ioctl.qgroups_inconsistent(bt.root / "btrfs")
-    _over_limit_fails(bt, _ve(bt, "btrfs"))
+    assert not btrfs_ioctl.qgroups_inconsistent(brt.root / "btrfs")
+    _over_limit_fails(brt, _ve(brt, "btrfs"))

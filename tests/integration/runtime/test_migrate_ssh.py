@@ -18,6 +18,7 @@ from .conftest import PROJECT, cgroup_dirs, cgroup_name, mounts_below
 from .sshd import SSHServer, available, free_port
 
 btrfs_root = test_storage.btrfs_root  # (the module-scoped fixture: a VZ root with a loop-backed btrfs pool)
+brt = test_storage.brt  # (a runtime in it)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -118,6 +119,15 @@ def _gone(root: Path, veid: str) -> list[str]:
     return left
 
 
+def _counter_goes_on(there: dict, veid: str, pid: str, before: int) -> None:
+    """The migrated VE runs on the destination, its counter (started before) goes on, in the same process."""
+    assert _vzctl(there, "status", veid).stdout.split()[2:5] == ["exist", "mounted", "running"]
+    after = _count(there, veid)
+    assert before <= after
+    _wait(lambda: _count(there, veid) > after, what="the counter on the destination")
+    assert _read(there, veid, "/root/pid") == pid
+
+
 def test_ssh_migration_online_then_offline_back(rt, sshd, node2):
     """Online over ssh: the counter goes on there with the same pid inside the VE, its file is there, and nothing
     of the VE is left on the source; then offline back over ssh, and it runs on the source again."""
@@ -134,11 +144,7 @@ def test_ssh_migration_online_then_offline_back(rt, sshd, node2):
     # one connection: the receiving vzctl's ssh is the master, the rsyncs (template, files, images) sessions on it
     assert sshd.logins() - logins == 1
     print(p.stdout)  # (-t: each phase's time; -s shows it)
-    assert _vzctl(there, "status", veid).stdout.split()[2:5] == ["exist", "mounted", "running"]
-    after = _count(there, veid)
-    assert before <= after
-    _wait(lambda: _count(there, veid) > after, what="the counter on the destination")
-    assert _read(there, veid, "/root/pid") == pid
+    _counter_goes_on(there, veid, pid, before)
     assert _vzctl(there, "exec", veid, "/bin/sh", "-c", f"kill -0 {pid}").returncode == 0  # the same process
     assert _read(there, veid, "/root/file") == "kept"
     assert _gone(rt.root, veid) == []
@@ -166,11 +172,7 @@ def test_ssh_migration_of_an_image_ve_keeps_counter_and_limit(rt, sshd, node2):
     p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online", "-t")
     assert p.returncode == 0, p.stderr
     print(p.stdout)  # (-t: each phase's time; -s shows it)
-    assert _vzctl(there, "status", veid).stdout.split()[2:5] == ["exist", "mounted", "running"]
-    after = _count(there, veid)
-    assert before <= after
-    _wait(lambda: _count(there, veid) > after, what="the counter on the destination")
-    assert _read(there, veid, "/root/pid") == pid
+    _counter_goes_on(there, veid, pid, before)
     image = node2 / "private" / veid / "root.img"
     st = image.stat()
     assert st.st_blocks * 512 < st.st_size // 2, (st.st_blocks * 512, st.st_size)  # holes stayed holes
@@ -314,19 +316,7 @@ def test_ssh_migration_lazy(rt, sshd, node2):
     rt.created.remove(priv)
 
 
-@pytest.fixture
-def bt(btrfs_root, debian12_cache):
-    """A runtime in a VZ root with a btrfs pool (test_storage's btrfs_root)."""
-    from .conftest import Runtime
-
-    runtime = Runtime(btrfs_root, *debian12_cache)
-    try:
-        yield runtime
-    finally:
-        runtime.cleanup()
-
-
-def test_ssh_migration_of_a_btrfs_ve(bt, sshd, node2):
+def test_ssh_migration_of_a_btrfs_ve(brt, sshd, node2):
     """A btrfs VE (100M) over ssh: to a root without a pool it is refused in one line (63, naming `storage init
     --btrfs`) before anything moves; with a pool there it arrives as a subvolume of that pool (a snapshot of its
     template subvolume, rsynced) with its own qgroup limited to 100M, the counter goes on, and the source keeps
@@ -336,17 +326,17 @@ def test_ssh_migration_of_a_btrfs_ve(bt, sshd, node2):
     from .test_checkpoint_layouts import _qgroup_limit
     from .test_storage import _qgroups
 
-    veid = bt.create("--layout", "btrfs", "--diskspace", "100M:100M")
-    bt.sh(veid, COUNTER, check=True)
-    bt.sh(veid, "echo kept > /root/file", check=True)
-    here, there = _env(bt, sshd), _env(bt, sshd, node2)
+    veid = brt.create("--layout", "btrfs", "--diskspace", "100M:100M")
+    brt.sh(veid, COUNTER, check=True)
+    brt.sh(veid, "echo kept > /root/file", check=True)
+    here, there = _env(brt, sshd), _env(brt, sshd, node2)
     p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online")
     assert p.returncode == 63 and p.stderr.count("\n") == 1 and "storage init --btrfs" in p.stderr, p.stderr
-    assert bt.vzctl("status", veid).stdout.strip().endswith("running")
+    assert brt.vzctl("status", veid).stdout.strip().endswith("running")
     assert _gone(node2, veid) == []
     assert _vzctl(there, "storage", "init", "--btrfs", "1G").returncode == 0
     try:
-        qgroup = _qgroup_limit(bt, veid)[0]
+        qgroup = _qgroup_limit(brt, veid)[0]
         _wait(lambda: _read(here, veid, "/root/pid"), what="the counter's pid")
         before = _count(here, veid)
         p = _vzctl(here, "migrate", veid, sshd.url(node2), "--online", "-t")
@@ -357,9 +347,9 @@ def test_ssh_migration_of_a_btrfs_ve(bt, sshd, node2):
         assert _read(there, veid, "/root/file") == "kept"
         assert _qgroup_limit(SimpleNamespace(root=node2), veid)[1] == 100 << 20
         assert not list((node2 / "btrfs" / "ves").glob(".tmp-*"))
-        assert _gone(bt.root, veid) == []
-        assert not (bt.root / "btrfs" / "ves" / veid).exists() and qgroup not in _qgroups(bt.root / "btrfs")
-        bt.created.remove(veid)
+        assert _gone(brt.root, veid) == []
+        assert not (brt.root / "btrfs" / "ves" / veid).exists() and qgroup not in _qgroups(brt.root / "btrfs")
+        brt.created.remove(veid)
     finally:
         from vzpkg.runtime import ve
         from vzpkg.runtime.layout import Layout
