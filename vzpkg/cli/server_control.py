@@ -22,7 +22,7 @@ SOCKET_ENV = "VZCTL_SERVER_SOCKET"  # another socket than this installation's (t
 
 def default_socket() -> Path:
     """This installation's socket: one per package directory, so that two checkouts never serve each other's
-    commands (the client is built with the same path: `python -m vzpkg.cli.server --print-socket`)."""
+    commands (the client is built with the same path: `python -m vzpkg.cli.server print-socket`)."""
     digest = hashlib.sha256(os.fsencode(PACKAGE)).hexdigest()[:12]
     return RUN_DIR / f"vzctl-{digest}.sock"
 

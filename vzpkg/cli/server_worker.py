@@ -114,7 +114,7 @@ def _run_command(request: Request, fds: list[int], peer: int, go: int, conn: int
         from vzpkg.cli.vzctl import main
 
         try:
-            # last (every signal is blocked until now, see Server._request): as the client's own vzctl has it
+            # last (every signal is blocked until now, see Server._spawn_worker in server.py): as the client's own vzctl has it
             _signal.pthread_sigmask(signal.SIG_SETMASK, request.blocked)
         except KeyboardInterrupt:  # ^C before vzctl began: it dies of it, as a Python vzctl would
             signal.signal(signal.SIGINT, signal.SIG_DFL)
